@@ -1,0 +1,97 @@
+"""Finding the PEFT LoRA modules LoRA-drop works on, and naming their kinds."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+
+def find_lora_layers(
+    model: nn.Module,
+    adapter_name: str = "default",
+    target: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> dict[str, LoraLayer]:
+    """Return `{module name: LoRA layer}` for every plain LoRA layer of `adapter_name`, in model order.
+
+    Raises with an actionable message when there is nothing to prune or when a layer uses a LoRA variant whose
+    output is not `scaling * B(A(dropout(x)))` (DoRA, embeddings, ...): its importance would not mean what the
+    paper's does, and sharing its weights would not be a LoRA-drop re-parameterisation.
+    """
+    layers: dict[str, LoraLayer] = {}
+    unsupported: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if target is not None and not any(t in name for t in target):
+            continue
+        if exclude is not None and any(e in name for e in exclude):
+            continue
+        if adapter_name not in module.lora_A:
+            if adapter_name in getattr(module, "lora_embedding_A", {}):
+                unsupported.append(f"{name} (LoRA on an embedding)")
+            continue
+        if module.lora_variant.get(adapter_name) is not None:
+            variant = type(module.lora_variant[adapter_name]).__name__
+            unsupported.append(f"{name} ({variant})")
+            continue
+        if not isinstance(module.lora_A[adapter_name], nn.Linear):
+            unsupported.append(f"{name} ({type(module.lora_A[adapter_name]).__name__} LoRA)")
+            continue
+        layers[name] = module
+    if unsupported:
+        shown = ", ".join(unsupported[:5]) + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
+        raise ValueError(
+            f"LoRA-drop supports plain LoRA on linear layers; adapter {adapter_name!r} has unsupported modules: "
+            f"{shown}. Train without DoRA/embedding/conv LoRA on these, or leave them out with "
+            "LoraDropConfig(exclude=[...])."
+        )
+    if not layers:
+        found = sorted({a for m in model.modules() if isinstance(m, LoraLayer) for a in m.lora_A})
+        hint = f"the model has LoRA adapters {found}" if found else "the model has no PEFT LoRA modules at all"
+        raise ValueError(
+            f"No LoRA module of adapter {adapter_name!r} matches (target={target}, exclude={exclude}); {hint}. "
+            "Wrap the model with peft.get_peft_model(model, LoraConfig(...)) before building the Trainer, and set "
+            "LoraDropConfig(adapter_name=...) to the adapter you train."
+        )
+    return layers
+
+
+def lora_kinds(layers: dict[str, LoraLayer], adapter_name: str = "default") -> dict[str, str]:
+    """Map each module name to its kind: the module's own name (`v_proj`), qualified by shape when it is ambiguous.
+
+    Modules of one kind can share a LoRA because their A and B have the same shapes. When one leaf name covers
+    several shapes (a rank pattern, or an encoder-decoder with different widths) the shape is added to the kind.
+    """
+    shapes: dict[str, tuple] = {name: lora_shape(layer, adapter_name) for name, layer in layers.items()}
+    by_leaf: dict[str, set[tuple]] = defaultdict(set)
+    for name, shape in shapes.items():
+        by_leaf[_leaf(name)].add(shape)
+    kinds = {}
+    for name, shape in shapes.items():
+        leaf = _leaf(name)
+        kinds[name] = leaf if len(by_leaf[leaf]) == 1 else f"{leaf}[{shape[0]}x{shape[2]}r{shape[1]}]"
+    return kinds
+
+
+def lora_shape(layer: LoraLayer, adapter_name: str) -> tuple[int, int, int]:
+    """(in_features, r, out_features) of a layer's LoRA."""
+    a, b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    return a.in_features, a.out_features, b.out_features
+
+
+def lora_parameters(layer: LoraLayer, adapter_name: str) -> list[nn.Parameter]:
+    """The LoRA Parameters of one layer (A's weight, B's weight and bias if any)."""
+    return [*layer.lora_A[adapter_name].parameters(), *layer.lora_B[adapter_name].parameters()]
+
+
+def count_distinct(params: list[torch.Tensor]) -> int:
+    """Number of elements in distinct Parameters: tied Parameters count once."""
+    return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]

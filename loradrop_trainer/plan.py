@@ -1,0 +1,166 @@
+"""The drop plan: which LoRA modules keep their own weights and which share one LoRA per kind."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PLAN_FORMAT_VERSION = 1
+
+
+class NoImportanceError(ValueError):
+    """Importance is all zero or not finite: there is nothing to rank modules by."""
+
+
+@dataclass
+class DropPlan:
+    """The outcome of importance collection.
+
+    `kept` lists the modules that keep their own LoRA, most important first. `shared[kind]` lists the dropped modules
+    of one kind, most important first: in mode "share" they all use the LoRA of `shared[kind][0]`; in mode "drop"
+    they have no LoRA at all. `importance` is normalised to sum to 1 over every module that took part.
+    """
+
+    importance: dict[str, float]
+    kept: list[str]
+    shared: dict[str, list[str]]
+    kinds: dict[str, str]
+    threshold: float
+    mode: str = "share"
+    adapter_name: str = "default"
+    step: int | None = None
+    version: int = field(default=PLAN_FORMAT_VERSION)
+
+    @property
+    def dropped(self) -> list[str]:
+        return [name for members in self.shared.values() for name in members]
+
+    def source_of(self, name: str) -> str | None:
+        """The module whose LoRA `name` uses after the switch (itself if kept, None if its LoRA was dropped)."""
+        if name in self.kept or name not in self.kinds:
+            return name
+        if self.mode == "drop":
+            return None
+        return self.shared[self.kinds[name]][0]
+
+    def kept_fraction(self, sizes: Mapping[str, int]) -> float:
+        """Fraction of the LoRA parameters left after the switch, given each module's LoRA parameter count."""
+        after = sum(sizes[name] for name in self.kept)
+        if self.mode == "share":
+            after += sum(sizes[members[0]] for members in self.shared.values())
+        return after / sum(sizes[name] for name in self.kinds)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """`{kind: {"kept": n, "shared": n}}` in a stable order, for logs and model cards."""
+        out: dict[str, dict[str, int]] = {}
+        for name, kind in self.kinds.items():
+            row = out.setdefault(kind, {"kept": 0, "shared": 0})
+            row["kept" if name in self.kept else "shared"] += 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "adapter_name": self.adapter_name,
+            "mode": self.mode,
+            "threshold": self.threshold,
+            "step": self.step,
+            "kept": list(self.kept),
+            "shared": {kind: list(members) for kind, members in self.shared.items()},
+            "kinds": dict(self.kinds),
+            "importance": dict(self.importance),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DropPlan:
+        version = data.get("version")
+        if version != PLAN_FORMAT_VERSION:
+            raise ValueError(
+                f"Drop plan format version {version!r} is not supported (this loradrop reads version "
+                f"{PLAN_FORMAT_VERSION}). Upgrade loradrop to read plans written by a newer release."
+            )
+        missing = {"kept", "shared", "kinds", "importance", "threshold"} - set(data)
+        if missing:
+            raise ValueError(f"Drop plan is missing {sorted(missing)}; the file is truncated or not a LoRA-drop plan.")
+        plan = cls(
+            importance={k: float(v) for k, v in data["importance"].items()},
+            kept=list(data["kept"]),
+            shared={k: list(v) for k, v in data["shared"].items()},
+            kinds=dict(data["kinds"]),
+            threshold=float(data["threshold"]),
+            mode=data.get("mode", "share"),
+            adapter_name=data.get("adapter_name", "default"),
+            step=data.get("step"),
+        )
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """Check the plan is self-consistent: every module is kept or in its own kind's shared group, exactly once."""
+        placed = self.kept + self.dropped
+        if sorted(placed) != sorted(self.kinds) or len(set(placed)) != len(placed):
+            raise ValueError("Drop plan is inconsistent: every module must be either kept or shared, exactly once.")
+        for kind, members in self.shared.items():
+            if not members or any(self.kinds[name] != kind for name in members):
+                raise ValueError(f"Drop plan is inconsistent: shared group {kind!r} holds modules of another kind.")
+
+
+def build_plan(
+    importance: Mapping[str, float],
+    kinds: Mapping[str, str],
+    threshold: float,
+    *,
+    min_kept: int = 0,
+    mode: str = "share",
+    adapter_name: str = "default",
+    step: int | None = None,
+) -> DropPlan:
+    """Keep the most important modules until their normalised importance reaches `threshold`; share the rest.
+
+    Ties are broken by module name so every rank (and every rerun) derives the same plan from the same numbers. The
+    module whose importance crosses the threshold is kept. `min_kept` then tops up each kind with its most important
+    dropped modules.
+    """
+    values = [float(importance[name]) for name in kinds]
+    total = math.fsum(values)
+    if not all(math.isfinite(v) and v >= 0 for v in values) or not math.isfinite(total) or total <= 0:
+        raise NoImportanceError(
+            f"LoRA importance is {'zero' if total == 0 else 'not finite'} for every module (sum={total}); "
+            "check the learning rate and that the LoRA weights are trained during the collection phase."
+        )
+    normalised = {name: float(importance[name]) / total for name in kinds}
+    order = sorted(kinds, key=lambda name: (-normalised[name], name))
+
+    kept: list[str] = []
+    reached = 0.0
+    for name in order:
+        kept.append(name)
+        reached += normalised[name]
+        if reached >= threshold:
+            break
+    if threshold >= 1.0:
+        kept = [name for name in order if normalised[name] > 0] or order[:1]
+
+    kept_set = set(kept)
+    for kind in dict.fromkeys(kinds.values()):
+        of_kind = [name for name in order if kinds[name] == kind]
+        missing = min_kept - sum(name in kept_set for name in of_kind)
+        for name in [n for n in of_kind if n not in kept_set][: max(missing, 0)]:
+            kept_set.add(name)
+
+    shared: dict[str, list[str]] = {}
+    for name in order:
+        if name not in kept_set:
+            shared.setdefault(kinds[name], []).append(name)
+    return DropPlan(
+        importance=normalised,
+        kept=[name for name in order if name in kept_set],
+        shared=shared,
+        kinds=dict(kinds),
+        threshold=float(threshold),
+        mode=mode,
+        adapter_name=adapter_name,
+        step=step,
+    )

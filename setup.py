@@ -1,0 +1,34 @@
+"""loradrop: LoRA-drop for the Hugging Face Trainer, and the Hub tooling for its pruned adapters."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+
+setup(
+    name="loradrop",
+    version="0.1.0",
+    description="LoRA-drop (arXiv 2402.07721) as a Hugging Face Trainer callback, with compact Hub export",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["loradrop_trainer", "loradrop_trainer.*", "hub_export", "hub_export.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=4.56",
+        "peft>=0.17",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.34",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.16"],
+        "recipes": ["datasets>=3.0"],
+        "demo": ["datasets>=3.0", "gguf>=0.10", "scikit-learn>=1.3"],
+        "dev": ["pytest>=8", "ruff>=0.6", "datasets>=3.0", "deepspeed>=0.16", "trl>=0.20"],
+    },
+    entry_points={"console_scripts": ["loradrop=loradrop_trainer.cli:main"]},
+)

@@ -1,0 +1,105 @@
+"""Tiny random models built from configs, and small data sets, so every test runs offline on a CPU in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import Dataset
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0, layers: int = 4, **lora_kwargs):
+    """A Llama with grouped-query attention (q_proj and v_proj differ in shape) and LoRA on all seven kinds."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM", **lora_kwargs
+    )
+    return get_peft_model(model, lora)
+
+
+def tiny_bert(seed: int = 0, layers: int = 3):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    model = BertForSequenceClassification(config)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
+    return get_peft_model(model, lora)
+
+
+class TokenDataset(Dataset):
+    """Random token sequences of varied length, right-padded, with causal-LM labels or class labels."""
+
+    def __init__(self, n: int = 64, length: int = 16, seed: int = 0, task: str = "causal"):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = []
+        for _ in range(n):
+            real = int(torch.randint(length // 2, length + 1, (), generator=g))
+            ids = torch.randint(1, VOCAB, (length,), generator=g)
+            ids[real:] = 0
+            mask = (torch.arange(length) < real).long()
+            if task == "causal":
+                labels = ids.masked_fill(mask == 0, -100)
+            else:
+                labels = torch.tensor(int(ids[:real].float().mean() > VOCAB / 2))
+            self.rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        max_steps=20,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    return TrainingArguments(**defaults)
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def tokens():
+    return TokenDataset()
