@@ -31,6 +31,7 @@ class DropPlan:
     mode: str = "share"
     adapter_name: str = "default"
     step: int | None = None
+    total: float | None = None
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @property
@@ -67,6 +68,7 @@ class DropPlan:
             "mode": self.mode,
             "threshold": self.threshold,
             "step": self.step,
+            "total": self.total,
             "kept": list(self.kept),
             "shared": {kind: list(members) for kind, members in self.shared.items()},
             "kinds": dict(self.kinds),
@@ -93,6 +95,7 @@ class DropPlan:
             mode=data.get("mode", "share"),
             adapter_name=data.get("adapter_name", "default"),
             step=data.get("step"),
+            total=data.get("total"),
         )
         plan.validate()
         return plan
@@ -163,4 +166,5 @@ def build_plan(
         mode=mode,
         adapter_name=adapter_name,
         step=step,
+        total=total,
     )

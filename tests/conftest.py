@@ -19,6 +19,15 @@ VOCAB = 96
 
 def tiny_llama(seed: int = 0, layers: int = 4, **lora_kwargs):
     """A Llama with grouped-query attention (q_proj and v_proj differ in shape) and LoRA on all seven kinds."""
+    model = tiny_llama_base(seed, layers)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM", **lora_kwargs
+    )
+    return get_peft_model(model, lora)
+
+
+def tiny_llama_base(seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
+    """The frozen model under `tiny_llama(seed)`: same seed, same weights."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -30,11 +39,7 @@ def tiny_llama(seed: int = 0, layers: int = 4, **lora_kwargs):
         max_position_embeddings=64,
         pad_token_id=0,
     )
-    model = LlamaForCausalLM(config)
-    lora = LoraConfig(
-        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM", **lora_kwargs
-    )
-    return get_peft_model(model, lora)
+    return LlamaForCausalLM(config)
 
 
 def tiny_bert(seed: int = 0, layers: int = 3):

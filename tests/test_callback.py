@@ -1,0 +1,196 @@
+"""LoraDropCallback end to end in a Trainer: the plan, the tying, and training going on after the switch."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
+from peft import PeftModel
+from transformers import Trainer, TrainerCallback
+
+from loradrop_trainer import DropPlan, LoraDropCallback, LoraDropConfig, apply_plan, build_plan, find_lora_layers
+from loradrop_trainer.report import PLAN_FILE, PLOT_FILE
+
+
+class Snapshots(TrainerCallback):
+    """Records, after LoraDropCallback has run, the shared LoRA weights and the loss at every step."""
+
+    def __init__(self, drop: LoraDropCallback):
+        self.drop = drop
+        self.shared_b: dict[int, torch.Tensor] = {}
+        self.optimizer_state_at_switch: dict | None = None
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        plan = self.drop.plan
+        if plan is None or not plan.shared:
+            return
+        source = self.drop._layers[next(iter(plan.shared.values()))[0]]
+        self.shared_b[state.global_step] = source.lora_B["default"].weight.detach().clone()
+        if state.global_step == plan.step:
+            inner = getattr(optimizer, "optimizer", optimizer)
+            self.optimizer_state_at_switch = {
+                p: inner.state.get(p) for p in (source.lora_A["default"].weight, source.lora_B["default"].weight)
+            }
+
+
+def _train(model, tmp_path, data=None, **config):
+    config.setdefault("alpha", 0.2)
+    callback = LoraDropCallback(LoraDropConfig(**config))
+    snapshots = Snapshots(callback)
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path),
+        train_dataset=data or TokenDataset(),
+        callbacks=[callback, snapshots],
+    )
+    trainer.train()
+    return trainer, callback, snapshots
+
+
+def _distinct_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("make_model, task", [(tiny_llama, "causal"), (tiny_bert, "classify")], ids=["llama", "bert"])
+def test_plan_and_tying_invariants(tmp_path, make_model, task):
+    model = make_model()
+    before = _distinct_trainable(model)
+    trainer, callback, snapshots = _train(model, tmp_path, TokenDataset(task=task))
+    plan = callback.plan
+    assert plan is not None and plan.step == 4
+    assert math.isclose(sum(plan.importance.values()), 1.0)
+    ordered = sorted(plan.importance, key=lambda n: (-plan.importance[n], n))
+    assert plan.kept == ordered[: len(plan.kept)]
+    assert sum(plan.importance[n] for n in plan.kept) >= 0.9 > sum(plan.importance[n] for n in plan.kept[:-1])
+    assert plan.shared, "a tiny random model at T=0.9 must drop something"
+
+    layers = find_lora_layers(model)
+    for members in plan.shared.values():
+        a = {id(layers[n].lora_A["default"].weight) for n in members}
+        b = {id(layers[n].lora_B["default"].weight) for n in members}
+        assert len(a) == len(b) == 1, "every dropped module of a kind must hold the very same Parameters"
+    assert _distinct_trainable(model) < before
+    assert _distinct_trainable(model) - (before - callback.lora_params_before) == callback.lora_params_after
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(x) for x in losses)
+    steps = sorted(snapshots.shared_b)
+    assert not torch.equal(snapshots.shared_b[steps[0]], snapshots.shared_b[steps[-1]]), "the shared LoRA must train"
+
+    written = json.loads((tmp_path / "out" / PLAN_FILE).read_text())
+    assert DropPlan.from_dict(written) == plan
+    assert (tmp_path / "out" / PLOT_FILE).stat().st_size > 1000
+    logged = [h for h in trainer.state.log_history if "loradrop/lora_params" in h]
+    assert logged and logged[0]["step"] == plan.step and logged[0]["loradrop/lora_params"] == callback.lora_params_after
+
+
+def test_gqa_kinds_are_named_by_module_and_shapes_differ():
+    model = tiny_llama()
+    layers = find_lora_layers(model)
+    q = next(layer for name, layer in layers.items() if name.endswith("q_proj"))
+    v = next(layer for name, layer in layers.items() if name.endswith("v_proj"))
+    assert q.lora_B["default"].weight.shape != v.lora_B["default"].weight.shape
+    assert len(layers) == 7 * 4
+
+
+def test_shared_gradient_is_the_sum_of_member_gradients():
+    tied, untied = tiny_llama(), tiny_llama()
+    for model in (tied, untied):
+        torch.manual_seed(2)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1)
+    layers_t, layers_u = find_lora_layers(tied), find_lora_layers(untied)
+    kinds = {name: name.rsplit(".", 1)[-1] for name in layers_t}
+    importance = {name: float(i + 1) for i, name in enumerate(layers_t)}
+    plan = build_plan(importance, kinds, 0.5)
+    apply_plan(layers_t, plan)
+    for members in plan.shared.values():
+        for name in members[1:]:
+            for part in ("lora_A", "lora_B"):
+                getattr(layers_u[name], part)["default"].weight.data.copy_(
+                    getattr(layers_u[members[0]], part)["default"].weight.data
+                )
+    batch = TokenDataset(n=4).rows
+    inputs = {k: torch.stack([r[k] for r in batch]) for k in batch[0]}
+    tied(**inputs).loss.backward()
+    untied(**inputs).loss.backward()
+    for members in plan.shared.values():
+        for part in ("lora_A", "lora_B"):
+            shared_grad = getattr(layers_t[members[0]], part)["default"].weight.grad
+            summed = sum(getattr(layers_u[n], part)["default"].weight.grad for n in members)
+            torch.testing.assert_close(shared_grad, summed, rtol=1e-5, atol=1e-7)
+
+
+def test_save_model_writes_a_plain_peft_adapter(tmp_path):
+    model = tiny_llama()
+    trainer, callback, _ = _train(model, tmp_path)
+    trainer.save_model(str(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(tiny_llama_base(seed=0), str(tmp_path / "adapter"))
+    inputs = {"input_ids": torch.randint(1, 90, (2, 12))}
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_fresh_shared_init_zeroes_b_and_resets_optimizer_state(tmp_path):
+    _, callback, snapshots = _train(tiny_llama(), tmp_path, shared_init="fresh")
+    switch = callback.plan.step
+    assert torch.count_nonzero(snapshots.shared_b[switch]) == 0
+    assert all(state is None for state in snapshots.optimizer_state_at_switch.values())
+    assert torch.count_nonzero(snapshots.shared_b[max(snapshots.shared_b)]) > 0, "the fresh LoRA must then train"
+
+
+def test_most_important_init_keeps_the_optimizer_moments(tmp_path):
+    _, callback, snapshots = _train(tiny_llama(), tmp_path)
+    assert all(state for state in snapshots.optimizer_state_at_switch.values())
+
+
+def test_drop_mode_stops_the_dropped_modules_computing(tmp_path):
+    model = tiny_llama()
+    _, callback, _ = _train(model, tmp_path, mode="drop")
+    layers = find_lora_layers(model)
+    dropped = callback.plan.dropped
+    calls = []
+    for name in dropped:
+        layers[name].lora_A["default"].register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 5, layers[dropped[0]].in_features)
+    layer = layers[dropped[0]]
+    torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+    model(input_ids=torch.randint(1, 90, (2, 8)))
+    assert calls == []
+    assert callback.lora_params_after < callback.lora_params_before * 0.9
+
+
+def test_all_zero_importance_keeps_plain_lora_and_warns(tmp_path, caplog):
+    model = tiny_llama()
+    callback = LoraDropCallback(alpha=0.2)
+    args = training_args(tmp_path, learning_rate=0.0)
+    from transformers.utils import logging
+
+    logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    logging.disable_propagation()
+    assert callback.plan is None
+    assert "not pruning" in caplog.text
+
+
+def test_callback_accepts_config_or_keywords_not_both():
+    assert LoraDropCallback(alpha=0.3).config.alpha == 0.3
+    assert LoraDropCallback(LoraDropConfig(threshold=0.8)).config.threshold == 0.8
+    with pytest.raises(TypeError, match="either"):
+        LoraDropCallback(LoraDropConfig(), alpha=0.3)
+
+
+def test_untouched_copy_is_not_affected(tmp_path):
+    """Tying happens on the model the Trainer trains, never on a copy made before."""
+    model = tiny_llama()
+    twin = copy.deepcopy(model)
+    _train(model, tmp_path)
+    layers = find_lora_layers(twin)
+    ids = {id(layer.lora_A["default"].weight) for layer in layers.values()}
+    assert len(ids) == len(layers)

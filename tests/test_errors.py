@@ -1,0 +1,111 @@
+"""Bad set-ups fail before the first step, with a message that says what to do."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_llama, tiny_llama_base, training_args
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer
+
+from loradrop_trainer import LoraDropCallback
+from loradrop_trainer.callback import _check_training_setup
+
+
+class FailOnStep(LoraDropCallback):
+    """Fails the test if training got as far as a step: errors must come earlier."""
+
+    def on_step_begin(self, *args, **kwargs):
+        raise AssertionError("training started before the error was raised")
+
+
+def _train(tmp_path, model, **args):
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path, **args), train_dataset=TokenDataset(), callbacks=[FailOnStep()]
+    )
+    trainer.train()
+
+
+def test_model_without_lora(tmp_path):
+    with pytest.raises(ValueError, match="no PEFT LoRA modules.*get_peft_model"):
+        _train(tmp_path, tiny_llama_base())
+
+
+def test_wrong_adapter_name(tmp_path):
+    model = tiny_llama()
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path),
+        train_dataset=TokenDataset(),
+        callbacks=[LoraDropCallback(adapter_name="other")],
+    )
+    with pytest.raises(ValueError, match=r"adapter 'other'.*\['default'\]"):
+        trainer.train()
+
+
+def test_dora_is_refused(tmp_path):
+    model = get_peft_model(tiny_llama_base(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        _train(tmp_path, model)
+
+
+def test_embedding_lora_is_refused_unless_excluded(tmp_path):
+    model = get_peft_model(tiny_llama_base(), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(ValueError, match="embed_tokens.*exclude"):
+        _train(tmp_path, model)
+    callback = LoraDropCallback(exclude=["embed_tokens"], alpha=0.2)
+    Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback]).train()
+    assert callback.plan is not None and not any("embed" in n for n in callback.plan.kinds)
+
+
+def test_switch_at_the_last_step(tmp_path):
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=training_args(tmp_path, max_steps=10),
+        train_dataset=TokenDataset(),
+        callbacks=[LoraDropCallback(alpha=0.95)],
+    )
+    with pytest.raises(ValueError, match="step 10 of 10.*Lower alpha"):
+        trainer.train()
+
+
+def test_iterable_dataset_without_max_steps(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from TokenDataset().rows
+
+    with pytest.raises(ValueError, match="max_steps"):
+        Trainer(
+            model=tiny_llama(),
+            args=training_args(tmp_path, max_steps=-1),
+            train_dataset=Stream(),
+            callbacks=[LoraDropCallback()],
+        ).train()
+
+
+def _args(**kw):
+    base = dict(
+        fsdp=None, world_size=1, deepspeed=None, ddp_find_unused_parameters=None, activation_checkpointing=False
+    )
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_fsdp_is_refused():
+    with pytest.raises(ValueError, match="FSDP.*ZeRO-1/2"):
+        _check_training_setup(_args(fsdp=["full_shard"]), tiny_llama())
+
+
+def test_ddp_without_find_unused_parameters_is_refused():
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters=True"):
+        _check_training_setup(_args(world_size=2, ddp_find_unused_parameters=False), tiny_llama())
+    _check_training_setup(_args(world_size=2), tiny_llama())
+
+
+def test_zero3_is_refused():
+    pytest.importorskip("deepspeed")
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_batch_size": 1})
+    with pytest.raises(ValueError, match="ZeRO-3.*ZeRO-2"):
+        _check_training_setup(_args(deepspeed={"zero_optimization": {"stage": 3}}), tiny_llama())
+    del config

@@ -1,0 +1,139 @@
+"""Importance equals `sum ||scaling * B A x||^2` over real tokens, counted once per training micro-batch."""
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_llama, training_args
+from torch.utils.data import default_collate
+from transformers import Trainer
+
+from loradrop_trainer import LoraDropCallback, find_lora_layers
+from loradrop_trainer.importance import ImportanceCollector
+
+
+def _random_b(model):
+    """LoRA B starts at zero in PEFT; give it values so the LoRA term is not zero before any training."""
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    return model
+
+
+def _reference(model, batch):
+    """The LoRA term of each module (its output minus its frozen layer's output), squared and summed over the mask."""
+    layers = find_lora_layers(model)
+    totals = dict.fromkeys(layers, 0.0)
+    mask = batch["attention_mask"].unsqueeze(-1).double()
+
+    def hook(name):
+        def fn(module, args, out):
+            delta = (out - module.base_layer(args[0])).double()
+            totals[name] += float(((delta * mask) ** 2).sum())
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    return totals
+
+
+def _batch(n=6, seed=3):
+    data = TokenDataset(n=n, seed=seed)
+    batch = default_collate([data[i] for i in range(n)])
+    assert (batch["attention_mask"] == 0).any(), "the batch must hold padding for this test to mean anything"
+    return batch
+
+
+def test_matches_hand_computed_reference_on_padded_batch():
+    model = _random_b(tiny_llama())
+    batch = _batch()
+    expected = _reference(model, batch)
+    model.train()
+    collector = ImportanceCollector(model, find_lora_layers(model))
+    model(**batch).loss.backward()
+    got = collector.totals()
+    collector.remove()
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-4)
+    unmasked = ImportanceCollector(model, find_lora_layers(model))
+    model(input_ids=batch["input_ids"], labels=batch["labels"])
+    assert sum(unmasked.totals().values()) > sum(expected.values()) * 1.01, "padding must be what the mask removes"
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_counted_once_under_activation_checkpointing(reentrant):
+    model = _random_b(tiny_llama())
+    batch = _batch()
+    expected = _reference(model, batch)
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    model.train()
+    recomputed = []
+    layer = next(iter(find_lora_layers(model).values()))
+    layer.lora_B["default"].register_forward_hook(lambda *a: recomputed.append(1))
+    collector = ImportanceCollector(model, find_lora_layers(model))
+    model(**batch).loss.backward()
+    assert len(recomputed) == 2, "checkpointing must recompute the forward for this test to mean anything"
+    got = collector.totals()
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-4)
+
+
+def test_not_counted_in_eval_mode_or_without_grad():
+    model = _random_b(tiny_llama())
+    batch = _batch()
+    collector = ImportanceCollector(model, find_lora_layers(model))
+    model.eval()
+    model(**batch)
+    model.train()
+    with torch.no_grad():
+        model(**batch)
+    assert set(collector.totals().values()) == {0.0}
+
+
+def test_score_every_scores_one_forward_in_k():
+    model = _random_b(tiny_llama())
+    batch = _batch()
+    expected = _reference(model, batch)
+    model.train()
+    collector = ImportanceCollector(model, find_lora_layers(model), score_every=3)
+    for _ in range(4):
+        model(**batch)
+    name = next(iter(expected))
+    assert collector.totals()[name] == pytest.approx(2 * expected[name], rel=1e-4)
+
+
+def _trainer_total(tmp_path, with_eval: bool, **args):
+    """Collect over exactly one epoch with a learning rate of 0: the total is then independent of batch order."""
+    data = TokenDataset(n=32, seed=5)
+    callback = LoraDropCallback(alpha=0.5)
+    overrides = dict(max_steps=8, learning_rate=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    trainer = Trainer(
+        model=_random_b(tiny_llama()),
+        args=training_args(tmp_path, **overrides, **args),
+        train_dataset=data,
+        eval_dataset=TokenDataset(n=8, seed=9) if with_eval else None,
+        callbacks=[callback],
+    )
+    trainer.train()
+    raw = {n: v * callback.plan.total for n, v in callback.plan.importance.items()}
+    reference = _random_b(tiny_llama())
+    expected = dict.fromkeys(raw, 0.0)
+    for i in range(0, 32, 8):
+        for name, value in _reference(reference, default_collate([data[j] for j in range(i, i + 8)])).items():
+            expected[name] += value
+    return raw, expected
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{}, {"activation_checkpointing": True}, {"eval_strategy": "steps", "eval_steps": 1}],
+    ids=["grad-accumulation", "checkpointing+accumulation", "eval-during-collection"],
+)
+def test_trainer_counts_each_micro_batch_once(tmp_path, args):
+    raw, expected = _trainer_total(tmp_path, with_eval="eval_strategy" in args, **args)
+    for name in expected:
+        assert raw[name] == pytest.approx(expected[name], rel=1e-4)

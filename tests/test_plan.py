@@ -1,0 +1,99 @@
+"""The plan is a pure function of the importance: these tests need no model."""
+
+import math
+
+import pytest
+
+from loradrop_trainer import DropPlan, LoraDropConfig, build_plan
+from loradrop_trainer.plan import NoImportanceError
+
+KINDS = {f"layers.{i}.{k}": k for i in range(4) for k in ("q_proj", "v_proj")}
+
+
+def _importance(values):
+    return dict(zip(KINDS, values))
+
+
+def test_kept_is_shortest_prefix_reaching_threshold():
+    imp = _importance([8, 1, 7, 2, 6, 3, 5, 4])
+    plan = build_plan(imp, KINDS, 0.5)
+    total = sum(imp.values())
+    assert math.isclose(sum(plan.importance.values()), 1.0)
+    order = sorted(imp, key=lambda n: -imp[n])
+    assert plan.kept == order[: len(plan.kept)]
+    assert sum(imp[n] for n in plan.kept) / total >= 0.5
+    assert sum(imp[n] for n in plan.kept[:-1]) / total < 0.5
+    assert plan.kept == ["layers.0.q_proj", "layers.1.q_proj", "layers.2.q_proj"]
+    assert plan.shared == {
+        "v_proj": ["layers.3.v_proj", "layers.2.v_proj", "layers.1.v_proj", "layers.0.v_proj"],
+        "q_proj": ["layers.3.q_proj"],
+    }
+    assert math.isclose(plan.total, total)
+
+
+def test_ties_are_broken_by_name_so_every_rank_agrees():
+    plan = build_plan(_importance([1] * 8), KINDS, 0.5)
+    assert plan.kept == sorted(KINDS)[:4]
+    reordered = dict(reversed(list(_importance([1] * 8).items())))
+    assert build_plan(reordered, KINDS, 0.5).kept == plan.kept
+
+
+def test_threshold_one_keeps_every_module_with_importance():
+    plan = build_plan(_importance([1, 1, 1, 0, 1, 1, 1, 1]), KINDS, 1.0)
+    assert plan.shared == {"v_proj": ["layers.1.v_proj"]}
+
+
+def test_min_kept_tops_up_each_kind():
+    plan = build_plan(_importance([8, 1, 7, 2, 6, 3, 5, 4]), KINDS, 0.3, min_kept=2)
+    kept_v = [n for n in plan.kept if KINDS[n] == "v_proj"]
+    assert kept_v == ["layers.3.v_proj", "layers.2.v_proj"]
+    plan.validate()
+
+
+@pytest.mark.parametrize("values", [[0] * 8, [math.nan] + [1] * 7, [math.inf] + [1] * 7])
+def test_zero_or_non_finite_importance_is_refused(values):
+    with pytest.raises(NoImportanceError, match="importance"):
+        build_plan(_importance(values), KINDS, 0.9)
+
+
+def test_json_round_trip_and_version_check():
+    plan = build_plan(_importance([8, 1, 7, 2, 6, 3, 5, 4]), KINDS, 0.9, step=3)
+    again = DropPlan.from_dict(plan.to_dict())
+    assert again == plan
+    with pytest.raises(ValueError, match="version 99"):
+        DropPlan.from_dict({**plan.to_dict(), "version": 99})
+    broken = plan.to_dict()
+    broken["shared"]["v_proj"].append(plan.kept[0])
+    with pytest.raises(ValueError, match="inconsistent"):
+        DropPlan.from_dict(broken)
+
+
+def test_kept_fraction_counts_one_lora_per_shared_kind():
+    plan = build_plan(_importance([8, 1, 7, 2, 6, 3, 5, 4]), KINDS, 0.5)
+    sizes = dict.fromkeys(KINDS, 10)
+    assert plan.kept_fraction(sizes) == (3 + 2) / 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": 1.0}, "alpha"),
+        ({"threshold": 0}, "threshold"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"shared_init": "zeros"}, "shared_init"),
+        ({"mode": "prune"}, "mode"),
+        ({"mode": "drop", "shared_init": "fresh"}, "shared_init"),
+        ({"min_kept": -1}, "min_kept"),
+        ({"score_every": 0}, "score_every"),
+        ({"target": [""]}, "target"),
+    ],
+)
+def test_config_rejects_bad_values_with_a_message(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoraDropConfig(**kwargs)
+
+
+def test_switch_step_is_ceil_of_alpha_times_steps():
+    assert LoraDropConfig(alpha=0.1).switch_step(95) == 10
+    assert LoraDropConfig(alpha=0.1).switch_step(100) == 10
