@@ -7,6 +7,20 @@ client's own request building, error mapping, caching and "skip unchanged files"
 
 Only the standard library is used (``http.server`` + ``threading``) and the server only ever binds 127.0.0.1.
 
+Usage in a test module (``hub_env`` starts the server, points the client at it, isolates ``HF_HOME``, sets
+``HF_TOKEN``; pytest's ``monkeypatch`` restores everything after the server is stopped)::
+
+    from hub_server import FakeHub, hub_env  # or `from tests.hub_server import ...` under `python -m pytest`
+
+    @pytest.fixture
+    def hub(monkeypatch, tmp_path):
+        yield from hub_env(monkeypatch, tmp_path)  # FakeHub(**kwargs) options may follow
+
+    def test_push(hub):
+        create_repo("fakehub-user/x")
+        upload_folder(repo_id="fakehub-user/x", folder_path=...)
+        assert hub.requests_matching("POST", r"/commit/")
+
 Client facts this module relies on (read from huggingface_hub 2.4.0 sources):
 
 * ``constants.ENDPOINT`` / ``HUGGINGFACE_CO_URL_TEMPLATE`` and every ``HF_*`` setting are read once at import, and
@@ -246,7 +260,9 @@ class FakeHub:
         server.daemon_threads = True
         server.hub = self  # type: ignore[attr-defined]
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="FakeHub", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="FakeHub", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -887,7 +903,6 @@ class FakeHub:
             "ETag": f'"{blob}"',
             "Content-Type": "application/octet-stream",
             "Accept-Ranges": "bytes",
-            "Content-Disposition": f'inline; filename="{Path(path).name}"',
         }
         range_header = req.headers.get("range")
         if range_header is None or req.method == "HEAD":
@@ -921,6 +936,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the Hub; every answer carries Content-Length
     server_version = "FakeHub/1.0"
     timeout = 30  # idle keep-alive connections end on their own
+    # Headers and body leave in one segment: unbuffered writes + Nagle + delayed ACK cost ~40 ms per request.
+    wbufsize = 1 << 16
+    disable_nagle_algorithm = True
 
     @property
     def hub(self) -> FakeHub:
@@ -986,7 +1004,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub._record(req, response.status)
         self.send_response(response.status)
         for name, value in response.headers.items():
-            self.send_header(name, value)
+            # http.server encodes headers as strict latin-1; a non-ASCII path in a message must not kill the answer.
+            self.send_header(name, value if value.isascii() else value.encode("ascii", "backslashreplace").decode())
         self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
         if self.command != "HEAD":

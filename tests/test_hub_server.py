@@ -66,7 +66,7 @@ def test_environment_points_at_fake_hub(hub: FakeHub, tmp_path: Path) -> None:
 def test_running_hub_restores_client_settings(tmp_path: Path) -> None:
     before = (constants.ENDPOINT, constants.HF_HUB_CACHE, os.environ.get("HF_ENDPOINT"))
     with running_hub(tmp_path / "home") as hub:
-        assert constants.ENDPOINT == hub.endpoint
+        assert hub.endpoint == constants.ENDPOINT
         create_repo(REPO)
     assert (constants.ENDPOINT, constants.HF_HUB_CACHE, os.environ.get("HF_ENDPOINT")) == before
 
@@ -265,3 +265,36 @@ def test_offline_mode_uses_cache_and_fails_cleanly_without(
     with pytest.raises(LocalEntryNotFoundError):
         hf_hub_download(f"{DEFAULT_USER}/never-downloaded", "config.json")
     assert hub.requests == []  # offline really means no traffic
+
+
+def test_prs_tags_deletions_datasets_and_unicode_paths(hub: FakeHub) -> None:
+    api = HfApi()
+    create_repo(REPO)
+    upload_file(path_or_fileobj=b"u", path_in_repo="sub/ünï code.txt", repo_id=REPO)
+    assert Path(hf_hub_download(REPO, "sub/ünï code.txt")).read_bytes() == b"u"
+    assert [e.path for e in api.list_repo_tree(REPO, path_in_repo="sub")] == ["sub/ünï code.txt"]
+
+    pr = upload_file(path_or_fileobj=b"pr", path_in_repo="a.txt", repo_id=REPO, create_pr=True)
+    assert (pr.pr_num, pr.pr_revision) == (1, "refs/pr/1")
+    assert Path(hf_hub_download(REPO, "a.txt", revision="refs/pr/1")).read_bytes() == b"pr"
+    assert not api.file_exists(REPO, "a.txt")  # main untouched
+    (pr_ref,) = api.list_repo_refs(REPO, include_pull_requests=True).pull_requests
+    assert pr_ref.target_commit == pr.oid
+
+    api.create_tag(REPO, tag="v1")
+    api.delete_file("sub/ünï code.txt", REPO)
+    assert api.list_repo_files(REPO) == [".gitattributes"]
+    assert "sub/ünï code.txt" in api.list_repo_files(REPO, revision="v1")
+    with pytest.raises(EntryNotFoundError):
+        api.delete_file("never-there.txt", REPO)
+
+    stale_parent = hub.history(REPO)[1]
+    with pytest.raises(HfHubHTTPError) as err:
+        upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id=REPO, parent_commit=stale_parent)
+    assert err.value.response.status_code == 412
+
+    create_repo("data", repo_type="dataset")
+    upload_file(path_or_fileobj=b"a,b\n", path_in_repo="d.csv", repo_id=f"{DEFAULT_USER}/data", repo_type="dataset")
+    assert Path(hf_hub_download(f"{DEFAULT_USER}/data", "d.csv", repo_type="dataset")).read_bytes() == b"a,b\n"
+    api.delete_repo(REPO)
+    assert not api.repo_exists(REPO)
