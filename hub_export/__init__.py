@@ -1,0 +1,52 @@
+"""Export, share and reload LoRA-drop adapters: the compact format, plain-PEFT expansion and Hugging Face Hub transfer.
+
+```python
+from hub_export import save_compact, load_compact, expand_to_peft, push_to_hub, load_from_hub
+
+save_compact(trainer.model, "out/compact", plan=callback.plan)   # each distinct LoRA once, plus the plan
+model = load_compact(base_model, "out/compact")                  # PeftModel, shared modules tied again
+expand_to_peft("out/compact", "out/peft")                        # plain PEFT adapter, no loradrop needed to load
+push_to_hub("out/compact", "user/repo")                          # returns the commit URL
+model = load_from_hub(base_model, "user/repo", revision=None)
+```
+"""
+
+from .compact import CompactAdapter, read_compact, save_compact
+from .errors import (
+    BaseModelMismatchError,
+    CompactFileNotFoundError,
+    CompactFormatError,
+    ExportError,
+    HubAuthError,
+    HubError,
+    HubOfflineError,
+    PlanError,
+    RepoNotFoundError,
+    TargetExistsError,
+    UnsupportedFormatVersionError,
+)
+from .expand import expand_to_peft
+from .hub import load_from_hub, pull, push_to_hub
+from .loader import load_compact
+
+__all__ = [
+    "BaseModelMismatchError",
+    "CompactAdapter",
+    "CompactFileNotFoundError",
+    "CompactFormatError",
+    "ExportError",
+    "HubAuthError",
+    "HubError",
+    "HubOfflineError",
+    "PlanError",
+    "RepoNotFoundError",
+    "TargetExistsError",
+    "UnsupportedFormatVersionError",
+    "expand_to_peft",
+    "load_compact",
+    "load_from_hub",
+    "pull",
+    "push_to_hub",
+    "read_compact",
+    "save_compact",
+]

@@ -1,0 +1,52 @@
+"""Every error `hub_export` raises on purpose, in one place.
+
+Each one subclasses the builtin a caller would expect (a missing file is a `FileNotFoundError`, a bad file a
+`ValueError`, a Hub failure an `OSError`) and `ExportError`, so the `loradrop` command can report any of them as a
+one-line message without a traceback. Messages name the file or repo and say what to do.
+"""
+
+from __future__ import annotations
+
+
+class ExportError(Exception):
+    """Base class of the errors below."""
+
+
+class CompactFileNotFoundError(ExportError, FileNotFoundError):
+    """A path that should hold a compact adapter, or one of its files, does not exist."""
+
+
+class CompactFormatError(ExportError, ValueError):
+    """A compact adapter's files are corrupt, truncated or inconsistent with each other."""
+
+
+class UnsupportedFormatVersionError(CompactFormatError):
+    """The compact adapter was written in a format version this release cannot read."""
+
+
+class TargetExistsError(ExportError, FileExistsError):
+    """The output directory exists and holds something that is not an adapter written by this package."""
+
+
+class PlanError(ExportError, ValueError):
+    """No drop plan is available for a model, or the plan does not describe how the model is tied."""
+
+
+class BaseModelMismatchError(ExportError, ValueError):
+    """The base model has other modules or shapes than the one the adapter was trained on."""
+
+
+class HubError(ExportError, OSError):
+    """A Hub operation failed (network, server or an answer the client could not use)."""
+
+
+class RepoNotFoundError(HubError):
+    """The repo, or the requested revision of it, does not exist or is not visible with the current token."""
+
+
+class HubAuthError(HubError):
+    """The token is missing, invalid or lacks the rights the operation needs."""
+
+
+class HubOfflineError(HubError):
+    """Offline mode (HF_HUB_OFFLINE=1) is on and the cache has no copy of what was asked for."""

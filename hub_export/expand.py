@@ -1,0 +1,56 @@
+"""Expanding a compact adapter into a plain PEFT adapter that any PEFT user can load without this package.
+
+Every member of a shared group gets its own copy of the shared weights; a module whose LoRA was dropped (mode "drop")
+gets B = 0, so it adds exactly nothing, and an A drawn as PEFT initialises it (from a fixed seed, so expanding twice
+gives identical files), so the expanded adapter can still be fine-tuned.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
+from torch import nn
+from transformers.utils import logging
+
+from .atomic import atomic_directory
+from .compact import CompactAdapter, read_compact
+
+logger = logging.get_logger(__name__)
+
+DROPPED_A_SEED = 0
+
+
+def expand_to_peft(compact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the plain PEFT adapter (adapter_config.json + adapter_model.safetensors) of `compact_dir` to `out_dir`.
+
+    `PeftModel.from_pretrained(base, out_dir)` then gives the same logits as `load_compact(base, compact_dir)`, but
+    the modules no longer share weights and the files are as large as an unpruned adapter's. `out_dir` is written
+    atomically and must be missing, empty or a previous adapter.
+    """
+    adapter = read_compact(compact_dir)
+    with atomic_directory(out_dir) as staging:
+        save_file(expanded_state_dict(adapter), staging / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+        shutil.copyfile(Path(compact_dir) / CONFIG_NAME, staging / CONFIG_NAME)
+    logger.info(f"LoRA-drop: plain PEFT adapter of {compact_dir} written to {out_dir}.")
+    return Path(out_dir)
+
+
+def expanded_state_dict(adapter: CompactAdapter) -> dict[str, torch.Tensor]:
+    """The adapter's full PEFT state dict: one tensor per PEFT key, none sharing memory (as safetensors requires)."""
+    state = {}
+    for source, keys in adapter.members.items():
+        for key in keys:
+            state[key] = adapter.tensors[source].clone()
+    generator = torch.Generator().manual_seed(DROPPED_A_SEED)
+    for key, spec in adapter.dropped.items():
+        value = torch.zeros(spec.shape, dtype=torch.float32)
+        if ".lora_A." in key:
+            nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
+        state[key] = value.to(spec.torch_dtype)
+    return state

@@ -1,0 +1,160 @@
+"""The README.md model card of a compact adapter: Hub metadata, what was pruned, how it was trained, how to load it.
+
+The card is rendered from the adapter alone (no dates, no paths of the machine that wrote it), so saving the same
+adapter twice gives the same bytes and a re-push uploads nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from .tying import PEFT_PREFIX
+
+if TYPE_CHECKING:
+    from .compact import CompactAdapter
+
+CARD_FILE = "README.md"
+TAGS = ("lora", "lora-drop", "peft")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+_SETTINGS = (  # (LoraDropConfig field, label, shown when the field is None)
+    ("alpha", "alpha (fraction of steps collecting importance)", "-"),
+    ("threshold", "threshold T (cumulative importance kept)", "-"),
+    ("mode", "mode", "-"),
+    ("shared_init", "shared LoRA initialisation", "-"),
+    ("min_kept", "min kept per kind", "-"),
+    ("target", "modules taking part", "all"),
+    ("exclude", "modules left out", "none"),
+)
+_LORA_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias")
+
+
+def render_model_card(adapter: CompactAdapter, chart_file: str) -> str:
+    """Markdown with YAML front matter the Hub understands (library_name, base_model, tags, license)."""
+    base = adapter.peft_config.get("base_model_name_or_path") or None
+    sections = [
+        _front_matter(base, adapter.plan_extra.get("license")),
+        _intro(adapter, base),
+        _size_table(adapter),
+        _plan_tables(adapter),
+        _settings_table(adapter),
+        f"![LoRA-drop importance by layer and kind]({chart_file})\n",
+        _how_to_load(adapter, base),
+    ]
+    return "\n".join(sections)
+
+
+def _front_matter(base: str | None, license: str | None) -> str:
+    lines = ["---", "library_name: peft"]
+    if base and _HUB_ID.match(base):
+        lines.append(f"base_model: {base}")
+    lines += ["tags:", *(f"- {tag}" for tag in TAGS)]
+    if license:
+        lines.append(f"license: {license}")
+    return "\n".join([*lines, "---", ""])
+
+
+def _intro(adapter: CompactAdapter, base: str | None) -> str:
+    plan = adapter.plan
+    rest = "share one LoRA per kind" if plan.mode == "share" else "have their LoRA removed"
+    return (
+        f"# LoRA-drop adapter{f' for {base}' if base else ''}\n\n"
+        f"A LoRA adapter pruned with [LoRA-drop](https://arxiv.org/abs/2402.07721): {len(plan.kept)} of "
+        f"{len(plan.kinds)} LoRA modules keep their own weights, the other {len(plan.dropped)} {rest} "
+        f"(mode `{plan.mode}`). It is stored in the `loradrop` compact format, version {adapter.format_version}.\n"
+    )
+
+
+def _size_table(adapter: CompactAdapter) -> str:
+    ratio = adapter.stored_bytes / adapter.plain_bytes if adapter.plain_bytes else 0.0
+    return (
+        "## Size\n\n"
+        "| | LoRA parameters | weight bytes |\n|---|---:|---:|\n"
+        f"| plain PEFT adapter | {adapter.plain_params:,} | {adapter.plain_bytes:,} |\n"
+        f"| this compact adapter | {adapter.stored_params:,} | {adapter.stored_bytes:,} ({ratio:.1%}) |\n"
+    )
+
+
+def _plan_tables(adapter: CompactAdapter) -> str:
+    plan = adapter.plan
+    verb = "shared" if plan.mode == "share" else "dropped"
+    rows = [f"| kind | modules | kept | {verb} | importance |", "|---|---:|---:|---:|---:|"]
+    for kind, counts in plan.summary().items():
+        weight = sum(value for name, value in plan.importance.items() if plan.kinds[name] == kind)
+        total = counts["kept"] + counts["shared"]
+        rows.append(f"| {kind} | {total} | {counts['kept']} | {counts['shared']} | {weight:.4f} |")
+    modules = ["| module | kind | importance | LoRA |", "|---|---|---:|---|"]
+    for name, kind in plan.kinds.items():
+        if name in plan.kept:
+            status = "own"
+        elif plan.mode == "drop":
+            status = "dropped"
+        else:
+            status = f"shared: `{_short(plan.source_of(name))}`"
+        modules.append(f"| `{_short(name)}` | {kind} | {plan.importance[name]:.4f} | {status} |")
+    return (
+        f"## Plan\n\nImportance is each module's share of the summed squared LoRA output over the first steps "
+        f"(normalised to 1); the most important modules were kept until their importance reached {plan.threshold}.\n\n"
+        + "\n".join(rows)
+        + "\n\n<details><summary>Every module</summary>\n\n"
+        + "\n".join(modules)
+        + "\n\n</details>\n"
+    )
+
+
+def _settings_table(adapter: CompactAdapter) -> str:
+    plan, config = adapter.plan, adapter.plan_extra.get("config") or {}
+    rows = ["| setting | value |", "|---|---|"]
+    rows += [
+        f"| LoRA-drop {label} | {none if config[key] is None else _value(config[key])} |"
+        for key, label, none in _SETTINGS
+        if key in config
+    ]
+    if "threshold" not in config:
+        rows.append(f"| LoRA-drop threshold T | {plan.threshold} |")
+    if plan.step is not None:
+        rows.append(f"| switch at optimizer step | {plan.step} |")
+    rows += [f"| {key} | {_value(adapter.peft_config[key])} |" for key in _LORA_SETTINGS if key in adapter.peft_config]
+    return "## Training\n\n" + "\n".join(rows) + "\n"
+
+
+def _how_to_load(adapter: CompactAdapter, base: str | None) -> str:
+    auto = _AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
+    base_id = base or "<base model>"
+    return (
+        "## How to load\n\n"
+        "With `loradrop` (ties the shared modules again; `is_trainable=True` continues training with the same "
+        "tying):\n\n"
+        "```python\n"
+        f"from transformers import {auto}\n"
+        "from hub_export import load_compact\n\n"
+        f'base = {auto}.from_pretrained("{base_id}")\n'
+        'model = load_compact(base, "<this repo id or directory>")\n'
+        "```\n\n"
+        "With plain PEFT, expand the adapter first (`loradrop expand <repo or directory> <output directory>`), or "
+        "load the `peft` subfolder if the repo was pushed with `--expanded`:\n\n"
+        "```python\n"
+        "from peft import PeftModel\n"
+        f"from transformers import {auto}\n\n"
+        f'base = {auto}.from_pretrained("{base_id}")\n'
+        'model = PeftModel.from_pretrained(base, "<this repo id>", subfolder="peft")\n'
+        "```\n"
+    )
+
+
+def _short(name: str) -> str:
+    return name.removeprefix(PEFT_PREFIX)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"`{v}`" for v in value) or "-"
+    return "-" if value is None else f"`{value}`"

@@ -1,0 +1,96 @@
+"""Where the drop plan of a model comes from, and how a loaded model carries it.
+
+A compact adapter needs the plan (importances, kinds, which module shares whose LoRA). `save_compact` takes it from,
+in this order: its `plan` argument, or the plan `load_compact` attached to the model it returned. The plan argument
+may be a `DropPlan` (`callback.plan`), the JSON payload of a plan file, or the path of ``loradrop_plan.json`` / of the
+Trainer output directory holding it. The plan file also carries the run's LoRA-drop settings ("config") and LoRA
+parameter counts; these "extra" fields travel with the plan into the compact adapter and its model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from loradrop_trainer import DropPlan
+from loradrop_trainer.report import PLAN_FILE
+
+from .errors import CompactFileNotFoundError, PlanError
+
+# Attributes `load_compact` sets on the PeftModel it returns, so saving that model again needs no plan argument.
+PLAN_ATTR = "loradrop_plan"
+EXTRA_ATTR = "loradrop_plan_extra"
+
+PlanSource = DropPlan | Mapping[str, Any] | str | os.PathLike | None
+
+
+def resolve_plan(model: nn.Module, plan: PlanSource) -> tuple[DropPlan, dict[str, Any]]:
+    """Return the plan for `model` and the extra fields that go with it (see the module docstring)."""
+    if plan is None:
+        attached = getattr(model, PLAN_ATTR, None)
+        if attached is None:
+            raise PlanError(
+                "No drop plan for this model: pass plan=callback.plan, or plan=<the Trainer output_dir> (its "
+                f"{PLAN_FILE} also records the LoRA-drop settings for the model card). Models returned by "
+                "load_compact carry their plan and need no argument."
+            )
+        return attached, dict(getattr(model, EXTRA_ATTR, None) or {})
+    if isinstance(plan, DropPlan):
+        same = getattr(model, PLAN_ATTR, None) == plan
+        return plan, dict(getattr(model, EXTRA_ATTR, None) or {}) if same else {}
+    if isinstance(plan, Mapping):
+        return split_payload(plan, "the plan mapping")
+    return split_payload(_read_plan_file(Path(plan)), str(plan))
+
+
+def split_payload(payload: Mapping[str, Any], where: str) -> tuple[DropPlan, dict[str, Any]]:
+    """Split a plan file's JSON into the `DropPlan` and the extra fields stored next to it."""
+    try:
+        plan = DropPlan.from_dict(payload)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise PlanError(f"{where} does not hold a usable drop plan: {err}") from err
+    own = set(plan.to_dict())
+    return plan, {key: value for key, value in payload.items() if key not in own}
+
+
+def attach_plan(model: nn.Module, plan: DropPlan, extra: Mapping[str, Any]) -> None:
+    """Record the plan on the model, where `resolve_plan` finds it when the model is saved again."""
+    setattr(model, PLAN_ATTR, plan)
+    setattr(model, EXTRA_ATTR, dict(extra))
+
+
+def plan_layers(model: nn.Module, plan: DropPlan) -> dict[str, LoraLayer]:
+    """The LoRA layers the plan names, by PEFT module name; the plan must fit the model."""
+    modules = dict(model.named_modules())
+    layers = {}
+    for name in plan.kinds:
+        layer = modules.get(name)
+        if not isinstance(layer, LoraLayer) or plan.adapter_name not in layer.lora_A:
+            raise PlanError(
+                f"The drop plan names {name!r}, which is not a LoRA layer of adapter {plan.adapter_name!r} in this "
+                "model; the plan belongs to another model, adapter or target filter."
+            )
+        layers[name] = layer
+    return layers
+
+
+def _read_plan_file(path: Path) -> Mapping[str, Any]:
+    file = path / PLAN_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CompactFileNotFoundError(
+            f"No plan file at {file}: pass the {PLAN_FILE} written by LoraDropCallback, or the Trainer output "
+            "directory that holds it."
+        )
+    try:
+        payload = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PlanError(f"{file} is not a readable JSON plan file ({err}); pass callback.plan instead.") from err
+    if not isinstance(payload, dict):
+        raise PlanError(f"{file} does not hold a JSON object; it is not a LoRA-drop plan file.")
+    return payload

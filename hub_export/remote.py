@@ -1,0 +1,95 @@
+"""Talking to the Hub through the official client, and turning its failures into errors that say what to do.
+
+Nothing here passes an endpoint, cache directory or token default of its own: `huggingface_hub` reads HF_ENDPOINT,
+HF_TOKEN (or the stored login), HF_HOME/HF_HUB_CACHE and HF_HUB_OFFLINE as it does for every Hugging Face library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .errors import CompactFileNotFoundError, HubAuthError, HubError, HubOfflineError, RepoNotFoundError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# The HTTP library's own error root (httpx's in huggingface_hub >= 1, requests' before): connection failures and
+# timeouts raised by the client are its subclasses without being HfHubHTTPError.
+_TRANSPORT_ERRORS = tuple(
+    cls for cls in HfHubHTTPError.__mro__[1:] if cls.__module__.split(".")[0] not in ("builtins", "huggingface_hub")
+)[-1:]
+
+
+def local_dir(path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> Path:
+    """A local directory as it is, or a Hub repo id downloaded (or found in the cache) first."""
+    path = Path(path_or_repo)
+    if path.exists() or not isinstance(path_or_repo, str) or not _REPO_ID.match(path_or_repo):
+        if not path.exists():
+            raise CompactFileNotFoundError(f"{path} does not exist (nor is it a Hub repo id such as 'user/name').")
+        return path
+    return fetch(path_or_repo, revision=revision, token=token, note=" (there is no local directory of that name)")
+
+
+def fetch(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    allow_patterns: list[str] | None = None,
+    note: str = "",
+) -> Path:
+    """Download a repo snapshot into the Hugging Face cache (or reuse the cached one) and return its directory."""
+    with hub_errors(repo_id, revision=revision, action="download", note=note):
+        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns))
+
+
+@contextmanager
+def hub_errors(repo_id: str, *, revision: str | None, action: str, note: str = "") -> Iterator[None]:
+    """Re-raise the client's exceptions as `hub_export.errors` types with a message naming the repo and the fix."""
+    where = f"{repo_id}{f'@{revision}' if revision else ''} on {constants.ENDPOINT}{note}"
+    try:
+        yield
+    except GatedRepoError as err:
+        raise HubAuthError(
+            f"Cannot {action} {where}: the repo is gated. Request access on its Hub page, then use a token of that "
+            "account (HF_TOKEN or `hf auth login`)."
+        ) from err
+    except RevisionNotFoundError as err:
+        raise RepoNotFoundError(
+            f"Cannot {action} {where}: revision {revision!r} does not exist. Check the branch, tag or commit id."
+        ) from err
+    except RepositoryNotFoundError as err:
+        raise RepoNotFoundError(
+            f"Cannot {action} {where}: the repo does not exist, or it is private and the token in use cannot see it. "
+            "Check the repo id, or log in (HF_TOKEN or `hf auth login`)."
+        ) from err
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
+        if constants.HF_HUB_OFFLINE:
+            raise HubOfflineError(
+                f"Cannot {action} {where}: offline mode is on (HF_HUB_OFFLINE=1) and the cache "
+                f"({constants.HF_HUB_CACHE}) has no copy of it. Go online once to cache it, or unset HF_HUB_OFFLINE."
+            ) from err
+        raise HubError(f"Cannot {action} {where}: the Hub is unreachable and the cache has no copy ({err}).") from err
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        detail = (getattr(err, "server_message", None) or str(err)).splitlines()[0]
+        if status in (401, 403):
+            raise HubAuthError(
+                f"Cannot {action} {where}: authentication failed (HTTP {status}: {detail}). Set HF_TOKEN or run "
+                f"`hf auth login` with a token that has {'write' if action.startswith('push') else 'read'} access."
+            ) from err
+        raise HubError(f"Cannot {action} {where}: HTTP {status}: {detail}") from err
+    except _TRANSPORT_ERRORS as err:
+        raise HubError(f"Cannot {action} {where}: the Hub could not be reached ({type(err).__name__}: {err}).") from err

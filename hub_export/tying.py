@@ -1,0 +1,127 @@
+"""Reading the tying off a re-parameterised PeftModel: which LoRA tensors are stored once, and for whom.
+
+The model is the truth, not the plan: in mode "share" the members of a shared group hold the very same Parameters
+(same storage), in mode "drop" the dropped layers have the adapter switched off. The plan says what the model should
+look like; anything else (a plan from another run, a model that was never re-parameterised) is refused rather than
+exported wrongly. Keys are PEFT's own state-dict keys (`get_peft_model_state_dict`: adapter name removed), so a
+compact adapter expands to a plain one by copying each stored tensor to its members' keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from peft import get_peft_model_state_dict
+from torch import nn
+
+from loradrop_trainer import DropPlan
+
+from .errors import PlanError
+from .plans import plan_layers
+
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before the base model's own module names
+_LORA_KEY = re.compile(r"^(?P<module>.+?)(?P<suffix>\.lora_[AB]\.[^.]+)$")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a tensor that is not stored (the LoRA of a dropped module), to rebuild it on expansion."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        return cls(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+@dataclass
+class Tying:
+    """What a compact adapter stores: `tensors` by key, `members[key]` = every PEFT key that takes that tensor (the
+    key itself first), `dropped` = keys of switched-off modules, which are not stored at all."""
+
+    tensors: dict[str, torch.Tensor]
+    members: dict[str, list[str]]
+    dropped: dict[str, TensorSpec]
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """`(module name, suffix)` of a LoRA weight key such as `...v_proj.lora_B.weight`; None for other keys."""
+    match = _LORA_KEY.match(key)
+    return (match["module"], match["suffix"]) if match else None
+
+
+def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
+    """Group the adapter's tensors as the model shares them, after checking the model is tied as `plan` says."""
+    adapter = plan.adapter_name
+    if adapter not in getattr(model, "peft_config", {}):
+        raise PlanError(
+            f"The model has no PEFT adapter {plan.adapter_name!r} (the plan's adapter); pass the PeftModel that was "
+            "trained with LoraDropCallback or returned by load_compact."
+        )
+    layers = plan_layers(model, plan)
+    switched_off = {name for name, layer in layers.items() if adapter not in layer.active_adapters}
+    expected_off = set(plan.dropped) if plan.mode == "drop" else set()
+    if switched_off != expected_off:
+        odd = sorted(switched_off ^ expected_off)
+        raise PlanError(
+            f"The model does not match the plan (mode {plan.mode!r}): LoRA of {odd[0]!r} is "
+            f"{'switched off' if odd[0] in switched_off else 'active'} in the model but not in the plan "
+            f"({len(odd)} such modules). Pass the plan this model was trained or loaded with, and do not call "
+            "set_adapter() on a model in mode 'drop' (it switches the dropped LoRA back on)."
+        )
+
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    members: dict[str, list[str]] = {}
+    dropped: dict[str, TensorSpec] = {}
+    for key, tensor in state.items():
+        source = _source_key(key, plan)
+        if source is None:
+            dropped[key] = TensorSpec.of(tensor)
+        else:
+            members.setdefault(source, []).append(key)
+    for source, keys in members.items():
+        if source not in state:
+            raise PlanError(f"The plan makes modules share {source!r}, which the adapter's state dict lacks.")
+        keys.sort(key=lambda k: k != source)
+        for key in keys:
+            if _identity(state[key]) != _identity(state[source]):
+                raise PlanError(
+                    f"The model does not match the plan: {key!r} is not the same tensor as {source!r}, whose LoRA the "
+                    "plan says it shares. Pass the plan this model was trained or loaded with (a plan of another "
+                    "run, or a model saved before the switch, does not fit)."
+                )
+    shared = [key for key, n in Counter(_identity(state[source]) for source in members).items() if n > 1]
+    if shared:
+        owners = [source for source in members if _identity(state[source]) == shared[0]]
+        raise PlanError(
+            f"The model does not match the plan: {owners[0]!r} and {owners[1]!r} are the same tensor, but the plan "
+            "gives them separate LoRA weights. Pass the plan this model was trained or loaded with."
+        )
+    tensors = {source: state[source].detach().to("cpu", copy=True).contiguous() for source in members}
+    return Tying(tensors, members, dropped)
+
+
+def _source_key(key: str, plan: DropPlan) -> str | None:
+    """The key whose tensor `key` uses: itself, its shared source's, or None if its module's LoRA is dropped."""
+    parts = split_key(key)
+    if parts is None or parts[0] not in plan.kinds:
+        return key
+    source = plan.source_of(parts[0])
+    return None if source is None else source + parts[1]
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """Two state-dict entries with equal identity are one Parameter seen under two names."""
+    return tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride())
