@@ -19,7 +19,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .atomic import atomic_directory
-from .compact import MANIFEST_FILE, WEIGHTS_FILE, read_compact, save_compact
+from .compact import read_compact, save_compact
 from .expand import expand_to_peft
 from .loader import load_compact
 from .remote import fetch, hub_errors
@@ -27,7 +27,6 @@ from .remote import fetch, hub_errors
 logger = logging.get_logger(__name__)
 
 PEFT_SUBFOLDER = "peft"
-_LOAD_FILES = [MANIFEST_FILE, WEIGHTS_FILE, "adapter_config.json"]
 
 
 def push_to_hub(
@@ -83,9 +82,9 @@ def load_from_hub(
 ) -> PeftModel:
     """`load_compact` from a Hub repo at `revision` (branch, tag or commit id), through the Hugging Face cache.
 
-    Only the files the loader needs are downloaded. In offline mode (HF_HUB_OFFLINE=1) the cached copy is used.
+    The plain PEFT copy in `peft/` is not downloaded. In offline mode (HF_HUB_OFFLINE=1) the cached copy is used.
     """
-    directory = fetch(repo_id, revision=revision, token=token, allow_patterns=_LOAD_FILES)
+    directory = fetch(repo_id, revision=revision, token=token, ignore_patterns=[f"{PEFT_SUBFOLDER}/*"])
     return load_compact(base_model, directory, adapter_name=adapter_name, is_trainable=is_trainable)
 
 

@@ -82,26 +82,26 @@ def _check_base_model(base_model: nn.Module, adapter: CompactAdapter, source: st
             "wrapped before, which modifies it in place). Pass a freshly loaded base model."
         )
     modules = dict(base_model.named_modules())
-    problems = []
-    shapes = {key: tuple(t.shape) for key, t in adapter.tensors.items()}
-    for source_key, keys in adapter.members.items():
-        for key in keys:
-            problem = _module_problem(modules, key, shapes[source_key])
+    shapes = {key: tuple(adapter.tensors[source].shape) for source, keys in adapter.members.items() for key in keys}
+    shapes.update({key: spec.shape for key, spec in adapter.dropped.items()})
+    problems: dict[str, str] = {}  # the first problem of each module
+    for key, shape in shapes.items():
+        parts = split_key(key)
+        if parts is not None and parts[0] not in problems:
+            problem = _module_problem(modules, parts, shape)
             if problem:
-                problems.append(problem)
-    problems += filter(None, (_module_problem(modules, key, spec.shape) for key, spec in adapter.dropped.items()))
+                problems[parts[0]] = problem
     if problems:
         base = adapter.peft_config.get("base_model_name_or_path") or "the base model it was trained on"
+        first = next(iter(problems.values()))
         raise BaseModelMismatchError(
-            f"The adapter at {source} does not fit this base model: {problems[0]}"
-            f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}. Load it onto {base}."
+            f"The adapter at {source} does not fit this base model: {first}"
+            f"{f' (and {len(problems) - 1} more modules)' if len(problems) > 1 else ''}. Load it onto {base}."
         )
 
 
-def _module_problem(modules: dict[str, nn.Module], key: str, shape: tuple[int, ...]) -> str | None:
-    parts = split_key(key)
-    if parts is None:
-        return None
+def _module_problem(modules: dict[str, nn.Module], parts: tuple[str, str], shape: tuple[int, ...]) -> str | None:
+    """What keeps the LoRA tensor `parts` = (PEFT module name, suffix) of `shape` off the base model, if anything."""
     name = parts[0].removeprefix(PEFT_PREFIX)
     module = modules.get(name)
     if module is None:
@@ -109,8 +109,8 @@ def _module_problem(modules: dict[str, nn.Module], key: str, shape: tuple[int, .
     features = getattr(module, "in_features", None), getattr(module, "out_features", None)
     if not all(isinstance(n, int) for n in features) or len(shape) != 2:
         return None
-    if parts[1].startswith(".lora_A.") and shape[1] != features[0]:
+    if parts[1] == ".lora_A.weight" and shape[1] != features[0]:
         return f"{name!r} takes {features[0]} input features, the adapter's LoRA A expects {shape[1]}"
-    if parts[1].startswith(".lora_B.weight") and shape[0] != features[1]:
+    if parts[1] == ".lora_B.weight" and shape[0] != features[1]:
         return f"{name!r} gives {features[1]} output features, the adapter's LoRA B gives {shape[0]}"
     return None

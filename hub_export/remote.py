@@ -47,12 +47,12 @@ def fetch(
     *,
     revision: str | None = None,
     token: str | None = None,
-    allow_patterns: list[str] | None = None,
+    ignore_patterns: list[str] | None = None,
     note: str = "",
 ) -> Path:
     """Download a repo snapshot into the Hugging Face cache (or reuse the cached one) and return its directory."""
     with hub_errors(repo_id, revision=revision, action="download", note=note):
-        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns))
+        return Path(snapshot_download(repo_id, revision=revision, token=token, ignore_patterns=ignore_patterns))
 
 
 @contextmanager

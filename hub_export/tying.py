@@ -76,9 +76,9 @@ def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
     if switched_off != expected_off:
         odd = sorted(switched_off ^ expected_off)
         raise PlanError(
-            f"The model does not match the plan (mode {plan.mode!r}): LoRA of {odd[0]!r} is "
-            f"{'switched off' if odd[0] in switched_off else 'active'} in the model but not in the plan "
-            f"({len(odd)} such modules). Pass the plan this model was trained or loaded with, and do not call "
+            f"The model does not match the plan (mode {plan.mode!r}): the LoRA of {odd[0]!r} is "
+            f"{'switched off in the model but not' if odd[0] in switched_off else 'active in the model but not'} in "
+            f"the plan ({len(odd)} such modules). Pass the plan this model was trained or loaded with, and do not call "
             "set_adapter() on a model in mode 'drop' (it switches the dropped LoRA back on)."
         )
 

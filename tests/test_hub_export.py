@@ -1,0 +1,462 @@
+"""hub_export end to end: compact format round trips, expansion to plain PEFT, atomic writes, bad input, the Hub.
+
+Models are trained once per module (tiny Llama, LoraDropCallback(alpha=0.2), 20 steps) and only read afterwards; the
+Hub tests drive the real huggingface_hub client against tests/hub_server.py's FakeHub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_llama, tiny_llama_base, training_args
+from hub_server import DEFAULT_USER, hub_env, set_offline
+from huggingface_hub import ModelCard
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM, Trainer
+
+from hub_export import (
+    BaseModelMismatchError,
+    CompactFileNotFoundError,
+    CompactFormatError,
+    HubAuthError,
+    HubError,
+    HubOfflineError,
+    PlanError,
+    RepoNotFoundError,
+    TargetExistsError,
+    UnsupportedFormatVersionError,
+    expand_to_peft,
+    load_compact,
+    load_from_hub,
+    pull,
+    push_to_hub,
+    read_compact,
+    save_compact,
+)
+from hub_export.compact import MANIFEST_FILE, WEIGHTS_FILE
+from hub_export.hub import PEFT_SUBFOLDER
+from loradrop_trainer import LoraDropCallback, find_lora_layers
+from loradrop_trainer.lora_layers import count_distinct, lora_parameters
+from loradrop_trainer.report import PLAN_FILE, PLOT_FILE
+
+INPUTS = torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(7))
+REPO = f"{DEFAULT_USER}/tiny-loradrop"
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished LoRA-drop run: the tied model, its callback, the Trainer output dir and the compact export."""
+
+    model: PeftModel
+    callback: LoraDropCallback
+    output_dir: Path
+    compact: Path
+    logits: torch.Tensor
+
+
+def _train(root: Path, mode: str) -> Run:
+    model = tiny_llama()
+    callback = LoraDropCallback(alpha=0.2, mode=mode)
+    args = training_args(root)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    compact = save_compact(model, root / "compact", plan=args.output_dir)
+    return Run(model, callback, Path(args.output_dir), compact, _logits(model))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Run:
+    return _train(tmp_path_factory.mktemp("share"), "share")
+
+
+@pytest.fixture(scope="module")
+def dropped(tmp_path_factory) -> Run:
+    return _train(tmp_path_factory.mktemp("drop"), "drop")
+
+
+@pytest.fixture(params=["share", "drop"])
+def run(request) -> Run:
+    return request.getfixturevalue("shared" if request.param == "share" else "dropped")
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    yield from hub_env(monkeypatch, tmp_path)
+
+
+def _logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=INPUTS).logits
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(src, tmp_path / "copy"))
+
+
+def _lora_sizes(model) -> dict[str, int]:
+    return {
+        name: sum(p.numel() for p in lora_parameters(layer, "default"))
+        for name, layer in find_lora_layers(model).items()
+    }
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------------- compact round trips
+
+
+def test_load_compact_gives_identical_logits_and_ties_the_same_parameters(shared):
+    loaded = load_compact(tiny_llama_base(seed=0), shared.compact)
+    torch.testing.assert_close(_logits(loaded), shared.logits, rtol=0, atol=0)
+    plan, layers = shared.callback.plan, find_lora_layers(loaded)
+    for members in plan.shared.values():
+        for part in ("lora_A", "lora_B"):
+            source = getattr(layers[members[0]], part)["default"].weight
+            assert all(getattr(layers[name], part)["default"].weight is source for name in members)
+    kept_ids = {id(layers[name].lora_A["default"].weight) for name in plan.kept}
+    assert len(kept_ids) == len(plan.kept)
+    params = [p for layer in layers.values() for p in lora_parameters(layer, "default")]
+    assert count_distinct(params) == shared.callback.lora_params_after
+    assert loaded.loradrop_plan == plan
+    assert not any(p.requires_grad for p in params), "is_trainable=False loads a frozen adapter, like PEFT"
+
+
+def test_save_load_save_writes_identical_files(run, tmp_path):
+    loaded = load_compact(tiny_llama_base(seed=0), run.compact)
+    again = save_compact(loaded, tmp_path / "again")
+    assert _files(again) == _files(run.compact)
+
+
+def test_drop_mode_stores_no_dropped_lora_and_switches_it_off_on_load(dropped):
+    plan = dropped.callback.plan
+    adapter = read_compact(dropped.compact)
+    assert set(adapter.dropped) == {f"{name}.lora_{p}.weight" for name in plan.dropped for p in "AB"}
+    assert not any(key.startswith(tuple(f"{n}." for n in plan.dropped)) for key in adapter.tensors)
+    loaded = load_compact(tiny_llama_base(seed=0), dropped.compact)
+    torch.testing.assert_close(_logits(loaded), dropped.logits, rtol=0, atol=0)
+    layers = find_lora_layers(loaded)
+    assert all("default" not in layers[name].active_adapters for name in plan.dropped)
+    assert all("default" in layers[name].active_adapters for name in plan.kept)
+
+
+def test_trainable_load_trains_on_with_the_same_tying(shared, tmp_path):
+    loaded = load_compact(tiny_llama_base(seed=0), shared.compact, is_trainable=True)
+    plan, layers = shared.callback.plan, find_lora_layers(loaded)
+    members = next(iter(plan.shared.values()))
+    source_b = layers[members[0]].lora_B["default"].weight
+    before = source_b.detach().clone()
+    trainable = sum(p.numel() for p in loaded.parameters() if p.requires_grad)
+    assert trainable == shared.callback.lora_params_after
+    Trainer(model=loaded, args=training_args(tmp_path, max_steps=4), train_dataset=TokenDataset()).train()
+    assert not torch.equal(source_b, before), "the shared LoRA must train"
+    assert all(layers[name].lora_B["default"].weight is source_b for name in members)
+
+
+def test_expanded_adapter_loads_with_vanilla_peft(run, tmp_path):
+    out = expand_to_peft(run.compact, tmp_path / "peft")
+    assert sorted(_files(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    plain = PeftModel.from_pretrained(tiny_llama_base(seed=0), str(out))
+    torch.testing.assert_close(_logits(plain), run.logits, rtol=0, atol=0)
+    weights, plan = load_file(out / "adapter_model.safetensors"), run.callback.plan
+    for name in plan.dropped:
+        if plan.mode == "drop":
+            assert torch.count_nonzero(weights[f"{name}.lora_B.weight"]) == 0
+        else:
+            source = plan.source_of(name)
+            assert torch.equal(weights[f"{name}.lora_A.weight"], weights[f"{source}.lora_A.weight"])
+    assert _files(expand_to_peft(run.compact, tmp_path / "peft2")) == _files(out), "expansion is deterministic"
+
+
+def test_compact_size_is_the_kept_fraction_of_a_plain_adapter(run, tmp_path):
+    run.model.save_pretrained(tmp_path / "plain")
+    plain = (tmp_path / "plain" / "adapter_model.safetensors").stat().st_size
+    compact = (run.compact / WEIGHTS_FILE).stat().st_size
+    fraction = run.callback.plan.kept_fraction(_lora_sizes(run.model))
+    assert fraction < 0.9
+    assert compact / plain == pytest.approx(fraction, rel=0.03)
+
+
+def test_model_card_has_hub_metadata_plan_settings_and_chart(shared, tmp_path):
+    card = ModelCard.load(shared.compact / "README.md")
+    assert card.data.library_name == "peft"
+    assert card.data.tags == ["lora", "lora-drop", "peft"]
+    assert card.data.get("license") is None and card.data.get("base_model") is None
+    text = card.text
+    for kind in ("q_proj", "down_proj"):
+        assert f"| {kind} |" in text
+    assert "alpha (fraction of steps collecting importance) | `0.2`" in text
+    assert "| lora_alpha | `8` |" in text
+    assert f"({PLOT_FILE})" in text and (shared.compact / PLOT_FILE).stat().st_size > 1000
+    assert 'subfolder="peft"' in text and "load_compact(base" in text
+    adapter = read_compact(shared.compact)
+    assert f"{adapter.plain_bytes:,}" in text and f"{adapter.stored_bytes:,}" in text
+
+    licensed = save_compact(shared.model, tmp_path / "licensed", plan=shared.callback.plan, license="apache-2.0")
+    assert ModelCard.load(licensed / "README.md").data.license == "apache-2.0"
+    reloaded = load_compact(tiny_llama_base(seed=0), licensed)
+    assert "license: apache-2.0" in (save_compact(reloaded, tmp_path / "again") / "README.md").read_text()
+
+
+def test_plan_sources(shared, tmp_path):
+    with pytest.raises(PlanError, match=r"plan=callback\.plan"):
+        save_compact(shared.model, tmp_path / "none")
+    from_object = save_compact(shared.model, tmp_path / "object", plan=shared.callback.plan)
+    from_file = save_compact(shared.model, tmp_path / "file", plan=shared.output_dir / PLAN_FILE)
+    assert read_compact(from_object).plan == read_compact(from_file).plan == shared.callback.plan
+    assert read_compact(from_object).plan_extra == {}
+    assert read_compact(from_file).plan_extra["config"]["alpha"] == 0.2
+    with pytest.raises(CompactFileNotFoundError, match=PLAN_FILE):
+        save_compact(shared.model, tmp_path / "x", plan=tmp_path)
+
+
+def test_a_plan_that_does_not_describe_the_model_is_refused(shared, dropped, tmp_path):
+    with pytest.raises(PlanError, match="is not the same tensor"):
+        save_compact(tiny_llama(), tmp_path / "untied", plan=shared.callback.plan)
+    with pytest.raises(PlanError, match=r"does not match the plan \(mode 'drop'\).*active in the model but not"):
+        save_compact(shared.model, tmp_path / "wrong-mode", plan=dropped.callback.plan)
+    assert not (tmp_path / "untied").exists() and not (tmp_path / "wrong-mode").exists()
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+
+
+def _crash_while_writing(monkeypatch):
+    """Make the export die after the weights are written, as a kill mid-export would."""
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-export")
+
+    monkeypatch.setattr("hub_export.compact.render_model_card", boom)
+
+
+def test_crash_mid_export_leaves_no_adapter(shared, tmp_path, monkeypatch):
+    _crash_while_writing(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        save_compact(shared.model, tmp_path / "compact", plan=shared.callback.plan)
+    assert list(tmp_path.iterdir()) == [], "neither the target nor a temporary directory may be left"
+
+
+def test_crash_mid_export_keeps_the_previous_adapter(shared, tmp_path, monkeypatch):
+    target = _copy(shared.compact, tmp_path)
+    before = _files(target)
+    _crash_while_writing(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        save_compact(shared.model, target, plan=shared.callback.plan)
+    assert _files(target) == before and _siblings(target) == []
+
+
+def test_failed_final_rename_restores_the_previous_adapter(shared, tmp_path, monkeypatch):
+    target = _copy(shared.compact, tmp_path)
+    before = _files(target)
+    real = __import__("os").replace
+
+    def failing_replace(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr("hub_export.atomic.os.replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        expand_to_peft(shared.compact, target)
+    assert _files(target) == before and _siblings(target) == []
+
+
+def test_existing_adapter_is_replaced_but_other_directories_are_refused(shared, tmp_path):
+    target = tmp_path / "out"
+    expand_to_peft(shared.compact, target)
+    save_compact(shared.model, target, plan=shared.output_dir)
+    assert _files(target) == _files(shared.compact)
+
+    unrelated = tmp_path / "checkpoints"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("keep me")
+    with pytest.raises(TargetExistsError, match="does not hold an adapter"):
+        save_compact(shared.model, unrelated, plan=shared.callback.plan)
+    assert (unrelated / "notes.txt").read_text() == "keep me"
+    with pytest.raises(TargetExistsError, match="not a directory"):
+        expand_to_peft(shared.compact, unrelated / "notes.txt")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_base_model_with_other_modules_is_refused_untouched(shared):
+    base = tiny_llama_base(seed=0, layers=2)
+    with pytest.raises(BaseModelMismatchError, match=r"no module 'model\.layers\.[23]\..*and 13 more modules"):
+        load_compact(base, shared.compact)
+    assert not any("lora" in name for name, _ in base.named_modules()), "the base model must not be modified"
+
+
+def test_base_model_with_other_shapes_is_refused(shared):
+    config = tiny_llama_base(seed=0).config
+    config.intermediate_size = 48
+    with pytest.raises(BaseModelMismatchError, match="output features"):
+        load_compact(LlamaForCausalLM(config), shared.compact)
+
+
+def test_already_adapted_base_model_is_refused(shared):
+    with pytest.raises(BaseModelMismatchError, match="freshly loaded base model"):
+        load_compact(tiny_llama(), shared.compact)
+
+
+def test_missing_weights_file(shared, tmp_path):
+    broken = _copy(shared.compact, tmp_path)
+    (broken / WEIGHTS_FILE).unlink()
+    with pytest.raises(CompactFileNotFoundError, match=f"{WEIGHTS_FILE} is missing") as err:
+        load_compact(tiny_llama_base(seed=0), broken)
+    assert isinstance(err.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_weights_file(shared, tmp_path, damage):
+    broken = _copy(shared.compact, tmp_path)
+    data = bytearray((broken / WEIGHTS_FILE).read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0xFF
+    else:
+        del data[len(data) // 2 :]
+    (broken / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(CompactFormatError, match=f"{WEIGHTS_FILE} is corrupt"):
+        read_compact(broken)
+
+
+def test_corrupt_manifest(shared, tmp_path):
+    broken = _copy(shared.compact, tmp_path)
+    text = (broken / MANIFEST_FILE).read_text()
+    (broken / MANIFEST_FILE).write_text(text[: len(text) // 2])
+    with pytest.raises(CompactFormatError, match="not valid JSON"):
+        read_compact(broken)
+
+
+def test_unknown_format_version(shared, tmp_path):
+    newer = _copy(shared.compact, tmp_path)
+    manifest = json.loads((newer / MANIFEST_FILE).read_text())
+    manifest["format_version"] = 2
+    (newer / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(UnsupportedFormatVersionError, match=r"version 2.*Upgrade loradrop"):
+        load_compact(tiny_llama_base(seed=0), newer)
+
+
+def test_plain_peft_or_missing_directory_is_not_a_compact_adapter(shared, tmp_path):
+    plain = expand_to_peft(shared.compact, tmp_path / "plain")
+    with pytest.raises(CompactFileNotFoundError, match="plain PEFT adapter"):
+        load_compact(tiny_llama_base(seed=0), plain)
+    with pytest.raises(CompactFileNotFoundError, match="does not exist"):
+        load_compact(tiny_llama_base(seed=0), tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------- the Hub
+
+
+def test_push_pull_load_from_hub(hub, shared, tmp_path):
+    url = push_to_hub(shared.compact, REPO, private=True)
+    oid = url.rsplit("/", 1)[-1]
+    assert url == f"{hub.endpoint}/{REPO}/commit/{oid}" and hub.head(REPO) == oid
+    assert hub.repo(REPO).private
+    pulled = pull(REPO, tmp_path / "pulled")
+    assert _files(pulled).items() >= _files(shared.compact).items(), "pulled files must be byte-identical"
+    loaded = load_from_hub(tiny_llama_base(seed=0), REPO)
+    torch.testing.assert_close(_logits(loaded), shared.logits, rtol=0, atol=0)
+
+
+def test_push_a_model_directly(hub, shared):
+    load = load_compact(tiny_llama_base(seed=0), shared.compact)
+    push_to_hub(load, REPO)
+    assert {k: v for k, v in hub.files_at(REPO).items() if k != ".gitattributes"} == _files(shared.compact)
+
+
+def test_repush_of_unchanged_files_makes_no_commit(hub, shared):
+    first = push_to_hub(shared.compact, REPO)
+    hub.clear_requests()
+    assert push_to_hub(shared.compact, REPO) == first
+    assert hub.commit_log == [] and hub.history(REPO)[0] == first.rsplit("/", 1)[-1]
+
+
+def test_revision_pinning(hub, shared, dropped, tmp_path):
+    first = push_to_hub(shared.compact, REPO).rsplit("/", 1)[-1]
+    push_to_hub(dropped.compact, REPO)
+    pinned = load_from_hub(tiny_llama_base(seed=0), REPO, revision=first)
+    torch.testing.assert_close(_logits(pinned), shared.logits, rtol=0, atol=0)
+    latest = load_from_hub(tiny_llama_base(seed=0), REPO)
+    torch.testing.assert_close(_logits(latest), dropped.logits, rtol=0, atol=0)
+
+    push_to_hub(shared.compact, REPO, revision="dev", commit_message="on a branch")
+    assert hub.repo(REPO).commits[hub.head(REPO, "dev")].title == "on a branch"
+    assert hub.files_at(REPO, "dev")[WEIGHTS_FILE] == (shared.compact / WEIGHTS_FILE).read_bytes()
+    assert hub.files_at(REPO)[WEIGHTS_FILE] == (dropped.compact / WEIGHTS_FILE).read_bytes()
+    with pytest.raises(RepoNotFoundError, match="revision 'v9' does not exist"):
+        load_from_hub(tiny_llama_base(seed=0), REPO, revision="v9")
+
+
+def test_expanded_subfolder_loads_with_vanilla_peft_and_goes_when_not_pushed(hub, shared):
+    push_to_hub(shared.compact, REPO, expanded=True)
+    assert f"{PEFT_SUBFOLDER}/adapter_model.safetensors" in hub.files_at(REPO)
+    plain = PeftModel.from_pretrained(tiny_llama_base(seed=0), REPO, subfolder=PEFT_SUBFOLDER)
+    torch.testing.assert_close(_logits(plain), shared.logits, rtol=0, atol=0)
+    assert push_to_hub(shared.compact, REPO, expanded=True).endswith(hub.head(REPO)), "unchanged: no commit"
+    push_to_hub(shared.compact, REPO)
+    assert not any(path.startswith(f"{PEFT_SUBFOLDER}/") for path in hub.files_at(REPO)), "no stale plain copy"
+
+
+def test_offline_mode_uses_the_warm_cache(hub, shared, monkeypatch):
+    push_to_hub(shared.compact, REPO)
+    load_from_hub(tiny_llama_base(seed=0), REPO)
+    hub.clear_requests()
+    set_offline(monkeypatch)
+    loaded = load_from_hub(tiny_llama_base(seed=0), REPO)
+    torch.testing.assert_close(_logits(loaded), shared.logits, rtol=0, atol=0)
+    assert hub.requests == [], "offline mode must not touch the network"
+    with pytest.raises(HubOfflineError, match=r"HF_HUB_OFFLINE=1.*no copy"):
+        load_from_hub(tiny_llama_base(seed=0), f"{DEFAULT_USER}/never-downloaded")
+
+
+def test_repo_not_found(hub):
+    with pytest.raises(RepoNotFoundError, match=f"{DEFAULT_USER}/missing.*does not exist"):
+        load_from_hub(tiny_llama_base(seed=0), f"{DEFAULT_USER}/missing")
+
+
+@pytest.mark.parametrize("token", ["hf_not_a_token", "hf_read_only"])
+def test_auth_failure_on_push(hub, shared, token):
+    hub.add_token("hf_read_only", write=False)
+    with pytest.raises(HubAuthError, match=r"authentication failed.*write access"):
+        push_to_hub(shared.compact, REPO, token=token)
+
+
+def test_failed_push_leaves_local_files_and_remote_intact(hub, shared, tmp_path):
+    local = _copy(shared.compact, tmp_path)
+    before = _files(local)
+    push_to_hub(local, REPO)
+    head = hub.head(REPO)
+    hub.fail_next(r"/commit/main$", 500)
+    with pytest.raises(HubError, match="HTTP 500"):
+        push_to_hub(local, REPO, expanded=True)
+    assert _files(local) == before
+    assert hub.head(REPO) == head
+
+
+def test_failed_pull_leaves_no_target(hub, shared, tmp_path):
+    with pytest.raises(RepoNotFoundError):
+        pull(f"{DEFAULT_USER}/missing", tmp_path / "pulled")
+    hub.create_repo(f"{DEFAULT_USER}/not-an-adapter")
+    hub.commit(f"{DEFAULT_USER}/not-an-adapter", {"README.md": b"# hello\n"})
+    with pytest.raises(CompactFileNotFoundError, match="not a LoRA-drop compact adapter"):
+        pull(f"{DEFAULT_USER}/not-an-adapter", tmp_path / "pulled")
+    assert list(tmp_path.glob("*pulled*")) == []
+
+    existing = _copy(shared.compact, tmp_path)
+    before = _files(existing)
+    with pytest.raises(CompactFileNotFoundError):
+        pull(f"{DEFAULT_USER}/not-an-adapter", existing)
+    assert _files(existing) == before and _siblings(existing) == []
