@@ -1,0 +1,116 @@
+"""The `loradrop` command: exit codes and output of inspect/expand/push/pull, called through `main([...])`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_llama, tiny_llama_base, training_args
+from hub_server import DEFAULT_USER, hub_env
+from peft import PeftModel
+from transformers import Trainer
+
+from hub_export import save_compact
+from loradrop_trainer import LoraDropCallback
+from loradrop_trainer.cli import main
+
+REPO = f"{DEFAULT_USER}/cli-adapter"
+
+
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    args = training_args(root)
+    model = tiny_llama()
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[LoraDropCallback(alpha=0.2)]).train()
+    return save_compact(model, root / "compact", plan=args.output_dir)
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    yield from hub_env(monkeypatch, tmp_path)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("loradrop: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_inspect_prints_plan_sizes_and_version(compact, capsys):
+    assert main(["inspect", str(compact)]) == 0
+    out = capsys.readouterr().out
+    assert "format version 1" in out and "mode share, threshold 0.9" in out
+    assert "q_proj" in out and "down_proj" in out and "modules keep their own LoRA" in out
+    assert "bytes instead of" in out
+
+
+def test_inspect_bad_path_fails_with_one_line(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing")]) == 1
+    assert "does not exist" in _one_line_error(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 1
+    assert "not a LoRA-drop compact adapter" in _one_line_error(capsys)
+
+
+def test_expand_writes_a_plain_peft_adapter(compact, tmp_path, capsys):
+    assert main(["expand", str(compact), str(tmp_path / "peft")]) == 0
+    assert "plain PEFT adapter written to" in capsys.readouterr().out
+    model = PeftModel.from_pretrained(tiny_llama_base(seed=0), str(tmp_path / "peft"))
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 96)
+
+
+def test_expand_refuses_a_directory_of_other_files(compact, tmp_path, capsys):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+    assert main(["expand", str(compact), str(tmp_path / "busy")]) == 1
+    assert "does not hold an adapter" in _one_line_error(capsys)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep"
+
+
+def test_push_then_pull(hub, compact, tmp_path, capsys):
+    assert main(["push", str(compact), REPO, "--private", "--expanded", "--revision", "dev", "--message", "v1"]) == 0
+    url = capsys.readouterr().out.strip()
+    assert url == f"{hub.endpoint}/{REPO}/commit/{hub.head(REPO, 'dev')}"
+    assert hub.repo(REPO).private and hub.repo(REPO).commits[hub.head(REPO, "dev")].title == "v1"
+    assert "peft/adapter_model.safetensors" in hub.files_at(REPO, "dev")
+
+    assert main(["pull", REPO, str(tmp_path / "pulled"), "--revision", "dev"]) == 0
+    assert "pulled into" in capsys.readouterr().out
+    assert _files(tmp_path / "pulled").items() >= _files(compact).items()
+    assert main(["inspect", REPO, "--revision", "dev"]) == 0
+    assert "format version 1" in capsys.readouterr().out
+
+
+def test_push_failures(hub, compact, tmp_path, monkeypatch, capsys):
+    assert main(["push", str(tmp_path / "missing"), REPO]) == 1
+    assert "is not a directory" in _one_line_error(capsys)
+    local = Path(shutil.copytree(compact, tmp_path / "local"))
+    monkeypatch.setenv("HF_TOKEN", "hf_invalid")
+    assert main(["push", str(local), REPO]) == 1
+    assert "authentication failed" in _one_line_error(capsys)
+    assert _files(local) == _files(compact)
+
+
+def test_pull_of_a_missing_repo_leaves_no_directory(hub, tmp_path, capsys):
+    assert main(["pull", f"{DEFAULT_USER}/missing", str(tmp_path / "dst")]) == 1
+    assert "does not exist" in _one_line_error(capsys)
+    assert list(tmp_path.glob("*dst*")) == []
+
+
+@pytest.mark.parametrize("command", [[], ["inspect"], ["expand"], ["push"], ["pull"]])
+def test_help(command, capsys):
+    assert main([*command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: loradrop {' '.join(command)}".rstrip())
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["expand", "only-one"], ["push", "src", "repo", "--bogus"]])
+def test_usage_errors_exit_2(argv, capsys):
+    assert main(argv) == 2
+    assert "usage: loradrop" in capsys.readouterr().err
