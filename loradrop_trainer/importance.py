@@ -1,19 +1,26 @@
 """Online importance: the squared norm of each LoRA module's output, summed over the real tokens of training batches.
 
-The hooks sit on each `lora_B`, whose output is `B A dropout(x)`: multiplied by `scaling` it is exactly what the
-module adds to the frozen layer. A pre-hook on the outer model marks which forwards count and captures the padding
-mask once per forward, so that:
+A LoRA module adds `scaling * B u` to its layer, where `u = A dropout(x)` is the r-dimensional input of `lora_B`.
+Its squared norm over the tokens t with mask m_t is
+
+    scaling^2 * sum_t m_t ||B u_t||^2 = scaling^2 * <B^T B, U^T M U>,
+
+two r x r matrices. So a pre-hook on each `lora_B` only keeps a reference to `u` (which autograd keeps for B's
+gradient anyway), and at the end of the outer model's forward all modules are scored together with a handful of
+batched matrix products, instead of a few kernels and a Python call per module at full width. A pre-hook on the
+outer model marks which forwards count and captures the padding mask once per forward, so that:
 
 - evaluation and generation (eval mode or no grad) never count;
 - the recomputation of activation checkpointing (reentrant or not), which happens during backward, outside the
   outer model's forward, never counts twice;
 - every micro-batch of gradient accumulation counts once.
 
-Nothing in a hook reads a value back to the host: each module adds into its own float32 scalar on its device.
+Nothing reads a value back to the host during training: scores are added into a float32 vector on the device.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
 
 import torch
@@ -32,21 +39,31 @@ class ImportanceCollector:
         self, model: nn.Module, layers: Mapping[str, LoraLayer], adapter_name: str = "default", score_every: int = 1
     ) -> None:
         self.names = list(layers)
+        self._lora_b = [layer.lora_B[adapter_name] for layer in layers.values()]
+        device = self._lora_b[0].weight.device
+        self._totals = torch.zeros(len(self.names), dtype=torch.float32, device=device)
+        self._squared_scaling = torch.tensor(
+            [float(layer.scaling[adapter_name]) ** 2 for layer in layers.values()], device=device
+        )
         self._score_every = score_every
         self._forwards = 0
         self._active = False
-        self._masks: dict[tuple[torch.Size, torch.dtype], torch.Tensor] = {}
-        self._raw_masks: dict[torch.Size, torch.Tensor] = {}
-        self._totals: list[torch.Tensor] = []
+        self._inputs: list[tuple[int, torch.Tensor]] = []
+        self._masks: dict[torch.Size, torch.Tensor] = {}
+        self._indices: dict[tuple[int, ...], tuple[torch.Tensor, list[tuple[torch.Tensor, list[int]]]]] = {}
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
             model.register_forward_hook(self._end_forward, always_call=True),
         ]
-        for layer in layers.values():
-            lora_b = layer.lora_B[adapter_name]
-            total = torch.zeros((), dtype=torch.float32, device=lora_b.weight.device)
-            self._totals.append(total)
-            self._handles.append(lora_b.register_forward_hook(self._scorer(total, float(layer.scaling[adapter_name]))))
+        for index, lora_b in enumerate(self._lora_b):
+            self._handles.append(lora_b.register_forward_pre_hook(self._recorder(index)))
+
+    def _recorder(self, index: int):
+        def record(module: nn.Module, args: tuple) -> None:
+            if self._active:
+                self._inputs.append((index, args[0]))
+
+        return record
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -58,67 +75,75 @@ class ImportanceCollector:
         for key in _MASK_KEYS:
             mask = kwargs.get(key)
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                self._raw_masks[mask.shape] = mask
+                self._masks[mask.shape] = mask
 
     def _end_forward(self, module: nn.Module, args: tuple, output: object) -> None:
-        self._active = False
-        self._masks.clear()
-        self._raw_masks.clear()
+        try:
+            if self._active and self._inputs:
+                with torch.no_grad():
+                    self._score()
+        finally:
+            self._active = False
+            self._inputs.clear()
+            self._masks.clear()
 
-    def _mask_for(self, out: torch.Tensor) -> torch.Tensor | None:
-        """The padding mask of `out`'s (batch, sequence) shape, shaped to broadcast over features, or None."""
-        key = (out.shape[:-1], out.dtype)
-        mask = self._masks.get(key)
-        if mask is None:
-            raw = self._raw_masks.get(out.shape[:-1])
-            if raw is None:
-                return None
-            mask = self._masks[key] = raw.to(device=out.device, dtype=out.dtype).unsqueeze(-1)
-        return mask
+    def _score(self) -> None:
+        groups: dict[tuple[torch.Size, torch.device], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for index, u in self._inputs:
+            groups[(u.shape, u.device)].append((index, u))
+        for (shape, device), items in groups.items():
+            targets, by_b_shape = self._group_indices(tuple(index for index, _ in items), device)
+            u = torch.stack([u for _, u in items]).reshape(len(items), -1, shape[-1]).float()
+            mask = self._masks.get(shape[:-1])
+            masked = u * mask.reshape(1, -1, 1).to(u) if mask is not None else u
+            token_gram = torch.bmm(masked.transpose(1, 2), u)
+            weight_gram = torch.empty_like(token_gram)
+            for positions, weights in by_b_shape:
+                b = torch.stack([self._lora_b[i].weight for i in weights]).to(device=device, dtype=torch.float32)
+                weight_gram[positions] = torch.bmm(b.transpose(1, 2), b)
+            scores = (token_gram * weight_gram).sum(dim=(1, 2))
+            self._totals.index_add_(0, targets, scores.to(self._totals.device) * self._squared_scaling[targets])
 
-    def _scorer(self, total: torch.Tensor, scaling: float):
-        squared_scaling = scaling * scaling
-
-        def score(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            if not self._active:
-                return
-            with torch.no_grad():
-                mask = self._mask_for(out)
-                if mask is not None:
-                    out = out * mask
-                norm = torch.linalg.vector_norm(out, dtype=torch.float32)
-                total.addcmul_(norm, norm, value=squared_scaling)
-
-        return score
+    def _group_indices(self, indices: tuple[int, ...], device: torch.device):
+        """Index tensors for one group of modules, built once: the same modules come together every forward."""
+        cached = self._indices.get(indices)
+        if cached is None:
+            by_shape: dict[torch.Size, list[int]] = defaultdict(list)
+            for position, index in enumerate(indices):
+                by_shape[self._lora_b[index].weight.shape].append(position)
+            cached = self._indices[indices] = (
+                torch.tensor(indices, device=self._totals.device),
+                [
+                    (torch.tensor(positions, device=device), [indices[p] for p in positions])
+                    for positions in by_shape.values()
+                ],
+            )
+        return cached
 
     def totals(self) -> dict[str, float]:
         """This process's totals so far (reads them back to the host)."""
-        return dict(zip(self.names, torch.stack([t.to(self._totals[0].device) for t in self._totals]).tolist()))
+        return dict(zip(self.names, self._totals.tolist()))
 
     def load_totals(self, totals: Mapping[str, float]) -> None:
         """Continue from totals saved in a checkpoint."""
-        with torch.no_grad():
-            for name, total in zip(self.names, self._totals):
-                total.fill_(float(totals.get(name, 0.0)))
+        values = [float(totals.get(name, 0.0)) for name in self.names]
+        self._totals.copy_(torch.tensor(values, dtype=torch.float32))
 
     def all_reduce(self, device: torch.device) -> None:
         """Sum the totals of every process into every process (no-op in a single process)."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        stacked = torch.stack([t.to(device) for t in self._totals])
-        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-        with torch.no_grad():
-            for total, value in zip(self._totals, stacked):
-                total.copy_(value)
+        summed = self._totals.to(device)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        self._totals.copy_(summed)
 
     def zero(self) -> None:
         """Forget this process's totals (after an all-reduce left their sum on another rank)."""
-        with torch.no_grad():
-            for total in self._totals:
-                total.zero_()
+        self._totals.zero_()
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._active = False
+        self._inputs.clear()

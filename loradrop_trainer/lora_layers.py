@@ -41,12 +41,15 @@ def find_lora_layers(
         if not isinstance(module.lora_A[adapter_name], nn.Linear):
             unsupported.append(f"{name} ({type(module.lora_A[adapter_name]).__name__} LoRA)")
             continue
+        if module.lora_B[adapter_name].bias is not None:
+            unsupported.append(f"{name} (lora_bias)")
+            continue
         layers[name] = module
     if unsupported:
         shown = ", ".join(unsupported[:5]) + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
         raise ValueError(
             f"LoRA-drop supports plain LoRA on linear layers; adapter {adapter_name!r} has unsupported modules: "
-            f"{shown}. Train without DoRA/embedding/conv LoRA on these, or leave them out with "
+            f"{shown}. Train without DoRA, lora_bias or embedding/conv LoRA on these, or leave them out with "
             "LoraDropConfig(exclude=[...])."
         )
     if not layers:

@@ -109,3 +109,9 @@ def test_zero3_is_refused():
     with pytest.raises(ValueError, match="ZeRO-3.*ZeRO-2"):
         _check_training_setup(_args(deepspeed={"zero_optimization": {"stage": 3}}), tiny_llama())
     del config
+
+
+def test_lora_bias_is_refused(tmp_path):
+    model = get_peft_model(tiny_llama_base(), LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+    with pytest.raises(ValueError, match="lora_bias"):
+        _train(tmp_path, model)
