@@ -22,11 +22,9 @@ from .atomic import atomic_directory
 from .compact import read_compact, save_compact
 from .expand import expand_to_peft
 from .loader import load_compact
-from .remote import fetch, hub_errors
+from .remote import PEFT_SUBFOLDER, fetch, hub_errors
 
 logger = logging.get_logger(__name__)
-
-PEFT_SUBFOLDER = "peft"
 
 
 def push_to_hub(

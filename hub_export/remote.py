@@ -24,6 +24,8 @@ from huggingface_hub.errors import (
 
 from .errors import CompactFileNotFoundError, HubAuthError, HubError, HubOfflineError, RepoNotFoundError
 
+# Where a repo pushed with `expanded=True` keeps the plain PEFT copy; loading the compact adapter never needs it.
+PEFT_SUBFOLDER = "peft"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # The HTTP library's own error root (httpx's in huggingface_hub >= 1, requests' before): connection failures and
 # timeouts raised by the client are its subclasses without being HfHubHTTPError.
@@ -33,13 +35,19 @@ _TRANSPORT_ERRORS = tuple(
 
 
 def local_dir(path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> Path:
-    """A local directory as it is, or a Hub repo id downloaded (or found in the cache) first."""
+    """A local directory as it is, or a Hub repo id downloaded (or found in the cache) first, without `peft/`."""
     path = Path(path_or_repo)
     if path.exists() or not isinstance(path_or_repo, str) or not _REPO_ID.match(path_or_repo):
         if not path.exists():
             raise CompactFileNotFoundError(f"{path} does not exist (nor is it a Hub repo id such as 'user/name').")
         return path
-    return fetch(path_or_repo, revision=revision, token=token, note=" (there is no local directory of that name)")
+    return fetch(
+        path_or_repo,
+        revision=revision,
+        token=token,
+        ignore_patterns=[f"{PEFT_SUBFOLDER}/*"],
+        note=" (there is no local directory of that name)",
+    )
 
 
 def fetch(
@@ -76,12 +84,14 @@ def hub_errors(repo_id: str, *, revision: str | None, action: str, note: str = "
             "Check the repo id, or log in (HF_TOKEN or `hf auth login`)."
         ) from err
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
-        if constants.HF_HUB_OFFLINE:
-            raise HubOfflineError(
-                f"Cannot {action} {where}: offline mode is on (HF_HUB_OFFLINE=1) and the cache "
-                f"({constants.HF_HUB_CACHE}) has no copy of it. Go online once to cache it, or unset HF_HUB_OFFLINE."
-            ) from err
-        raise HubError(f"Cannot {action} {where}: the Hub is unreachable and the cache has no copy ({err}).") from err
+        if not constants.HF_HUB_OFFLINE:
+            raise HubError(f"Cannot {action} {where}: the Hub is unreachable and nothing is cached ({err}).") from err
+        if action != "download":
+            raise HubOfflineError(f"Cannot {action} {where}: offline mode is on; unset HF_HUB_OFFLINE.") from err
+        raise HubOfflineError(
+            f"Cannot {action} {where}: offline mode is on (HF_HUB_OFFLINE=1) and the cache "
+            f"({constants.HF_HUB_CACHE}) has no copy of it. Go online once to cache it, or unset HF_HUB_OFFLINE."
+        ) from err
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         detail = (getattr(err, "server_message", None) or str(err)).splitlines()[0]

@@ -164,6 +164,15 @@ def test_trainable_load_trains_on_with_the_same_tying(shared, tmp_path):
     assert all(layers[name].lora_B["default"].weight is source_b for name in members)
 
 
+def test_load_under_another_adapter_name(shared, tmp_path):
+    loaded = load_compact(tiny_llama_base(seed=0), shared.compact, adapter_name="mine")
+    torch.testing.assert_close(_logits(loaded), shared.logits, rtol=0, atol=0)
+    layers = find_lora_layers(loaded, "mine")
+    members = next(iter(shared.callback.plan.shared.values()))
+    assert all(layers[name].lora_A["mine"].weight is layers[members[0]].lora_A["mine"].weight for name in members)
+    assert read_compact(save_compact(loaded, tmp_path / "again")).adapter_name == "mine"
+
+
 def test_expanded_adapter_loads_with_vanilla_peft(run, tmp_path):
     out = expand_to_peft(run.compact, tmp_path / "peft")
     assert sorted(_files(out)) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -420,6 +429,8 @@ def test_offline_mode_uses_the_warm_cache(hub, shared, monkeypatch):
     assert hub.requests == [], "offline mode must not touch the network"
     with pytest.raises(HubOfflineError, match=r"HF_HUB_OFFLINE=1.*no copy"):
         load_from_hub(tiny_llama_base(seed=0), f"{DEFAULT_USER}/never-downloaded")
+    with pytest.raises(HubOfflineError, match="offline mode is on; unset HF_HUB_OFFLINE"):
+        push_to_hub(shared.compact, REPO, commit_message="while offline")
 
 
 def test_repo_not_found(hub):
