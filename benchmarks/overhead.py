@@ -8,7 +8,8 @@ machine noise hits them alike:
 - `tied`: after the switch, with the plan of a real collection applied (half of each kind, by default, shares one
   LoRA; `--threshold` sets it from the collected importance instead).
 
-The whole-run ratio is `alpha * collect + (1 - alpha) * tied`, both relative to `lora`.
+Each ratio is the median over rounds of a variant's step time divided by `lora`'s in the same round, which cancels
+slow drifts of a shared machine. The whole-run ratio is `alpha * collect + (1 - alpha) * tied`.
 
     python benchmarks/overhead.py --preset cpu-40m                                   # CPU, ~40M parameters
     python benchmarks/overhead.py --preset llama2-7b --targets all --device cuda    # H200, Llama-2-7B width
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--threshold", type=float, default=None)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--profile", action="store_true", help="print a profile of one step with the hooks on")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     seq = args.seq or (512 if cuda else 128)
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
             times[name].append((time.perf_counter() - start) / args.steps)
 
     median = {name: statistics.median(t) for name, t in times.items()}
-    ratios = {name: median[name] / median["lora"] for name in variants}
+    paired = {name: [t / base for t, base in zip(times[name], times["lora"])] for name in variants}
+    ratios = {name: statistics.median(paired[name]) for name in variants}
     result = {
         "preset": args.preset,
         "targets": args.targets,
@@ -147,10 +150,19 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_tied": ratios["tied"],
         "ratio_whole_run": args.alpha * ratios["collect"] + (1 - args.alpha) * ratios["tied"],
         "alpha": args.alpha,
-        "spread": {name: [min(t) / median["lora"], max(t) / median["lora"]] for name, t in times.items()},
+        "paired_ratio_quartiles": {name: statistics.quantiles(r, n=4) for name, r in paired.items() if name != "lora"},
     }
     if cuda:
         result["peak_gib"] = {name: value / 2**30 for name, value in peak.items()}
+    if args.profile:
+        hooks = ImportanceCollector(plain, find_lora_layers(plain))
+        with torch.profiler.profile() as prof:
+            train_steps(plain, plain_opt, batch, 1, autocast)
+            if cuda:
+                torch.cuda.synchronize()
+        hooks.remove()
+        for key in ("self_cpu_time_total", "self_device_time_total") if cuda else ("self_cpu_time_total",):
+            print(prof.key_averages().table(sort_by=key, row_limit=20))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"overhead_{args.preset}_{args.targets}_{args.device.split(':')[0]}.json").write_text(

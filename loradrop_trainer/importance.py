@@ -80,7 +80,7 @@ class ImportanceCollector:
     def _end_forward(self, module: nn.Module, args: tuple, output: object) -> None:
         try:
             if self._active and self._inputs:
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(self._totals.device.type, enabled=False):
                     self._score()
         finally:
             self._active = False
