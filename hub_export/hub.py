@@ -19,7 +19,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .atomic import atomic_directory
-from .compact import read_compact, save_compact
+from .compact import CompactAdapter, read_compact, save_compact
 from .expand import expand_to_peft
 from .loader import load_compact
 from .remote import PEFT_SUBFOLDER, fetch, hub_errors
@@ -46,8 +46,7 @@ def push_to_hub(
     made and the URL of the current head is returned.
     """
     with tempfile.TemporaryDirectory(prefix="loradrop-push-") as staging:
-        folder = _stage(model_or_dir, Path(staging), expanded)
-        adapter = read_compact(folder)
+        folder, adapter = _stage(model_or_dir, Path(staging), expanded)
         message = commit_message or (
             f"Upload LoRA-drop compact adapter ({len(adapter.plan.kept)}/{len(adapter.plan.kinds)} modules kept"
             f"{', with plain PEFT copy in peft/' if expanded else ''})"
@@ -99,16 +98,17 @@ def pull(repo_id: str, local_dir: str | os.PathLike, revision: str | None = None
     return Path(local_dir)
 
 
-def _stage(model_or_dir: nn.Module | str | os.PathLike, staging: Path, expanded: bool) -> Path:
-    """The folder to upload: the given directory itself, or a staging copy when a model or expansion is involved."""
+def _stage(model_or_dir: nn.Module | str | os.PathLike, staging: Path, expanded: bool) -> tuple[Path, CompactAdapter]:
+    """The folder to upload (the given directory itself, or a staging copy when a model or expansion is involved),
+    checked before anything is sent."""
     if isinstance(model_or_dir, nn.Module):
         folder = save_compact(model_or_dir, staging / "adapter")
-    elif expanded:
-        read_compact(model_or_dir)
-        folder = staging / "adapter"
-        shutil.copytree(model_or_dir, folder, ignore=shutil.ignore_patterns(PEFT_SUBFOLDER))
+        adapter = read_compact(folder)
     else:
-        return Path(model_or_dir)
+        adapter = read_compact(model_or_dir)
+        folder = Path(model_or_dir)
+        if expanded:  # the plain copy goes next to a copy, never into the caller's directory
+            folder = Path(shutil.copytree(folder, staging / "adapter", ignore=shutil.ignore_patterns(PEFT_SUBFOLDER)))
     if expanded:
         expand_to_peft(folder, folder / PEFT_SUBFOLDER)
-    return folder
+    return folder, adapter
