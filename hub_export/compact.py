@@ -77,10 +77,12 @@ class CompactAdapter:
 
     @property
     def stored_params(self) -> int:
+        """LoRA parameters stored: what training after the switch actually had."""
         return sum(t.numel() for t in self.tensors.values())
 
     @property
     def plain_params(self) -> int:
+        """LoRA parameters of the unpruned adapter: what the model had before the switch."""
         shared = sum(t.numel() * len(self.members[k]) for k, t in self.tensors.items())
         return shared + sum(torch.Size(spec.shape).numel() for spec in self.dropped.values())
 
