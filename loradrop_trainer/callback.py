@@ -13,7 +13,7 @@ from transformers.utils import logging
 from .config import LoraDropConfig
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters
-from .plan import DropPlan, NoImportanceError, build_plan
+from .plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR, DropPlan, NoImportanceError, build_plan
 from .reparam import apply_plan, reinit_shared
 from .report import PLOT_FILE, plot_importance, summary_table, write_plan
 
@@ -78,6 +78,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if self.plan is not None:
             apply_plan(self._layers, self.plan)
             self.lora_params_after = self._count_after()
+            self._attach_plan(model)
             logger.info(f"LoRA-drop: re-applied the plan of step {self.plan.step} ({len(self.plan.kept)} kept).")
             return
         if self._gave_up or state.global_step >= self._switch_step:
@@ -94,10 +95,22 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if self._collector is None:
             return
         if state.global_step >= self._switch_step:
-            self._switch(args, state, control, kwargs.get("optimizer"))
-        elif control.should_save:
-            # The checkpoint must hold the importance of every rank; state() runs on the saving rank only and may
-            # not communicate, so sum here (all ranks are here) and keep the sum on rank 0 alone.
+            self._switch(args, state, control, kwargs["model"], kwargs.get("optimizer"))
+        else:
+            self._sum_before_save(args, control)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._collector is not None:
+            self._sum_before_save(args, control)  # save_strategy="epoch" decides to save here, not in on_step_end
+
+    def _sum_before_save(self, args: TrainingArguments, control: TrainerControl) -> None:
+        """Before a checkpoint, sum every rank's importance into rank 0 (the others start again from zero).
+
+        state() runs on the saving rank only and may not communicate, so the sum is taken here, where all ranks are.
+        With save_strategy="best" the Trainer decides to save after evaluating, so any evaluation may be followed by
+        a save. Summing early is harmless: the all-reduce at the switch adds the ranks' totals up again.
+        """
+        if control.should_save or (args.save_strategy == "best" and control.should_evaluate):
             self._collector.all_reduce(args.device)
             if args.process_index != 0:
                 self._collector.zero()
@@ -129,7 +142,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             saved = saved[-1] if saved else None
         return ((saved or {}).get("attributes") or {}).get("_checkpoint") or {}
 
-    def _switch(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer) -> None:
+    def _switch(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model, optimizer) -> None:
         cfg = self.config
         collector, self._collector = self._collector, None
         collector.all_reduce(args.device)
@@ -155,6 +168,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             reinit_shared(self._layers, plan, optimizer, seed=args.seed + state.global_step)
         self.plan = plan
         self.lora_params_after = self._count_after()
+        self._attach_plan(model)
         logger.info(
             f"LoRA-drop plan at step {state.global_step}:\n"
             f"{summary_table(plan, self.lora_params_before, self.lora_params_after)}"
@@ -175,13 +189,21 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             [p for name, layer in self._layers.items() if name not in dropped for p in lora_parameters(layer, adapter)]
         )
 
-    def _write_outputs(self, directory: Path) -> None:
-        extra = {
+    def _plan_extra(self) -> dict:
+        """The run's facts that travel with the plan into its file, the exported adapter and its model card."""
+        return {
             "config": self.config.to_dict(),
             "lora_params_before": self.lora_params_before,
             "lora_params_after": self.lora_params_after,
         }
-        path = write_plan(self.plan, directory, extra)
+
+    def _attach_plan(self, model) -> None:
+        """Let exporters (hub_export.save_compact) find the plan on the model itself."""
+        setattr(model, MODEL_PLAN_ATTR, self.plan)
+        setattr(model, MODEL_PLAN_EXTRA_ATTR, self._plan_extra())
+
+    def _write_outputs(self, directory: Path) -> None:
+        path = write_plan(self.plan, directory, self._plan_extra())
         logger.info(f"LoRA-drop: plan written to {path}")
         if self.config.save_plot:
             logger.info(f"LoRA-drop: importance chart written to {plot_importance(self.plan, directory / PLOT_FILE)}")

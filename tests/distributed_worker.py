@@ -1,0 +1,326 @@
+"""One rank of a multi-process LoRA-drop run on CPU (DDP, or DeepSpeed ZeRO-1/2), for tests/test_distributed.py.
+
+Launch with torchrun (gloo; DeepSpeed picks up torchrun's environment):
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py --out /tmp/run \
+        --runs ddp/full,ddp/after,ddp/before,zero2-bf16-fresh/full,zero3
+
+Each run is `variant/scenario`; runs go one after another in the same processes (imports and the process group are
+paid for once). A variant is dash-separated: the backend (`ddp`, `zero1`, `zero2`) then any of `bf16`, `fresh`
+(shared_init="fresh") and `dsopt` (DeepSpeed's own AdamW section rather than the Trainer's torch optimizer).
+Scenarios:
+
+- `full`: train MAX_STEPS steps, switching at the end of step SWITCH_STEP, with checkpoints at the steps in SAVE_AT
+  (one before the switch, one after).
+- `after` / `before`: resume from the variant's `full` checkpoint after / before the switch and train to the end.
+- `ckpt`: the full run without checkpoints, with (non-reentrant) activation checkpointing.
+- `drop`: the full run without checkpoints, in mode "drop" (dropped modules lose their LoRA).
+- `epoch` / `epoch-before`: save_strategy="epoch" on a smaller data set (an epoch ends before the switch), and the
+  resume from that first epoch's checkpoint.
+- `best` / `best-before`: save_strategy="best" with an evaluation every EPOCH_STEPS steps (the Trainer decides to
+  save after evaluating), and the resume from the checkpoint of the first evaluation.
+- `zero3` (no variant): a DeepSpeed ZeRO-3 Trainer, which LoraDropCallback must refuse before the first step.
+
+Every rank writes what it saw to `<out>/<variant>/<scenario>.rank<r>.pt` (plan, LoRA tensors at the switch and at
+the end, the shared pair's fp32 master and Adam moments just after the switch, ...). gloo may abort at exit after a
+successful run, so the test judges the run by these files, not by the exit code. After a run fails, its rank writes
+the traceback and the launch stops (the other rank may then wait in a collective until torchrun ends it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import TokenDataset, tiny_llama
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from loradrop_trainer import LoraDropCallback
+
+MAX_STEPS = 12
+ALPHA = 0.25
+SWITCH_STEP = math.ceil(ALPHA * MAX_STEPS)  # 3
+SAVE_AT = (2, 5)  # one checkpoint before the switch, one after
+EPOCH_STEPS = 2  # the `epoch` scenarios train on 32 rows: 2 ranks x 4 rows x 2 micro-batches = 16 rows a step
+SAVING = {
+    "epoch": {"save_strategy": "epoch"},
+    "best": {
+        "save_strategy": "best",
+        "eval_strategy": "steps",
+        "eval_steps": EPOCH_STEPS,
+        "metric_for_best_model": "loss",
+    },
+}
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def deepspeed_config(stage: int, ds_optimizer: bool) -> dict:
+    """The recipe's config (recipes/ds_zero{1,2}.json; stage 3 is derived from ZeRO-2), made runnable on CPU.
+
+    `ds_optimizer` adds DeepSpeed's own AdamW section (`torch_adam`: the fused and CPU Adam kernels need compiling);
+    without it the Trainer creates its torch optimizer and DeepSpeed wraps it (a "client" optimizer).
+    """
+    config = json.loads((RECIPES / f"ds_zero{min(stage, 2)}.json").read_text())
+    zero = config["zero_optimization"]
+    zero["stage"] = stage
+    zero["overlap_comm"] = False  # CUDA streams; the CPU accelerator has none to overlap with
+    if stage == 3:
+        for key in ("allgather_partitions", "allgather_bucket_size", "reduce_scatter"):
+            zero.pop(key, None)
+    if ds_optimizer:
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True},
+        }
+    return config
+
+
+class SaveAt(TrainerCallback):
+    """Asks for a checkpoint at the given steps. Listed before LoraDropCallback, which must see `should_save`."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            control.should_save = True
+
+
+class LocalTotals(TrainerCallback):
+    """Reads this rank's importance totals at the switch step, just before LoraDropCallback all-reduces them."""
+
+    def __init__(self, drop: LoraDropCallback):
+        self.drop = drop
+        self.totals: dict[str, float] | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        collector = self.drop._collector
+        if collector is not None and state.global_step == self.drop._switch_step:
+            self.totals = collector.totals()
+
+
+class Probe(TrainerCallback):
+    """Listed after LoraDropCallback: records what the switch left behind, on every rank."""
+
+    def __init__(self, drop: LoraDropCallback, deepspeed: bool):
+        self.drop = drop
+        self.deepspeed = deepspeed
+        self.before: dict[str, nn.Parameter] = {}
+        self.record: dict = {"orphan_grads": [], "orphans_checked": 0}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Taken after LoraDropCallback.on_train_begin: on a resume after the switch the model is re-tied already.
+        self.before = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        self.record["resumed_from_step"] = state.global_step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # Under DDP the orphaned Parameters (owned by dropped modules before they were tied) must get no gradient.
+        if self.drop.plan is None or self.deepspeed:
+            return
+        live = {id(p) for p in model.parameters()}
+        orphans = [n for n, p in self.before.items() if id(p) not in live]
+        self.record["orphans_checked"] += len(orphans)
+        self.record["orphan_grads"] += [n for n in orphans if self.before[n].grad is not None]
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        plan = self.drop.plan
+        if plan is not None and state.global_step == plan.step and "switch_lora" not in self.record:
+            self.record["switch_lora"] = lora_tensors(model)
+            if plan.mode == "share":
+                self.record["shared_state"] = self._shared_state(optimizer, plan)
+
+    def _shared_state(self, optimizer, plan) -> dict:
+        """Module weight, fp32 master and Adam moments of every shared pair, right after the switch."""
+        layers = self.drop._layers
+        out = {}
+        for kind, members in plan.shared.items():
+            source = layers[members[0]]
+            for part in ("lora_A", "lora_B"):
+                param = getattr(source, part)[plan.adapter_name].weight
+                entry = {"weight": param.detach().float().clone()}
+                if self.deepspeed:
+                    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+                    # Collectives: every rank runs this, in the same order.
+                    entry["master"] = safe_get_full_fp32_param(param).clone()
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        entry[key] = safe_get_full_optimizer_state(param, key).clone()
+                    entry["fragments_live"] = _fragments_are_live(param, optimizer)
+                else:
+                    inner = getattr(optimizer, "optimizer", optimizer)
+                    state = inner.state.get(param) or {}
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if key in state:
+                            entry[key] = state[key].detach().float().clone()
+                entry["tied"] = all(getattr(layers[n], part)[plan.adapter_name].weight is param for n in members)
+                out[f"{kind}.{part}"] = entry
+        return out
+
+
+def _fragments_are_live(param, optimizer) -> bool:
+    """Whether the fp32 master and Adam moments DeepSpeed's setters write for `param` (on this rank) are views of
+    the tensors its optimizer actually steps, and not of copies left over from before a checkpoint load."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:  # no fragment of this parameter lives in this rank's partition
+        return True
+    basic = getattr(optimizer, "optimizer", optimizer).optimizer  # accelerate wrapper -> ZeRO optimizer -> torch
+    live = {p.untyped_storage().data_ptr() for group in basic.param_groups for p in group["params"]}
+    live |= {t.untyped_storage().data_ptr() for st in basic.state.values() for t in st.values() if torch.is_tensor(t)}
+    fragments = [mapping.hp_fragment, *mapping.optim_fragment.values()]
+    return len(mapping.optim_fragment) >= 2 and all(t.untyped_storage().data_ptr() in live for t in fragments)
+
+
+def lora_tensors(model) -> dict[str, torch.Tensor]:
+    """Every LoRA tensor by state-dict name (tied ones under each of their names), as float32 copies."""
+    return {n: t.detach().float().clone() for n, t in model.state_dict().items() if "lora_" in n}
+
+
+def fresh_a(shape, generator: torch.Generator) -> torch.Tensor:
+    """What reparam.reinit_shared draws for a shared A (as PEFT initialises A), to check the switch against."""
+    out = torch.empty(shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=generator)
+    return out
+
+
+def run_training(variant: str, scenario: str, out: Path) -> dict:
+    backend, *flags = variant.split("-")
+    deepspeed = backend != "ddp"
+    shared_init = "fresh" if "fresh" in flags else "most_important"
+    if scenario == "drop":
+        drop = LoraDropCallback(alpha=ALPHA, mode="drop", save_plot=False)
+    else:
+        drop = LoraDropCallback(alpha=ALPHA, shared_init=shared_init, save_plot=False)
+    local = LocalTotals(drop)
+    probe = Probe(drop, deepspeed)
+    args = TrainingArguments(
+        output_dir=str(out / scenario),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        weight_decay=0.01,
+        max_steps=MAX_STEPS,
+        lr_scheduler_type="linear",
+        warmup_steps=0,  # importance is 0 while B is 0: step 1 must already move B
+        logging_steps=4,
+        **SAVING.get(scenario.split("-")[0], {"save_strategy": "no"}),
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        bf16="bf16" in flags,
+        activation_checkpointing=scenario == "ckpt",
+        ddp_backend="gloo",
+        deepspeed=deepspeed_config(int(backend[-1]), "dsopt" in flags) if deepspeed else None,
+    )
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=TokenDataset(n=32 if scenario.startswith("epoch") else 64),
+        eval_dataset=TokenDataset(n=8, seed=1) if scenario.startswith("best") else None,
+        callbacks=[SaveAt(SAVE_AT if scenario == "full" else ()), local, drop, probe],
+    )
+    resume = {
+        "after": f"full/checkpoint-{SAVE_AT[1]}",
+        "before": f"full/checkpoint-{SAVE_AT[0]}",
+        "epoch-before": f"epoch/checkpoint-{EPOCH_STEPS}",
+        "best-before": f"best/checkpoint-{EPOCH_STEPS}",
+    }.get(scenario)
+    trainer.train(resume_from_checkpoint=str(out / resume) if resume else None)
+    model = trainer.model
+    record = dict(probe.record)
+    record.update(
+        plan=drop.plan.to_dict() if drop.plan is not None else None,
+        local_totals=local.totals,
+        final_lora=lora_tensors(model),
+        global_step=trainer.state.global_step,
+        losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
+        find_unused_parameters=getattr(trainer.model_wrapped, "find_unused_parameters", None),
+        wrapped=type(trainer.model_wrapped).__name__,
+        optimizer=type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
+        lora_dtype=str(next(p.dtype for n, p in model.named_parameters() if "lora_" in n)),
+    )
+    if drop.plan is not None and shared_init == "fresh" and "shared_state" in record:
+        generator = torch.Generator().manual_seed(args.seed + drop.plan.step)
+        record["expected_fresh_a"] = {
+            kind: fresh_a(record["shared_state"][f"{kind}.lora_A"]["weight"].shape, generator)
+            for kind in drop.plan.shared
+        }
+    return record
+
+
+def run_zero3(out: Path) -> dict:
+    """A ZeRO-3 run must be refused by LoraDropCallback.on_train_begin, before any step."""
+
+    class NoStep(TrainerCallback):
+        steps = 0
+
+        def on_step_begin(self, *args, **kwargs):
+            NoStep.steps += 1
+
+    args = TrainingArguments(
+        output_dir=str(out / "zero3"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        deepspeed=deepspeed_config(3, ds_optimizer=True),
+    )
+    trainer = Trainer(
+        model=tiny_llama(), args=args, train_dataset=TokenDataset(n=16), callbacks=[LoraDropCallback(), NoStep()]
+    )
+    try:
+        trainer.train()
+    except ValueError as err:
+        return {"error": str(err), "steps": NoStep.steps}
+    return {"error": None, "steps": NoStep.steps}
+
+
+def reset_accelerate() -> None:
+    """Let the next Trainer in this process configure accelerate afresh (another DeepSpeed config), same group."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", required=True, help="comma-separated variant/scenario, e.g. zero2-bf16/full")
+    opts = parser.parse_args()
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", 0))
+    for run in opts.runs.split(","):
+        variant, _, scenario = run.rpartition("/")
+        out = Path(opts.out) / variant
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            record = run_zero3(out) if scenario == "zero3" else run_training(variant, scenario, out)
+        except Exception:
+            record = {"exception": traceback.format_exc()}
+        record["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
+        torch.save(record, out / f"{scenario}.rank{rank}.pt")
+        if "exception" in record:
+            print(record["exception"], file=sys.stderr, flush=True)
+            break
+        reset_accelerate()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
