@@ -19,13 +19,14 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from loradrop_trainer import DropPlan
+from loradrop_trainer.plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR
 from loradrop_trainer.report import PLAN_FILE
 
 from .errors import CompactFileNotFoundError, PlanError
 
-# Attributes `load_compact` sets on the PeftModel it returns, so saving that model again needs no plan argument.
-PLAN_ATTR = "loradrop_plan"
-EXTRA_ATTR = "loradrop_plan_extra"
+# Set by LoraDropCallback at the switch and by `load_compact`: saving such a model needs no plan argument.
+PLAN_ATTR = MODEL_PLAN_ATTR
+EXTRA_ATTR = MODEL_PLAN_EXTRA_ATTR
 
 PlanSource = DropPlan | Mapping[str, Any] | str | os.PathLike | None
 

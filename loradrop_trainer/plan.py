@@ -9,6 +9,11 @@ from typing import Any
 
 PLAN_FORMAT_VERSION = 1
 
+# Attributes under which a re-parameterised model carries its plan (and the run's settings that go with it), so the
+# model can be exported without the callback at hand.
+MODEL_PLAN_ATTR = "loradrop_plan"
+MODEL_PLAN_EXTRA_ATTR = "loradrop_plan_extra"
+
 
 class NoImportanceError(ValueError):
     """Importance is all zero or not finite: there is nothing to rank modules by."""
