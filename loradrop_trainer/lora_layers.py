@@ -64,20 +64,24 @@ def find_lora_layers(
 
 
 def lora_kinds(layers: dict[str, LoraLayer], adapter_name: str = "default") -> dict[str, str]:
-    """Map each module name to its kind: the module's own name (`v_proj`), qualified by shape when it is ambiguous.
+    """Map each module name to its kind: what the module is within a block, shortest name first.
 
-    Modules of one kind can share a LoRA because their A and B have the same shapes. When one leaf name covers
-    several shapes (a rank pattern, or an encoder-decoder with different widths) the shape is added to the kind.
+    The kind is the module's own name (`v_proj`) when that is unambiguous; when one leaf name has several roles
+    (BERT's `dense` is `attention.output.dense`, `intermediate.dense` and `output.dense`) it is the path below the
+    layer index. Modules of one kind can share a LoRA only when their A and B have the same shapes, so a kind that
+    still covers several shapes (a rank pattern) gets the shape added.
     """
-    shapes: dict[str, tuple] = {name: lora_shape(layer, adapter_name) for name, layer in layers.items()}
-    by_leaf: dict[str, set[tuple]] = defaultdict(set)
-    for name, shape in shapes.items():
-        by_leaf[_leaf(name)].add(shape)
-    kinds = {}
-    for name, shape in shapes.items():
-        leaf = _leaf(name)
-        kinds[name] = leaf if len(by_leaf[leaf]) == 1 else f"{leaf}[{shape[0]}x{shape[2]}r{shape[1]}]"
-    return kinds
+    roles = {name: _role(name) for name in layers}
+    roles_of_leaf: dict[str, set[str]] = defaultdict(set)
+    for name, role in roles.items():
+        roles_of_leaf[_leaf(name)].add(role)
+    named = {name: _leaf(name) if len(roles_of_leaf[_leaf(name)]) == 1 else roles[name] for name in layers}
+    shapes = {name: lora_shape(layer, adapter_name) for name, layer in layers.items()}
+    shapes_of_kind: dict[str, set[tuple]] = defaultdict(set)
+    for name, kind in named.items():
+        shapes_of_kind[kind].add(shapes[name])
+    unique = {kind for kind, kind_shapes in shapes_of_kind.items() if len(kind_shapes) == 1}
+    return {name: kind if kind in unique else _with_shape(kind, shapes[name]) for name, kind in named.items()}
 
 
 def lora_shape(layer: LoraLayer, adapter_name: str) -> tuple[int, int, int]:
@@ -98,3 +102,15 @@ def count_distinct(params: list[torch.Tensor]) -> int:
 
 def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
+
+
+def _with_shape(kind: str, shape: tuple[int, int, int]) -> str:
+    in_features, r, out_features = shape
+    return f"{kind}[{in_features}x{out_features}r{r}]"
+
+
+def _role(name: str) -> str:
+    """The path below the last layer index (`attention.output.dense`), or the last two parts outside any layer."""
+    parts = name.split(".")
+    indices = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[indices[-1] + 1 :] if indices else parts[-2:])
