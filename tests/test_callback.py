@@ -194,3 +194,15 @@ def test_untouched_copy_is_not_affected(tmp_path):
     layers = find_lora_layers(twin)
     ids = {id(layer.lora_A["default"].weight) for layer in layers.values()}
     assert len(ids) == len(layers)
+
+
+def test_kinds_name_the_role_when_the_leaf_is_ambiguous_and_the_shape_when_ranks_differ():
+    from loradrop_trainer import lora_kinds
+
+    bert_kinds = set(lora_kinds(find_lora_layers(tiny_bert())).values())
+    roles = {"attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense"}
+    assert bert_kinds == {"query", "key", "value", *roles}
+    llama = tiny_llama(rank_pattern={"layers.0.self_attn.q_proj": 2})
+    kinds = lora_kinds(find_lora_layers(llama))
+    assert {k for k in kinds.values() if k.startswith("q_proj")} == {"q_proj[32x32r2]", "q_proj[32x32r4]"}
+    assert kinds["base_model.model.model.layers.1.self_attn.v_proj"] == "v_proj"
