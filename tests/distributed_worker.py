@@ -66,7 +66,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def deepspeed_config(stage: int, ds_optimizer: bool) -> dict:
-    """The recipe's config (recipes/ds_zero{1,2}.json; stage 3 is derived from ZeRO-2), made runnable on CPU.
+    """The recipe's config as a user launches it (recipes/ds_zero{1,2}.json; stage 3 is derived from ZeRO-2).
 
     `ds_optimizer` adds DeepSpeed's own AdamW section (`torch_adam`: the fused and CPU Adam kernels need compiling);
     without it the Trainer creates its torch optimizer and DeepSpeed wraps it (a "client" optimizer).
@@ -74,7 +74,6 @@ def deepspeed_config(stage: int, ds_optimizer: bool) -> dict:
     config = json.loads((RECIPES / f"ds_zero{min(stage, 2)}.json").read_text())
     zero = config["zero_optimization"]
     zero["stage"] = stage
-    zero["overlap_comm"] = False  # CUDA streams; the CPU accelerator has none to overlap with
     if stage == 3:
         for key in ("allgather_partitions", "allgather_bucket_size", "reduce_scatter"):
             zero.pop(key, None)
