@@ -3,7 +3,7 @@
 from .callback import LoraDropCallback
 from .config import LoraDropConfig
 from .lora_layers import find_lora_layers, lora_kinds
-from .plan import DropPlan, build_plan
+from .plan import DropPlan, build_plan, plan_keeping
 from .reparam import apply_plan
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "LoraDropConfig",
     "apply_plan",
     "build_plan",
+    "plan_keeping",
     "find_lora_layers",
     "lora_kinds",
 ]

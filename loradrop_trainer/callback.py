@@ -148,17 +148,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         collector.all_reduce(args.device)
         totals = collector.totals()
         collector.remove()
-        kinds = lora_kinds(self._layers, cfg.adapter_name)
         try:
-            plan = build_plan(
-                totals,
-                kinds,
-                cfg.threshold,
-                min_kept=cfg.min_kept,
-                mode=cfg.mode,
-                adapter_name=cfg.adapter_name,
-                step=state.global_step,
-            )
+            plan = self.make_plan(totals, lora_kinds(self._layers, cfg.adapter_name), state.global_step)
         except NoImportanceError as err:
             logger.warning(f"LoRA-drop: not pruning, the adapter stays plain LoRA. {err}")
             self._gave_up = True
@@ -181,6 +172,22 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         control.should_log = True
         if state.is_world_process_zero:
             self._write_outputs(Path(cfg.output_dir or args.output_dir or "."))
+
+    def make_plan(self, importance: dict[str, float], kinds: dict[str, str], step: int) -> DropPlan:
+        """Choose the kept modules from the summed importance. Subclasses may choose otherwise (ablations do).
+
+        Runs on every rank with the same all-reduced numbers, so it must be deterministic.
+        """
+        cfg = self.config
+        return build_plan(
+            importance,
+            kinds,
+            cfg.threshold,
+            min_kept=cfg.min_kept,
+            mode=cfg.mode,
+            adapter_name=cfg.adapter_name,
+            step=step,
+        )
 
     def _count_after(self) -> int:
         adapter = self.config.adapter_name

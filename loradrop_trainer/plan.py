@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,16 +131,7 @@ def build_plan(
     module whose importance crosses the threshold is kept. `min_kept` then tops up each kind with its most important
     dropped modules.
     """
-    values = [float(importance[name]) for name in kinds]
-    total = math.fsum(values)
-    if not all(math.isfinite(v) and v >= 0 for v in values) or not math.isfinite(total) or total <= 0:
-        raise NoImportanceError(
-            f"LoRA importance is {'zero' if total == 0 else 'not finite'} for every module (sum={total}); "
-            "check the learning rate and that the LoRA weights are trained during the collection phase."
-        )
-    normalised = {name: float(importance[name]) / total for name in kinds}
-    order = sorted(kinds, key=lambda name: (-normalised[name], name))
-
+    _, normalised, order = _rank(importance, kinds)
     kept: list[str] = []
     reached = 0.0
     for name in order:
@@ -155,16 +146,32 @@ def build_plan(
     for kind in dict.fromkeys(kinds.values()):
         of_kind = [name for name in order if kinds[name] == kind]
         missing = min_kept - sum(name in kept_set for name in of_kind)
-        for name in [n for n in of_kind if n not in kept_set][: max(missing, 0)]:
-            kept_set.add(name)
+        kept_set.update([name for name in of_kind if name not in kept_set][: max(missing, 0)])
+    return plan_keeping(importance, kinds, kept_set, threshold, mode=mode, adapter_name=adapter_name, step=step)
 
+
+def plan_keeping(
+    importance: Mapping[str, float],
+    kinds: Mapping[str, str],
+    kept: Collection[str],
+    threshold: float,
+    *,
+    mode: str = "share",
+    adapter_name: str = "default",
+    step: int | None = None,
+) -> DropPlan:
+    """The plan that keeps exactly `kept` and groups every other module by kind, most important first.
+
+    `build_plan` chooses `kept` by importance; ablations (a random choice of the same size) choose it otherwise.
+    """
+    total, normalised, order = _rank(importance, kinds)
     shared: dict[str, list[str]] = {}
     for name in order:
-        if name not in kept_set:
+        if name not in kept:
             shared.setdefault(kinds[name], []).append(name)
     return DropPlan(
         importance=normalised,
-        kept=[name for name in order if name in kept_set],
+        kept=[name for name in order if name in kept],
         shared=shared,
         kinds=dict(kinds),
         threshold=float(threshold),
@@ -173,3 +180,16 @@ def build_plan(
         step=step,
         total=total,
     )
+
+
+def _rank(importance: Mapping[str, float], kinds: Mapping[str, str]) -> tuple[float, dict[str, float], list[str]]:
+    """Total, normalised importance, and module names most important first (ties by name)."""
+    values = [float(importance[name]) for name in kinds]
+    total = math.fsum(values)
+    if not all(math.isfinite(v) and v >= 0 for v in values) or not math.isfinite(total) or total <= 0:
+        raise NoImportanceError(
+            f"LoRA importance is {'zero' if total == 0 else 'not finite'} for every module (sum={total}); "
+            "check the learning rate and that the LoRA weights are trained during the collection phase."
+        )
+    normalised = {name: float(importance[name]) / total for name in kinds}
+    return total, normalised, sorted(kinds, key=lambda name: (-normalised[name], name))
