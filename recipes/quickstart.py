@@ -102,18 +102,25 @@ def encode(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
     ]
 
 
-def accuracy(prediction) -> dict[str, float]:
-    return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
+def classification_metrics(prediction) -> dict[str, float]:
+    """Accuracy and macro-F1 (the two classes are not exactly balanced)."""
+    predicted, labels = np.argmax(prediction.predictions, axis=-1), prediction.label_ids
+    f1 = []
+    for cls in (0, 1):
+        tp = np.sum((predicted == cls) & (labels == cls))
+        precision_recall = np.sum(predicted == cls) + np.sum(labels == cls)
+        f1.append(2 * tp / precision_recall if precision_recall else 0.0)
+    return {"accuracy": float((predicted == labels).mean()), "macro_f1": float(np.mean(f1))}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def train(args: argparse.Namespace, callback: LoraDropCallback | None) -> tuple[Trainer, dict[str, float]]:
+    """Fine-tune the classifier with LoRA (and `callback`, if any); return the Trainer and held-out metrics."""
     torch.manual_seed(args.seed)
     model_path = args.model or str(assets.minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_rows, eval_rows = split(load_rows(args.dataset), args.train_size, args.eval_size, args.seed)
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2, dtype=torch.float32)
     lora = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -123,11 +130,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model = get_peft_model(model, lora)
 
-    callbacks = []
-    if not args.no_loradrop:
-        callbacks.append(
-            LoraDropCallback(LoraDropConfig(alpha=args.alpha, threshold=args.threshold, shared_init=args.shared_init))
-        )
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -148,20 +150,35 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=encode(tokenizer, train_rows, args.max_length),
         eval_dataset=encode(tokenizer, eval_rows, args.max_length),
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy,
-        callbacks=callbacks,
+        compute_metrics=classification_metrics,
+        callbacks=[callback] if callback is not None else [],
     )
     start = time.perf_counter()
     trainer.train()
     minutes = (time.perf_counter() - start) / 60
     metrics = trainer.evaluate()
-    result = {"accuracy": metrics["eval_accuracy"], "train_minutes": minutes, "steps": args.max_steps}
+    return trainer, {
+        "accuracy": metrics["eval_accuracy"],
+        "macro_f1": metrics["eval_macro_f1"],
+        "train_minutes": minutes,
+        "eval_examples": len(eval_rows),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    callback = None
+    if not args.no_loradrop:
+        callback = LoraDropCallback(
+            LoraDropConfig(alpha=args.alpha, threshold=args.threshold, shared_init=args.shared_init)
+        )
+    trainer, result = train(args, callback)
+    model = trainer.model
 
     output_dir = Path(args.output_dir)
-    print(f"\nHeld-out accuracy on {len(eval_rows)} {args.dataset} examples: {metrics['eval_accuracy']:.4f}")
-    print(f"Training took {minutes:.1f} min for {args.max_steps} steps.")
-    if callbacks and callbacks[0].plan is not None:
-        callback = callbacks[0]
+    print(f"\nHeld-out accuracy on {result['eval_examples']} {args.dataset} examples: {result['accuracy']:.4f}")
+    print(f"Training took {result['train_minutes']:.1f} min for {args.max_steps} steps.")
+    if callback is not None and callback.plan is not None:
         print(f"\nLoRA-drop plan (switch at step {callback.plan.step}):")
         print(summary_table(callback.plan, callback.lora_params_before, callback.lora_params_after))
         result.update(lora_params_before=callback.lora_params_before, lora_params_after=callback.lora_params_after)
