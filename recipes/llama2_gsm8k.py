@@ -238,6 +238,8 @@ class RecipeArgs:
             raise ValueError("Pass both --train_file and --eval_file (GSM8K-format JSON/JSONL), or neither.")
         if not self.target_modules.strip():
             raise ValueError("--target_modules is empty; name the modules that get LoRA, e.g. q_proj,v_proj.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup_ratio is a fraction of the training steps in [0, 1), got {self.warmup_ratio}.")
         if self.max_length < 8:
             raise ValueError(f"--max_length {self.max_length} is too short for a question and its answer.")
 
@@ -384,7 +386,7 @@ def training_arguments(cfg: RecipeArgs) -> TrainingArguments:
         activation_checkpointing=cfg.activation_checkpointing,  # transformers picks use_reentrant=False
         deepspeed=cfg.deepspeed,
         # After the LoRA-drop switch the Parameters that dropped modules used to own get no gradient; DDP must expect
-        # that. (PeftModel already gets True from the Trainer; saying it keeps a user override from breaking it.)
+        # that. (The Trainer already picks True for a PeftModel; saying so here makes the requirement visible.)
         ddp_find_unused_parameters=None if cfg.no_loradrop else True,
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps > 0 else "no",
