@@ -134,6 +134,14 @@ class RecipeArgs:
             "--train_file it also makes up a few GSM8K-format problems. Runs offline on a CPU in seconds."
         },
     )
+    toy_size: str = field(
+        default="tiny",
+        metadata={
+            "help": "With --toy: 'tiny' (4 layers, 64 wide) or 'llama2-7b' (random weights of the Llama-2-7B "
+            "configuration, built on the GPU; for speed and memory measurements at realistic width).",
+            "choices": ["tiny", "llama2-7b"],
+        },
+    )
     dataset: str = field(default="openai/gsm8k", metadata={"help": "Hub dataset (used without --train_file)."})
     dataset_config: str = field(default="main", metadata={"help": "Configuration of --dataset."})
     train_split: str = field(default="train", metadata={"help": "Split of --dataset to train on."})
@@ -284,22 +292,27 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def toy_model_and_tokenizer(cfg: RecipeArgs) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A 4-layer, 64-wide random Llama (grouped-query attention, as Llama-2-70B and SmolLM2 have)."""
+    """A random Llama: 4 layers and 64 wide with grouped-query attention (as Llama-2-70B and SmolLM2 have), or the
+    Llama-2-7B configuration itself (built straight on this rank's GPU: same seed, same weights on every rank)."""
     tokenizer = toy_tokenizer()
+    shape = {
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+        "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    }[cfg.toy_size]
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        vocab_size=32000 if cfg.toy_size == "llama2-7b" else len(tokenizer),
+        num_key_value_heads=2 if cfg.toy_size == "tiny" else None,
         max_position_embeddings=cfg.max_length + cfg.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **shape,
     )
-    model = LlamaForCausalLM(config)
-    return (model.to(torch.bfloat16) if cfg.bf16 else model), tokenizer
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    on_gpu = cfg.toy_size != "tiny" and torch.cuda.is_available()
+    with torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if on_gpu else "cpu"):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    return model, tokenizer
 
 
 def add_lora(model: torch.nn.Module, cfg: RecipeArgs):
@@ -553,8 +566,8 @@ def parse_args(argv: list[str] | None = None) -> RecipeArgs:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the recipe; returns what it writes to results.json (on every rank)."""
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Run the recipe; returns what it writes to results.json (on every rank). `callbacks` join the Trainer's."""
     cfg = parse_args(argv)
     started = time.perf_counter()
     if cfg.push_to_hub and not cfg.no_loradrop:
@@ -588,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train_tokens,
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[callback] if callback is not None else None,
+        callbacks=([callback] if callback is not None else []) + list(callbacks or []),
     )
 
     loss_before = None
