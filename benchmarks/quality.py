@@ -100,20 +100,42 @@ def run_encoder(task: str, variant: str, seed: int, args: argparse.Namespace) ->
     return {**metrics, **_params(callback)}
 
 
-def run_gsm(variant: str, seed: int, args: argparse.Namespace) -> dict:
-    from recipes import llama2_gsm8k
+GSM_VARIANT_FLAGS = {
+    "lora": ["--no_loradrop"],
+    "T0.8": ["--threshold", "0.8"],
+    "T0.9": ["--threshold", "0.9"],
+    "T0.95": ["--threshold", "0.95"],
+    "fresh": ["--shared_init", "fresh"],
+    "drop": ["--mode", "drop"],
+    "random": ["--no_loradrop"],  # the recipe trains plain LoRA; RandomSelectionCallback below does the pruning
+}
 
-    callback = make_callback(variant, seed)
-    metrics = llama2_gsm8k.run_benchmark(
-        model=args.model or None,
-        train_file=args.data.get("gsm_train"),
-        eval_file=args.data.get("gsm_eval"),
-        seed=seed,
-        max_steps=args.steps or 300,
-        output_dir=str(Path(args.work_dir) / f"gsm-{variant}-{seed}"),
-        callback=callback,
-    )
-    return {**metrics, **_params(callback)}
+
+def run_gsm(variant: str, seed: int, args: argparse.Namespace) -> dict:
+    """SmolLM2-135M-Instruct on GSM-Symbolic through the GSM8K recipe itself (chat template, answer-only loss)."""
+    from recipes import assets, gsm8k_data, llama2_gsm8k
+
+    work = Path(args.work_dir)
+    train_file, eval_file = args.data.get("gsm_train"), args.data.get("gsm_eval")
+    if train_file is None or eval_file is None:
+        train_file, eval_file = gsm8k_data.write_gsm_symbolic(work / "gsm_symbolic", 2000, 200, 0)
+    argv = [
+        "--model", args.model or str(assets.smollm2_path()), "--chat_template",
+        "--train_file", str(train_file), "--eval_file", str(eval_file),
+        "--max_steps", str(args.steps or 300), "--per_device_train_batch_size", str(args.batch_size or 8),
+        "--learning_rate", "5e-4", "--target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "--max_length", "384", "--max_eval_samples", str(args.eval_samples), "--max_new_tokens", "160",
+        "--per_device_eval_batch_size", "16", "--save_steps", "100000", "--seed", str(seed),
+        "--output_dir", str(work / f"gsm-{variant}-{seed}"), *GSM_VARIANT_FLAGS[variant],
+    ]  # fmt: skip
+    if torch.cuda.is_available():
+        argv.append("--bf16")
+    extra = [RandomSelectionCallback(seed=seed)] if variant == "random" else []
+    results = llama2_gsm8k.main(argv, callbacks=extra)
+    out = {"eval_loss": results["eval_loss"], "exact_match": results["accuracy"], "eval_examples": args.eval_samples}
+    if variant != "lora":
+        out.update(lora_params_before=results["lora_params_before"], lora_params_after=results["lora_params_after"])
+    return out
 
 
 def _params(callback: LoraDropCallback | None) -> dict:
@@ -244,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     run.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300)")
     run.add_argument("--model", default=None, help="local path or Hub id instead of the task's default model")
+    run.add_argument("--batch_size", type=int, default=None, help="gsm: sequences per step (default 8)")
+    run.add_argument("--eval_samples", type=int, default=200, help="gsm: held-out problems to score")
     run.add_argument(
         "--data",
         nargs="*",
