@@ -85,8 +85,12 @@ def _fresh_sibling(target: Path, tag: str) -> Path:
 
 
 def _fsync_tree(root: Path) -> None:
+    """Flush every file, and give files the permissions a plain `open` would (safetensors writes them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
     for path in sorted(root.rglob("*")):
         if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         elif path.is_dir():

@@ -472,3 +472,16 @@ def test_failed_pull_leaves_no_target(hub, shared, tmp_path):
     with pytest.raises(CompactFileNotFoundError):
         pull(f"{DEFAULT_USER}/not-an-adapter", existing)
     assert _files(existing) == before and _siblings(existing) == []
+
+
+def test_written_files_get_ordinary_permissions(shared, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = save_compact(shared.model, tmp_path / "perm")
+    finally:
+        os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
