@@ -117,3 +117,7 @@ def _push(args: argparse.Namespace) -> None:
 def _pull(args: argparse.Namespace) -> None:
     """Download a compact adapter from the Hub into a directory that appears only once it is complete."""
     print(f"{args.repo_id} pulled into {pull(args.repo_id, args.target, revision=args.revision)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
