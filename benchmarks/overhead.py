@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per variant per round")
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--threshold", type=float, default=None)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/results/overhead")
     parser.add_argument("--profile", action="store_true", help="print a profile of one step with the hooks on")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
