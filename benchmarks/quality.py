@@ -3,8 +3,9 @@
 Tasks (real pretrained models and real data, fetched from the package registries by `recipes/assets.py`):
   sarcasm    all-MiniLM-L6-v2 classifying 28,614 news headlines (sarcastic or not); accuracy, macro-F1
   polarity   all-MiniLM-L6-v2 on 4,000 movie-review sentences (the MR source behind SST-2); accuracy, macro-F1
-  gsm        SmolLM2-135M-Instruct on GSM8K-format problems (reasoning-gym gsm_symbolic); held-out answer loss,
-             exact match of the final number
+  gsm        SmolLM2-135M-Instruct, LoRA on all seven linear kinds, on GSM8K-format problems (reasoning-gym
+             gsm_symbolic); held-out answer loss, exact match of the final number
+  gsm_qv     the same with LoRA on q_proj and v_proj only (the recipe's default)
 
 Variants:
   lora       plain PEFT LoRA, the baseline
@@ -45,7 +46,11 @@ RUNS_FILE = RESULTS / "quality_runs.jsonl"
 README = ROOT / "README.md"
 README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
 VARIANTS = ["lora", "T0.8", "T0.9", "T0.95", "fresh", "drop", "random"]
-TASKS = ["sarcasm", "polarity", "gsm"]
+TASKS = ["sarcasm", "polarity", "gsm", "gsm_qv"]
+GSM_TARGETS = {
+    "gsm": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "gsm_qv": "q_proj,v_proj",
+}
 
 
 class RandomSelectionCallback(LoraDropCallback):
@@ -111,7 +116,7 @@ GSM_VARIANT_FLAGS = {
 }
 
 
-def run_gsm(variant: str, seed: int, args: argparse.Namespace) -> dict:
+def run_gsm(task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     """SmolLM2-135M-Instruct on GSM-Symbolic through the GSM8K recipe itself (chat template, answer-only loss)."""
     from recipes import assets, gsm8k_data, llama2_gsm8k
 
@@ -123,10 +128,10 @@ def run_gsm(variant: str, seed: int, args: argparse.Namespace) -> dict:
         "--model", args.model or str(assets.smollm2_path()), "--chat_template",
         "--train_file", str(train_file), "--eval_file", str(eval_file),
         "--max_steps", str(args.steps or 300), "--per_device_train_batch_size", str(args.batch_size or 8),
-        "--learning_rate", "5e-4", "--target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "--learning_rate", "5e-4", "--target_modules", GSM_TARGETS[task],
         "--max_length", "384", "--max_eval_samples", str(args.eval_samples), "--max_new_tokens", "160",
         "--per_device_eval_batch_size", "16", "--save_steps", "100000", "--seed", str(seed),
-        "--output_dir", str(work / f"gsm-{variant}-{seed}"), *GSM_VARIANT_FLAGS[variant],
+        "--output_dir", str(work / f"{task}-{variant}-{seed}"), *GSM_VARIANT_FLAGS[variant],
     ]  # fmt: skip
     if torch.cuda.is_available():
         argv.append("--bf16")
@@ -162,7 +167,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     for task in tasks:
         for seed in args.seeds:
             for variant in variants:
-                metrics = run_gsm(variant, seed, args) if task == "gsm" else run_encoder(task, variant, seed, args)
+                if task in GSM_TARGETS:
+                    metrics = run_gsm(task, variant, seed, args)
+                else:
+                    metrics = run_encoder(task, variant, seed, args)
                 row = {"task": task, "variant": variant, "seed": seed, "hardware": hardware(), **metrics}
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -225,7 +233,7 @@ def plot(summary: dict[tuple[str, str], dict], path: Path) -> None:
     tasks = [t for t in TASKS if any(k[0] == t for k in summary)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        metric = "eval_loss" if task == "gsm" else "accuracy"
+        metric = "eval_loss" if task in GSM_TARGETS else "accuracy"
         variants = [v for v in VARIANTS if (task, v) in summary and metric in summary[(task, v)]]
         means = [summary[(task, v)][metric][0] for v in variants]
         spreads = [summary[(task, v)][metric][1] for v in variants]
@@ -233,7 +241,7 @@ def plot(summary: dict[tuple[str, str], dict], path: Path) -> None:
         low = min(m - s for m, s in zip(means, spreads))
         high = max(m + s for m, s in zip(means, spreads))
         ax.set_ylim(low - (high - low) * 0.5, high + (high - low) * 0.5)
-        ax.set_title(f"{task}: {'held-out answer loss (lower is better)' if task == 'gsm' else 'held-out accuracy'}")
+        ax.set_title(f"{task}: {'answer loss (lower is better)' if task in GSM_TARGETS else 'held-out accuracy'}")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
