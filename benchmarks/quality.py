@@ -191,14 +191,15 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
                 stats[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
         fractions = [run["lora_params_after"] / run["lora_params_before"] for run in runs if "lora_params_after" in run]
         stats["params"] = statistics.mean(fractions) if fractions else 1.0
+        stats["hardware"] = ", ".join(sorted({run["hardware"] for run in runs}))
         summary[key] = stats
     return summary
 
 
-def markdown(summary: dict[tuple[str, str], dict], hardware_names: set[str]) -> str:
+def markdown(summary: dict[tuple[str, str], dict]) -> str:
     lines = [
-        "| task | variant | seeds | accuracy | macro-F1 | answer loss | exact match | LoRA params kept |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | variant | seeds | accuracy | macro-F1 | answer loss | exact match | LoRA params kept | hardware |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     order = {v: i for i, v in enumerate(VARIANTS)}
     for (task, variant), stats in sorted(summary.items(), key=lambda kv: (TASKS.index(kv[0][0]), order[kv[0][1]])):
@@ -206,20 +207,17 @@ def markdown(summary: dict[tuple[str, str], dict], hardware_names: set[str]) -> 
         for metric, scale in (("accuracy", 100), ("macro_f1", 100), ("eval_loss", 1), ("exact_match", 100)):
             if metric in stats:
                 mean, spread = stats[metric]
-                cells.append(
-                    f"{mean * scale:.2f} ± {spread * scale:.2f}"
-                    if scale == 1
-                    else f"{mean * scale:.1f} ± {spread * scale:.1f}"
-                )
+                digits = 3 if scale == 1 else 1
+                cells.append(f"{mean * scale:.{digits}f} ± {spread * scale:.{digits}f}")
             else:
                 cells.append("")
-        lines.append(f"| {task} | {variant} | {stats['n']} | " + " | ".join(cells) + f" | {stats['params']:.0%} |")
+        row = f"| {task} | {variant} | {stats['n']} | " + " | ".join(cells)
+        lines.append(row + f" | {stats['params']:.0%} | {stats['hardware']} |")
     lines.append("")
     lines.append(
-        "Mean ± standard deviation over seeds; accuracy, F1 and exact match in %. Hardware: "
-        + ", ".join(sorted(hardware_names))
-        + ". Each row: `python benchmarks/quality.py run --task TASK --variants VARIANT --seeds 0 1 2`, then "
-        "`python benchmarks/quality.py report`."
+        "Mean ± standard deviation over seeds; accuracy, F1 and exact match in %. Each row: "
+        "`python benchmarks/quality.py run --task TASK --variants VARIANT --seeds 0 1 2`, then "
+        "`python benchmarks/quality.py report` (gsm rows: `--seeds 0 --steps 60 --batch_size 4 --eval_samples 50`)."
     )
     return "\n".join(lines)
 
@@ -251,7 +249,7 @@ def plot(summary: dict[tuple[str, str], dict], path: Path) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in Path(args.runs).read_text().splitlines() if line.strip()]
     summary = summarise(rows)
-    table = markdown(summary, {row["hardware"] for row in rows})
+    table = markdown(summary)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.md").write_text(table + "\n")
     plot(summary, RESULTS / "quality.png")
