@@ -12,8 +12,8 @@ __all__ = [
     "LoraDropConfig",
     "apply_plan",
     "build_plan",
-    "plan_keeping",
     "find_lora_layers",
     "lora_kinds",
+    "plan_keeping",
 ]
 __version__ = "0.1.0"

@@ -126,7 +126,7 @@ def test_shared_gradient_is_the_sum_of_member_gradients():
 
 def test_save_model_writes_a_plain_peft_adapter(tmp_path):
     model = tiny_llama()
-    trainer, callback, _ = _train(model, tmp_path)
+    trainer, _, _ = _train(model, tmp_path)
     trainer.save_model(str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(tiny_llama_base(seed=0), str(tmp_path / "adapter"))
     inputs = {"input_ids": torch.randint(1, 90, (2, 12))}
@@ -145,7 +145,7 @@ def test_fresh_shared_init_zeroes_b_and_resets_optimizer_state(tmp_path):
 
 
 def test_most_important_init_keeps_the_optimizer_moments(tmp_path):
-    _, callback, snapshots = _train(tiny_llama(), tmp_path)
+    _, _, snapshots = _train(tiny_llama(), tmp_path)
     assert all(state for state in snapshots.optimizer_state_at_switch.values())
 
 

@@ -27,7 +27,7 @@ def _train(tmp_path, model, **args):
 
 
 def test_model_without_lora(tmp_path):
-    with pytest.raises(ValueError, match="no PEFT LoRA modules.*get_peft_model"):
+    with pytest.raises(ValueError, match=r"no PEFT LoRA modules.*get_peft_model"):
         _train(tmp_path, tiny_llama_base())
 
 
@@ -51,7 +51,7 @@ def test_dora_is_refused(tmp_path):
 
 def test_embedding_lora_is_refused_unless_excluded(tmp_path):
     model = get_peft_model(tiny_llama_base(), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
-    with pytest.raises(ValueError, match="embed_tokens.*exclude"):
+    with pytest.raises(ValueError, match=r"embed_tokens.*exclude"):
         _train(tmp_path, model)
     callback = LoraDropCallback(exclude=["embed_tokens"], alpha=0.2)
     Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback]).train()
@@ -65,7 +65,7 @@ def test_switch_at_the_last_step(tmp_path):
         train_dataset=TokenDataset(),
         callbacks=[LoraDropCallback(alpha=0.95)],
     )
-    with pytest.raises(ValueError, match="step 10 of 10.*Lower alpha"):
+    with pytest.raises(ValueError, match=r"step 10 of 10.*Lower alpha"):
         trainer.train()
 
 
@@ -91,7 +91,7 @@ def _args(**kw):
 
 
 def test_fsdp_is_refused():
-    with pytest.raises(ValueError, match="FSDP.*ZeRO-1/2"):
+    with pytest.raises(ValueError, match=r"FSDP.*ZeRO-1/2"):
         _check_training_setup(_args(fsdp=["full_shard"]), tiny_llama())
 
 
@@ -106,7 +106,7 @@ def test_zero3_is_refused():
     from transformers.integrations import HfDeepSpeedConfig
 
     config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_batch_size": 1})
-    with pytest.raises(ValueError, match="ZeRO-3.*ZeRO-2"):
+    with pytest.raises(ValueError, match=r"ZeRO-3.*ZeRO-2"):
         _check_training_setup(_args(deepspeed={"zero_optimization": {"stage": 3}}), tiny_llama())
     del config
 
