@@ -56,12 +56,12 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         _check_training_setup(args, model)
         cfg = self.config
         self._layers = find_lora_layers(model, cfg.adapter_name, cfg.target, cfg.exclude)
-        self._switch_step = cfg.switch_step(state.max_steps)
         if state.max_steps <= 0:
             raise ValueError(
                 "LoraDropCallback needs the number of optimizer steps to place the switch; set "
                 "TrainingArguments(max_steps=...) when the training data has no length (an IterableDataset)."
             )
+        self._switch_step = cfg.switch_step(state.max_steps)
         if self._switch_step >= state.max_steps:
             raise ValueError(
                 f"alpha={cfg.alpha} puts the switch at step {self._switch_step} of {state.max_steps}: no training "
