@@ -206,3 +206,20 @@ def test_kinds_name_the_role_when_the_leaf_is_ambiguous_and_the_shape_when_ranks
     kinds = lora_kinds(find_lora_layers(llama))
     assert {k for k in kinds.values() if k.startswith("q_proj")} == {"q_proj[32x32r2]", "q_proj[32x32r4]"}
     assert kinds["base_model.model.model.layers.1.self_attn.v_proj"] == "v_proj"
+
+
+def test_switch_metrics_reach_callbacks_listed_after_it(tmp_path):
+    class Recorder(TrainerCallback):
+        seen: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    recorder = Recorder()
+    Trainer(
+        model=tiny_llama(),
+        args=training_args(tmp_path),
+        train_dataset=TokenDataset(),
+        callbacks=[LoraDropCallback(alpha=0.2), recorder],
+    ).train()
+    assert [logs["loradrop/kept_modules"] for logs in recorder.seen if "loradrop/kept_modules" in logs] == [15]
