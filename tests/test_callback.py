@@ -210,7 +210,8 @@ def test_kinds_name_the_role_when_the_leaf_is_ambiguous_and_the_shape_when_ranks
 
 def test_switch_metrics_reach_callbacks_listed_after_it(tmp_path):
     class Recorder(TrainerCallback):
-        seen: list[dict] = []
+        def __init__(self):
+            self.seen: list[dict] = []
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             self.seen.append(dict(logs))
