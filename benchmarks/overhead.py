@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--threshold", type=float, default=None)
     parser.add_argument("--out", default="benchmarks/results/overhead")
+    parser.add_argument("--score_every", type=int, default=1, help="LoraDropConfig.score_every for the hooks")
     parser.add_argument("--profile", action="store_true", help="print a profile of one step with the hooks on")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     apply_plan(find_lora_layers(tied), plan)
 
     def run_collect():
-        hooks = ImportanceCollector(plain, find_lora_layers(plain))
+        hooks = ImportanceCollector(plain, find_lora_layers(plain), score_every=args.score_every)
         train_steps(plain, plain_opt, batch, args.steps, autocast)
         hooks.remove()
 
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_tied": ratios["tied"],
         "ratio_whole_run": args.alpha * ratios["collect"] + (1 - args.alpha) * ratios["tied"],
         "alpha": args.alpha,
+        "score_every": args.score_every,
         "paired_ratio_quartiles": {name: statistics.quantiles(r, n=4) for name, r in paired.items() if name != "lora"},
     }
     if cuda:
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(prof.key_averages().table(sort_by=key, row_limit=20))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"overhead_{args.preset}_{args.targets}_{args.device.split(':')[0]}.json").write_text(
+    suffix = f"_every{args.score_every}" if args.score_every > 1 else ""
+    (out / f"overhead_{args.preset}_{args.targets}_{args.device.split(':')[0]}{suffix}.json").write_text(
         json.dumps(result, indent=2)
     )
     print(
