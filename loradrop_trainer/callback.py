@@ -84,6 +84,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if self._gave_up or state.global_step >= self._switch_step:
             return
         self._collector = ImportanceCollector(model, self._layers, cfg.adapter_name, cfg.score_every)
+        self._collector.skip_forwards(state.global_step * args.gradient_accumulation_steps)
         if saved.get("totals") and args.process_index == 0:
             self._collector.load_totals(saved["totals"])
         logger.info(

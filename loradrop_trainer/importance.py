@@ -58,6 +58,10 @@ class ImportanceCollector:
         for index, lora_b in enumerate(self._lora_b):
             self._handles.append(lora_b.register_forward_pre_hook(self._recorder(index)))
 
+    def skip_forwards(self, count: int) -> None:
+        """Continue `score_every`'s count after `count` training forwards (resuming), so the same ones are scored."""
+        self._forwards = count
+
     def _recorder(self, index: int):
         def record(module: nn.Module, args: tuple) -> None:
             if self._active:

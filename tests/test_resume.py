@@ -46,11 +46,14 @@ def test_resume_after_switch_is_bit_identical(tmp_path, config):
         assert len({id(layers[n].lora_A["default"].weight) for n in members}) == 1, "resume must re-tie"
 
 
-def test_resume_before_switch_gives_the_same_plan(tmp_path):
-    full, full_lora, _ = _run(tmp_path / "full", max_steps=20, save_steps=3, warmup_steps=0)
+@pytest.mark.parametrize("score_every", [1, 2])
+def test_resume_before_switch_gives_the_same_plan(tmp_path, score_every):
+    full, full_lora, _ = _run(tmp_path / "full", max_steps=20, save_steps=3, warmup_steps=0, score_every=score_every)
     assert full.plan.step == 5
     checkpoint = tmp_path / "full" / "out" / "checkpoint-3"
-    resumed, resumed_lora, _ = _run(tmp_path / "resumed", max_steps=20, warmup_steps=0, resume_from=str(checkpoint))
+    resumed, resumed_lora, _ = _run(
+        tmp_path / "resumed", max_steps=20, warmup_steps=0, resume_from=str(checkpoint), score_every=score_every
+    )
     assert resumed.plan.total == full.plan.total
     assert resumed.plan == full.plan
     _assert_identical(resumed_lora, full_lora)
