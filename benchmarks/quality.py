@@ -10,6 +10,7 @@ Tasks (real pretrained models and real data, fetched from the package registries
 Variants:
   lora       plain PEFT LoRA, the baseline
   T0.8/T0.9/T0.95   LoRA-drop at that threshold (alpha 0.1, shared LoRA starts from the most important dropped one)
+  kind       T0.9 applied within each kind (LoraDropConfig(normalize="kind")) instead of over all modules
   fresh      T0.9 with the shared LoRA re-initialised at the switch
   drop       T0.9 with the dropped modules' LoRA removed instead of shared (the paper's ablation)
   random     as many kept modules as T0.9 keeps, chosen at random (the paper's argument is that output-based
@@ -45,7 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 RUNS_FILE = RESULTS / "quality_runs.jsonl"
 README = ROOT / "README.md"
 README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
-VARIANTS = ["lora", "T0.8", "T0.9", "T0.95", "fresh", "drop", "random"]
+VARIANTS = ["lora", "T0.8", "T0.9", "T0.95", "kind", "fresh", "drop", "random"]
 TASKS = ["sarcasm", "polarity", "gsm", "gsm_qv"]
 GSM_TARGETS = {
     "gsm": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -71,6 +72,8 @@ def make_callback(variant: str, seed: int) -> LoraDropCallback | None:
         return None
     if variant.startswith("T"):
         return LoraDropCallback(LoraDropConfig(threshold=float(variant[1:])))
+    if variant == "kind":
+        return LoraDropCallback(LoraDropConfig(normalize="kind"))
     if variant == "fresh":
         return LoraDropCallback(LoraDropConfig(shared_init="fresh"))
     if variant == "drop":
@@ -110,6 +113,7 @@ GSM_VARIANT_FLAGS = {
     "T0.8": ["--threshold", "0.8"],
     "T0.9": ["--threshold", "0.9"],
     "T0.95": ["--threshold", "0.95"],
+    "kind": ["--normalize", "kind"],
     "fresh": ["--shared_init", "fresh"],
     "drop": ["--mode", "drop"],
     "random": ["--no_loradrop"],  # the recipe trains plain LoRA; RandomSelectionCallback below does the pruning

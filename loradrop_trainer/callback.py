@@ -185,6 +185,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             kinds,
             cfg.threshold,
             min_kept=cfg.min_kept,
+            per_kind=cfg.normalize == "kind",
             mode=cfg.mode,
             adapter_name=cfg.adapter_name,
             step=step,

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 SHARED_INITS = ("most_important", "fresh")
 MODES = ("share", "drop")
+NORMALIZE = ("global", "kind")
 
 
 @dataclass
@@ -62,6 +63,14 @@ class LoraDropConfig:
             "lose their LoRA entirely and stop computing it (the paper's ablation)."
         },
     )
+    normalize: Literal["global", "kind"] = field(
+        default="global",
+        metadata={
+            "help": "'global' (the paper): one ranking of all modules, kept until `threshold` of the total. 'kind': "
+            "each kind keeps the modules covering `threshold` of that kind's own importance, so a kind whose output "
+            "norms are small (or a model whose few outlier modules dominate the total) is not dropped wholesale."
+        },
+    )
     min_kept: int = field(
         default=0,
         metadata={"help": "Keep at least this many modules of every kind, whatever their importance."},
@@ -99,6 +108,8 @@ class LoraDropConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
         if self.mode == "drop" and self.shared_init != "most_important":
             raise ValueError("shared_init only applies to mode='share'; leave it at its default with mode='drop'.")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}.")
         if not isinstance(self.min_kept, int) or self.min_kept < 0:
             raise ValueError(f"min_kept must be a non-negative integer, got {self.min_kept!r}.")
         if not isinstance(self.score_every, int) or self.score_every < 1:

@@ -121,6 +121,7 @@ def build_plan(
     threshold: float,
     *,
     min_kept: int = 0,
+    per_kind: bool = False,
     mode: str = "share",
     adapter_name: str = "default",
     step: int | None = None,
@@ -128,26 +129,33 @@ def build_plan(
     """Keep the most important modules until their normalised importance reaches `threshold`; share the rest.
 
     Ties are broken by module name so every rank (and every rerun) derives the same plan from the same numbers. The
-    module whose importance crosses the threshold is kept. `min_kept` then tops up each kind with its most important
-    dropped modules.
+    module whose importance crosses the threshold is kept. With `per_kind`, each kind is ranked on its own and keeps
+    `threshold` of its own importance. `min_kept` then tops up each kind with its most important dropped modules.
     """
     _, normalised, order = _rank(importance, kinds)
-    kept: list[str] = []
-    reached = 0.0
-    for name in order:
-        kept.append(name)
-        reached += normalised[name]
-        if reached >= threshold:
-            break
-    if threshold >= 1.0:
-        kept = [name for name in order if normalised[name] > 0] or order[:1]
-
-    kept_set = set(kept)
+    groups = [[n for n in order if kinds[n] == kind] for kind in dict.fromkeys(kinds.values())] if per_kind else [order]
+    kept_set = {name for group in groups for name in _prefix_reaching(group, normalised, threshold)}
     for kind in dict.fromkeys(kinds.values()):
         of_kind = [name for name in order if kinds[name] == kind]
         missing = min_kept - sum(name in kept_set for name in of_kind)
         kept_set.update([name for name in of_kind if name not in kept_set][: max(missing, 0)])
     return plan_keeping(importance, kinds, kept_set, threshold, mode=mode, adapter_name=adapter_name, step=step)
+
+
+def _prefix_reaching(order: list[str], normalised: Mapping[str, float], threshold: float) -> list[str]:
+    """The shortest prefix of `order` holding `threshold` of the group's importance (all with importance at 1.0)."""
+    total = math.fsum(normalised[name] for name in order)
+    if total <= 0:
+        return []
+    if threshold >= 1.0:
+        return [name for name in order if normalised[name] > 0]
+    kept, reached = [], 0.0
+    for name in order:
+        kept.append(name)
+        reached += normalised[name] / total
+        if reached >= threshold:
+            break
+    return kept
 
 
 def plan_keeping(

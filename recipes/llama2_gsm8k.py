@@ -63,7 +63,7 @@ Flags (every one has a default; ``--help`` lists them with their help text), gro
     model/data     --model --toy --dataset --dataset_config --train_split --eval_split --train_file --eval_file
                    --max_train_samples --max_eval_samples --max_length --chat_template --attn_implementation
     LoRA           --lora_r --lora_alpha --lora_dropout --target_modules
-    LoRA-drop      --no_loradrop --alpha --threshold --shared_init --mode --min_kept
+    LoRA-drop      --no_loradrop --alpha --threshold --shared_init --mode --min_kept --normalize
     training       --output_dir --learning_rate --num_train_epochs --max_steps --per_device_train_batch_size
                    --gradient_accumulation_steps --warmup_ratio --lr_scheduler_type --weight_decay --max_grad_norm
                    --bf16 --activation_checkpointing --seed --logging_steps --save_steps --save_total_limit
@@ -193,6 +193,13 @@ class RecipeArgs:
         metadata={"help": "'share': dropped modules share one LoRA per kind (the paper); 'drop': they lose it."},
     )
     min_kept: int = field(default=0, metadata={"help": "Keep at least this many modules of every kind."})
+    normalize: str = field(
+        default="global",
+        metadata={
+            "help": "'global' ranks all modules together (the paper); 'kind' applies --threshold within each kind.",
+            "choices": ["global", "kind"],
+        },
+    )
 
     # ---- training ----
     output_dir: str = field(default="runs/llama2_gsm8k", metadata={"help": "Where everything is written."})
@@ -422,7 +429,12 @@ def training_arguments(cfg: RecipeArgs) -> TrainingArguments:
 def loradrop_callback(cfg: RecipeArgs) -> LoraDropCallback:
     return LoraDropCallback(
         LoraDropConfig(
-            alpha=cfg.alpha, threshold=cfg.threshold, shared_init=cfg.shared_init, mode=cfg.mode, min_kept=cfg.min_kept
+            alpha=cfg.alpha,
+            threshold=cfg.threshold,
+            shared_init=cfg.shared_init,
+            mode=cfg.mode,
+            min_kept=cfg.min_kept,
+            normalize=cfg.normalize,
         )
     )
 
