@@ -38,6 +38,7 @@ from loradrop_trainer.report import PLOT_FILE, plot_importance
 
 from .atomic import atomic_directory
 from .errors import CompactFileNotFoundError, CompactFormatError, UnsupportedFormatVersionError
+from .jsonfile import read_json_object
 from .model_card import CARD_FILE, render_model_card
 from .plans import PlanSource, resolve_plan, split_payload
 from .tying import TensorSpec, read_tying
@@ -207,16 +208,17 @@ def adapter_config_dict(model: nn.Module, adapter_name: str) -> dict[str, Any]:
     return {key: sorted(value) if isinstance(value, set) else value for key, value in data.items()}
 
 
+def _missing(path: Path) -> str:
+    return f"{path} is missing: the adapter is incomplete. Download or export it again."
+
+
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CompactFileNotFoundError(f"{path} is missing: the adapter is incomplete. Download or export it again.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CompactFormatError(f"{path} is not valid JSON ({err}): the file is corrupt or truncated.") from err
-    if not isinstance(data, dict):
-        raise CompactFormatError(f"{path} does not hold a JSON object: the file is corrupt.")
-    return data
+    return read_json_object(
+        path,
+        missing=_missing(path),
+        invalid=CompactFormatError,
+        what="the file is corrupt or truncated.",
+    )
 
 
 def _check_version(manifest: dict[str, Any], path: Path) -> None:
@@ -237,7 +239,7 @@ def _check_version(manifest: dict[str, Any], path: Path) -> None:
 
 def _read_weights(path: Path, digest: str, version: int) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CompactFileNotFoundError(f"{path} is missing: the adapter is incomplete. Download or export it again.")
+        raise CompactFileNotFoundError(_missing(path))
     if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
         raise CompactFormatError(
             f"{path} is corrupt: its checksum differs from the one recorded in {MANIFEST_FILE}. Download or export "

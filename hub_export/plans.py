@@ -9,7 +9,6 @@ parameter counts; these "extra" fields travel with the plan into the compact ada
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,8 @@ from loradrop_trainer import DropPlan
 from loradrop_trainer.plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR
 from loradrop_trainer.report import PLAN_FILE
 
-from .errors import CompactFileNotFoundError, PlanError
+from .errors import PlanError
+from .jsonfile import read_json_object
 
 # Set by LoraDropCallback at the switch and by `load_compact`: saving such a model needs no plan argument.
 PLAN_ATTR = MODEL_PLAN_ATTR
@@ -83,15 +83,10 @@ def plan_layers(model: nn.Module, plan: DropPlan) -> dict[str, LoraLayer]:
 
 def _read_plan_file(path: Path) -> Mapping[str, Any]:
     file = path / PLAN_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise CompactFileNotFoundError(
-            f"No plan file at {file}: pass the {PLAN_FILE} written by LoraDropCallback, or the Trainer output "
-            "directory that holds it."
-        )
-    try:
-        payload = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise PlanError(f"{file} is not a readable JSON plan file ({err}); pass callback.plan instead.") from err
-    if not isinstance(payload, dict):
-        raise PlanError(f"{file} does not hold a JSON object; it is not a LoRA-drop plan file.")
-    return payload
+    return read_json_object(
+        file,
+        missing=f"No plan file at {file}: pass the {PLAN_FILE} written by LoraDropCallback, or the Trainer output "
+        "directory that holds it.",
+        invalid=PlanError,
+        what="it is not a LoRA-drop plan file; pass callback.plan instead.",
+    )
