@@ -26,6 +26,15 @@ def tiny_llama(seed: int = 0, layers: int = 4, **lora_kwargs):
     return get_peft_model(model, lora)
 
 
+def random_lora_b(model, seed: int = 1):
+    """LoRA B starts at zero in PEFT; give it values so the LoRA term is not zero before any training."""
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    return model
+
+
 def tiny_llama_base(seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
     """The frozen model under `tiny_llama(seed)`: same seed, same weights."""
     torch.manual_seed(seed)

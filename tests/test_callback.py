@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
+from conftest import TokenDataset, random_lora_b, tiny_bert, tiny_llama, tiny_llama_base, training_args
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
@@ -96,12 +96,7 @@ def test_gqa_kinds_are_named_by_module_and_shapes_differ():
 
 
 def test_shared_gradient_is_the_sum_of_member_gradients():
-    tied, untied = tiny_llama(), tiny_llama()
-    for model in (tied, untied):
-        torch.manual_seed(2)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.data.normal_(0, 0.1)
+    tied, untied = random_lora_b(tiny_llama(), seed=2), random_lora_b(tiny_llama(), seed=2)
     layers_t, layers_u = find_lora_layers(tied), find_lora_layers(untied)
     kinds = {name: name.rsplit(".", 1)[-1] for name in layers_t}
     importance = {name: float(i + 1) for i, name in enumerate(layers_t)}

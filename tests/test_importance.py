@@ -2,21 +2,12 @@
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_llama, training_args
+from conftest import TokenDataset, random_lora_b, tiny_llama, training_args
 from torch.utils.data import default_collate
 from transformers import Trainer
 
 from loradrop_trainer import LoraDropCallback, find_lora_layers
 from loradrop_trainer.importance import ImportanceCollector
-
-
-def _random_b(model):
-    """LoRA B starts at zero in PEFT; give it values so the LoRA term is not zero before any training."""
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.1)
-    return model
 
 
 def _reference(model, batch):
@@ -48,7 +39,7 @@ def _batch(n=6, seed=3):
 
 
 def test_matches_hand_computed_reference_on_padded_batch():
-    model = _random_b(tiny_llama())
+    model = random_lora_b(tiny_llama())
     batch = _batch()
     expected = _reference(model, batch)
     model.train()
@@ -65,7 +56,7 @@ def test_matches_hand_computed_reference_on_padded_batch():
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_counted_once_under_activation_checkpointing(reentrant):
-    model = _random_b(tiny_llama())
+    model = random_lora_b(tiny_llama())
     batch = _batch()
     expected = _reference(model, batch)
     model.activation_checkpointing_enable({"use_reentrant": reentrant})
@@ -83,7 +74,7 @@ def test_counted_once_under_activation_checkpointing(reentrant):
 
 
 def test_not_counted_in_eval_mode_or_without_grad():
-    model = _random_b(tiny_llama())
+    model = random_lora_b(tiny_llama())
     batch = _batch()
     collector = ImportanceCollector(model, find_lora_layers(model))
     model.eval()
@@ -95,7 +86,7 @@ def test_not_counted_in_eval_mode_or_without_grad():
 
 
 def test_score_every_scores_one_forward_in_k():
-    model = _random_b(tiny_llama())
+    model = random_lora_b(tiny_llama())
     batch = _batch()
     expected = _reference(model, batch)
     model.train()
@@ -112,7 +103,7 @@ def _trainer_total(tmp_path, with_eval: bool, **args):
     callback = LoraDropCallback(alpha=0.5)
     overrides = dict(max_steps=8, learning_rate=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=2)
     trainer = Trainer(
-        model=_random_b(tiny_llama()),
+        model=random_lora_b(tiny_llama()),
         args=training_args(tmp_path, **overrides, **args),
         train_dataset=data,
         eval_dataset=TokenDataset(n=8, seed=9) if with_eval else None,
@@ -120,7 +111,7 @@ def _trainer_total(tmp_path, with_eval: bool, **args):
     )
     trainer.train()
     raw = {n: v * callback.plan.total for n, v in callback.plan.importance.items()}
-    reference = _random_b(tiny_llama())
+    reference = random_lora_b(tiny_llama())
     expected = dict.fromkeys(raw, 0.0)
     for i in range(0, 32, 8):
         for name, value in _reference(reference, default_collate([data[j] for j in range(i, i + 8)])).items():
