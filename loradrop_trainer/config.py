@@ -6,9 +6,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from .importance import AGGREGATES, SCORES
+
 SHARED_INITS = ("most_important", "fresh")
 MODES = ("share", "drop")
-NORMALIZE = ("global", "kind")
+NORMALIZE = ("global", "kind", "layer")
+AUTO = "auto"
 
 
 @dataclass
@@ -18,13 +21,43 @@ class LoraDropConfig:
     The defaults are the paper's (alpha=0.1, threshold=0.9): importance is measured during the first 10% of the
     optimizer steps, then the modules that carry 90% of the LoRA output norm keep their own LoRA and the others share
     one LoRA per kind.
+
+    Three settings say how importance is measured and read, and compose freely: `score` (what one micro-batch
+    measures per module), `aggregate` (how micro-batches add up) and `normalize` (over which group of modules the
+    threshold applies). The paper's scoring is `score="output", aggregate="sum", normalize="global"`.
     """
 
-    alpha: float = field(
+    alpha: float | Literal["auto"] = field(
         default=0.1,
         metadata={
             "help": "Fraction of the optimizer steps during which importance is collected, in (0, 1). The switch "
-            "happens at the end of step ceil(alpha * max_steps)."
+            "happens at the end of step ceil(alpha * max_steps). 'auto': switch as soon as the plan is stable "
+            "(see `auto_window`, `auto_patience`, `auto_min_tau`), at the latest at ceil(max_alpha * max_steps)."
+        },
+    )
+    max_alpha: float = field(
+        default=0.3,
+        metadata={"help": "With alpha='auto': the latest switch, as a fraction of the optimizer steps, in (0, 1)."},
+    )
+    auto_window: float = field(
+        default=0.02,
+        metadata={
+            "help": "With alpha='auto': the plan is re-derived from the importance so far every "
+            "ceil(auto_window * max_steps) optimizer steps (a scoring window), in (0, 1)."
+        },
+    )
+    auto_patience: int = field(
+        default=3,
+        metadata={
+            "help": "With alpha='auto': switch after this many consecutive windows in which the kept set did not "
+            "change and the ranking moved little (Kendall tau >= auto_min_tau against the window before)."
+        },
+    )
+    auto_min_tau: float = field(
+        default=0.9,
+        metadata={
+            "help": "With alpha='auto': the Kendall rank correlation, in (0, 1], between the importance at the end "
+            "of two consecutive windows above which the ranking counts as unchanged."
         },
     )
     threshold: float = field(
@@ -63,12 +96,40 @@ class LoraDropConfig:
             "lose their LoRA entirely and stop computing it (the paper's ablation)."
         },
     )
-    normalize: Literal["global", "kind"] = field(
+    score: Literal["output", "relative"] = field(
+        default="output",
+        metadata={
+            "help": "What a scored micro-batch measures per module. 'output' (the paper): the squared norm of the "
+            "LoRA term, sum over real tokens of ||scaling * B A x||^2. 'relative': that norm divided by the squared "
+            "norm of the frozen layer's output on the same tokens, ||scaling * B A x||^2 / ||W0 x||^2, so modules "
+            "behind massive activations (a few down_proj of most decoders) do not dominate by their scale alone."
+        },
+    )
+    aggregate: Literal["sum", "rank"] = field(
+        default="sum",
+        metadata={
+            "help": "How scored micro-batches add up. 'sum' (the paper): scores are summed. 'rank': every scored "
+            "micro-batch ranks the modules and the ranks are summed (Borda points), so no single batch or module "
+            "dominates; `threshold` then covers a share of the rank points (0.9 keeps about two thirds of the "
+            "modules when the ranking is stable, 0.8 about 55%)."
+        },
+    )
+    normalize: Literal["global", "kind", "layer"] = field(
         default="global",
         metadata={
-            "help": "'global' (the paper): one ranking of all modules, kept until `threshold` of the total. 'kind': "
-            "each kind keeps the modules covering `threshold` of that kind's own importance, so a kind whose output "
-            "norms are small (or a model whose few outlier modules dominate the total) is not dropped wholesale."
+            "help": "Over which modules `threshold` applies. 'global' (the paper): one ranking of all modules, kept "
+            "until `threshold` of the total. 'kind': each kind keeps the modules covering `threshold` of that "
+            "kind's own importance, so a kind whose output norms are small (or a model whose few outlier modules "
+            "dominate the total) is not dropped wholesale. 'layer': the same within each layer (block) of the model."
+        },
+    )
+    restart: bool = field(
+        default=False,
+        metadata={
+            "help": "The paper's two-stage protocol: at the switch every LoRA is re-initialised as PEFT does (A "
+            "random, B zero; PEFT's modules_to_save copies go back to the base model's weights), its optimizer "
+            "state is reset, and the learning-rate schedule starts again (warm-up and decay) over the remaining "
+            "steps. The first alpha of the steps then only measure importance, as the paper's separate pass does."
         },
     )
     min_kept: int = field(
@@ -92,11 +153,24 @@ class LoraDropConfig:
     save_plot: bool = field(default=True, metadata={"help": "Write the importance bar chart at the switch."})
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1):
+        if self.alpha != AUTO and not (_is_number(self.alpha) and 0 < self.alpha < 1):
             raise ValueError(
-                f"alpha must be a fraction of the training steps in (0, 1), got {self.alpha!r}. "
+                f"alpha must be a fraction of the training steps in (0, 1) or 'auto', got {self.alpha!r}. "
                 "The paper uses 0.1: importance is measured during the first 10% of the steps."
             )
+        for name, value in (("max_alpha", self.max_alpha), ("auto_window", self.auto_window)):
+            if not (_is_number(value) and 0 < value < 1):
+                raise ValueError(f"{name} must be a fraction of the training steps in (0, 1), got {value!r}.")
+        if not (_is_number(self.auto_min_tau) and 0 < self.auto_min_tau <= 1):
+            raise ValueError(f"auto_min_tau must be a Kendall tau in (0, 1], got {self.auto_min_tau!r}.")
+        if not isinstance(self.auto_patience, int) or isinstance(self.auto_patience, bool) or self.auto_patience < 1:
+            raise ValueError(f"auto_patience must be a positive number of windows, got {self.auto_patience!r}.")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}.")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}.")
+        if not isinstance(self.restart, bool):
+            raise ValueError(f"restart must be True or False, got {self.restart!r}.")
         if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1):
             raise ValueError(
                 f"threshold must be in (0, 1], got {self.threshold!r}. It is the share of the total importance the "
@@ -119,12 +193,24 @@ class LoraDropConfig:
         self.target = _as_name_list(self.target, "target")
         self.exclude = _as_name_list(self.exclude, "exclude")
 
+    @property
+    def auto(self) -> bool:
+        return self.alpha == AUTO
+
     def switch_step(self, max_steps: int) -> int:
-        """The optimizer step at whose end the model is re-parameterised."""
-        return math.ceil(self.alpha * max_steps)
+        """The optimizer step at whose end the model is re-parameterised (with alpha='auto', at the latest)."""
+        return math.ceil((self.max_alpha if self.auto else self.alpha) * max_steps)
+
+    def window_steps(self, max_steps: int) -> int:
+        """Optimizer steps per scoring window of alpha='auto'."""
+        return max(1, math.ceil(self.auto_window * max_steps))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _as_name_list(value: Any, name: str) -> list[str] | None:

@@ -1,4 +1,4 @@
-"""Online importance: the squared norm of each LoRA module's output, summed over the real tokens of training batches.
+"""Online importance: how much each LoRA module changes its layer's output, over the real tokens of training batches.
 
 A LoRA module adds `scaling * B u` to its layer, where `u = A dropout(x)` is the r-dimensional input of `lora_B`.
 Its squared norm over the tokens t with mask m_t is
@@ -15,6 +15,22 @@ outer model marks which forwards count and captures the padding mask once per fo
   outer model's forward, never counts twice;
 - every micro-batch of gradient accumulation counts once.
 
+What one scored forward contributes, per module (`score`):
+
+- "output" (the paper): the squared norm above.
+- "relative": that norm divided by the squared norm of the frozen layer's own output on the same tokens,
+  `||scaling B A x||^2 / ||W0 x||^2`: how much LoRA changes the layer rather than how large the layer's output is.
+  Decoders with massive activations at a few layers' inputs have LoRA outputs there that dwarf every other module's
+  in absolute terms; relative to their layer's output they are ordinary. The frozen output's norm comes from a
+  forward hook on each `base_layer` that reduces the output to one number per token, on scored forwards only.
+
+How forwards add up (`aggregate`):
+
+- "sum" (the paper): the scores are summed over the scored forwards.
+- "rank": each scored forward ranks the modules (0 for the least important, ties share their mean rank) and the
+  ranks are summed (Borda points). Every forward then carries the same weight, so no single batch can dominate,
+  and a module's share of the total is bounded by about 2 / (number of modules), whatever its magnitude.
+
 Nothing reads a value back to the host during training: scores are added into a float32 vector on the device.
 """
 
@@ -29,15 +45,35 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+SCORES = ("output", "relative")
+AGGREGATES = ("sum", "rank")
+
 _MASK_KEYS = ("attention_mask", "decoder_attention_mask")
 
 
 class ImportanceCollector:
-    """Accumulates `sum ||scaling * B A x||^2` over the non-padding tokens of training forwards, per LoRA module."""
+    """Accumulates each LoRA module's importance over the non-padding tokens of training forwards.
+
+    Args:
+        model: the outer model whose forward is one micro-batch (the PeftModel).
+        layers: `{name: LoRA layer}` to score, as `find_lora_layers` returns them.
+        adapter_name: the adapter whose LoRA is scored.
+        score_every: score one training forward in every `score_every`.
+        score: what one forward measures per module, "output" or "relative" (see the module docstring).
+        aggregate: how forwards add up, "sum" or "rank" (see the module docstring).
+    """
 
     def __init__(
-        self, model: nn.Module, layers: Mapping[str, LoraLayer], adapter_name: str = "default", score_every: int = 1
+        self,
+        model: nn.Module,
+        layers: Mapping[str, LoraLayer],
+        adapter_name: str = "default",
+        score_every: int = 1,
+        score: str = "output",
+        aggregate: str = "sum",
     ) -> None:
+        if score not in SCORES or aggregate not in AGGREGATES:
+            raise ValueError(f"score must be one of {SCORES} and aggregate one of {AGGREGATES}.")
         self.names = list(layers)
         self._lora_b = [layer.lora_B[adapter_name] for layer in layers.values()]
         device = self._lora_b[0].weight.device
@@ -46,17 +82,22 @@ class ImportanceCollector:
             [float(layer.scaling[adapter_name]) ** 2 for layer in layers.values()], device=device
         )
         self._score_every = score_every
+        self._relative = score == "relative"
+        self._rank = aggregate == "rank"
         self._forwards = 0
         self._active = False
         self._inputs: list[tuple[int, torch.Tensor]] = []
+        self._base_norms: list[tuple[int, torch.Tensor]] = []
         self._masks: dict[torch.Size, torch.Tensor] = {}
         self._indices: dict[tuple[int, ...], tuple[torch.Tensor, list[tuple[torch.Tensor, list[int]]]]] = {}
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
             model.register_forward_hook(self._end_forward, always_call=True),
         ]
-        for index, lora_b in enumerate(self._lora_b):
+        for index, (lora_b, layer) in enumerate(zip(self._lora_b, layers.values())):
             self._handles.append(lora_b.register_forward_pre_hook(self._recorder(index)))
+            if self._relative:
+                self._handles.append(layer.base_layer.register_forward_hook(self._base_recorder(index)))
 
     def skip_forwards(self, count: int) -> None:
         """Continue `score_every`'s count after `count` training forwards (resuming), so the same ones are scored."""
@@ -66,6 +107,13 @@ class ImportanceCollector:
         def record(module: nn.Module, args: tuple) -> None:
             if self._active:
                 self._inputs.append((index, args[0]))
+
+        return record
+
+    def _base_recorder(self, index: int):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self._active:  # one value per token; the padding mask is applied with all modules at once
+                self._base_norms.append((index, torch.linalg.vector_norm(output.detach(), dim=-1, dtype=torch.float32)))
 
         return record
 
@@ -89,9 +137,20 @@ class ImportanceCollector:
         finally:
             self._active = False
             self._inputs.clear()
+            self._base_norms.clear()
             self._masks.clear()
 
     def _score(self) -> None:
+        scores = self._output_norms()
+        if self._relative:
+            scores = scores / self._base_output_norms().clamp_min(torch.finfo(torch.float32).tiny)
+        if self._rank:  # a forward in which every score is zero (B still zero) ranks nothing
+            scores = mid_ranks(scores) * (scores.amax() > 0)
+        self._totals += scores
+
+    def _output_norms(self) -> torch.Tensor:
+        """`scaling^2 sum_t m_t ||B u_t||^2` of this forward, per module (zero for modules it did not run)."""
+        out = torch.zeros_like(self._totals)
         groups: dict[tuple[torch.Size, torch.device], list[tuple[int, torch.Tensor]]] = defaultdict(list)
         for index, u in self._inputs:
             groups[(u.shape, u.device)].append((index, u))
@@ -106,7 +165,23 @@ class ImportanceCollector:
                 b = torch.stack([self._lora_b[i].weight for i in weights]).to(device=device, dtype=torch.float32)
                 weight_gram[positions] = torch.bmm(b.transpose(1, 2), b)
             scores = (token_gram * weight_gram).sum(dim=(1, 2))
-            self._totals.index_add_(0, targets, scores.to(self._totals.device) * self._squared_scaling[targets])
+            out.index_add_(0, targets, scores.to(out.device) * self._squared_scaling[targets])
+        return out
+
+    def _base_output_norms(self) -> torch.Tensor:
+        """`sum_t m_t ||W0 x_t||^2` of this forward, per module (zero for modules it did not run)."""
+        out = torch.zeros_like(self._totals)
+        groups: dict[tuple[torch.Size, torch.device], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for index, norms in self._base_norms:
+            groups[(norms.shape, norms.device)].append((index, norms))
+        for (shape, device), items in groups.items():
+            targets, _ = self._group_indices(tuple(index for index, _ in items), device)
+            squared = torch.stack([norms for _, norms in items]).reshape(len(items), -1).square()
+            mask = self._masks.get(shape)
+            if mask is not None:
+                squared = squared * mask.reshape(1, -1).to(squared)
+            out.index_add_(0, targets, squared.sum(dim=1).to(out.device))
+        return out
 
     def _group_indices(self, indices: tuple[int, ...], device: torch.device):
         """Index tensors for one group of modules, built once: the same modules come together every forward."""
@@ -151,3 +226,15 @@ class ImportanceCollector:
         self._handles.clear()
         self._active = False
         self._inputs.clear()
+        self._base_norms.clear()
+
+
+def mid_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each score among all of them, 0 for the smallest; tied scores share the mean of their ranks.
+
+    Computed by comparing every pair on the device (n is the number of LoRA modules, a few hundred at most), so it
+    needs no sort and no host sync, and the result does not depend on the order the modules are listed in.
+    """
+    below = (scores.unsqueeze(0) < scores.unsqueeze(1)).sum(dim=1)
+    equal = (scores.unsqueeze(0) == scores.unsqueeze(1)).sum(dim=1)
+    return below.to(scores.dtype) + (equal.to(scores.dtype) - 1) / 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -93,6 +94,21 @@ def lora_shape(layer: LoraLayer, adapter_name: str) -> tuple[int, int, int]:
 def lora_parameters(layer: LoraLayer, adapter_name: str) -> list[nn.Parameter]:
     """The LoRA Parameters of one layer (A's weight, B's weight and bias if any)."""
     return [*layer.lora_A[adapter_name].parameters(), *layer.lora_B[adapter_name].parameters()]
+
+
+def fresh_lora_a(shape: torch.Size, generator: torch.Generator, init: bool | str = True) -> torch.Tensor:
+    """A new float32 `lora_A` weight drawn as PEFT's `reset_lora_parameters` draws it, from `generator` (on the CPU).
+
+    `init` is `LoraConfig.init_lora_weights`: True (kaiming-uniform, as `nn.Linear`) or "gaussian" (std 1/r). A
+    generator seeded alike gives the same values on every rank, and the global RNG stream (dropout, data order) is
+    left as an uninterrupted run would have it.
+    """
+    weight = torch.empty(shape, dtype=torch.float32)
+    if init is True:
+        return nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    if isinstance(init, str) and init.lower() == "gaussian":
+        return nn.init.normal_(weight, std=1 / shape[0], generator=generator)
+    raise ValueError(f"Cannot re-initialise LoRA weights initialised with init_lora_weights={init!r}.")
 
 
 def count_distinct(params: list[torch.Tensor]) -> int:

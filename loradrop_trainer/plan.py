@@ -25,7 +25,8 @@ class DropPlan:
 
     `kept` lists the modules that keep their own LoRA, most important first. `shared[kind]` lists the dropped modules
     of one kind, most important first: in mode "share" they all use the LoRA of `shared[kind][0]`; in mode "drop"
-    they have no LoRA at all. `importance` is normalised to sum to 1 over every module that took part.
+    they have no LoRA at all. `importance` is normalised to sum to 1 over every module that took part. With
+    alpha="auto", `stability` holds one record per scoring window up to the switch (see `stability.py`).
     """
 
     importance: dict[str, float]
@@ -37,6 +38,7 @@ class DropPlan:
     adapter_name: str = "default"
     step: int | None = None
     total: float | None = None
+    stability: list[dict[str, Any]] | None = None
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @property
@@ -78,6 +80,7 @@ class DropPlan:
             "shared": {kind: list(members) for kind, members in self.shared.items()},
             "kinds": dict(self.kinds),
             "importance": dict(self.importance),
+            "stability": [dict(record) for record in self.stability] if self.stability is not None else None,
         }
 
     @classmethod
@@ -101,6 +104,7 @@ class DropPlan:
             adapter_name=data.get("adapter_name", "default"),
             step=data.get("step"),
             total=data.get("total"),
+            stability=[dict(record) for record in data["stability"]] if data.get("stability") else None,
         )
         plan.validate()
         return plan
@@ -121,7 +125,7 @@ def build_plan(
     threshold: float,
     *,
     min_kept: int = 0,
-    per_kind: bool = False,
+    normalize: str = "global",
     mode: str = "share",
     adapter_name: str = "default",
     step: int | None = None,
@@ -129,17 +133,55 @@ def build_plan(
     """Keep the most important modules until their normalised importance reaches `threshold`; share the rest.
 
     Ties are broken by module name so every rank (and every rerun) derives the same plan from the same numbers. The
-    module whose importance crosses the threshold is kept. With `per_kind`, each kind is ranked on its own and keeps
+    module whose importance crosses the threshold is kept. `normalize` says over which modules the threshold applies:
+    all of them ("global"), each kind on its own ("kind") or each layer on its own ("layer"), every group keeping
     `threshold` of its own importance. `min_kept` then tops up each kind with its most important dropped modules.
     """
+    grouping = {"global": lambda name: "", "kind": kinds.__getitem__, "layer": layer_of}
+    if normalize not in grouping:
+        raise ValueError(f"normalize must be one of {tuple(grouping)}, got {normalize!r}.")
+    group_of = grouping[normalize]
     _, normalised, order = _rank(importance, kinds)
-    groups = [[n for n in order if kinds[n] == kind] for kind in dict.fromkeys(kinds.values())] if per_kind else [order]
-    kept_set = {name for group in groups for name in _prefix_reaching(group, normalised, threshold)}
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        groups.setdefault(group_of(name), []).append(name)
+    kept_set = {name for group in groups.values() for name in _prefix_reaching(group, normalised, threshold)}
     for kind in dict.fromkeys(kinds.values()):
         of_kind = [name for name in order if kinds[name] == kind]
         missing = min_kept - sum(name in kept_set for name in of_kind)
         kept_set.update([name for name in of_kind if name not in kept_set][: max(missing, 0)])
     return plan_keeping(importance, kinds, kept_set, threshold, mode=mode, adapter_name=adapter_name, step=step)
+
+
+def layer_of(name: str) -> str:
+    """The block a module belongs to: its name up to the last numeric part (`...layers.3`), "" outside any block."""
+    parts = name.split(".")
+    indices = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[: indices[-1] + 1]) if indices else ""
+
+
+def coverage_warning(plan: DropPlan, min_kept_fraction: float = 0.1) -> str | None:
+    """Say so when a plan keeps a suspiciously small part of the adapter, naming the modules that dominate.
+
+    A kind left with no kept module, or fewer than `min_kept_fraction` of the modules kept, usually means a few
+    modules with outsized outputs (massive activations at their input) carry most of the importance.
+    """
+    empty_kinds = [kind for kind, counts in plan.summary().items() if counts["kept"] == 0]
+    few = len(plan.kept) < min_kept_fraction * len(plan.kinds)
+    if not (empty_kinds or few):
+        return None
+    top = ", ".join(f"{name} ({plan.importance[name]:.1%})" for name in plan.kept[:3])
+    reasons = []
+    if few:
+        reasons.append(f"only {len(plan.kept)} of {len(plan.kinds)} modules keep their own LoRA")
+    if empty_kinds:
+        reasons.append(f"no module of kind(s) {', '.join(empty_kinds)} keeps its own LoRA")
+    return (
+        f"LoRA-drop: {' and '.join(reasons)}; the importance is dominated by {top}. If that is not what you want, "
+        "measure importance relative to each layer's output (score='relative'), rank it per batch "
+        "(aggregate='rank'), apply the threshold within each kind or layer (normalize='kind' or 'layer'), keep "
+        "some modules of every kind (min_kept=...), or raise the threshold."
+    )
 
 
 def _prefix_reaching(order: list[str], normalised: Mapping[str, float], threshold: float) -> list[str]:
@@ -167,6 +209,7 @@ def plan_keeping(
     mode: str = "share",
     adapter_name: str = "default",
     step: int | None = None,
+    stability: list[dict[str, Any]] | None = None,
 ) -> DropPlan:
     """The plan that keeps exactly `kept` and groups every other module by kind, most important first.
 
@@ -187,6 +230,7 @@ def plan_keeping(
         adapter_name=adapter_name,
         step=step,
         total=total,
+        stability=stability,
     )
 
 

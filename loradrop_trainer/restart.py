@@ -1,0 +1,131 @@
+"""restart=True: the paper's two-stage protocol inside one Trainer run.
+
+The paper measures importance in a separate pass over a sample of the data and then trains the pruned LoRA from
+scratch. With restart, the first alpha of the steps play that pass, and at the switch the re-parameterised adapter
+gets the state a fresh run would start from:
+
+- every LoRA (each kept module's and each kind's shared pair) is drawn again as PEFT draws it (A by
+  `init_lora_weights`, B zero), in model order from a generator seeded identically on every rank; PEFT's
+  `modules_to_save` copies (a classifier head) go back to the base model's weights;
+- the optimizer forgets their state (with DeepSpeed's optimizers the moments; a step count kept per parameter group
+  goes on);
+- the learning-rate schedule starts again: the warm-up and decay of the run's `lr_scheduler_type`, over the steps
+  that are left.
+
+The Trainer's scheduler object stays, since the Trainer, accelerate and DeepSpeed hold it and checkpoints save it:
+its `lr_lambdas` are wrapped so that from the switch on they follow a schedule built for the remaining steps. The
+wrapper is a plain function, which `LambdaLR.state_dict` does not save, so a checkpoint holds what it would hold
+without restart; resuming wraps again (in `on_train_begin`) before the next step, and continues exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import TrainingArguments, get_scheduler
+
+from .lora_layers import fresh_lora_a
+from .plan import DropPlan
+from .reparam import _reset_parameters
+
+RESTARTABLE_INITS = (True, "gaussian")
+
+
+def check_restartable(model: nn.Module, adapter_name: str, scheduler: object) -> None:
+    """Refuse, before the first step, what restart could not make fresh again."""
+    peft_config = getattr(model, "peft_config", {}).get(adapter_name)
+    init = getattr(peft_config, "init_lora_weights", True)
+    if init not in RESTARTABLE_INITS:
+        raise ValueError(
+            f"LoraDropConfig(restart=True) re-initialises the LoRA weights at the switch, which it can do for "
+            f"init_lora_weights in {RESTARTABLE_INITS}; this adapter uses {init!r} (data- or weight-dependent). Use "
+            "restart=False, or LoraConfig(init_lora_weights=True)."
+        )
+    if scheduler is not None and not isinstance(_lambda_scheduler(scheduler), LambdaLR):
+        raise ValueError(
+            f"LoraDropConfig(restart=True) restarts the learning-rate schedule, which it can do for the Trainer's "
+            f"own schedules (a LambdaLR); this run uses {type(_lambda_scheduler(scheduler)).__name__}. Use "
+            "restart=False, or a TrainingArguments.lr_scheduler_type other than 'reduce_lr_on_plateau' and no "
+            "scheduler in the DeepSpeed config."
+        )
+
+
+def restart_adapter(
+    model: nn.Module,
+    layers: dict[str, LoraLayer],
+    plan: DropPlan,
+    optimizer: torch.optim.Optimizer | None,
+    seed: int,
+    init: bool | str = True,
+) -> None:
+    """Give every LoRA of the re-parameterised model, and its optimizer state, the values of a fresh PEFT model.
+
+    Args:
+        model: the PeftModel (for its `modules_to_save` copies).
+        layers: every LoRA layer of the adapter, in model order (`find_lora_layers` without a filter): A is drawn
+            once per layer in this order, as PEFT does when it builds the model, and each kept module (and each
+            shared pair, from its first module) takes its own draw.
+        plan: the applied plan; modules tied to a shared pair or switched off take nothing of their own.
+        optimizer: the Trainer's optimizer (torch or DeepSpeed), or None.
+        seed: seeds the generator of A; the same on every rank.
+        init: `LoraConfig.init_lora_weights` of the adapter.
+    """
+    adapter = plan.adapter_name
+    generator = torch.Generator().manual_seed(seed)
+    draws = {name: fresh_lora_a(layer.lora_A[adapter].weight.shape, generator, init) for name, layer in layers.items()}
+    values: dict[nn.Parameter, torch.Tensor] = {}
+    for name, layer in layers.items():
+        if plan.source_of(name) != name:
+            continue
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        values[a] = draws[name].to(a.device)
+        values[b] = torch.zeros_like(b, dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
+            original = dict(module.original_module.named_parameters())
+            for name, param in module.modules_to_save[adapter].named_parameters():
+                values[param] = original[name].detach().to(torch.float32, copy=True)
+    _reset_parameters(values, optimizer)
+
+
+def restart_schedule(scheduler: object, args: TrainingArguments, remaining_steps: int, offset: int) -> None:
+    """From scheduler step `offset` on, follow the run's schedule afresh over `remaining_steps` steps.
+
+    Sets the learning rate of the next optimizer step at once (the first of the new schedule: the start of its
+    warm-up). Idempotent for the same offset, which resuming relies on.
+    """
+    inner = _lambda_scheduler(scheduler)
+    template = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0),
+        num_warmup_steps=args.get_warmup_steps(remaining_steps),
+        num_training_steps=remaining_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    after = template.lr_lambdas[0]
+    inner.lr_lambdas = [_restarted(getattr(fn, "before_restart", fn), after, offset) for fn in inner.lr_lambdas]
+    learning_rates = [base * fn(inner.last_epoch) for base, fn in zip(inner.base_lrs, inner.lr_lambdas)]
+    for group, lr in zip(inner.optimizer.param_groups, learning_rates):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]
+
+
+def _restarted(before: Callable[[int], float], after: Callable[[int], float], offset: int) -> Callable[[int], float]:
+    def lr_lambda(step: int) -> float:
+        return after(step - offset) if step >= offset else before(step)
+
+    lr_lambda.before_restart = before
+    return lr_lambda
+
+
+def _lambda_scheduler(scheduler: object) -> object:
+    """The torch scheduler inside accelerate's AcceleratedScheduler (or the scheduler itself)."""
+    return getattr(scheduler, "scheduler", scheduler)

@@ -1,0 +1,169 @@
+"""Each scoring option against an independent reference on padded batches, and the plan options built on them."""
+
+import logging
+
+import pytest
+import torch
+from conftest import TokenDataset, random_lora_b, tiny_llama, training_args
+from scipy.stats import rankdata
+from torch.utils.data import default_collate
+from transformers import Trainer
+
+from loradrop_trainer import LoraDropCallback, build_plan, find_lora_layers
+from loradrop_trainer.importance import ImportanceCollector, mid_ranks
+from loradrop_trainer.plan import coverage_warning, layer_of
+
+
+def _reference(model, batch, score):
+    """Per module: the masked squared norm of the LoRA term (layer output minus frozen output), or its ratio to the
+    masked squared norm of the frozen output, computed in float64 from the layers' inputs."""
+    layers = find_lora_layers(model)
+    lora, base = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0.0)
+    mask = batch["attention_mask"].unsqueeze(-1).double()
+
+    def hook(name):
+        def fn(module, args, out):
+            frozen = module.base_layer(args[0]).double()
+            lora[name] += float((((out.double() - frozen) * mask) ** 2).sum())
+            base[name] += float(((frozen * mask) ** 2).sum())
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    return {name: lora[name] / base[name] if score == "relative" else lora[name] for name in layers}
+
+
+def _batches(count=3):
+    data = TokenDataset(n=6 * count, seed=3)
+    batches = [default_collate([data[i] for i in range(k * 6, k * 6 + 6)]) for k in range(count)]
+    assert all((b["attention_mask"] == 0).any() for b in batches), "the batches must hold padding"
+    return batches
+
+
+@pytest.mark.parametrize("score", ["output", "relative"])
+@pytest.mark.parametrize("aggregate", ["sum", "rank"])
+def test_importance_matches_reference_on_padded_batches(score, aggregate):
+    model = random_lora_b(tiny_llama())
+    batches = _batches()
+    names = list(find_lora_layers(model))
+    expected = dict.fromkeys(names, 0.0)
+    for batch in batches:
+        per_batch = _reference(model, batch, score)
+        values = [per_batch[n] for n in names]
+        points = rankdata(values) - 1 if aggregate == "rank" else values  # scipy's average ranks, from 0
+        for name, value in zip(names, points):
+            expected[name] += float(value)
+    model.train()
+    collector = ImportanceCollector(model, find_lora_layers(model), score=score, aggregate=aggregate)
+    for batch in batches:
+        model(**batch).loss.backward()
+    got = collector.totals()
+    collector.remove()
+    for name in names:
+        assert got[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6)
+
+
+def test_relative_score_removes_the_scale_of_the_layer():
+    """Scaling a layer's frozen weight (a massive activation) scales its LoRA output, not its relative score."""
+    model = random_lora_b(tiny_llama())
+    batch = _batches(1)[0]
+    layers = find_lora_layers(model)
+    name = next(n for n in layers if n.endswith("layers.1.mlp.down_proj"))
+    before = {s: _reference(model, batch, s)[name] for s in ("output", "relative")}
+    with torch.no_grad():
+        layers[name].base_layer.weight.mul_(10.0)
+        layers[name].lora_B["default"].weight.mul_(10.0)
+    after = {s: _reference(model, batch, s)[name] for s in ("output", "relative")}
+    assert after["output"] == pytest.approx(100 * before["output"], rel=1e-3)
+    assert after["relative"] == pytest.approx(before["relative"], rel=1e-3)
+
+
+def test_mid_ranks_share_ties_and_ignore_order():
+    scores = torch.tensor([3.0, 1.0, 3.0, 0.0, 2.0])
+    assert mid_ranks(scores).tolist() == [3.5, 1.0, 3.5, 0.0, 2.0]
+    assert mid_ranks(torch.zeros(4)).tolist() == [1.5] * 4
+
+
+def test_rank_ignores_forwards_with_all_zero_scores():
+    model = tiny_llama()  # PEFT's B is zero: no module changes anything yet
+    model.train()
+    collector = ImportanceCollector(model, find_lora_layers(model), aggregate="rank")
+    model(**_batches(1)[0])
+    assert set(collector.totals().values()) == {0.0}
+
+
+def test_base_output_norm_not_counted_under_activation_checkpointing_recompute():
+    model = random_lora_b(tiny_llama())
+    batch = _batches(1)[0]
+    expected = _reference(model, batch, "relative")
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    collector = ImportanceCollector(model, find_lora_layers(model), score="relative")
+    model(**batch).loss.backward()
+    for name, value in collector.totals().items():
+        assert value == pytest.approx(expected[name], rel=1e-4)
+
+
+@pytest.mark.parametrize("config", [{"score": "relative"}, {"aggregate": "rank"}], ids=["relative", "rank"])
+def test_trainer_counts_each_micro_batch_once(tmp_path, config):
+    """One epoch with learning rate 0 and gradient accumulation: the sum over micro-batches, whatever their order."""
+    data = TokenDataset(n=32, seed=5)
+    callback = LoraDropCallback(alpha=0.5, **config)
+    args = training_args(
+        tmp_path, max_steps=8, learning_rate=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    Trainer(model=random_lora_b(tiny_llama()), args=args, train_dataset=data, callbacks=[callback]).train()
+    raw = {n: v * callback.plan.total for n, v in callback.plan.importance.items()}
+    reference = random_lora_b(tiny_llama())
+    names = list(raw)
+    expected = dict.fromkeys(names, 0.0)
+    for i in range(0, 32, 8):
+        per_batch = _reference(reference, default_collate([data[j] for j in range(i, i + 8)]), config.get("score"))
+        values = [per_batch[n] for n in names]
+        for name, value in zip(names, rankdata(values) - 1 if "aggregate" in config else values):
+            expected[name] += float(value)
+    for name in names:
+        assert raw[name] == pytest.approx(expected[name], rel=1e-4)
+
+
+KINDS = {f"m.layers.{i}.{kind}": kind for i in range(3) for kind in ("q", "v")}
+
+
+def test_layer_normalisation_keeps_each_layers_own_share():
+    importance = {name: 1.0 for name in KINDS}
+    importance.update({"m.layers.0.q": 100.0, "m.layers.1.v": 50.0, "m.layers.2.q": 10.0})
+    plan = build_plan(importance, KINDS, 0.9, normalize="layer")
+    assert sorted(plan.kept) == ["m.layers.0.q", "m.layers.1.v", "m.layers.2.q"]
+    assert build_plan(importance, KINDS, 0.9).kept == ["m.layers.0.q", "m.layers.1.v"]
+    with pytest.raises(ValueError, match="normalize"):
+        build_plan(importance, KINDS, 0.9, normalize="block")
+
+
+def test_layer_of_names_the_block():
+    assert layer_of("base_model.model.model.layers.11.mlp.down_proj") == "base_model.model.model.layers.11"
+    assert layer_of("encoder.block.3.layer.0.SelfAttention.q") == "encoder.block.3.layer.0"
+    assert layer_of("lm_head") == ""
+
+
+def test_coverage_warning_names_the_dominating_modules():
+    importance = {name: 1.0 for name in KINDS} | {"m.layers.1.q": 1000.0}
+    warning = coverage_warning(build_plan(importance, KINDS, 0.9))
+    assert "no module of kind(s) v" in warning and "m.layers.1.q (99.5%)" in warning and "score='relative'" in warning
+    kinds = {f"m.layers.{i}.q": "q" for i in range(20)}
+    few = build_plan({name: 1.0 for name in kinds} | {"m.layers.0.q": 1e4}, kinds, 0.9)
+    assert "only 1 of 20 modules" in coverage_warning(few)
+    assert coverage_warning(build_plan({name: 1.0 for name in KINDS}, KINDS, 0.9)) is None
+
+
+def test_switch_logs_the_coverage_warning(tmp_path, caplog):
+    callback = LoraDropCallback(alpha=0.25, threshold=0.05)
+    args = training_args(tmp_path, max_steps=8)
+    with caplog.at_level(logging.WARNING, logger="loradrop_trainer"):
+        Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(n=32), callbacks=[callback]).train()
+    assert callback.plan is not None
+    assert any("keeps its own LoRA" in r.getMessage() and "normalize=" in r.getMessage() for r in caplog.records)
