@@ -15,9 +15,11 @@ from transformers.utils import logging
 from .config import LoraDropConfig
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters
-from .plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR, DropPlan, NoImportanceError, build_plan
+from .plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR, DropPlan, NoImportanceError, build_plan, coverage_warning
 from .reparam import UntiedLora, apply_plan, reinit_shared
 from .report import PLOT_FILE, plot_importance, summary_table, write_plan
+from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
+from .stability import StabilityTracker
 
 logger = logging.get_logger(__name__)
 
@@ -95,6 +97,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         self._untied: UntiedLora | None = None
         self._collector: ImportanceCollector | None = None
         self._switch_step: int | None = None
+        self._tracker: StabilityTracker | None = None
+        self._schedule_restart: dict[str, int] | None = None
         self._gave_up = False
         self._pending_logs: dict[str, float] = {}
 
@@ -109,6 +113,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             self._outcome = original._outcome  # the Trainer restored this copy; report to the caller's instance
         self._reset()
         _check_training_setup(args, model)
+        if self.config.restart:
+            check_restartable(model, self.config.adapter_name, kwargs.get("lr_scheduler"))
         previous = getattr(model, MODEL_PLAN_ATTR, None)
         if state.global_step == 0 and previous is not None:
             raise ValueError(
@@ -137,7 +143,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         # At step 0 the Trainer's record of this callback is this instance's own state (of a previous run, if any).
         saved = self._saved_state(state) if state.global_step > 0 else {}
         if saved.get("plan") is not None:
-            self._resume_after_switch(saved, model)
+            self._resume_after_switch(saved, model, args, kwargs.get("lr_scheduler"))
             return
         self._gave_up = bool(saved.get("gave_up", False))
         if self._gave_up:
@@ -150,7 +156,12 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 "a checkpoint of a run with the callback, or raise alpha so that the switch comes after the resumed "
                 "step."
             )
-        self._collector = ImportanceCollector(model, self._layers, cfg.adapter_name, cfg.score_every)
+        self._collector = ImportanceCollector(
+            model, self._layers, cfg.adapter_name, cfg.score_every, cfg.score, cfg.aggregate
+        )
+        if cfg.auto:
+            self._tracker = StabilityTracker(cfg.auto_patience, cfg.auto_min_tau, cfg.auto_min_overlap)
+            self._tracker.load_state_dict(saved.get("stability") or {})
         self._collector.skip_forwards(state.global_step * args.gradient_accumulation_steps)
         if saved.get("totals") and args.process_index == 0:
             self._collector.load_totals(saved["totals"], saved.get("skipped"))
@@ -160,14 +171,14 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 f"max_steps={state.max_steps} now place at step {self._switch_step}: switching now, with the "
                 f"importance collected up to step {state.global_step}."
             )
-            self._switch(args, state, control, model, kwargs.get("optimizer"))
+            self._switch(args, state, control, model, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
             return
         logger.info(
             f"LoRA-drop: collecting importance of {len(self._layers)} LoRA modules until step {self._switch_step} "
             f"of {state.max_steps}."
         )
 
-    def _resume_after_switch(self, saved: dict, model) -> None:
+    def _resume_after_switch(self, saved: dict, model, args: TrainingArguments, scheduler) -> None:
         """Re-apply the checkpoint's plan, under the settings it was made with, whatever the settings are now."""
         self._outcome.plan = DropPlan.from_dict(saved["plan"])
         self._plan_config = saved.get("plan_config") or self.config.to_dict()
@@ -184,6 +195,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 "run to prune with the new settings."
             )
         apply_plan(self._layers, self.plan)
+        self._schedule_restart = saved.get("schedule_restart")
+        if self._schedule_restart is not None:
+            restart_schedule(scheduler, args, **self._schedule_restart)
         self._outcome.lora_params_after = self._count_after()
         self._attach_plan(model)
         logger.info(f"LoRA-drop: re-applied the plan of step {self.plan.step} ({len(self.plan.kept)} kept).")
@@ -191,10 +205,28 @@ class LoraDropCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._collector is None:
             return
-        if state.global_step >= self._switch_step:
-            self._switch(args, state, control, kwargs["model"], kwargs.get("optimizer"))
+        if self._window_is_stable(args, state) or state.global_step >= self._switch_step:
+            self._switch(args, state, control, kwargs["model"], kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
         else:
             self._sum_before_save(args, control)
+
+    def _window_is_stable(self, args: TrainingArguments, state: TrainerState) -> bool:
+        """alpha="auto": at the end of each scoring window, whether the plan has stopped changing.
+
+        Every rank decides on the same all-reduced totals (rank 0 keeps their sum, as before a save), so all switch
+        at the same step.
+        """
+        if self._tracker is None or state.global_step % self.config.window_steps(state.max_steps):
+            return False
+        self._collector.all_reduce(args.device)
+        totals = self._collector.totals()
+        if args.process_index != 0:
+            self._collector.zero()
+        try:
+            kept = self.make_plan(totals, lora_kinds(self._layers, self.config.adapter_name), state.global_step).kept
+        except NoImportanceError:
+            kept = None
+        return self._tracker.update(state.global_step, totals, kept)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._collector is not None:
@@ -248,6 +280,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             "plan_config": self._plan_config,
             "totals": collector.totals() if collector is not None else None,
             "skipped": collector.skipped() if collector is not None else None,
+            "stability": self._tracker.state_dict() if self._tracker is not None and collector is not None else None,
+            "schedule_restart": self._schedule_restart,
             "gave_up": self._gave_up,
         }
         return {"args": self.config.to_dict(), "attributes": {"_checkpoint": checkpoint}}
@@ -259,7 +293,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             saved = saved[-1] if saved else None
         return ((saved or {}).get("attributes") or {}).get("_checkpoint") or {}
 
-    def _switch(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model, optimizer) -> None:
+    def _switch(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model, optimizer, scheduler
+    ) -> None:
         cfg = self.config
         collector, self._collector = self._collector, None
         collector.all_reduce(args.device)
@@ -278,8 +314,15 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             logger.warning(f"LoRA-drop: not pruning, the adapter stays plain LoRA. {err}")
             self._gave_up = True
             return
+        if self._tracker is not None:
+            plan.stability = self._tracker.history
+            logger.info(f"LoRA-drop: alpha='auto' switches at step {state.global_step}:\n{self._tracker.describe()}")
         apply_plan(self._layers, plan)
-        if cfg.mode == "share" and cfg.shared_init == "fresh":
+        if cfg.restart:
+            restart_adapter(model, plan, optimizer, seed=args.seed + state.global_step)
+            self._schedule_restart = {"offset": scheduler_step(scheduler), "remaining": state.max_steps - plan.step}
+            restart_schedule(scheduler, args, **self._schedule_restart)
+        elif cfg.mode == "share" and cfg.shared_init == "fresh":
             reinit_shared(self._layers, plan, optimizer, seed=args.seed + state.global_step)
         self._outcome.plan = plan
         self._plan_config = cfg.to_dict()
@@ -289,10 +332,14 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             f"LoRA-drop plan at step {state.global_step}:\n"
             f"{summary_table(plan, self.lora_params_before, self.lora_params_after)}"
         )
+        warning = coverage_warning(plan)
+        if warning:
+            logger.warning(warning)
         self._pending_logs = {
             "loradrop/kept_modules": len(plan.kept),
             "loradrop/lora_params": self.lora_params_after,
             "loradrop/lora_params_fraction": self.lora_params_after / self.lora_params_before,
+            "loradrop/switch_step": plan.step,
         }
         control.should_log = True
         if state.is_world_process_zero:
@@ -309,7 +356,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             kinds,
             cfg.threshold,
             min_kept=cfg.min_kept,
-            per_kind=cfg.normalize == "kind",
+            normalize=cfg.normalize,
             mode=cfg.mode,
             adapter_name=cfg.adapter_name,
             step=step,

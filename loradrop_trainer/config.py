@@ -49,8 +49,9 @@ class LoraDropConfig:
     auto_patience: int = field(
         default=3,
         metadata={
-            "help": "With alpha='auto': switch after this many consecutive windows in which the kept set did not "
-            "change and the ranking moved little (Kendall tau >= auto_min_tau against the window before)."
+            "help": "With alpha='auto': switch after this many consecutive stable windows: the kept set changed "
+            "little (Jaccard overlap >= auto_min_overlap) and so did the ranking (Kendall tau >= auto_min_tau), both "
+            "against the window before."
         },
     )
     auto_min_tau: float = field(
@@ -58,6 +59,14 @@ class LoraDropConfig:
         metadata={
             "help": "With alpha='auto': the Kendall rank correlation, in (0, 1], between the importance at the end "
             "of two consecutive windows above which the ranking counts as unchanged."
+        },
+    )
+    auto_min_overlap: float = field(
+        default=0.95,
+        metadata={
+            "help": "With alpha='auto': the Jaccard overlap, in (0, 1], between the kept sets at the end of two "
+            "consecutive windows above which the kept set counts as unchanged (1.0: identical; a module right at "
+            "the threshold may enter and leave it from one window to the next while nothing else moves)."
         },
     )
     threshold: float = field(
@@ -163,6 +172,8 @@ class LoraDropConfig:
                 raise ValueError(f"{name} must be a fraction of the training steps in (0, 1), got {value!r}.")
         if not (_is_number(self.auto_min_tau) and 0 < self.auto_min_tau <= 1):
             raise ValueError(f"auto_min_tau must be a Kendall tau in (0, 1], got {self.auto_min_tau!r}.")
+        if not (_is_number(self.auto_min_overlap) and 0 < self.auto_min_overlap <= 1):
+            raise ValueError(f"auto_min_overlap must be a Jaccard overlap in (0, 1], got {self.auto_min_overlap!r}.")
         if not isinstance(self.auto_patience, int) or isinstance(self.auto_patience, bool) or self.auto_patience < 1:
             raise ValueError(f"auto_patience must be a positive number of windows, got {self.auto_patience!r}.")
         if self.score not in SCORES:

@@ -46,6 +46,22 @@ def check_restartable(model: nn.Module, adapter_name: str, scheduler: object) ->
             f"init_lora_weights in {RESTARTABLE_INITS}; this adapter uses {init!r} (data- or weight-dependent). Use "
             "restart=False, or LoraConfig(init_lora_weights=True)."
         )
+    other = [
+        name
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer)
+        and (
+            adapter_name in getattr(layer, "lora_embedding_A", {})
+            or layer.lora_variant.get(adapter_name) is not None
+            or (adapter_name in layer.lora_B and layer.lora_B[adapter_name].bias is not None)
+        )
+    ]
+    if other:
+        raise ValueError(
+            f"LoraDropConfig(restart=True) re-initialises plain LoRA on linear layers; adapter {adapter_name!r} also "
+            f"has {len(other)} other LoRA modules (first: {other[0]}; DoRA, lora_bias or embedding LoRA). Use "
+            "restart=False, or a plain LoRA adapter."
+        )
     if scheduler is not None and not isinstance(_lambda_scheduler(scheduler), LambdaLR):
         raise ValueError(
             f"LoraDropConfig(restart=True) restarts the learning-rate schedule, which it can do for the Trainer's "
@@ -55,27 +71,22 @@ def check_restartable(model: nn.Module, adapter_name: str, scheduler: object) ->
         )
 
 
-def restart_adapter(
-    model: nn.Module,
-    layers: dict[str, LoraLayer],
-    plan: DropPlan,
-    optimizer: torch.optim.Optimizer | None,
-    seed: int,
-    init: bool | str = True,
-) -> None:
+def restart_adapter(model: nn.Module, plan: DropPlan, optimizer: torch.optim.Optimizer | None, seed: int) -> None:
     """Give every LoRA of the re-parameterised model, and its optimizer state, the values of a fresh PEFT model.
 
+    A is drawn once per LoRA layer of the adapter, in model order, as PEFT does when it builds the model; each kept
+    module (and each kind's shared pair, from its first module) takes its own draw, B is zero. Modules the plan
+    ties to a shared pair or switches off take nothing of their own.
+
     Args:
-        model: the PeftModel (for its `modules_to_save` copies).
-        layers: every LoRA layer of the adapter, in model order (`find_lora_layers` without a filter): A is drawn
-            once per layer in this order, as PEFT does when it builds the model, and each kept module (and each
-            shared pair, from its first module) takes its own draw.
-        plan: the applied plan; modules tied to a shared pair or switched off take nothing of their own.
+        model: the PeftModel, re-parameterised by `plan`.
+        plan: the applied plan.
         optimizer: the Trainer's optimizer (torch or DeepSpeed), or None.
         seed: seeds the generator of A; the same on every rank.
-        init: `LoraConfig.init_lora_weights` of the adapter.
     """
     adapter = plan.adapter_name
+    init = getattr(getattr(model, "peft_config", {}).get(adapter), "init_lora_weights", True)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
     generator = torch.Generator().manual_seed(seed)
     draws = {name: fresh_lora_a(layer.lora_A[adapter].weight.shape, generator, init) for name, layer in layers.items()}
     values: dict[nn.Parameter, torch.Tensor] = {}
@@ -93,18 +104,23 @@ def restart_adapter(
     _reset_parameters(values, optimizer)
 
 
-def restart_schedule(scheduler: object, args: TrainingArguments, remaining_steps: int, offset: int) -> None:
-    """From scheduler step `offset` on, follow the run's schedule afresh over `remaining_steps` steps.
+def scheduler_step(scheduler: object) -> int:
+    """How many times the Trainer's scheduler has stepped (its `last_epoch`)."""
+    return _lambda_scheduler(scheduler).last_epoch
+
+
+def restart_schedule(scheduler: object, args: TrainingArguments, offset: int, remaining: int) -> None:
+    """From scheduler step `offset` on, follow the run's schedule afresh over `remaining` steps.
 
     Sets the learning rate of the next optimizer step at once (the first of the new schedule: the start of its
-    warm-up). Idempotent for the same offset, which resuming relies on.
+    warm-up). Idempotent, which resuming relies on.
     """
     inner = _lambda_scheduler(scheduler)
     template = get_scheduler(
         args.lr_scheduler_type,
         optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0),
-        num_warmup_steps=args.get_warmup_steps(remaining_steps),
-        num_training_steps=remaining_steps,
+        num_warmup_steps=args.get_warmup_steps(remaining),
+        num_training_steps=remaining,
         scheduler_specific_kwargs=args.lr_scheduler_kwargs,
     )
     after = template.lr_lambdas[0]

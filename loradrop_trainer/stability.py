@@ -1,9 +1,11 @@
 """alpha="auto": switch as soon as the plan the importance gives has stopped changing.
 
 Every scoring window (a fixed number of optimizer steps) the plan is derived again from the importance collected so
-far. A window is *stable* when the kept set is the same as at the end of the window before and the two importance
-vectors rank the modules alike: Kendall's tau-b between them is at least `min_tau`. After `patience` stable windows
-in a row, more collection would not change the plan, so the switch comes then.
+far. A window is *stable* when its kept set is (nearly) the one of the window before, their Jaccard overlap
+|A & B| / |A | B| at least `min_overlap` (1.0: identical), and the two importance vectors rank the modules alike:
+Kendall's tau-b between them at least `min_tau`. After `patience` stable windows in a row, more collection would
+not change the plan much, so the switch comes then. (A module right at the threshold can enter and leave the kept
+set from one window to the next while nothing else moves; `min_overlap` below 1 lets such a plan count as stable.)
 
 Everything here is a plain function of the (all-reduced) numbers it is given, so every rank of a distributed run
 takes the same decision at the same step.
@@ -41,11 +43,13 @@ class StabilityTracker:
     Args:
         patience: stable windows in a row needed to switch.
         min_tau: Kendall tau-b against the window before at or above which the ranking counts as unchanged.
+        min_overlap: Jaccard overlap with the window before's kept set at or above which it counts as unchanged.
     """
 
-    def __init__(self, patience: int, min_tau: float) -> None:
+    def __init__(self, patience: int, min_tau: float, min_overlap: float = 1.0) -> None:
         self.patience = patience
         self.min_tau = min_tau
+        self.min_overlap = min_overlap
         self.history: list[dict[str, Any]] = []
         self._previous: dict[str, float] | None = None
         self._previous_kept: list[str] | None = None
@@ -59,13 +63,14 @@ class StabilityTracker:
             kept: the modules the plan of that importance keeps; None when no plan could be made (all zero).
         """
         record: dict[str, Any] = {"step": step, "kept": None if kept is None else len(kept), "tau": None}
-        record["same_kept"] = None
+        record["overlap"] = None
         stable = False
         if kept is not None and self._previous is not None:
             names = list(importance)
             record["tau"] = kendall_tau([self._previous[n] for n in names], [importance[n] for n in names])
-            record["same_kept"] = set(kept) == set(self._previous_kept)
-            stable = record["same_kept"] and record["tau"] >= self.min_tau
+            now, before = set(kept), set(self._previous_kept)
+            record["overlap"] = len(now & before) / len(now | before) if now | before else 1.0
+            stable = record["overlap"] >= self.min_overlap and record["tau"] >= self.min_tau
         record["stable"] = stable
         self.history.append(record)
         self._previous = None if kept is None else dict(importance)
@@ -84,10 +89,10 @@ class StabilityTracker:
 
     def describe(self) -> str:
         """The stability curve as one line per window, for the log at the switch."""
-        lines = [f"{'step':>6}{'kept':>6}{'tau':>8}  kept set unchanged"]
+        lines = [f"{'step':>6}{'kept':>6}{'tau':>8}{'overlap':>9}  stable"]
         for r in self.history:
             tau = "-" if r["tau"] is None else f"{r['tau']:.3f}"
             kept = "-" if r["kept"] is None else r["kept"]
-            same = "-" if r["same_kept"] is None else ("yes" if r["same_kept"] else "no")
-            lines.append(f"{r['step']:>6}{kept:>6}{tau:>8}  {same}")
+            overlap = "-" if r["overlap"] is None else f"{r['overlap']:.3f}"
+            lines.append(f"{r['step']:>6}{kept:>6}{tau:>8}{overlap:>9}  {'yes' if r['stable'] else 'no'}")
         return "\n".join(lines)

@@ -103,10 +103,10 @@ def test_per_kind_normalisation_keeps_each_kinds_own_share():
     # q_proj carries almost everything; globally, v_proj would be dropped wholesale.
     imp = _importance([100, 1, 90, 2, 80, 3, 70, 4])
     assert not any(KINDS[n] == "v_proj" for n in build_plan(imp, KINDS, 0.9).kept)
-    plan = build_plan(imp, KINDS, 0.7, per_kind=True)
+    plan = build_plan(imp, KINDS, 0.7, normalize="kind")
     assert [n for n in plan.kept if KINDS[n] == "q_proj"] == ["layers.0.q_proj", "layers.1.q_proj", "layers.2.q_proj"]
     assert [n for n in plan.kept if KINDS[n] == "v_proj"] == ["layers.3.v_proj", "layers.2.v_proj"]
     assert plan.shared == {"q_proj": ["layers.3.q_proj"], "v_proj": ["layers.1.v_proj", "layers.0.v_proj"]}
     assert LoraDropConfig(normalize="kind").normalize == "kind"
     with pytest.raises(ValueError, match="normalize"):
-        LoraDropConfig(normalize="layer")
+        LoraDropConfig(normalize="block")
