@@ -7,18 +7,25 @@ Tasks (real pretrained models and real data, fetched from the package registries
              gsm_symbolic); held-out answer loss, exact match of the final number
   gsm_qv     the same with LoRA on q_proj and v_proj only (the recipe's default)
 
-Variants:
-  lora       plain PEFT LoRA, the baseline
-  T0.8/T0.9/T0.95   LoRA-drop at that threshold (alpha 0.1, shared LoRA starts from the most important dropped one)
-  kind       T0.9 applied within each kind (LoraDropConfig(normalize="kind")) instead of over all modules
-  fresh      T0.9 with the shared LoRA re-initialised at the switch
-  drop       T0.9 with the dropped modules' LoRA removed instead of shared (the paper's ablation)
-  random     as many kept modules as T0.9 keeps, chosen at random (the paper's argument is that output-based
-             selection beats it)
+Variants: `lora` (plain PEFT LoRA, the baseline), or LoRA-drop settings joined by "+" on top of the paper's (alpha
+0.1, T 0.9, score "output", aggregate "sum", normalize "global", shared LoRA from the most important dropped module):
+  T0.8 ...   threshold 0.8
+  kind       normalize="kind": the threshold applies within each kind
+  layer      normalize="layer": the threshold applies within each layer
+  relative   score="relative": ||s B A x||^2 / ||W0 x||^2 instead of the LoRA output norm
+  rank       aggregate="rank": each scored micro-batch ranks the modules, the ranks are summed
+  restart    restart=True: the paper's two stages (fresh LoRA, optimizer state and LR schedule at the switch)
+  auto       alpha="auto": switch once the plan is stable (at the latest at max_alpha)
+  drop       mode="drop": the dropped modules lose their LoRA instead of sharing one (the paper's ablation)
+  fresh      shared_init="fresh": the shared LoRA starts afresh
+  random:V   the kept modules chosen at random, as many LoRA parameters as variant V keeps in the same seed (the
+             first alpha of the steps are the same run as V's, so the plan it matches is the one V makes)
+e.g. `T0.9`, `relative+kind`, `relative+restart`, `random:relative+kind`.
 
-Every run appends one JSON line to benchmarks/results/quality_runs.jsonl, so rows can be (re)made one at a time:
+Every run appends one JSON line to benchmarks/results/quality_runs.jsonl (or --out) as soon as it ends, so rows can
+be (re)made one at a time and a batch killed half-way keeps every finished run:
 
-    python benchmarks/quality.py run --task sarcasm --variants lora T0.9 --seeds 0 1 2
+    python benchmarks/quality.py run --task sarcasm --variants lora T0.8 relative --seeds 0 1 2
     python benchmarks/quality.py run --task all --variants all --seeds 0 1 2
     python benchmarks/quality.py report       # results/quality.md, results/quality.png and the README's section
 """
@@ -31,6 +38,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -40,13 +48,38 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from loradrop_trainer import DropPlan, LoraDropCallback, LoraDropConfig, plan_keeping  # noqa: E402
+from loradrop_trainer import DropPlan, LoraDropCallback, LoraDropConfig, find_lora_layers, plan_keeping  # noqa: E402
+from loradrop_trainer.lora_layers import lora_parameters  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS_FILE = RESULTS / "quality_runs.jsonl"
 README = ROOT / "README.md"
 README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
-VARIANTS = ["lora", "T0.8", "T0.9", "T0.95", "kind", "fresh", "drop", "random"]
+VARIANTS = [
+    "lora",
+    "T0.8",
+    "T0.9",
+    "kind",
+    "layer",
+    "relative",
+    "rank",
+    "relative+kind",
+    "relative+rank",
+    "restart",
+    "auto",
+    "drop",
+    "random:T0.9",
+]
+SETTINGS = {
+    "kind": {"normalize": "kind"},
+    "layer": {"normalize": "layer"},
+    "relative": {"score": "relative"},
+    "rank": {"aggregate": "rank"},
+    "restart": {"restart": True},
+    "auto": {"alpha": "auto"},
+    "drop": {"mode": "drop"},
+    "fresh": {"shared_init": "fresh"},
+}
 TASKS = ["sarcasm", "polarity", "gsm", "gsm_qv"]
 GSM_TARGETS = {
     "gsm": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -54,97 +87,110 @@ GSM_TARGETS = {
 }
 
 
-class RandomSelectionCallback(LoraDropCallback):
-    """Keeps as many modules as the importance plan would, but chosen uniformly at random (seeded)."""
+def variant_config(variant: str) -> LoraDropConfig | None:
+    """The LoraDropConfig a variant name stands for (None for plain LoRA); `random:V` has the config of V."""
+    if variant == "lora":
+        return None
+    settings: dict = {}
+    for token in variant.removeprefix("random:").split("+"):
+        if token.startswith("T"):
+            settings["threshold"] = float(token[1:])
+        elif token in SETTINGS:
+            settings.update(SETTINGS[token])
+        else:
+            raise ValueError(f"unknown part {token!r} of variant {variant!r}; use 'lora', T<x> or {sorted(SETTINGS)}")
+    return LoraDropConfig(**settings)
 
-    def __init__(self, seed: int, **kwargs) -> None:
-        super().__init__(**kwargs)
+
+class RandomSelectionCallback(LoraDropCallback):
+    """Keeps modules chosen uniformly at random (seeded) that hold as many LoRA parameters as the plan of the same
+    settings would keep."""
+
+    def __init__(self, config: LoraDropConfig, seed: int) -> None:
+        super().__init__(config)
         self.seed = seed
+        self._sizes: dict[str, int] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        cfg = self.config
+        layers = find_lora_layers(kwargs["model"], cfg.adapter_name, cfg.target, cfg.exclude)
+        self._sizes = {name: sum(p.numel() for p in lora_parameters(m, cfg.adapter_name)) for name, m in layers.items()}
+        return super().on_train_begin(args, state, control, **kwargs)
 
     def make_plan(self, importance: dict[str, float], kinds: dict[str, str], step: int) -> DropPlan:
-        by_importance = super().make_plan(importance, kinds, step)
-        kept = random.Random(self.seed).sample(sorted(kinds), len(by_importance.kept))
-        return plan_keeping(importance, kinds, kept, self.config.threshold, step=step)
+        target = sum(self._sizes[name] for name in super().make_plan(importance, kinds, step).kept)
+        kept, size = [], 0
+        for name in random.Random(self.seed).sample(sorted(kinds), len(kinds)):
+            if abs(size + self._sizes[name] - target) < abs(size - target):
+                kept.append(name)
+                size += self._sizes[name]
+        cfg = self.config
+        return plan_keeping(
+            importance, kinds, kept, cfg.threshold, mode=cfg.mode, adapter_name=cfg.adapter_name, step=step
+        )
 
 
 def make_callback(variant: str, seed: int) -> LoraDropCallback | None:
-    if variant == "lora":
+    config = variant_config(variant)
+    if config is None:
         return None
-    if variant.startswith("T"):
-        return LoraDropCallback(LoraDropConfig(threshold=float(variant[1:])))
-    if variant == "kind":
-        return LoraDropCallback(LoraDropConfig(normalize="kind"))
-    if variant == "fresh":
-        return LoraDropCallback(LoraDropConfig(shared_init="fresh"))
-    if variant == "drop":
-        return LoraDropCallback(LoraDropConfig(mode="drop"))
-    if variant == "random":
-        return RandomSelectionCallback(seed=seed)
-    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if variant.startswith("random:"):
+        return RandomSelectionCallback(config, seed)
+    return LoraDropCallback(config)
+
+
+def encoder_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path) -> list[str]:
+    """`recipes/quickstart.py` flags of an encoder task (the data sizes of the README's rows)."""
+    sizes = {"sarcasm": (6000, 2000), "polarity": (3000, 1000)}[task]
+    argv = [
+        "--dataset", args.data.get(task, task), "--train_size", str(sizes[0]), "--eval_size", str(sizes[1]),
+        "--max_steps", str(args.steps or 300), "--seed", str(seed), "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    return argv + (["--model", args.model] if args.model else [])
 
 
 def run_encoder(task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     from recipes import quickstart
 
-    sizes = {"sarcasm": (6000, 2000), "polarity": (3000, 1000)}[task]
-    argv = [
-        "--dataset",
-        args.data.get(task, task),
-        "--train_size",
-        str(sizes[0]),
-        "--eval_size",
-        str(sizes[1]),
-        "--max_steps",
-        str(args.steps or 300),
-        "--seed",
-        str(seed),
-        "--output_dir",
-        str(Path(args.work_dir) / f"{task}-{variant}-{seed}"),
-    ]
-    if args.model:
-        argv += ["--model", args.model]
     callback = make_callback(variant, seed)
+    argv = encoder_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}")
     _, metrics = quickstart.train(quickstart.parse_args(argv), callback)
     return {**metrics, **_params(callback)}
 
 
-GSM_VARIANT_FLAGS = {
-    "lora": ["--no_loradrop"],
-    "T0.8": ["--threshold", "0.8"],
-    "T0.9": ["--threshold", "0.9"],
-    "T0.95": ["--threshold", "0.95"],
-    "kind": ["--normalize", "kind"],
-    "fresh": ["--shared_init", "fresh"],
-    "drop": ["--mode", "drop"],
-    "random": ["--no_loradrop"],  # the recipe trains plain LoRA; RandomSelectionCallback below does the pruning
-}
+def gsm_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path) -> list[str]:
+    """`recipes/llama2_gsm8k.py` flags of a GSM task: SmolLM2-135M-Instruct, chat template, answer-only loss, plain
+    LoRA (a LoRA-drop variant comes in as a callback)."""
+    from recipes import assets, gsm8k_data
 
-
-def run_gsm(task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
-    """SmolLM2-135M-Instruct on GSM-Symbolic through the GSM8K recipe itself (chat template, answer-only loss)."""
-    from recipes import assets, gsm8k_data, llama2_gsm8k
-
-    work = Path(args.work_dir)
     train_file, eval_file = args.data.get("gsm_train"), args.data.get("gsm_eval")
     if train_file is None or eval_file is None:
-        train_file, eval_file = gsm8k_data.write_gsm_symbolic(work / "gsm_symbolic", 2000, 200, 0)
+        train_file, eval_file = gsm8k_data.write_gsm_symbolic(Path(args.work_dir) / "gsm_symbolic", 2000, 200, 0)
     argv = [
         "--model", args.model or str(assets.smollm2_path()), "--chat_template",
         "--train_file", str(train_file), "--eval_file", str(eval_file),
         "--max_steps", str(args.steps or 300), "--per_device_train_batch_size", str(args.batch_size or 8),
         "--learning_rate", "5e-4", "--target_modules", GSM_TARGETS[task],
-        "--max_length", "384", "--max_eval_samples", str(args.eval_samples), "--max_new_tokens", "160",
-        "--per_device_eval_batch_size", "16", "--save_steps", "100000", "--seed", str(seed),
-        "--output_dir", str(work / f"{task}-{variant}-{seed}"), *GSM_VARIANT_FLAGS[variant],
+        "--max_length", "384", "--max_eval_samples", str(args.eval_samples),
+        "--max_new_tokens", str(args.max_new_tokens), "--per_device_eval_batch_size", "32", "--save_steps", "0",
+        "--logging_steps", "25", "--seed", str(seed), "--output_dir", str(output_dir),
+        "--no_loradrop",  # the recipe's own callback stays off; a variant's comes in through `callbacks`
     ]  # fmt: skip
-    if torch.cuda.is_available():
-        argv.append("--bf16")
-    extra = [RandomSelectionCallback(seed=seed)] if variant == "random" else []
-    results = llama2_gsm8k.main(argv, callbacks=extra)
-    out = {"eval_loss": results["eval_loss"], "exact_match": results["accuracy"], "eval_examples": args.eval_samples}
-    if variant != "lora":
-        out.update(lora_params_before=results["lora_params_before"], lora_params_after=results["lora_params_after"])
-    return out
+    return argv + (["--bf16"] if torch.cuda.is_available() else [])
+
+
+def run_gsm(task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
+    from recipes import llama2_gsm8k
+
+    callback = make_callback(variant, seed)
+    argv = gsm_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}")
+    results = llama2_gsm8k.main(argv, callbacks=[callback] if callback is not None else [])
+    return {
+        "eval_loss": results["eval_loss"],
+        "exact_match": results["accuracy"],
+        "eval_examples": results["eval_samples"],
+        **_params(callback),
+    }
 
 
 def _params(callback: LoraDropCallback | None) -> dict:
@@ -152,7 +198,8 @@ def _params(callback: LoraDropCallback | None) -> dict:
         return {}
     out = {"lora_params_before": callback.lora_params_before, "lora_params_after": callback.lora_params_after}
     if callback.plan is not None:
-        out.update(kept_modules=len(callback.plan.kept), lora_modules=len(callback.plan.kinds))
+        plan = callback.plan
+        out.update(kept_modules=len(plan.kept), lora_modules=len(plan.kinds), switch_step=plan.step)
     return out
 
 
@@ -165,24 +212,34 @@ def hardware() -> str:
 def cmd_run(args: argparse.Namespace) -> None:
     tasks = TASKS if args.task == "all" else [args.task]
     variants = VARIANTS if args.variants == ["all"] else args.variants
-    args.data = dict(item.split("=", 1) for item in args.data)
+    for variant in variants:
+        variant_config(variant)  # a misspelt variant fails now, not after hours of runs
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         for seed in args.seeds:
             for variant in variants:
+                start = time.perf_counter()
                 if task in GSM_TARGETS:
                     metrics = run_gsm(task, variant, seed, args)
                 else:
                     metrics = run_encoder(task, variant, seed, args)
-                row = {"task": task, "variant": variant, "seed": seed, "hardware": hardware(), **metrics}
-                with out.open("a") as f:
+                row = {
+                    "task": task,
+                    "variant": variant,
+                    "seed": seed,
+                    "hardware": hardware(),
+                    "steps": args.steps or 300,
+                    "wall_minutes": round((time.perf_counter() - start) / 60, 3),
+                    **metrics,
+                }
+                with out.open("a") as f:  # one write of one line: concurrent runs appending never interleave
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
 
 
 def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
-    """Mean and spread over seeds for each (task, variant); the LoRA parameter fraction kept."""
+    """Mean and spread over seeds for each (task, variant); the LoRA parameter fraction kept; the switch steps."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["task"], row["variant"])].append(row)
@@ -193,8 +250,13 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
             values = [run[metric] for run in runs if metric in run]
             if values:
                 stats[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-        fractions = [run["lora_params_after"] / run["lora_params_before"] for run in runs if "lora_params_after" in run]
+        fractions = [
+            run["lora_params_after"] / run["lora_params_before"] for run in runs if run.get("lora_params_after")
+        ]
         stats["params"] = statistics.mean(fractions) if fractions else 1.0
+        switches = sorted({run["switch_step"] for run in runs if run.get("switch_step") is not None})
+        stats["switch"] = "-".join(str(s) for s in {switches[0], switches[-1]}) if switches else ""
+        stats["steps"] = ", ".join(str(s) for s in sorted({run.get("steps", 300) for run in runs}))
         stats["hardware"] = ", ".join(sorted({run["hardware"] for run in runs}))
         summary[key] = stats
     return summary
@@ -202,11 +264,11 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
 
 def markdown(summary: dict[tuple[str, str], dict]) -> str:
     lines = [
-        "| task | variant | seeds | accuracy | macro-F1 | answer loss | exact match | LoRA params kept | hardware |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | variant | seeds | accuracy | macro-F1 | answer loss | exact match | LoRA params kept | switch step "
+        "| steps | hardware |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    for (task, variant), stats in sorted(summary.items(), key=lambda kv: (TASKS.index(kv[0][0]), order[kv[0][1]])):
+    for (task, variant), stats in sorted(summary.items(), key=lambda kv: (TASKS.index(kv[0][0]), _order(kv[0][1]))):
         cells = []
         for metric, scale in (("accuracy", 100), ("macro_f1", 100), ("eval_loss", 1), ("exact_match", 100)):
             if metric in stats:
@@ -216,14 +278,19 @@ def markdown(summary: dict[tuple[str, str], dict]) -> str:
             else:
                 cells.append("")
         row = f"| {task} | {variant} | {stats['n']} | " + " | ".join(cells)
-        lines.append(row + f" | {stats['params']:.0%} | {stats['hardware']} |")
+        lines.append(row + f" | {stats['params']:.0%} | {stats['switch']} | {stats['steps']} | {stats['hardware']} |")
     lines.append("")
     lines.append(
         "Mean ± standard deviation over seeds; accuracy, F1 and exact match in %. Each row: "
         "`python benchmarks/quality.py run --task TASK --variants VARIANT --seeds 0 1 2`, then "
-        "`python benchmarks/quality.py report` (gsm rows: `--seeds 0 --steps 60 --batch_size 4 --eval_samples 50`)."
+        "`python benchmarks/quality.py report`; `benchmarks/quality_gpu.sh` runs them all on one GPU."
     )
     return "\n".join(lines)
+
+
+def _order(variant: str) -> tuple[int, str]:
+    """Listed variants first, in their order, then the others (random:V, other compositions) by name."""
+    return (VARIANTS.index(variant), "") if variant in VARIANTS else (len(VARIANTS), variant)
 
 
 def plot(summary: dict[tuple[str, str], dict], path: Path) -> None:
@@ -233,16 +300,17 @@ def plot(summary: dict[tuple[str, str], dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = [t for t in TASKS if any(k[0] == t for k in summary)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(12, 3.6 * len(tasks)), squeeze=False)
+    for ax, task in zip(axes[:, 0], tasks):
         metric = "eval_loss" if task in GSM_TARGETS else "accuracy"
-        variants = [v for v in VARIANTS if (task, v) in summary and metric in summary[(task, v)]]
+        variants = sorted((v for t, v in summary if t == task and metric in summary[(t, v)]), key=_order)
         means = [summary[(task, v)][metric][0] for v in variants]
         spreads = [summary[(task, v)][metric][1] for v in variants]
         ax.bar(variants, means, yerr=spreads, color=["tab:gray" if v == "lora" else "tab:blue" for v in variants])
         low = min(m - s for m, s in zip(means, spreads))
         high = max(m + s for m, s in zip(means, spreads))
-        ax.set_ylim(low - (high - low) * 0.5, high + (high - low) * 0.5)
+        margin = (high - low) * 0.5 or abs(high) * 0.01
+        ax.set_ylim(low - margin, high + margin)
         ax.set_title(f"{task}: {'answer loss (lower is better)' if task in GSM_TARGETS else 'held-out accuracy'}")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -258,7 +326,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     (RESULTS / "quality.md").write_text(table + "\n")
     plot(summary, RESULTS / "quality.png")
     text = README.read_text()
-    if README_START in text and README_END in text:
+    if args.readme and README_START in text and README_END in text:
         head, rest = text.split(README_START, 1)
         _, tail = rest.split(README_END, 1)
         README.write_text(
@@ -267,28 +335,37 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(table)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train and evaluate; append one JSON line per run")
-    run.add_argument("--task", choices=[*TASKS, "all"], default="sarcasm")
-    run.add_argument("--variants", nargs="+", default=["lora", "T0.9"], help=f"some of {VARIANTS}, or 'all'")
-    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    run.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300)")
-    run.add_argument("--model", default=None, help="local path or Hub id instead of the task's default model")
-    run.add_argument("--batch_size", type=int, default=None, help="gsm: sequences per step (default 8)")
-    run.add_argument("--eval_samples", type=int, default=200, help="gsm: held-out problems to score")
-    run.add_argument(
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how a task trains and evaluates (shared with benchmarks/contribution.py)."""
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300)")
+    parser.add_argument("--model", default=None, help="local path or Hub id instead of the task's default model")
+    parser.add_argument("--batch_size", type=int, default=None, help="gsm: sequences per step (default 8)")
+    parser.add_argument("--eval_samples", type=int, default=200, help="gsm: held-out problems to score")
+    parser.add_argument("--max_new_tokens", type=int, default=160, help="gsm: longest generated solution, in tokens")
+    parser.add_argument(
         "--data",
         nargs="*",
         default=[],
         help="local data instead of fetching: sarcasm=FILE polarity=FILE gsm_train=FILE gsm_eval=FILE (JSONL)",
     )
-    run.add_argument("--work_dir", default="out/quality")
+    parser.add_argument("--work_dir", default="out/quality")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate; append one JSON line per run")
+    run.add_argument("--task", choices=[*TASKS, "all"], default="sarcasm")
+    run.add_argument("--variants", nargs="+", default=["lora", "T0.9"], help="variant names (see above), or 'all'")
+    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    add_task_arguments(run)
     run.add_argument("--out", default=str(RUNS_FILE))
     report = sub.add_parser("report", help="summarise the runs into a table, a plot and the README section")
     report.add_argument("--runs", default=str(RUNS_FILE))
+    report.add_argument("--no_readme", dest="readme", action="store_false", help="leave README.md as it is")
     args = parser.parse_args(argv)
+    if args.command == "run":
+        args.data = dict(item.split("=", 1) for item in args.data)
     {"run": cmd_run, "report": cmd_report}[args.command](args)
 
 
