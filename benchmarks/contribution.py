@@ -259,7 +259,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("held-out answer loss" if task in GSM_TARGETS else "held-out loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("LoRA modules switched off in ascending order of importance (at alpha=0.1) vs at random")
+    fig.suptitle(
+        "LoRA modules switched off: ascending importance\n(measured over the first 10% of the steps) vs random order"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -296,10 +298,11 @@ def _area(points: list[dict]) -> float:
 
 def cmd_report(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in Path(args.runs).read_text().splitlines() if line.strip()]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot_curves(rows, RESULTS / "contribution.png")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    plot_curves(rows, results / "contribution.png")
     table = markdown(rows)
-    (RESULTS / "contribution.md").write_text(table + "\n")
+    (results / "contribution.md").write_text(table + "\n")
     print(table)
 
 
@@ -314,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--out", default=str(RUNS_FILE))
     report = sub.add_parser("report", help="draw the curves and write the tables into benchmarks/results/")
     report.add_argument("--runs", default=str(RUNS_FILE))
+    report.add_argument("--results", default=str(RESULTS), help="where contribution.png and contribution.md go")
     args = parser.parse_args(argv)
     if args.command == "run":
         args.data = dict(item.split("=", 1) for item in args.data)

@@ -322,9 +322,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in Path(args.runs).read_text().splitlines() if line.strip()]
     summary = summarise(rows)
     table = markdown(summary)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.md").write_text(table + "\n")
-    plot(summary, RESULTS / "quality.png")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "quality.md").write_text(table + "\n")
+    plot(summary, results / "quality.png")
     text = README.read_text()
     if args.readme and README_START in text and README_END in text:
         head, rest = text.split(README_START, 1)
@@ -362,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--out", default=str(RUNS_FILE))
     report = sub.add_parser("report", help="summarise the runs into a table, a plot and the README section")
     report.add_argument("--runs", default=str(RUNS_FILE))
+    report.add_argument("--results", default=str(RESULTS), help="where quality.md and quality.png go")
     report.add_argument("--no_readme", dest="readme", action="store_false", help="leave README.md as it is")
     args = parser.parse_args(argv)
     if args.command == "run":
