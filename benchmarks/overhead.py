@@ -13,6 +13,7 @@ slow drifts of a shared machine. The whole-run ratio is `alpha * collect + (1 - 
 
     python benchmarks/overhead.py --preset cpu-40m                                   # CPU, ~40M parameters
     python benchmarks/overhead.py --preset llama2-7b --targets all --device cuda    # H200, Llama-2-7B width
+    python benchmarks/overhead.py --preset llama2-7b --targets all --score relative --aggregate rank
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loradrop_trainer import DropPlan, apply_plan, build_plan, find_lora_layers, lora_kinds
-from loradrop_trainer.importance import ImportanceCollector
+from loradrop_trainer.importance import AGGREGATES, SCORES, ImportanceCollector
 
 PRESETS = {
     "cpu-40m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threshold", type=float, default=None)
     parser.add_argument("--out", default="benchmarks/results/overhead")
     parser.add_argument("--score_every", type=int, default=1, help="LoraDropConfig.score_every for the hooks")
+    parser.add_argument("--score", choices=SCORES, default="output", help="LoraDropConfig.score for the hooks")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default="sum", help="LoraDropConfig.aggregate")
     parser.add_argument("--profile", action="store_true", help="print a profile of one step with the hooks on")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -106,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
     # Installed once, as in a real run: building the collector (and its index tensors, on the first forward) is
     # set-up, not per-step cost.
-    collecting = ImportanceCollector(hooked, find_lora_layers(hooked), score_every=args.score_every)
+    collecting = ImportanceCollector(
+        hooked, find_lora_layers(hooked), score_every=args.score_every, score=args.score, aggregate=args.aggregate
+    )
 
     collector = ImportanceCollector(tied, find_lora_layers(tied))
     train_steps(tied, tied_opt, batch, 2, autocast)
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_whole_run": args.alpha * ratios["collect"] + (1 - args.alpha) * ratios["tied"],
         "alpha": args.alpha,
         "score_every": args.score_every,
+        "score": args.score,
+        "aggregate": args.aggregate,
         "paired_ratio_quartiles": {name: statistics.quantiles(r, n=4) for name, r in paired.items() if name != "lora"},
         "scored_modules": sum(total > 0 for total in collecting.totals().values()),
     }
@@ -166,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"_every{args.score_every}" if args.score_every > 1 else ""
+    suffix += f"_{args.score}" if args.score != "output" else ""
+    suffix += f"_{args.aggregate}" if args.aggregate != "sum" else ""
     (out / f"overhead_{args.preset}_{args.targets}_{args.device.split(':')[0]}{suffix}.json").write_text(
         json.dumps(result, indent=2)
     )
