@@ -1,19 +1,14 @@
 #!/usr/bin/env bash
-# The encoder rows of benchmarks/quality.py on a GPU machine, one process per variant in parallel (the models are
-# small, so one GPU runs them side by side). Expects .carry/enc (MiniLM stored in fp16 and loaded in fp32, the two
-# data sets as JSONL, wheels), made by benchmarks/prepare_carry.py; results go to $OUT.
+# Every row of benchmarks/quality.py and the measurements of benchmarks/contribution.py on one GPU, in two commands of
+# at most 9 minutes: part 1 the decoder with LoRA on all seven kinds (and the contribution runs of both decoder
+# tasks), part 2 the encoders and the decoder with LoRA on q,v. Needs what benchmarks/prepare_carry.py packs:
+# .carry/run (wheels, data) carried with each command, and every part of .carry/models carried before it or with it
+# (benchmarks/carry_models.py stash keeps them in /tmp). Results go straight to $OUT; flags after the part go to
+# benchmarks/gpu_batch.py (e.g. --candidate relative --budget_s 450).
+#
+#   bash benchmarks/quality_gpu.sh 1        # then, right after it:  bash benchmarks/quality_gpu.sh 2
 set -u
-WHEELS=.carry/enc/whl source benchmarks/device_setup.sh || exit 1
-work=/tmp/quality && mkdir -p $work
-data="sarcasm=.carry/enc/sarcasm.jsonl polarity=.carry/enc/polarity.jsonl"
-for variant in lora T0.8 T0.9 T0.95 fresh drop random; do
-  for task in sarcasm polarity; do
-    python3 benchmarks/quality.py run --task $task --variants $variant --seeds 0 1 2 --model .carry/enc/minilm \
-      --data $data --work_dir $work --out "$work/runs_${task}_${variant}.jsonl" > "$work/log_${task}_${variant}.txt" 2>&1 &
-  done
-done
-wait
-cat $work/runs_*.jsonl > "$OUT/quality_runs.jsonl"
-tail -n 5 $work/log_*.txt > "$OUT/logs.txt"
-grep -l Traceback $work/log_*.txt && grep -h -A3 Error $work/log_*.txt | head -40
-wc -l "$OUT/quality_runs.jsonl"
+part=${1:?usage: benchmarks/quality_gpu.sh 1|2 [gpu_batch.py flags]}
+WHEELS=.carry/run/whl source benchmarks/device_setup.sh || exit 1
+python3 benchmarks/carry_models.py unpack --to /tmp/models || exit 1
+python3 benchmarks/gpu_batch.py --part "$part" --out "${OUT:?}" --models /tmp/models --data .carry/run "${@:2}"

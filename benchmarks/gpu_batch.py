@@ -1,0 +1,184 @@
+"""Runs many small benchmark processes side by side on one GPU, within a time budget, most important first.
+
+MiniLM and SmolLM2-135M use a small part of an H200, so one GPU takes a dozen runs at once. The jobs of a part (the
+quality rows of benchmarks/quality.py and the measurements of benchmarks/contribution.py) are queued in priority
+order: the decoder with LoRA on all seven kinds before the rest, every variant's first seed before any second seed.
+A job starts only while the time it is expected to take (learnt from the finished jobs of its kind) still fits the
+budget; at the end of the budget the jobs still running are stopped. Every job appends its own result line to a file
+directly under --out as it ends, and this launcher appends one line per job to jobs.tsv, so a command stopped at its
+time limit still returns everything that finished.
+
+    python3 benchmarks/gpu_batch.py --part 1 --out "$OUT" --models /tmp/models --data .carry/run
+    python3 benchmarks/gpu_batch.py --part 1 --out /tmp/toy --toy      # the same jobs at toy size, on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1, 2)
+# The variants of each task. CANDIDATE is the scoring the other settings (restart, auto, drop, random selection) are
+# measured with: the likely default, by the CPU signal; --candidate changes it.
+SCORINGS = ["T0.8", "T0.9", "kind", "layer", "relative", "rank", "relative+kind"]
+WITH_CANDIDATE = ["{c}+restart", "{c}+auto", "{c}+drop", "random:{c}", "random:T0.9"]
+# Expected minutes per job kind before any has finished (an H200 shared by a dozen processes).
+FIRST_GUESS_MIN = {"encoder": 1.0, "gsm": 3.0, "gsm_qv": 2.5, "contribution-encoder": 2.0, "contribution-gsm": 4.0}
+
+
+@dataclass
+class Job:
+    name: str
+    kind: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    log: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def task_args(task: str, args: argparse.Namespace) -> list[str]:
+    """Model, data and size flags of a task (quality.py and contribution.py take the same)."""
+    data = Path(args.data)
+    if task in ("gsm", "gsm_qv"):
+        sizes = ["--steps", str(args.gsm_steps), "--batch_size", str(args.gsm_batch), "--eval_samples"]
+        sizes += [str(args.gsm_eval), "--max_new_tokens", str(args.gsm_new_tokens)]
+        files = [f"gsm_train={data / 'gsm' / 'train.jsonl'}", f"gsm_eval={data / 'gsm' / 'test.jsonl'}"]
+        return [*sizes, "--model", str(Path(args.models) / "smollm2"), "--data", *files]
+    sizes = ["--steps", str(args.encoder_steps)]
+    return [*sizes, "--model", str(Path(args.models) / "minilm"), "--data", f"{task}={data / f'{task}.jsonl'}"]
+
+
+def jobs_of_part(part: int, args: argparse.Namespace) -> list[Job]:
+    """Part 1: the decoder with LoRA on all seven kinds. Part 2: the encoders and the decoder's q,v."""
+    variants = ["lora", *SCORINGS, *(v.format(c=args.candidate) for v in WITH_CANDIDATE)]
+    tasks = ["gsm"] if part == 1 else ["sarcasm", "polarity", "gsm_qv"]
+    contribution_tasks = ["gsm", "gsm_qv"] if part == 1 else ["sarcasm", "polarity"]
+    jobs = []
+    for task in contribution_tasks:
+        kind = "contribution-gsm" if task.startswith("gsm") else "contribution-encoder"
+        argv = ["benchmarks/contribution.py", "run", "--task", task, "--seeds", "0", "--points", str(args.points)]
+        argv += ["--out", str(Path(args.out) / "contribution_runs.jsonl"), *task_args(task, args)]
+        jobs.append(Job(f"contribution-{task}", kind, argv))
+    for seed in SEEDS[: args.seeds]:
+        for task in tasks:
+            kind = task if task.startswith("gsm") else "encoder"
+            for variant in variants:
+                argv = ["benchmarks/quality.py", "run", "--task", task, "--variants", variant, "--seeds", str(seed)]
+                argv += ["--out", str(Path(args.out) / "quality_runs.jsonl"), *task_args(task, args)]
+                jobs.append(Job(f"{task}-{variant}-{seed}", kind, argv))
+    return jobs
+
+
+class Launcher:
+    def __init__(self, jobs: list[Job], args: argparse.Namespace) -> None:
+        self.queue, self.running, self.args = list(jobs), [], args
+        self.minutes: dict[str, list[float]] = {}
+        self.start = time.monotonic()
+        self.logs = Path(args.work_dir) / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.table = Path(args.out) / "jobs.tsv"
+
+    def expected_s(self, job: Job) -> float:
+        seen = self.minutes.get(job.kind)
+        return 60 * (statistics.median(seen) if seen else FIRST_GUESS_MIN[job.kind] * self.args.guess_scale)
+
+    def left_s(self) -> float:
+        return self.args.budget_s - (time.monotonic() - self.start)
+
+    def launch(self, job: Job) -> None:
+        job.log = self.logs / f"{job.name.replace(':', '_').replace('+', '_')}.log"
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_DATASETS_CACHE": str(Path(self.args.work_dir) / "hf_datasets" / job.name.replace(":", "_")),
+        }
+        argv = [sys.executable, *job.argv, "--work_dir", str(Path(self.args.work_dir) / "runs" / job.name)]
+        with job.log.open("w") as log:
+            job.process = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        job.started = time.monotonic()
+        self.running.append(job)
+
+    def record(self, job: Job, outcome: str) -> None:
+        minutes = (time.monotonic() - job.started) / 60
+        if outcome == "ok":
+            self.minutes.setdefault(job.kind, []).append(minutes)
+        with self.table.open("a") as f:
+            f.write(f"{job.name}\t{job.kind}\t{outcome}\t{job.started - self.start:.0f}\t{minutes:.2f}\n")
+        if outcome != "ok":
+            tail = job.log.read_text(errors="replace").splitlines()[-25:]
+            with (Path(self.args.out) / "failures.txt").open("a") as f:
+                f.write(f"== {job.name}: {outcome}\n" + "\n".join(tail) + "\n")
+
+    def run(self) -> None:
+        while self.queue or self.running:
+            for job in [j for j in self.running if j.process.poll() is not None]:
+                self.running.remove(job)
+                self.record(job, "ok" if job.process.returncode == 0 else f"exit {job.process.returncode}")
+            while self.queue and len(self.running) < self.args.jobs:
+                job = self.queue.pop(0)
+                if self.expected_s(job) > self.left_s():
+                    self.record_skipped(job)
+                    continue
+                self.launch(job)
+            if self.left_s() <= 0:
+                for job in self.running:
+                    os.killpg(job.process.pid, signal.SIGKILL)
+                    job.process.wait()
+                    self.record(job, "stopped at the end of the budget")
+                self.running.clear()
+                for job in self.queue:
+                    self.record_skipped(job)
+                self.queue.clear()
+            time.sleep(1)
+
+    def record_skipped(self, job: Job) -> None:
+        with self.table.open("a") as f:
+            f.write(f"{job.name}\t{job.kind}\tnot started: expected {self.expected_s(job) / 60:.1f} min\t-\t-\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", type=int, choices=[1, 2], required=True)
+    parser.add_argument("--out", required=True, help="where the result files go ($OUT on the GPU machine)")
+    parser.add_argument("--models", default="/tmp/models", help="minilm/ and smollm2/ (benchmarks/carry_models.py)")
+    parser.add_argument("--data", default=".carry/run", help="sarcasm.jsonl, polarity.jsonl, gsm/{train,test}.jsonl")
+    parser.add_argument("--work_dir", default="/tmp/gpu_batch")
+    parser.add_argument("--budget_s", type=float, default=480, help="stop every job after this many seconds")
+    parser.add_argument("--jobs", type=int, default=12, help="processes at a time")
+    parser.add_argument("--candidate", default="relative+kind", help="scoring that restart/auto/drop/random use")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (0, 1, 2)")
+    parser.add_argument("--encoder_steps", type=int, default=300)
+    parser.add_argument("--gsm_steps", type=int, default=150)
+    parser.add_argument("--gsm_batch", type=int, default=8)
+    parser.add_argument("--gsm_eval", type=int, default=200, help="held-out GSM problems (answer loss, exact match)")
+    parser.add_argument("--gsm_new_tokens", type=int, default=160)
+    parser.add_argument("--points", type=int, default=10, help="contribution: removed shares 0, 1/points, ..., 1")
+    parser.add_argument("--guess_scale", type=float, default=1.0, help="scales the first guesses of job durations")
+    parser.add_argument("--toy", action="store_true", help="tiny sizes, to test the whole pipeline on a CPU")
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.encoder_steps, args.gsm_steps, args.gsm_batch, args.gsm_eval, args.gsm_new_tokens = 20, 20, 2, 4, 8
+        args.points = 2
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    jobs = jobs_of_part(args.part, args)
+    Path(args.out, "plan.json").write_text(json.dumps({"args": vars(args), "jobs": [j.name for j in jobs]}, indent=1))
+    print(f"part {args.part}: {len(jobs)} jobs, {args.jobs} at a time, budget {args.budget_s:.0f} s", flush=True)
+    Launcher(jobs, args).run()
+    print(Path(args.out, "jobs.tsv").read_text(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
