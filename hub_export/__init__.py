@@ -9,6 +9,10 @@ expand_to_peft("out/compact", "out/peft")                        # plain PEFT ad
 push_to_hub("out/compact", "user/repo")                          # returns the commit URL
 model = load_from_hub(base_model, "user/repo", revision=None)
 ```
+
+Local paths and Hub repos are never confused: only `load_from_hub`, `pull` and `push_to_hub` reach the Hub. Every
+adapter is checked as untrusted input before it is used (`hub_export.validate`), and nothing is written over a
+directory holding files this package did not write (`hub_export.atomic`).
 """
 
 from .compact import CompactAdapter, read_compact, save_compact
@@ -26,7 +30,7 @@ from .errors import (
     UnsupportedFormatVersionError,
 )
 from .expand import expand_to_peft
-from .hub import load_from_hub, pull, push_to_hub
+from .hub import PushInfo, load_from_hub, pull, push_to_hub
 from .loader import load_compact
 
 __all__ = [
@@ -39,6 +43,7 @@ __all__ = [
     "HubError",
     "HubOfflineError",
     "PlanError",
+    "PushInfo",
     "RepoNotFoundError",
     "TargetExistsError",
     "UnsupportedFormatVersionError",
