@@ -8,15 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import LoraDropConfig
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters
+<<<<<<< HEAD
 from .plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR, DropPlan, NoImportanceError, build_plan, coverage_warning
 from .reparam import UntiedLora, apply_plan, reinit_shared
+=======
+from .plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR, DropPlan, NoImportanceError, build_plan
+from .reparam import UntiedLora, apply_plan, reinit_shared, zero_dropped
+>>>>>>> main
 from .report import PLOT_FILE, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
 from .stability import StabilityTracker
@@ -251,6 +258,13 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 state.log_history[-1].update(self._pending_logs)
             self._pending_logs = {}
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Put the plan into the checkpoint next to its adapter, so `loradrop compact checkpoint-N` finds it."""
+        if self.plan is not None and state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if checkpoint.is_dir():
+                write_plan(self.plan, checkpoint, self._plan_extra())
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._collector is not None:
             self._collector.remove()
@@ -318,16 +332,23 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             plan.stability = self._tracker.history
             logger.info(f"LoRA-drop: alpha='auto' switches at step {state.global_step}:\n{self._tracker.describe()}")
         apply_plan(self._layers, plan)
+<<<<<<< HEAD
         if cfg.restart:
             restart_adapter(model, plan, optimizer, seed=args.seed + state.global_step)
             self._schedule_restart = {"offset": scheduler_step(scheduler), "remaining": state.max_steps - plan.step}
             restart_schedule(scheduler, args, **self._schedule_restart)
         elif cfg.mode == "share" and cfg.shared_init == "fresh":
+=======
+        if cfg.mode == "drop":
+            zero_dropped(self._layers, plan, optimizer)
+        elif cfg.shared_init == "fresh":
+>>>>>>> main
             reinit_shared(self._layers, plan, optimizer, seed=args.seed + state.global_step)
         self._outcome.plan = plan
         self._plan_config = cfg.to_dict()
         self._outcome.lora_params_after = self._count_after()
         self._attach_plan(model)
+<<<<<<< HEAD
         logger.info(
             f"LoRA-drop plan at step {state.global_step}:\n"
             f"{summary_table(plan, self.lora_params_before, self.lora_params_after)}"
@@ -335,6 +356,11 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         warning = coverage_warning(plan)
         if warning:
             logger.warning(warning)
+=======
+        if state.is_world_process_zero:
+            table = summary_table(plan, self.lora_params_before, self.lora_params_after)
+            _show(args, f"LoRA-drop plan at step {state.global_step}:\n{table}")
+>>>>>>> main
         self._pending_logs = {
             "loradrop/kept_modules": len(plan.kept),
             "loradrop/lora_params": self.lora_params_after,
@@ -387,6 +413,15 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         logger.info(f"LoRA-drop: plan written to {path}")
         if self.config.save_plot:
             logger.info(f"LoRA-drop: importance chart written to {plot_importance(self.plan, directory / PLOT_FILE)}")
+
+
+def _show(args: TrainingArguments, text: str) -> None:
+    """Put `text` on the console the way the Trainer shows its logs: above the progress bar, or printed when the bar
+    is off. Logging would hide it, since scripts run the `transformers` loggers at WARNING or INFO on other names."""
+    if args.disable_tqdm:
+        print(text)
+    else:
+        tqdm.write(text)
 
 
 def _check_adapter_trains(model, layers: dict, adapter_name: str) -> None:

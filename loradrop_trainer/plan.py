@@ -7,6 +7,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import MODES
+
 PLAN_FORMAT_VERSION = 1
 
 # Attributes under which a re-parameterised model carries its plan (and the run's settings that go with it), so the
@@ -110,7 +112,14 @@ class DropPlan:
         return plan
 
     def validate(self) -> None:
-        """Check the plan is self-consistent: every module is kept or in its own kind's shared group, exactly once."""
+        """Check the plan is self-consistent: every module is kept or in its own kind's shared group, exactly once,
+        with a finite, non-negative importance, in a mode the re-parameterisation knows."""
+        if self.mode not in MODES:
+            raise ValueError(f"Drop plan mode {self.mode!r} is not one of {MODES}; the plan is corrupt.")
+        if set(self.importance) != set(self.kinds) or not all(
+            math.isfinite(value) and value >= 0 for value in self.importance.values()
+        ):
+            raise ValueError("Drop plan importances must be one finite, non-negative number per module.")
         placed = self.kept + self.dropped
         if sorted(placed) != sorted(self.kinds) or len(set(placed)) != len(placed):
             raise ValueError("Drop plan is inconsistent: every module must be either kept or shared, exactly once.")
@@ -211,15 +220,21 @@ def plan_keeping(
     step: int | None = None,
     stability: list[dict[str, Any]] | None = None,
 ) -> DropPlan:
-    """The plan that keeps exactly `kept` and groups every other module by kind, most important first.
+    """The plan that keeps `kept` and groups every other module by kind, most important first.
 
-    `build_plan` chooses `kept` by importance; ablations (a random choice of the same size) choose it otherwise.
+    `build_plan` chooses `kept` by importance; ablations (a random choice of the same size) choose it otherwise. In
+    mode "share", a module left alone in its kind shares with nobody: it keeps its own LoRA, so it is kept, and
+    "kept" means the same thing in every count (a module with LoRA weights of its own).
     """
     total, normalised, order = _rank(importance, kinds)
     shared: dict[str, list[str]] = {}
     for name in order:
         if name not in kept:
             shared.setdefault(kinds[name], []).append(name)
+    if mode == "share":
+        alone = {members[0] for members in shared.values() if len(members) == 1}
+        kept = {*kept, *alone}
+        shared = {kind: members for kind, members in shared.items() if members[0] not in alone}
     return DropPlan(
         importance=normalised,
         kept=[name for name in order if name in kept],
