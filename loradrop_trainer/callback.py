@@ -17,13 +17,8 @@ from transformers.utils import logging
 from .config import LoraDropConfig
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters
-<<<<<<< HEAD
 from .plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR, DropPlan, NoImportanceError, build_plan, coverage_warning
-from .reparam import UntiedLora, apply_plan, reinit_shared
-=======
-from .plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR, DropPlan, NoImportanceError, build_plan
 from .reparam import UntiedLora, apply_plan, reinit_shared, zero_dropped
->>>>>>> main
 from .report import PLOT_FILE, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
 from .stability import StabilityTracker
@@ -330,37 +325,28 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             return
         if self._tracker is not None:
             plan.stability = self._tracker.history
-            logger.info(f"LoRA-drop: alpha='auto' switches at step {state.global_step}:\n{self._tracker.describe()}")
         apply_plan(self._layers, plan)
-<<<<<<< HEAD
+        if cfg.mode == "drop":
+            zero_dropped(self._layers, plan, optimizer)
         if cfg.restart:
             restart_adapter(model, plan, optimizer, seed=args.seed + state.global_step)
             self._schedule_restart = {"offset": scheduler_step(scheduler), "remaining": state.max_steps - plan.step}
             restart_schedule(scheduler, args, **self._schedule_restart)
         elif cfg.mode == "share" and cfg.shared_init == "fresh":
-=======
-        if cfg.mode == "drop":
-            zero_dropped(self._layers, plan, optimizer)
-        elif cfg.shared_init == "fresh":
->>>>>>> main
             reinit_shared(self._layers, plan, optimizer, seed=args.seed + state.global_step)
         self._outcome.plan = plan
         self._plan_config = cfg.to_dict()
         self._outcome.lora_params_after = self._count_after()
         self._attach_plan(model)
-<<<<<<< HEAD
-        logger.info(
-            f"LoRA-drop plan at step {state.global_step}:\n"
-            f"{summary_table(plan, self.lora_params_before, self.lora_params_after)}"
-        )
-        warning = coverage_warning(plan)
-        if warning:
-            logger.warning(warning)
-=======
         if state.is_world_process_zero:
             table = summary_table(plan, self.lora_params_before, self.lora_params_after)
             _show(args, f"LoRA-drop plan at step {state.global_step}:\n{table}")
->>>>>>> main
+            if self._tracker is not None:
+                why = "the plan was stable" if self._tracker.settled else "max_alpha reached"
+                _show(args, f"LoRA-drop: alpha='auto' switched ({why}); scoring windows:\n{self._tracker.describe()}")
+            warning = coverage_warning(plan)
+            if warning:
+                logger.warning(warning)
         self._pending_logs = {
             "loradrop/kept_modules": len(plan.kept),
             "loradrop/lora_params": self.lora_params_after,

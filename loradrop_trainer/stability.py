@@ -75,6 +75,11 @@ class StabilityTracker:
         self.history.append(record)
         self._previous = None if kept is None else dict(importance)
         self._previous_kept = None if kept is None else sorted(kept)
+        return self.settled
+
+    @property
+    def settled(self) -> bool:
+        """Whether the last `patience` windows were all stable."""
         recent = self.history[-self.patience :]
         return len(recent) == self.patience and all(r["stable"] for r in recent)
 

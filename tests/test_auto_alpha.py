@@ -125,7 +125,7 @@ def test_auto_falls_back_to_max_alpha_when_the_plan_keeps_changing(tmp_path):
 
 @pytest.mark.parametrize("checkpoint", [4, 6])
 def test_resume_before_an_auto_switch_is_exact(tmp_path, checkpoint):
-    config = dict(alpha="auto", auto_window=0.05, auto_min_overlap=0.9, max_alpha=0.5)
+    config = dict(alpha="auto", auto_window=0.05, auto_min_overlap=0.85, max_alpha=0.5)
     full = LoraDropCallback(**config)
     full_lora = _run(tmp_path / "full", full, TokenDataset(n=40), save_steps=2)
     assert checkpoint < full.plan.step < 20, "the test needs an early switch after the checkpoint"

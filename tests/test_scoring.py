@@ -110,20 +110,30 @@ def test_base_output_norm_not_counted_under_activation_checkpointing_recompute()
 
 
 @pytest.mark.parametrize("config", [{"score": "relative"}, {"aggregate": "rank"}], ids=["relative", "rank"])
-def test_trainer_counts_each_micro_batch_once(tmp_path, config):
-    """One epoch with learning rate 0 and gradient accumulation: the sum over micro-batches, whatever their order."""
-    data = TokenDataset(n=32, seed=5)
+def test_trainer_scores_each_micro_batch_once(tmp_path, config):
+    """Gradient accumulation with learning rate 0: one score per micro-batch, as the reference computes it for the
+    micro-batches the Trainer actually formed."""
+    model = random_lora_b(tiny_llama())
+    micro_batches = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: (
+            micro_batches.append({k: v.clone() for k, v in kwargs.items()}) if module.training else None
+        ),
+        with_kwargs=True,
+    )
     callback = LoraDropCallback(alpha=0.5, **config)
     args = training_args(
         tmp_path, max_steps=8, learning_rate=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=2
     )
-    Trainer(model=random_lora_b(tiny_llama()), args=args, train_dataset=data, callbacks=[callback]).train()
+    Trainer(model=model, args=args, train_dataset=TokenDataset(n=32, seed=5), callbacks=[callback]).train()
     raw = {n: v * callback.plan.total for n, v in callback.plan.importance.items()}
+    scored = micro_batches[: 2 * callback.plan.step]
+    assert len(scored) == 8 and len({len(b["input_ids"]) for b in scored}) == 1
     reference = random_lora_b(tiny_llama())
     names = list(raw)
     expected = dict.fromkeys(names, 0.0)
-    for i in range(0, 32, 8):
-        per_batch = _reference(reference, default_collate([data[j] for j in range(i, i + 8)]), config.get("score"))
+    for batch in scored:
+        per_batch = _reference(reference, batch, config.get("score"))
         values = [per_batch[n] for n in names]
         for name, value in zip(names, rankdata(values) - 1 if "aggregate" in config else values):
             expected[name] += float(value)
@@ -137,9 +147,9 @@ KINDS = {f"m.layers.{i}.{kind}": kind for i in range(3) for kind in ("q", "v")}
 def test_layer_normalisation_keeps_each_layers_own_share():
     importance = {name: 1.0 for name in KINDS}
     importance.update({"m.layers.0.q": 100.0, "m.layers.1.v": 50.0, "m.layers.2.q": 10.0})
-    plan = build_plan(importance, KINDS, 0.9, normalize="layer")
+    plan = build_plan(importance, KINDS, 0.9, normalize="layer", mode="drop")  # drop: no kind keeps a lone module
     assert sorted(plan.kept) == ["m.layers.0.q", "m.layers.1.v", "m.layers.2.q"]
-    assert build_plan(importance, KINDS, 0.9).kept == ["m.layers.0.q", "m.layers.1.v"]
+    assert build_plan(importance, KINDS, 0.9, mode="drop").kept == ["m.layers.0.q", "m.layers.1.v"]
     with pytest.raises(ValueError, match="normalize"):
         build_plan(importance, KINDS, 0.9, normalize="block")
 
