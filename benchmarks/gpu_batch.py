@@ -167,13 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gsm_new_tokens", type=int, default=160)
     parser.add_argument("--points", type=int, default=10, help="contribution: removed shares 0, 1/points, ..., 1")
     parser.add_argument("--guess_scale", type=float, default=1.0, help="scales the first guesses of job durations")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the jobs whose name contains one of these")
     parser.add_argument("--toy", action="store_true", help="tiny sizes, to test the whole pipeline on a CPU")
     args = parser.parse_args(argv)
     if args.toy:
-        args.encoder_steps, args.gsm_steps, args.gsm_batch, args.gsm_eval, args.gsm_new_tokens = 20, 20, 2, 4, 8
+        args.encoder_steps, args.gsm_steps, args.gsm_batch, args.gsm_eval, args.gsm_new_tokens = 40, 30, 2, 4, 8
         args.points = 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = jobs_of_part(args.part, args)
+    jobs = [j for j in jobs_of_part(args.part, args) if args.only is None or any(o in j.name for o in args.only)]
     Path(args.out, "plan.json").write_text(json.dumps({"args": vars(args), "jobs": [j.name for j in jobs]}, indent=1))
     print(f"part {args.part}: {len(jobs)} jobs, {args.jobs} at a time, budget {args.budget_s:.0f} s", flush=True)
     Launcher(jobs, args).run()

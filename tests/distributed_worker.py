@@ -7,7 +7,8 @@ Launch with torchrun (gloo; DeepSpeed picks up torchrun's environment):
 
 Each run is `variant/scenario`; runs go one after another in the same processes (imports and the process group are
 paid for once). A variant is dash-separated: the backend (`ddp`, `zero1`, `zero2`) then any of `bf16`, `fresh`
-(shared_init="fresh") and `dsopt` (DeepSpeed's own AdamW section rather than the Trainer's torch optimizer).
+(shared_init="fresh"), `dsopt` (DeepSpeed's own AdamW section rather than the Trainer's torch optimizer), `restart`
+(restart=True) and `auto` (alpha="auto", switching between steps AUTO_EARLIEST and AUTO_LATEST).
 Scenarios:
 
 - `full`: train MAX_STEPS steps, switching at the end of step SWITCH_STEP, with checkpoints at the steps in SAVE_AT
@@ -47,10 +48,13 @@ from conftest import TokenDataset, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from loradrop_trainer import LoraDropCallback
+from loradrop_trainer.lora_layers import fresh_lora_a
 
 MAX_STEPS = 12
 ALPHA = 0.25
 SWITCH_STEP = math.ceil(ALPHA * MAX_STEPS)  # 3
+AUTO = {"alpha": "auto", "auto_window": 0.02, "auto_min_overlap": 0.8, "max_alpha": 0.45}  # one-step windows
+AUTO_EARLIEST, AUTO_LATEST = 4, math.ceil(0.45 * MAX_STEPS)  # three stable windows after the first; 6
 SAVE_AT = (2, 5)  # one checkpoint before the switch, one after
 EPOCH_STEPS = 2  # the `epoch` scenarios train on 32 rows: 2 ranks x 4 rows x 2 micro-batches = 16 rows a step
 SAVING = {
@@ -136,6 +140,7 @@ class Probe(TrainerCallback):
         plan = self.drop.plan
         if plan is not None and state.global_step == plan.step and "switch_lora" not in self.record:
             self.record["switch_lora"] = lora_tensors(model)
+            self.record["lr_after_switch"] = optimizer.param_groups[0]["lr"]
             if plan.mode == "share":
                 self.record["shared_state"] = self._shared_state(optimizer, plan)
 
@@ -192,14 +197,25 @@ def fresh_a(shape, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
+def restart_draws(model, seed: int) -> dict[str, torch.Tensor]:
+    """The A every LoRA module draws when restart=True re-initialises the adapter (in model order, as PEFT does)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: fresh_lora_a(module.lora_A["default"].weight.shape, generator)
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
+
+
 def run_training(variant: str, scenario: str, out: Path) -> dict:
     backend, *flags = variant.split("-")
     deepspeed = backend != "ddp"
     shared_init = "fresh" if "fresh" in flags else "most_important"
+    settings = {"restart": "restart" in flags, **(AUTO if "auto" in flags else {"alpha": ALPHA})}
     if scenario == "drop":
-        drop = LoraDropCallback(alpha=ALPHA, mode="drop", save_plot=False)
+        drop = LoraDropCallback(mode="drop", save_plot=False, **settings)
     else:
-        drop = LoraDropCallback(alpha=ALPHA, shared_init=shared_init, save_plot=False)
+        drop = LoraDropCallback(shared_init=shared_init, save_plot=False, **settings)
     local = LocalTotals(drop)
     probe = Probe(drop, deepspeed)
     args = TrainingArguments(
@@ -250,6 +266,8 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
         optimizer=type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
         lora_dtype=str(next(p.dtype for n, p in model.named_parameters() if "lora_" in n)),
     )
+    if drop.plan is not None and "restart" in flags:
+        record["expected_restart_a"] = restart_draws(model, args.seed + drop.plan.step)
     if drop.plan is not None and shared_init == "fresh" and "shared_state" in record:
         generator = torch.Generator().manual_seed(args.seed + drop.plan.step)
         record["expected_fresh_a"] = {

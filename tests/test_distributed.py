@@ -22,7 +22,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distributed_worker import EPOCH_STEPS, MAX_STEPS, SAVE_AT, SWITCH_STEP
+from distributed_worker import AUTO_EARLIEST, AUTO_LATEST, EPOCH_STEPS, MAX_STEPS, SAVE_AT, SWITCH_STEP
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 WORLD_SIZE = 2
@@ -34,11 +34,13 @@ LAUNCHES = {
     "ddp": {
         "ddp": [*RESUMES, "ckpt", "drop", "epoch", "epoch-before", "best", "best-before"],
         "ddp-bf16-fresh": RESUMES,
+        "ddp-restart-auto": RESUMES,
     },
     "deepspeed": {
         "zero2-fresh": RESUMES,
         "zero2-bf16-dsopt": [*RESUMES, "ckpt", "drop"],
         "zero1-bf16-fresh-dsopt": RESUMES,
+        "zero2-restart-auto": RESUMES,
     },
 }
 VARIANTS = {variant: group for group, variants in LAUNCHES.items() for variant in variants}
@@ -86,6 +88,7 @@ class Case:
         self.deepspeed = flags[0] != "ddp"
         self.bf16 = "bf16" in flags
         self.fresh = "fresh" in flags
+        self.auto = "auto" in flags
         self.out = launch.out / variant
 
     def __getitem__(self, scenario: str) -> list[dict]:
@@ -137,16 +140,19 @@ def test_every_rank_derives_the_same_plan_from_all_reduced_importance(case):
     for scenario in ("full", "before"):
         ranks = case[scenario]
         plans = [r["plan"] for r in ranks]
-        assert plans[0] is not None and plans[0]["step"] == SWITCH_STEP
         assert all(plan == plans[0] for plan in plans), scenario
         assert 0 < len(plans[0]["kept"]) < len(plans[0]["kinds"]), "the plan should keep some modules, not all"
+        if case.auto:  # the ranks took the same decisions on the same all-reduced numbers, window after window
+            assert AUTO_EARLIEST <= plans[0]["step"] <= AUTO_LATEST and plans[0]["stability"], scenario
+            continue
+        assert plans[0]["step"] == SWITCH_STEP
         # The plan is built from the sum of the ranks' own totals, each counted once.
         local = [math.fsum(r["local_totals"].values()) for r in ranks]
         assert all(total > 0 for total in local), local
         assert plans[0]["total"] == pytest.approx(sum(local), rel=1e-6)
     # The ranks saw different batches: a plan from one rank's totals would not be the plan of the sum.
     full = case["full"]
-    assert full[0]["local_totals"] != full[1]["local_totals"]
+    assert case.auto or full[0]["local_totals"] != full[1]["local_totals"]
 
 
 @variants()
@@ -211,6 +217,25 @@ def test_fresh_shared_init_resets_weights_master_and_moments_on_every_rank(case)
                         assert not entry[moment].any(), f"{where}: {moment}"
                 else:
                     assert "exp_avg" not in entry, f"{where}: the torch optimizer state should be dropped"
+
+
+@variants("full", "before", flag="restart")
+def test_restart_gives_every_rank_a_fresh_adapter_optimizer_state_and_schedule(case):
+    for scenario in ("full", "before"):
+        for rank, record in enumerate(case[scenario]):
+            plan, expected = record["plan"], record["expected_restart_a"]
+            own = [n for n in plan["kinds"] if n in plan["kept"]] + [m[0] for m in plan["shared"].values()]
+            for name in own:
+                where = f"{scenario}, rank {rank}, {name}"
+                assert torch.equal(record["switch_lora"][f"{name}.lora_A.default.weight"], expected[name]), where
+                assert not record["switch_lora"][f"{name}.lora_B.default.weight"].any(), where
+            for key, entry in record["shared_state"].items():
+                if case.deepspeed:
+                    assert torch.equal(entry["master"], entry["weight"]), f"{scenario}, {key}: fp32 master"
+                    assert all(not entry[m].any() for m in ("exp_avg", "exp_avg_sq")), f"{scenario}, {key}"
+                else:
+                    assert "exp_avg" not in entry, f"{scenario}, {key}: the torch optimizer state should be dropped"
+            assert record["lr_after_switch"] == pytest.approx(5e-3), "the schedule starts again (no warm-up)"
 
 
 @variants("full", flag="ddp")
