@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 # The variants of each task. CANDIDATE is the scoring the other settings (restart, auto, drop, random selection) are
 # measured with: the likely default, by the CPU signal; --candidate changes it.
-SCORINGS = ["T0.8", "T0.9", "kind", "layer", "relative", "rank", "relative+kind"]
-WITH_CANDIDATE = ["{c}+restart", "{c}+auto", "{c}+drop", "random:{c}", "random:T0.9"]
+SCORINGS = ["T0.9", "relative+kind", "kind", "relative", "layer", "rank", "T0.8"]
+WITH_CANDIDATE = ["random:{c}", "{c}+restart", "{c}+auto", "{c}+drop"]
 # Expected minutes per job kind before any has finished (an H200 shared by a dozen processes).
 FIRST_GUESS_MIN = {"encoder": 1.0, "gsm": 3.0, "gsm_qv": 2.5, "contribution-encoder": 2.0, "contribution-gsm": 4.0}
 
@@ -46,12 +46,13 @@ class Job:
     extra: dict = field(default_factory=dict)
 
 
-def task_args(task: str, args: argparse.Namespace) -> list[str]:
+def task_args(task: str, args: argparse.Namespace, exact_match: bool = False) -> list[str]:
     """Model, data and size flags of a task (quality.py and contribution.py take the same)."""
     data = Path(args.data)
     if task in ("gsm", "gsm_qv"):
         sizes = ["--steps", str(args.gsm_steps), "--batch_size", str(args.gsm_batch), "--eval_samples"]
         sizes += [str(args.gsm_eval), "--max_new_tokens", str(args.gsm_new_tokens)]
+        sizes += [] if exact_match else ["--no_exact_match"]
         files = [f"gsm_train={data / 'gsm' / 'train.jsonl'}", f"gsm_eval={data / 'gsm' / 'test.jsonl'}"]
         return [*sizes, "--model", str(Path(args.models) / "smollm2"), "--data", *files]
     sizes = ["--steps", str(args.encoder_steps)]
@@ -59,24 +60,36 @@ def task_args(task: str, args: argparse.Namespace) -> list[str]:
 
 
 def jobs_of_part(part: int, args: argparse.Namespace) -> list[Job]:
-    """Part 1: the decoder with LoRA on all seven kinds. Part 2: the encoders and the decoder's q,v."""
+    """Part 1: the decoder with LoRA on all seven kinds. Part 2: the encoders and the decoder with LoRA on q,v.
+
+    Queued in priority order: every variant's first seed, then (part 1) the contribution run, then the other seeds.
+    Exact match (greedy generation, most of a GSM run's time, and near zero for a 135M model) is measured on the
+    first `--exact_match_seeds` seeds only.
+    """
     variants = ["lora", *SCORINGS, *(v.format(c=args.candidate) for v in WITH_CANDIDATE)]
     tasks = ["gsm"] if part == 1 else ["sarcasm", "polarity", "gsm_qv"]
-    contribution_tasks = ["gsm", "gsm_qv"] if part == 1 else ["sarcasm", "polarity"]
+    contributions = [
+        contribution_job(task, args) for task in (["gsm"] if part == 1 else ["sarcasm", "polarity", "gsm_qv"])
+    ]
     jobs = []
-    for task in contribution_tasks:
-        kind = "contribution-gsm" if task.startswith("gsm") else "contribution-encoder"
-        argv = ["benchmarks/contribution.py", "run", "--task", task, "--seeds", "0", "--points", str(args.points)]
-        argv += ["--out", str(Path(args.out) / "contribution_runs.jsonl"), *task_args(task, args)]
-        jobs.append(Job(f"contribution-{task}", kind, argv))
     for seed in SEEDS[: args.seeds]:
         for task in tasks:
             kind = task if task.startswith("gsm") else "encoder"
             for variant in variants:
                 argv = ["benchmarks/quality.py", "run", "--task", task, "--variants", variant, "--seeds", str(seed)]
-                argv += ["--out", str(Path(args.out) / "quality_runs.jsonl"), *task_args(task, args)]
+                argv += ["--out", str(Path(args.out) / "quality_runs.jsonl")]
+                argv += task_args(task, args, exact_match=seed < args.exact_match_seeds)
                 jobs.append(Job(f"{task}-{variant}-{seed}", kind, argv))
+        if seed == 0:
+            jobs += contributions
     return jobs
+
+
+def contribution_job(task: str, args: argparse.Namespace) -> Job:
+    kind = "contribution-gsm" if task.startswith("gsm") else "contribution-encoder"
+    argv = ["benchmarks/contribution.py", "run", "--task", task, "--seeds", "0", "--points", str(args.points)]
+    argv += ["--out", str(Path(args.out) / "contribution_runs.jsonl"), *task_args(task, args)]
+    return Job(f"contribution-{task}", kind, argv)
 
 
 class Launcher:
@@ -165,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gsm_batch", type=int, default=8)
     parser.add_argument("--gsm_eval", type=int, default=200, help="held-out GSM problems (answer loss, exact match)")
     parser.add_argument("--gsm_new_tokens", type=int, default=160)
+    parser.add_argument("--exact_match_seeds", type=int, default=1, help="gsm: seeds whose runs also generate")
     parser.add_argument("--points", type=int, default=10, help="contribution: removed shares 0, 1/points, ..., 1")
     parser.add_argument("--guess_scale", type=float, default=1.0, help="scales the first guesses of job durations")
     parser.add_argument("--only", nargs="*", default=None, help="run only the jobs whose name contains one of these")
