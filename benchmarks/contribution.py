@@ -319,8 +319,6 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("--runs", default=str(RUNS_FILE))
     report.add_argument("--results", default=str(RESULTS), help="where contribution.png and contribution.md go")
     args = parser.parse_args(argv)
-    if args.command == "run":
-        args.data = dict(item.split("=", 1) for item in args.data)
     {"run": cmd_run, "report": cmd_report}[args.command](args)
 
 

@@ -333,6 +333,13 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(table)
 
 
+class _NamedFiles(argparse.Action):
+    """`name=FILE ...` into `{name: FILE}`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, dict(value.split("=", 1) for value in values))
+
+
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that say how a task trains and evaluates (shared with benchmarks/contribution.py)."""
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300)")
@@ -349,7 +356,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         nargs="*",
-        default=[],
+        default={},
+        action=_NamedFiles,
         help="local data instead of fetching: sarcasm=FILE polarity=FILE gsm_train=FILE gsm_eval=FILE (JSONL)",
     )
     parser.add_argument("--work_dir", default="out/quality")
@@ -369,8 +377,6 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("--results", default=str(RESULTS), help="where quality.md and quality.png go")
     report.add_argument("--no_readme", dest="readme", action="store_false", help="leave README.md as it is")
     args = parser.parse_args(argv)
-    if args.command == "run":
-        args.data = dict(item.split("=", 1) for item in args.data)
     {"run": cmd_run, "report": cmd_report}[args.command](args)
 
 

@@ -91,6 +91,31 @@ class TokenDataset(Dataset):
         return self.rows[i]
 
 
+def lora_and_frozen_norms(model, batch) -> tuple[dict[str, float], dict[str, float]]:
+    """Per LoRA module, over the batch's real tokens: the squared norm of its LoRA term (the layer's output minus its
+    frozen layer's output) and of its frozen layer's output, in float64, from hooks on the whole LoRA layers."""
+    from loradrop_trainer import find_lora_layers
+
+    layers = find_lora_layers(model)
+    lora, frozen = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0.0)
+    mask = batch["attention_mask"].unsqueeze(-1).double()
+
+    def hook(name):
+        def fn(module, args, out):
+            base = module.base_layer(args[0]).double()
+            lora[name] += float((((out.double() - base) * mask) ** 2).sum())
+            frozen[name] += float(((base * mask) ** 2).sum())
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    return lora, frozen
+
+
 def training_args(tmp_path, args_class: type[TrainingArguments] = TrainingArguments, **overrides) -> TrainingArguments:
     defaults = dict(
         output_dir=str(tmp_path / "out"),

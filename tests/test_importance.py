@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TokenDataset, random_lora_b, tiny_llama, training_args
+from conftest import TokenDataset, lora_and_frozen_norms, random_lora_b, tiny_llama, training_args
 from torch.utils.data import default_collate
 from transformers import Trainer
 
@@ -12,23 +12,7 @@ from loradrop_trainer.importance import ImportanceCollector
 
 def _reference(model, batch):
     """The LoRA term of each module (its output minus its frozen layer's output), squared and summed over the mask."""
-    layers = find_lora_layers(model)
-    totals = dict.fromkeys(layers, 0.0)
-    mask = batch["attention_mask"].unsqueeze(-1).double()
-
-    def hook(name):
-        def fn(module, args, out):
-            delta = (out - module.base_layer(args[0])).double()
-            totals[name] += float(((delta * mask) ** 2).sum())
-
-        return fn
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    with torch.no_grad():
-        model(**batch)
-    for h in handles:
-        h.remove()
-    return totals
+    return lora_and_frozen_norms(model, batch)[0]
 
 
 def _batch(n=6, seed=3):

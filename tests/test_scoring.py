@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from conftest import TokenDataset, random_lora_b, tiny_llama, training_args
+from conftest import TokenDataset, lora_and_frozen_norms, random_lora_b, tiny_llama, training_args
 from scipy.stats import rankdata
 from torch.utils.data import default_collate
 from transformers import Trainer
@@ -15,26 +15,9 @@ from loradrop_trainer.plan import coverage_warning, layer_of
 
 
 def _reference(model, batch, score):
-    """Per module: the masked squared norm of the LoRA term (layer output minus frozen output), or its ratio to the
-    masked squared norm of the frozen output, computed in float64 from the layers' inputs."""
-    layers = find_lora_layers(model)
-    lora, base = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0.0)
-    mask = batch["attention_mask"].unsqueeze(-1).double()
-
-    def hook(name):
-        def fn(module, args, out):
-            frozen = module.base_layer(args[0]).double()
-            lora[name] += float((((out.double() - frozen) * mask) ** 2).sum())
-            base[name] += float(((frozen * mask) ** 2).sum())
-
-        return fn
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    with torch.no_grad():
-        model(**batch)
-    for h in handles:
-        h.remove()
-    return {name: lora[name] / base[name] if score == "relative" else lora[name] for name in layers}
+    """Per module: the masked squared norm of the LoRA term, or (score "relative") its ratio to the frozen output's."""
+    lora, frozen = lora_and_frozen_norms(model, batch)
+    return {name: lora[name] / frozen[name] if score == "relative" else lora[name] for name in lora}
 
 
 def _batches(count=3):
