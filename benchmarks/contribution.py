@@ -37,7 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import GSM_TARGETS, TASKS, add_task_arguments, encoder_argv, gsm_argv, hardware  # noqa: E402
+from quality import (  # noqa: E402
+    GSM_TARGETS,
+    TASKS,
+    add_task_arguments,
+    append_line,
+    encoder_argv,
+    gsm_argv,
+    hardware,
+)
 
 from loradrop_trainer import LoraDropConfig, build_plan, find_lora_layers, lora_kinds  # noqa: E402
 from loradrop_trainer.importance import ImportanceCollector  # noqa: E402
@@ -231,8 +239,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         row = run_one(args.task, seed, args)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(out, row)
         print(json.dumps({k: row[k] for k in ("task", "seed", "lora", "tau_to_end", "wall_minutes")}), flush=True)
 
 

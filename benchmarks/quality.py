@@ -230,9 +230,14 @@ def cmd_run(args: argparse.Namespace) -> None:
                     "wall_minutes": round((time.perf_counter() - start) / 60, 3),
                     **metrics,
                 }
-                with out.open("a") as f:  # one write of one line: concurrent runs appending never interleave
-                    f.write(json.dumps(row) + "\n")
+                append_line(out, row)
                 print(json.dumps(row), flush=True)
+
+
+def append_line(path: Path, row: dict) -> None:
+    """Append `row` as one JSON line in a single unbuffered write, so processes appending at once never interleave."""
+    with path.open("ab", buffering=0) as f:
+        f.write((json.dumps(row) + "\n").encode())
 
 
 def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
