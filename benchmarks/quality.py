@@ -103,8 +103,8 @@ def variant_config(variant: str) -> LoraDropConfig | None:
 
 
 class RandomSelectionCallback(LoraDropCallback):
-    """Keeps modules chosen uniformly at random (seeded) that hold as many LoRA parameters as the plan of the same
-    settings would keep."""
+    """Keeps modules chosen at random (seeded), as many LoRA parameters after the switch as the importance plan of the
+    same settings keeps: the longest-fitting prefix of a random order, shared pairs counted as the plan counts them."""
 
     def __init__(self, config: LoraDropConfig, seed: int) -> None:
         super().__init__(config)
@@ -118,16 +118,12 @@ class RandomSelectionCallback(LoraDropCallback):
         return super().on_train_begin(args, state, control, **kwargs)
 
     def make_plan(self, importance: dict[str, float], kinds: dict[str, str], step: int) -> DropPlan:
-        target = sum(self._sizes[name] for name in super().make_plan(importance, kinds, step).kept)
-        kept, size = [], 0
-        for name in random.Random(self.seed).sample(sorted(kinds), len(kinds)):
-            if abs(size + self._sizes[name] - target) < abs(size - target):
-                kept.append(name)
-                size += self._sizes[name]
         cfg = self.config
-        return plan_keeping(
-            importance, kinds, kept, cfg.threshold, mode=cfg.mode, adapter_name=cfg.adapter_name, step=step
-        )
+        target = super().make_plan(importance, kinds, step).kept_fraction(self._sizes)
+        order = random.Random(self.seed).sample(sorted(kinds), len(kinds))
+        settings = {"mode": cfg.mode, "adapter_name": cfg.adapter_name, "step": step}
+        plans = [plan_keeping(importance, kinds, order[:k], cfg.threshold, **settings) for k in range(len(order) + 1)]
+        return min(plans, key=lambda plan: abs(plan.kept_fraction(self._sizes) - target))
 
 
 def make_callback(variant: str, seed: int) -> LoraDropCallback | None:
