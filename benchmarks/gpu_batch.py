@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="/tmp/models", help="minilm/ and smollm2/ (benchmarks/carry_models.py)")
     parser.add_argument("--data", default=".carry/run", help="sarcasm.jsonl, polarity.jsonl, gsm/{train,test}.jsonl")
     parser.add_argument("--work_dir", default="/tmp/gpu_batch")
-    parser.add_argument("--budget_s", type=float, default=480, help="stop every job after this many seconds")
+    parser.add_argument("--budget_s", type=float, default=450, help="stop every job after this many seconds")
     parser.add_argument("--jobs", type=int, default=12, help="processes at a time")
     parser.add_argument("--candidate", default="relative+kind", help="scoring that restart/auto/drop/random use")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (0, 1, 2)")
