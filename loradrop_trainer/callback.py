@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import LoraDropConfig
@@ -221,6 +223,13 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 state.log_history[-1].update(self._pending_logs)
             self._pending_logs = {}
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Put the plan into the checkpoint next to its adapter, so `loradrop compact checkpoint-N` finds it."""
+        if self.plan is not None and state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if checkpoint.is_dir():
+                write_plan(self.plan, checkpoint, self._plan_extra())
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._collector is not None:
             self._collector.remove()
@@ -289,10 +298,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         self._plan_config = cfg.to_dict()
         self._outcome.lora_params_after = self._count_after()
         self._attach_plan(model)
-        logger.info(
-            f"LoRA-drop plan at step {state.global_step}:\n"
-            f"{summary_table(plan, self.lora_params_before, self.lora_params_after)}"
-        )
+        if state.is_world_process_zero:
+            table = summary_table(plan, self.lora_params_before, self.lora_params_after)
+            _show(args, f"LoRA-drop plan at step {state.global_step}:\n{table}")
         self._pending_logs = {
             "loradrop/kept_modules": len(plan.kept),
             "loradrop/lora_params": self.lora_params_after,
@@ -343,6 +351,15 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         logger.info(f"LoRA-drop: plan written to {path}")
         if self.config.save_plot:
             logger.info(f"LoRA-drop: importance chart written to {plot_importance(self.plan, directory / PLOT_FILE)}")
+
+
+def _show(args: TrainingArguments, text: str) -> None:
+    """Put `text` on the console the way the Trainer shows its logs: above the progress bar, or printed when the bar
+    is off. Logging would hide it, since scripts run the `transformers` loggers at WARNING or INFO on other names."""
+    if args.disable_tqdm:
+        print(text)
+    else:
+        tqdm.write(text)
 
 
 def _check_adapter_trains(model, layers: dict, adapter_name: str) -> None:
