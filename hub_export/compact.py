@@ -35,6 +35,7 @@ from transformers.utils import logging
 import loradrop_trainer
 from loradrop_trainer import DropPlan
 from loradrop_trainer.report import PLOT_FILE, plot_importance
+from loradrop_trainer.sharding import barrier, is_writing_rank
 
 from .atomic import atomic_directory
 from .errors import CompactFileNotFoundError, CompactFormatError, UnsupportedFormatVersionError
@@ -97,11 +98,18 @@ def save_compact(
     comes from `plan` or from the model itself when `load_compact` made it (see `hub_export.plans`). `license` (an
     SPDX id such as "apache-2.0") goes into the model card and is kept when the adapter is loaded and saved again.
     `out_dir` must be missing, empty or a previous adapter; it is replaced only once the new adapter is complete.
+
+    In a distributed run only rank 0 writes, as `Trainer.save_model()` does. A model whose LoRA FSDP2 or DeepSpeed
+    ZeRO-3 shards is gathered first: call `save_compact` on every rank then (it returns once the files are written).
     """
     drop_plan, extra = resolve_plan(model, plan)
     if license is not None:
         extra["license"] = license
     tying = read_tying(model, drop_plan)
+    if not is_writing_rank():
+        if tying.gathered:
+            barrier()
+        return Path(out_dir)
     adapter = CompactAdapter(
         adapter_name=drop_plan.adapter_name,
         plan=drop_plan,
@@ -117,6 +125,8 @@ def save_compact(
         f"LoRA-drop: compact adapter written to {out_dir} ({adapter.stored_bytes:,} of {adapter.plain_bytes:,} bytes "
         "of a plain adapter)."
     )
+    if tying.gathered:
+        barrier()
     return Path(out_dir)
 
 

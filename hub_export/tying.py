@@ -1,10 +1,11 @@
 """Reading the tying off a re-parameterised PeftModel: which LoRA tensors are stored once, and for whom.
 
 The model is the truth, not the plan: in mode "share" the members of a shared group hold the very same Parameters
-(same storage), in mode "drop" the dropped layers have the adapter switched off. The plan says what the model should
-look like; anything else (a plan from another run, a model that was never re-parameterised) is refused rather than
-exported wrongly. Keys are PEFT's own state-dict keys (`get_peft_model_state_dict`: adapter name removed), so a
-compact adapter expands to a plain one by copying each stored tensor to its members' keys.
+(same storage), or, when FSDP2 or ZeRO-3 sharded them and their gradients were tied instead, bit-identical copies
+(gathered from the shards first); in mode "drop" the dropped layers have the adapter switched off. The plan says what
+the model should look like; anything else (a plan from another run, a model that was never re-parameterised) is
+refused rather than exported wrongly. Keys are PEFT's own state-dict keys (`get_peft_model_state_dict`: adapter name
+removed), so a compact adapter expands to a plain one by copying each stored tensor to its members' keys.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from peft import get_peft_model_state_dict
 from torch import nn
 
 from loradrop_trainer import DropPlan
+from loradrop_trainer.sharding import lora_state_dict
 
 from .errors import PlanError
 from .plans import plan_layers
@@ -54,6 +55,7 @@ class Tying:
     tensors: dict[str, torch.Tensor]
     members: dict[str, list[str]]
     dropped: dict[str, TensorSpec]
+    gathered: bool = False  # read from sharded Parameters: every rank took part in gathering them
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -63,7 +65,10 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
-    """Group the adapter's tensors as the model shares them, after checking the model is tied as `plan` says."""
+    """Group the adapter's tensors as the model shares them, after checking the model is tied as `plan` says.
+
+    A collective when the LoRA Parameters are sharded (FSDP2, ZeRO-3): then every rank must call it.
+    """
     adapter = plan.adapter_name
     if adapter not in getattr(model, "peft_config", {}):
         raise PlanError(
@@ -82,7 +87,7 @@ def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
             "set_adapter() on a model in mode 'drop' (it switches the dropped LoRA back on)."
         )
 
-    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    state, live = lora_state_dict(model, adapter)
     members: dict[str, list[str]] = {}
     dropped: dict[str, TensorSpec] = {}
     for key, tensor in state.items():
@@ -96,13 +101,14 @@ def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
             raise PlanError(f"The plan makes modules share {source!r}, which the adapter's state dict lacks.")
         keys.sort(key=lambda k: k != source)
         for key in keys:
-            if _identity(state[key]) != _identity(state[source]):
+            same = _identity(state[key]) == _identity(state[source]) if live else torch.equal(state[key], state[source])
+            if not same:
                 raise PlanError(
-                    f"The model does not match the plan: {key!r} is not the same tensor as {source!r}, whose LoRA the "
-                    "plan says it shares. Pass the plan this model was trained or loaded with (a plan of another "
-                    "run, or a model saved before the switch, does not fit)."
+                    f"The model does not match the plan: {key!r} is not {'the same tensor as' if live else 'equal to'} "
+                    f"{source!r}, whose LoRA the plan says it shares. Pass the plan this model was trained or loaded "
+                    "with (a plan of another run, or a model saved before the switch, does not fit)."
                 )
-    shared = [key for key, n in Counter(_identity(state[source]) for source in members).items() if n > 1]
+    shared = [key for key, n in Counter(_identity(state[source]) for source in members).items() if n > 1 and live]
     if shared:
         owners = [source for source in members if _identity(state[source]) == shared[0]]
         raise PlanError(
@@ -110,7 +116,7 @@ def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
             "gives them separate LoRA weights. Pass the plan this model was trained or loaded with."
         )
     tensors = {source: state[source].detach().to("cpu", copy=True).contiguous() for source in members}
-    return Tying(tensors, members, dropped)
+    return Tying(tensors, members, dropped, gathered=not live)
 
 
 def _source_key(key: str, plan: DropPlan) -> str | None:

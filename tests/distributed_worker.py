@@ -1,17 +1,17 @@
-"""One rank of a multi-process LoRA-drop run on CPU (DDP, or DeepSpeed ZeRO-1/2), for tests/test_distributed.py.
+"""One rank of a multi-process LoRA-drop run on CPU (DDP, or DeepSpeed ZeRO-1/2/3), for tests/test_distributed.py.
 
 Launch with torchrun (gloo; DeepSpeed picks up torchrun's environment):
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py --out /tmp/run \
-        --runs ddp/full,ddp/after,ddp/before,zero2-bf16-fresh/full,zero3
+        --runs ddp/full,ddp/after,ddp/before,zero2-bf16-fresh/full,zero3/full
 
 Each run is `variant/scenario`; runs go one after another in the same processes (imports and the process group are
-paid for once). A variant is dash-separated: the backend (`ddp`, `zero1`, `zero2`) then any of `bf16`, `fresh`
+paid for once). A variant is dash-separated: the backend (`ddp`, `zero1`, `zero2`, `zero3`) then any of `bf16`, `fresh`
 (shared_init="fresh") and `dsopt` (DeepSpeed's own AdamW section rather than the Trainer's torch optimizer).
 Scenarios:
 
 - `full`: train MAX_STEPS steps, switching at the end of step SWITCH_STEP, with checkpoints at the steps in SAVE_AT
-  (one before the switch, one after).
+  (one before the switch, one after), then export the compact adapter (`save_compact` on every rank).
 - `after` / `before`: resume from the variant's `full` checkpoint after / before the switch and train to the end.
 - `ckpt`: the full run without checkpoints, with (non-reentrant) activation checkpointing.
 - `drop`: the full run without checkpoints, in mode "drop" (dropped modules lose their LoRA).
@@ -19,7 +19,6 @@ Scenarios:
   resume from that first epoch's checkpoint.
 - `best` / `best-before`: save_strategy="best" with an evaluation every EPOCH_STEPS steps (the Trainer decides to
   save after evaluating), and the resume from the checkpoint of the first evaluation.
-- `zero3` (no variant): a DeepSpeed ZeRO-3 Trainer, which LoraDropCallback must refuse before the first step.
 
 Every rank writes what it saw to `<out>/<variant>/<scenario>.rank<r>.pt` (plan, LoRA tensors at the switch and at
 the end, the shared pair's fp32 master and Adam moments just after the switch, ...). gloo may abort at exit after a
@@ -46,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TokenDataset, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from hub_export import save_compact
 from loradrop_trainer import LoraDropCallback
+from loradrop_trainer.sharding import lora_state_dict
 
 MAX_STEPS = 12
 ALPHA = 0.25
@@ -66,17 +67,18 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def deepspeed_config(stage: int, ds_optimizer: bool) -> dict:
-    """The recipe's config as a user launches it (recipes/ds_zero{1,2}.json; stage 3 is derived from ZeRO-2).
+    """The recipe's config as a user launches it (recipes/ds_zero{1,2,3}.json; ZeRO-1 is derived from ZeRO-2).
 
     `ds_optimizer` adds DeepSpeed's own AdamW section (`torch_adam`: the fused and CPU Adam kernels need compiling);
-    without it the Trainer creates its torch optimizer and DeepSpeed wraps it (a "client" optimizer).
+    without it the Trainer creates its torch optimizer and DeepSpeed wraps it (a "client" optimizer). Under ZeRO-3 no
+    Parameter is kept whole ("persistent"): the recipe's "auto" threshold would keep these tiny LoRA weights whole on
+    every rank, and the partitioned case (weights empty outside their module's forward) is the one to test.
     """
-    config = json.loads((RECIPES / f"ds_zero{min(stage, 2)}.json").read_text())
+    config = json.loads((RECIPES / f"ds_zero{max(stage, 2)}.json").read_text())
     zero = config["zero_optimization"]
     zero["stage"] = stage
     if stage == 3:
-        for key in ("allgather_partitions", "allgather_bucket_size", "reduce_scatter"):
-            zero.pop(key, None)
+        zero["stage3_param_persistence_threshold"] = 0
     if ds_optimizer:
         config["optimizer"] = {
             "type": "AdamW",
@@ -147,7 +149,7 @@ class Probe(TrainerCallback):
             source = layers[members[0]]
             for part in ("lora_A", "lora_B"):
                 param = getattr(source, part)[plan.adapter_name].weight
-                entry = {"weight": param.detach().float().clone()}
+                entry = {"weight": whole(param)}
                 if self.deepspeed:
                     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -181,8 +183,20 @@ def _fragments_are_live(param, optimizer) -> bool:
 
 
 def lora_tensors(model) -> dict[str, torch.Tensor]:
-    """Every LoRA tensor by state-dict name (tied ones under each of their names), as float32 copies."""
-    return {n: t.detach().float().clone() for n, t in model.state_dict().items() if "lora_" in n}
+    """Every LoRA tensor by PEFT key (tied ones under each of their names), whole, as float32 copies.
+
+    Gathers sharded (ZeRO-3, FSDP2) weights: every rank calls it at the same point."""
+    return {key: t.detach().float().clone() for key, t in lora_state_dict(model, "default")[0].items()}
+
+
+def whole(param: nn.Parameter) -> torch.Tensor:
+    """A float32 copy of `param`, gathered when ZeRO-3 partitions it (a collective)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().float().clone()
+    return param.detach().float().clone()
 
 
 def fresh_a(shape, generator: torch.Generator) -> torch.Tensor:
@@ -239,6 +253,9 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
     trainer.train(resume_from_checkpoint=str(out / resume) if resume else None)
     model = trainer.model
     record = dict(probe.record)
+    if scenario == "full" and drop.plan is not None:
+        # Every rank calls it, as after trainer.save_model(); rank 0 writes.
+        record["compact"] = str(save_compact(model, out / "full-compact"))
     record.update(
         plan=drop.plan.to_dict() if drop.plan is not None else None,
         local_totals=local.totals,
@@ -257,35 +274,6 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
             for kind in drop.plan.shared
         }
     return record
-
-
-def run_zero3(out: Path) -> dict:
-    """A ZeRO-3 run must be refused by LoraDropCallback.on_train_begin, before any step."""
-
-    class NoStep(TrainerCallback):
-        steps = 0
-
-        def on_step_begin(self, *args, **kwargs):
-            NoStep.steps += 1
-
-    args = TrainingArguments(
-        output_dir=str(out / "zero3"),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        deepspeed=deepspeed_config(3, ds_optimizer=True),
-    )
-    trainer = Trainer(
-        model=tiny_llama(), args=args, train_dataset=TokenDataset(n=16), callbacks=[LoraDropCallback(), NoStep()]
-    )
-    try:
-        trainer.train()
-    except ValueError as err:
-        return {"error": str(err), "steps": NoStep.steps}
-    return {"error": None, "steps": NoStep.steps}
 
 
 def reset_accelerate() -> None:
@@ -308,7 +296,7 @@ def main() -> None:
         out = Path(opts.out) / variant
         out.mkdir(parents=True, exist_ok=True)
         try:
-            record = run_zero3(out) if scenario == "zero3" else run_training(variant, scenario, out)
+            record = run_training(variant, scenario, out)
         except Exception:
             record = {"exception": traceback.format_exc()}
         record["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
