@@ -7,7 +7,8 @@ Launch with torchrun (gloo; DeepSpeed picks up torchrun's environment):
 
 Each run is `variant/scenario`; runs go one after another in the same processes (imports and the process group are
 paid for once). A variant is dash-separated: the backend (`ddp`, `zero1`, `zero2`, `zero3`) then any of `bf16`, `fresh`
-(shared_init="fresh") and `dsopt` (DeepSpeed's own AdamW section rather than the Trainer's torch optimizer).
+(shared_init="fresh"), `clip` (max_grad_norm=CLIPPING_NORM: gradient clipping acts at every step) and `dsopt`
+(DeepSpeed's own AdamW section rather than the Trainer's torch optimizer).
 Scenarios:
 
 - `full`: train MAX_STEPS steps, switching at the end of step SWITCH_STEP, with checkpoints at the steps in SAVE_AT
@@ -64,6 +65,7 @@ SAVING = {
     },
 }
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+CLIPPING_NORM = 0.05  # the `clip` flag: gradient norms here are about 0.2, so clipping acts at every step
 
 
 def deepspeed_config(stage: int, ds_optimizer: bool) -> dict:
@@ -163,7 +165,7 @@ class Probe(TrainerCallback):
                     state = inner.state.get(param) or {}
                     for key in ("exp_avg", "exp_avg_sq"):
                         if key in state:
-                            entry[key] = state[key].detach().float().clone()
+                            entry[key] = whole(state[key])
                 entry["tied"] = all(getattr(layers[n], part)[plan.adapter_name].weight is param for n in members)
                 out[f"{kind}.{part}"] = entry
         return out
@@ -189,20 +191,26 @@ def lora_tensors(model) -> dict[str, torch.Tensor]:
     return {key: t.detach().float().clone() for key, t in lora_state_dict(model, "default")[0].items()}
 
 
-def whole(param: nn.Parameter) -> torch.Tensor:
-    """A float32 copy of `param`, gathered when ZeRO-3 partitions it (a collective)."""
-    if hasattr(param, "ds_id"):
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of `tensor`, gathered when ZeRO-3 partitions it or FSDP2 shards it (then a collective)."""
+    if hasattr(tensor, "ds_id"):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([param]):
-            return param.detach().float().clone()
-    return param.detach().float().clone()
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.detach().float().clone()
+    if hasattr(tensor, "full_tensor"):
+        return tensor.full_tensor().detach().float()
+    return tensor.detach().float().clone()
 
 
-def fresh_a(shape, generator: torch.Generator) -> torch.Tensor:
-    """What reparam.reinit_shared draws for a shared A (as PEFT initialises A), to check the switch against."""
-    out = torch.empty(shape, dtype=torch.float32)
-    nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=generator)
+def expected_fresh_a(record: dict, plan, seed: int) -> dict[str, torch.Tensor]:
+    """What the switch draws for each kind's shared A with shared_init="fresh" (as PEFT initialises A), to check
+    the switch against: one generator seeded with `seed`, kinds in plan order."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for kind in plan.shared:
+        out[kind] = torch.empty(record["shared_state"][f"{kind}.lora_A"]["weight"].shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(out[kind], a=math.sqrt(5), generator=generator)
     return out
 
 
@@ -233,6 +241,7 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
         data_seed=0,
         disable_tqdm=True,
         bf16="bf16" in flags,
+        max_grad_norm=CLIPPING_NORM if "clip" in flags else 1.0,
         activation_checkpointing=scenario == "ckpt",
         ddp_backend="gloo",
         deepspeed=deepspeed_config(int(backend[-1]), "dsopt" in flags) if deepspeed else None,
@@ -262,17 +271,14 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
         final_lora=lora_tensors(model),
         global_step=trainer.state.global_step,
         losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
+        grad_norms=[h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
         find_unused_parameters=getattr(trainer.model_wrapped, "find_unused_parameters", None),
         wrapped=type(trainer.model_wrapped).__name__,
         optimizer=type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
         lora_dtype=str(next(p.dtype for n, p in model.named_parameters() if "lora_" in n)),
     )
     if drop.plan is not None and shared_init == "fresh" and "shared_state" in record:
-        generator = torch.Generator().manual_seed(args.seed + drop.plan.step)
-        record["expected_fresh_a"] = {
-            kind: fresh_a(record["shared_state"][f"{kind}.lora_A"]["weight"].shape, generator)
-            for kind in drop.plan.shared
-        }
+        record["expected_fresh_a"] = expected_fresh_a(record, drop.plan, args.seed + drop.plan.step)
     return record
 
 
