@@ -149,7 +149,7 @@ def run(variant: str, scenario: str, out: Path) -> dict:
     )
     if scenario == "full" and drop.plan is not None:
         record["compact"] = str(save_compact(peft_model, out / "full-compact"))
-    if drop.plan is not None and "fresh" in flags:
+    if drop.plan is not None and "fresh" in flags and "shared_state" in record:
         record["expected_fresh_a"] = expected_fresh_a(record, drop.plan, args.seed + drop.plan.step)
     return record
 
