@@ -6,9 +6,14 @@ from hub_export import save_compact, load_compact, expand_to_peft, push_to_hub, 
 save_compact(trainer.model, "out/compact", plan=callback.plan)   # each distinct LoRA once, plus the plan
 model = load_compact(base_model, "out/compact")                  # PeftModel, shared modules tied again
 expand_to_peft("out/compact", "out/peft")                        # plain PEFT adapter, no loradrop needed to load
+compact_peft_adapter("out/checkpoint-500", "out/compact")        # what trainer.save_model() wrote, compacted
 push_to_hub("out/compact", "user/repo")                          # returns the commit URL
 model = load_from_hub(base_model, "user/repo", revision=None)
 ```
+
+Local paths and Hub repos are never confused: only `load_from_hub`, `pull` and `push_to_hub` reach the Hub. Every
+adapter is checked as untrusted input before it is used (`hub_export.validate`), and nothing is written over a
+directory holding files this package did not write (`hub_export.atomic`).
 """
 
 from .compact import CompactAdapter, read_compact, save_compact
@@ -26,7 +31,8 @@ from .errors import (
     UnsupportedFormatVersionError,
 )
 from .expand import expand_to_peft
-from .hub import load_from_hub, pull, push_to_hub
+from .from_peft import compact_peft_adapter
+from .hub import PushInfo, load_from_hub, pull, push_to_hub
 from .loader import load_compact
 
 __all__ = [
@@ -39,9 +45,11 @@ __all__ = [
     "HubError",
     "HubOfflineError",
     "PlanError",
+    "PushInfo",
     "RepoNotFoundError",
     "TargetExistsError",
     "UnsupportedFormatVersionError",
+    "compact_peft_adapter",
     "expand_to_peft",
     "load_compact",
     "load_from_hub",

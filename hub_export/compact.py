@@ -11,7 +11,8 @@ A compact adapter is a directory (format version 1):
 - ``adapter_config.json``: the PEFT config of the run, as PEFT writes it (inference_mode true).
 - ``README.md`` (model card) and ``loradrop_importance.png`` (importance chart).
 
-On disk it is about the kept fraction of a plain PEFT adapter of the same model.
+On disk it is about the kept fraction of a plain PEFT adapter of the same model. Reading one checks everything
+`hub_export.validate` lists, from the format's own files only (`hub_export.files`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import Any
 import peft
 import torch
 from peft.utils import CONFIG_NAME
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
@@ -37,12 +39,14 @@ from loradrop_trainer import DropPlan
 from loradrop_trainer.report import PLOT_FILE, plot_importance
 from loradrop_trainer.sharding import barrier, is_writing_rank
 
-from .atomic import atomic_directory
-from .errors import CompactFileNotFoundError, CompactFormatError, UnsupportedFormatVersionError
-from .jsonfile import read_json_object
+from .atomic import Layout, atomic_directory
+from .errors import CompactFileNotFoundError, CompactFormatError, PlanError, UnsupportedFormatVersionError
+from .files import has_member, read_member
+from .jsonfile import parse_json_object
 from .model_card import CARD_FILE, render_model_card
 from .plans import PlanSource, resolve_plan, split_payload
-from .tying import TensorSpec, read_tying
+from .tying import TensorSpec, read_tying, split_key
+from .validate import check_adapter
 
 logger = logging.get_logger(__name__)
 
@@ -51,6 +55,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "loradrop_compact.json"
 WEIGHTS_FILE = "adapter_compact.safetensors"
 METADATA_VERSION_KEY = "loradrop_compact_version"
+COMPACT_LAYOUT = Layout("compact adapter", frozenset({MANIFEST_FILE, WEIGHTS_FILE, CONFIG_NAME, CARD_FILE, PLOT_FILE}))
 
 
 @dataclass
@@ -79,14 +84,19 @@ class CompactAdapter:
 
     @property
     def stored_params(self) -> int:
-        """LoRA parameters stored: what training after the switch actually had."""
-        return sum(t.numel() for t in self.tensors.values())
+        """LoRA parameters stored (lora_A and lora_B only): what training after the switch actually had."""
+        return sum(t.numel() for key, t in self.tensors.items() if split_key(key))
 
     @property
     def plain_params(self) -> int:
-        """LoRA parameters of the unpruned adapter: what the model had before the switch."""
-        shared = sum(t.numel() * len(self.members[k]) for k, t in self.tensors.items())
+        """LoRA parameters of the unpruned adapter (lora_A and lora_B only): what the model had before the switch."""
+        shared = sum(t.numel() * len(self.members[k]) for k, t in self.tensors.items() if split_key(k))
         return shared + sum(torch.Size(spec.shape).numel() for spec in self.dropped.values())
+
+    @property
+    def other_params(self) -> int:
+        """Parameters of the modules PEFT trains in full alongside LoRA (`modules_to_save`, e.g. a classifier)."""
+        return sum(t.numel() for key, t in self.tensors.items() if not split_key(key))
 
 
 def save_compact(
@@ -97,7 +107,8 @@ def save_compact(
     The tying is read from the model (shared Parameters, switched-off layers) and checked against the plan, which
     comes from `plan` or from the model itself when `load_compact` made it (see `hub_export.plans`). `license` (an
     SPDX id such as "apache-2.0") goes into the model card and is kept when the adapter is loaded and saved again.
-    `out_dir` must be missing, empty or a previous adapter; it is replaced only once the new adapter is complete.
+    `out_dir` must be missing, empty or an earlier compact adapter (nothing but its files); it is replaced only once
+    the new adapter is complete.
 
     In a distributed run only rank 0 writes, as `Trainer.save_model()` does. A model whose LoRA FSDP2 or DeepSpeed
     ZeRO-3 shards is gathered first: call `save_compact` on every rank then (it returns once the files are written).
@@ -119,7 +130,8 @@ def save_compact(
         members=tying.members,
         dropped=tying.dropped,
     )
-    with atomic_directory(out_dir) as staging:
+    check_adapter(adapter, "the adapter of this model")
+    with atomic_directory(out_dir, COMPACT_LAYOUT) as staging:
         write_compact(adapter, staging)
     logger.info(
         f"LoRA-drop: compact adapter written to {out_dir} ({adapter.stored_bytes:,} of {adapter.plain_bytes:,} bytes "
@@ -135,7 +147,7 @@ def write_compact(adapter: CompactAdapter, directory: Path) -> None:
     weights = directory / WEIGHTS_FILE
     # One metadata entry only: safetensors writes several in a random order, and the bytes must be reproducible.
     save_file(adapter.tensors, weights, metadata={METADATA_VERSION_KEY: str(adapter.format_version)})
-    (directory / CONFIG_NAME).write_text(json.dumps(adapter.peft_config, indent=2, sort_keys=True), encoding="utf-8")
+    (directory / CONFIG_NAME).write_text(config_text(adapter.peft_config), encoding="utf-8")
     plot_importance(adapter.plan, directory / PLOT_FILE)
     (directory / CARD_FILE).write_text(render_model_card(adapter, PLOT_FILE), encoding="utf-8")
     manifest = {
@@ -153,13 +165,21 @@ def write_compact(adapter: CompactAdapter, directory: Path) -> None:
 
 
 def read_compact(path: str | os.PathLike) -> CompactAdapter:
-    """Read and check a compact adapter directory; every problem is reported with the file and what to do."""
+    """Read and check the compact adapter in the local directory `path` (see `hub_export.validate`).
+
+    Every problem raises a `CompactFileNotFoundError` or `CompactFormatError` naming the file and what to do. Nothing
+    is downloaded: Hub repos are read through `load_from_hub` and `pull`.
+    """
     directory = Path(path)
     if not directory.is_dir():
-        raise CompactFileNotFoundError(f"No compact adapter at {directory}: the directory does not exist.")
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.is_file():
-        if (directory / CONFIG_NAME).is_file():
+        raise CompactFileNotFoundError(
+            f"No compact adapter at {directory}: it is a file, not a directory. Pass the adapter's directory."
+            if directory.exists()
+            else f"{directory} does not exist. (A Hub repo is read only when asked: load_from_hub(base_model, "
+            "repo_id) or pull(repo_id, directory) in Python, hf://user/name on the loradrop command line.)"
+        )
+    if not has_member(directory, MANIFEST_FILE):
+        if has_member(directory, CONFIG_NAME):
             raise CompactFileNotFoundError(
                 f"{directory} has no {MANIFEST_FILE}: it is a plain PEFT adapter, not a LoRA-drop compact one. Load "
                 "it with peft.PeftModel.from_pretrained."
@@ -167,9 +187,10 @@ def read_compact(path: str | os.PathLike) -> CompactAdapter:
         raise CompactFileNotFoundError(
             f"{directory} has no {MANIFEST_FILE}: it is not a LoRA-drop compact adapter (write one with save_compact)."
         )
-    manifest = _read_json(manifest_path)
-    _check_version(manifest, manifest_path)
-    peft_config = _read_json(directory / CONFIG_NAME)
+    manifest_path = directory / MANIFEST_FILE
+    manifest = _read_json(directory, MANIFEST_FILE)
+    version = _check_version(manifest, manifest_path)
+    peft_config = _read_json(directory, CONFIG_NAME)
     if str(peft_config.get("peft_type", "")).upper() != "LORA":
         raise CompactFormatError(
             f"{directory / CONFIG_NAME} describes a {peft_config.get('peft_type')!r} adapter; compact adapters hold "
@@ -177,31 +198,44 @@ def read_compact(path: str | os.PathLike) -> CompactAdapter:
         )
     try:
         plan_payload = manifest["plan"]
-        members = {key: list(keys) for key, keys in manifest["tensors"].items()}
-        dropped = {
-            key: TensorSpec(tuple(spec["shape"]), spec["dtype"]) for key, spec in manifest.get("dropped", {}).items()
-        }
+        members = {key: _names(keys) for key, keys in manifest["tensors"].items()}
+        dropped = _dropped_specs(manifest.get("dropped", {}), manifest_path)
         weights_name, digest = manifest["weights_file"], manifest["weights_sha256"]
     except (KeyError, TypeError, AttributeError) as err:
         raise CompactFormatError(f"{manifest_path} lacks or garbles {err}; export the adapter again.") from err
-    plan, extra = split_payload(plan_payload, str(manifest_path))
-    tensors = _read_weights(directory / weights_name, digest, manifest["format_version"])
+    if weights_name != WEIGHTS_FILE:  # refused before touching the disk: the answer must not depend on other paths
+        raise CompactFormatError(
+            f"{manifest_path} names weights_file {weights_name!r}; a compact adapter's weights are in "
+            f"{WEIGHTS_FILE!r} next to it. Export the adapter again."
+        )
+    try:
+        plan, extra = split_payload(plan_payload, str(manifest_path))
+    except PlanError as err:
+        raise CompactFormatError(f"{err}. Export the adapter again.") from err
+    tensors = _read_weights(directory, digest, version)
     if set(tensors) != set(members):
         missing = sorted(set(members) - set(tensors)) or sorted(set(tensors) - set(members))
         raise CompactFormatError(
-            f"{directory / weights_name} and {manifest_path} disagree on the stored tensors (first: {missing[0]!r}); "
+            f"{directory / WEIGHTS_FILE} and {manifest_path} disagree on the stored tensors (first: {missing[0]!r}); "
             "the adapter was assembled from different exports. Export it again."
         )
-    return CompactAdapter(
-        adapter_name=manifest.get("adapter_name", plan.adapter_name),
+    adapter = CompactAdapter(
+        adapter_name=str(manifest.get("adapter_name", plan.adapter_name)),
         plan=plan,
         plan_extra=extra,
         peft_config=peft_config,
         tensors=tensors,
         members=members,
         dropped=dropped,
-        format_version=manifest["format_version"],
+        format_version=version,
     )
+    check_adapter(adapter, f"the compact adapter at {directory}")
+    return adapter
+
+
+def config_text(peft_config: dict[str, Any]) -> str:
+    """`adapter_config.json` as this package writes it (sorted keys, so the bytes are reproducible)."""
+    return json.dumps(peft_config, indent=2, sort_keys=True)
 
 
 def adapter_config_dict(model: nn.Module, adapter_name: str) -> dict[str, Any]:
@@ -218,48 +252,65 @@ def adapter_config_dict(model: nn.Module, adapter_name: str) -> dict[str, Any]:
     return {key: sorted(value) if isinstance(value, set) else value for key, value in data.items()}
 
 
-def _missing(path: Path) -> str:
-    return f"{path} is missing: the adapter is incomplete. Download or export it again."
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return read_json_object(
-        path,
-        missing=_missing(path),
+def _read_json(directory: Path, name: str) -> dict[str, Any]:
+    return parse_json_object(
+        read_member(directory, name),
+        directory / name,
         invalid=CompactFormatError,
         what="the file is corrupt or truncated.",
     )
 
 
-def _check_version(manifest: dict[str, Any], path: Path) -> None:
+def _names(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise TypeError("'tensors' (each entry must be a list of key names)")
+    return list(value)
+
+
+def _dropped_specs(value: Any, path: Path) -> dict[str, TensorSpec]:
+    if not isinstance(value, dict):
+        raise TypeError("'dropped' (a mapping of key names to shapes and dtypes)")
+    specs = {}
+    for key, spec in value.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) or "dtype" not in spec:
+            raise CompactFormatError(
+                f"{path} gives dropped {key!r} no {{'shape': [...], 'dtype': ...}}; export the adapter again."
+            )
+        specs[key] = TensorSpec(tuple(spec["shape"]), spec["dtype"])
+    return specs
+
+
+def _check_version(manifest: dict[str, Any], path: Path) -> int:
     if manifest.get("format") != FORMAT_NAME:
         raise CompactFormatError(f"{path} is not a LoRA-drop compact manifest (format {manifest.get('format')!r}).")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # `true == 1` in Python, but it is no version
         hint = (
             "Upgrade loradrop (pip install -U loradrop) to read it."
-            if isinstance(version, int) and version > FORMAT_VERSION
+            if type(version) is int and version > FORMAT_VERSION
             else "The manifest is corrupt; export the adapter again."
         )
         raise UnsupportedFormatVersionError(
             f"{path} is compact format version {version!r}; this loradrop {loradrop_trainer.__version__} reads "
             f"version {FORMAT_VERSION}. {hint}"
         )
+    return version
 
 
-def _read_weights(path: Path, digest: str, version: int) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CompactFileNotFoundError(_missing(path))
-    if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+def _read_weights(directory: Path, digest: Any, version: int) -> dict[str, torch.Tensor]:
+    """The stored tensors, parsed from the very bytes whose checksum was verified."""
+    path = directory / WEIGHTS_FILE
+    data = read_member(directory, WEIGHTS_FILE)
+    if hashlib.sha256(data).hexdigest() != digest:
         raise CompactFormatError(
             f"{path} is corrupt: its checksum differs from the one recorded in {MANIFEST_FILE}. Download or export "
             "the adapter again."
         )
     try:
-        with safe_open(path, framework="pt") as weights:
-            written = (weights.metadata() or {}).get(METADATA_VERSION_KEY)
-            tensors = {key: weights.get_tensor(key) for key in weights.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except (SafetensorError, OSError, ValueError) as err:
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # the safetensors header
+        written = (header.get("__metadata__") or {}).get(METADATA_VERSION_KEY)
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, AttributeError) as err:
         raise CompactFormatError(f"{path} is not a readable safetensors file ({err}); export it again.") from err
     if written != str(version):
         raise CompactFormatError(

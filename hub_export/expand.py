@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,12 +17,13 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
 
-from .atomic import atomic_directory
-from .compact import CompactAdapter, read_compact
+from .atomic import Layout, atomic_directory, check_disjoint
+from .compact import CompactAdapter, config_text, read_compact
 
 logger = logging.get_logger(__name__)
 
 DROPPED_A_SEED = 0
+PEFT_LAYOUT = Layout("plain PEFT adapter", frozenset({CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME}))
 
 
 def expand_to_peft(compact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -31,14 +31,20 @@ def expand_to_peft(compact_dir: str | os.PathLike, out_dir: str | os.PathLike) -
 
     `PeftModel.from_pretrained(base, out_dir)` then gives the same logits as `load_compact(base, compact_dir)`, but
     the modules no longer share weights and the files are as large as an unpruned adapter's. `out_dir` is written
-    atomically and must be missing, empty or a previous adapter.
+    atomically; it must lie outside `compact_dir` and be missing, empty or an earlier expansion (those two files).
     """
+    check_disjoint(compact_dir, out_dir)
     adapter = read_compact(compact_dir)
-    with atomic_directory(out_dir) as staging:
-        save_file(expanded_state_dict(adapter), staging / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
-        shutil.copyfile(Path(compact_dir) / CONFIG_NAME, staging / CONFIG_NAME)
+    with atomic_directory(out_dir, PEFT_LAYOUT) as staging:
+        write_peft(adapter, staging)
     logger.info(f"LoRA-drop: plain PEFT adapter of {compact_dir} written to {out_dir}.")
     return Path(out_dir)
+
+
+def write_peft(adapter: CompactAdapter, directory: Path) -> None:
+    """Write the plain PEFT adapter of `adapter` into the existing, empty `directory`."""
+    save_file(expanded_state_dict(adapter), directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(config_text(adapter.peft_config), encoding="utf-8")
 
 
 def expanded_state_dict(adapter: CompactAdapter) -> dict[str, torch.Tensor]:

@@ -2,14 +2,15 @@
 
 All transfers go through the official `huggingface_hub` client (`HfApi.create_repo`/`upload_folder`,
 `snapshot_download`), so HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, the cache, progress bars and the "skip unchanged
-files" logic behave as in every Hugging Face library. A push never touches the local files; a pull writes its target
-directory only once everything is downloaded and checked.
+files" logic behave as in every Hugging Face library. Only the adapter's own files travel: a push uploads a staged
+copy of them (never another file of the directory, never the target of a link), a pull or load downloads nothing
+else. A push never touches the local files; a pull writes its target directory only once everything is downloaded
+and checked.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,13 +19,33 @@ from peft import PeftModel
 from torch import nn
 from transformers.utils import logging
 
-from .atomic import atomic_directory
-from .compact import CompactAdapter, read_compact, save_compact
-from .expand import expand_to_peft
+from .atomic import Layout, atomic_directory, check_replaceable
+from .compact import COMPACT_LAYOUT, CompactAdapter, read_compact, save_compact
+from .expand import PEFT_LAYOUT, write_peft
+from .files import has_member, read_member
 from .loader import load_compact
 from .remote import PEFT_SUBFOLDER, fetch, hub_errors
 
 logger = logging.get_logger(__name__)
+
+# What a pull writes: the compact adapter, and the plain PEFT copy in peft/ when the repo was pushed with it.
+PULLED_LAYOUT = Layout(
+    "pulled compact adapter", COMPACT_LAYOUT.files | {f"{PEFT_SUBFOLDER}/{name}" for name in PEFT_LAYOUT.files}
+)
+
+
+class PushInfo(str):
+    """The commit URL a push made (or the head's, if nothing changed); `files` lists what the repo got from it.
+
+    A `str`, as `huggingface_hub.CommitInfo` is, so it prints and compares as the URL.
+    """
+
+    files: list[str]
+
+    def __new__(cls, commit_url: str, files: list[str]) -> PushInfo:
+        info = super().__new__(cls, commit_url)
+        info.files = files
+        return info
 
 
 def push_to_hub(
@@ -36,17 +57,20 @@ def push_to_hub(
     revision: str | None = None,
     commit_message: str | None = None,
     expanded: bool = False,
-) -> str:
+) -> PushInfo:
     """Upload a compact adapter (a directory, or a tied model saved on the fly) to `repo_id`; return the commit URL.
 
-    The repo is created if needed (`private` applies only then), and so is the branch `revision`. With
-    `expanded=True` the plain PEFT adapter goes into the `peft/` subfolder of the same commit, for
+    Only the compact adapter's own files go up (read as regular files: a symbolic link among them is refused), with
+    the plain PEFT adapter in the `peft/` subfolder of the same commit when `expanded=True`, for
     `PeftModel.from_pretrained(base, repo_id, subfolder="peft")`; without it, a `peft/` subfolder left by an earlier
-    push is deleted so it cannot go stale. Unchanged files are not uploaded again; if nothing changed, no commit is
-    made and the URL of the current head is returned.
+    push is deleted so it cannot go stale. The repo is created if needed (`private` applies only then), and so is the
+    branch `revision`. Unchanged files are not uploaded again; if nothing changed, no commit is made and the URL of
+    the current head is returned. The result's `files` lists the repo paths of the adapter's files.
     """
     with tempfile.TemporaryDirectory(prefix="loradrop-push-") as staging:
-        folder, adapter = _stage(model_or_dir, Path(staging), expanded)
+        folder = Path(staging) / "adapter"
+        adapter = _stage(model_or_dir, folder, expanded)
+        files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
         message = commit_message or (
             f"Upload LoRA-drop compact adapter ({len(adapter.plan.kept)}/{len(adapter.plan.kinds)} modules kept"
             f"{', with plain PEFT copy in peft/' if expanded else ''})"
@@ -61,11 +85,10 @@ def push_to_hub(
                 folder_path=folder,
                 revision=revision,
                 commit_message=message,
-                ignore_patterns=None if expanded else [f"{PEFT_SUBFOLDER}/*"],
                 delete_patterns=[f"{PEFT_SUBFOLDER}/*"],
             )
-    logger.info(f"LoRA-drop: pushed to {info.commit_url}")
-    return str(info.commit_url)
+    logger.info(f"LoRA-drop: pushed {', '.join(files)} to {info.commit_url}")
+    return PushInfo(str(info.commit_url), files)
 
 
 def load_from_hub(
@@ -79,36 +102,46 @@ def load_from_hub(
 ) -> PeftModel:
     """`load_compact` from a Hub repo at `revision` (branch, tag or commit id), through the Hugging Face cache.
 
-    The plain PEFT copy in `peft/` is not downloaded. In offline mode (HF_HUB_OFFLINE=1) the cached copy is used.
+    Only the compact adapter's files are downloaded (not the plain PEFT copy in `peft/`, nor anything else the repo
+    holds). In offline mode (HF_HUB_OFFLINE=1) the cached copy is used.
     """
-    directory = fetch(repo_id, revision=revision, token=token, ignore_patterns=[f"{PEFT_SUBFOLDER}/*"])
+    directory = fetch(repo_id, revision=revision, token=token, allow_patterns=sorted(COMPACT_LAYOUT.files))
     return load_compact(base_model, directory, adapter_name=adapter_name, is_trainable=is_trainable)
 
 
 def pull(repo_id: str, local_dir: str | os.PathLike, revision: str | None = None, *, token: str | None = None) -> Path:
-    """Download `repo_id` into `local_dir`, which appears only once the download is complete and checked.
+    """Download the compact adapter of `repo_id` (and its `peft/` copy, if pushed) into `local_dir`.
 
-    A failed pull (network, auth, a repo that is not a compact adapter) leaves `local_dir` as it was.
+    Nothing but the adapter's files is downloaded. `local_dir` must be missing, empty or an earlier pull; it appears
+    only once the download is complete and checked, so a failed pull (network, auth, a repo that is not a compact
+    adapter) leaves it as it was.
     """
-    snapshot = fetch(repo_id, revision=revision, token=token)
+    check_replaceable(Path(local_dir).absolute(), PULLED_LAYOUT)  # before downloading anything
+    snapshot = fetch(repo_id, revision=revision, token=token, allow_patterns=sorted(PULLED_LAYOUT.files))
     read_compact(snapshot)
-    with atomic_directory(local_dir) as staging:
-        shutil.copytree(snapshot, staging, dirs_exist_ok=True)
+    with atomic_directory(local_dir, PULLED_LAYOUT) as staging:
+        _copy_members(snapshot, staging, PULLED_LAYOUT)
     logger.info(f"LoRA-drop: {repo_id} pulled into {local_dir}")
     return Path(local_dir)
 
 
-def _stage(model_or_dir: nn.Module | str | os.PathLike, staging: Path, expanded: bool) -> tuple[Path, CompactAdapter]:
-    """The folder to upload (the given directory itself, or a staging copy when a model or expansion is involved),
-    checked before anything is sent."""
+def _stage(model_or_dir: nn.Module | str | os.PathLike, folder: Path, expanded: bool) -> CompactAdapter:
+    """Write the files to upload into the new directory `folder`, checked before anything is sent."""
     if isinstance(model_or_dir, nn.Module):
-        folder = save_compact(model_or_dir, staging / "adapter")
-        adapter = read_compact(folder)
+        save_compact(model_or_dir, folder)
     else:
-        adapter = read_compact(model_or_dir)
-        folder = Path(model_or_dir)
-        if expanded:  # the plain copy goes next to a copy, never into the caller's directory
-            folder = Path(shutil.copytree(folder, staging / "adapter", ignore=shutil.ignore_patterns(PEFT_SUBFOLDER)))
+        read_compact(model_or_dir)  # errors name the caller's directory, not the staging copy
+        _copy_members(Path(model_or_dir), folder, COMPACT_LAYOUT)
+    adapter = read_compact(folder)  # what is uploaded is exactly what was checked
     if expanded:
-        expand_to_peft(folder, folder / PEFT_SUBFOLDER)
-    return folder, adapter
+        (folder / PEFT_SUBFOLDER).mkdir()
+        write_peft(adapter, folder / PEFT_SUBFOLDER)
+    return adapter
+
+
+def _copy_members(source: Path, target: Path, layout: Layout) -> None:
+    """Copy the files of `layout` that `source` has into `target`, as regular files only (see `hub_export.files`)."""
+    for name in sorted(layout.files):
+        if has_member(source, name):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(read_member(source, name))

@@ -5,12 +5,19 @@ handling), the full PEFT state dict is loaded with `set_peft_model_state_dict`, 
 re-ties the shared modules (or switches the dropped ones off), so the result computes exactly what the trained model
 did and, with `is_trainable=True`, trains on with the same tying. The plan is attached to the model, so
 `save_compact(model, dir)` needs no plan argument.
+
+PEFT modifies the base model in place, so everything is checked first: the adapter against itself (`read_compact`),
+then against the base model (every module the adapter names exists with its widths, and the config puts LoRA on no
+module the adapter has no weights for). Should PEFT still fail, the base model is put back as it was, so a retry
+with the right adapter works on the same object.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, LoraConfig, PeftModel, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
@@ -23,59 +30,82 @@ from .compact import CompactAdapter, read_compact
 from .errors import BaseModelMismatchError
 from .expand import expanded_state_dict
 from .plans import attach_plan, plan_layers
-from .remote import local_dir
-from .tying import PEFT_PREFIX, split_key
+from .tying import LORA_SUFFIXES, PEFT_PREFIX
+from .validate import lora_config, lora_module, targets
 
 logger = logging.get_logger(__name__)
 
 
 def load_compact(
     base_model: nn.Module,
-    path_or_repo: str | os.PathLike,
+    path: str | os.PathLike,
     adapter_name: str = "default",
     is_trainable: bool = False,
 ) -> PeftModel:
-    """Return `base_model` wrapped in a PeftModel carrying the compact adapter at `path_or_repo`, tied as trained.
+    """Return `base_model` wrapped in a PeftModel carrying the compact adapter in the directory `path`, tied as trained.
 
-    `path_or_repo` is a local directory or a Hub repo id (downloaded through the Hugging Face cache; use
-    `load_from_hub` to pick a revision or token). Like `PeftModel.from_pretrained`, this modifies `base_model` in
-    place; a base model whose modules or shapes do not fit the adapter is refused before it is touched.
+    Like `PeftModel.from_pretrained`, this modifies `base_model` in place, but only once every check has passed: an
+    adapter that is inconsistent raises `CompactFormatError`, a base model it does not fit `BaseModelMismatchError`,
+    and either leaves `base_model` untouched. A missing `path` is an error, never a download: use `load_from_hub`
+    for a Hub repo.
     """
-    directory = local_dir(path_or_repo)
-    adapter = read_compact(directory)
-    _check_base_model(base_model, adapter, str(path_or_repo))
-
-    config = LoraConfig.from_pretrained(str(directory))
+    adapter = read_compact(path)
+    config = lora_config(adapter.peft_config, str(path))
+    _check_base_model(base_model, adapter, config, str(path))
+    state = expanded_state_dict(adapter)  # allocated only now that every shape is known to be the base model's
     config.inference_mode = not is_trainable
     peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
-    model = peft_class(base_model, config, adapter_name)
+    with _undone_on_failure(base_model):
+        model = peft_class(base_model, config, adapter_name)
+        _load_state(model, state, adapter_name, str(path))
+        plan = dataclasses.replace(adapter.plan, adapter_name=adapter_name)
+        apply_plan(plan_layers(model, plan), plan)
+    if not is_trainable:
+        model.eval()
+    attach_plan(model, plan, adapter.plan_extra)
+    logger.info(f"LoRA-drop: loaded {path} ({len(plan.kept)}/{len(plan.kinds)} modules with their own LoRA).")
+    return model
+
+
+def _load_state(model: PeftModel, state: dict, adapter_name: str, source: str) -> None:
     try:
-        result = set_peft_model_state_dict(model, expanded_state_dict(adapter), adapter_name=adapter_name)
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     except RuntimeError as err:
         raise BaseModelMismatchError(
-            f"The adapter at {path_or_repo} does not fit this base model ({' '.join(str(err).split())}). Load it onto "
+            f"The adapter at {source} does not fit this base model ({' '.join(str(err).split())}). Load it onto "
             "the base model it was trained on."
         ) from err
     missing = [key for key in result.missing_keys if "lora_" in key and adapter_name in key]
     if result.unexpected_keys or missing:
         odd = (result.unexpected_keys or missing)[0]
         raise BaseModelMismatchError(
-            f"The adapter at {path_or_repo} does not fit this base model: {len(result.unexpected_keys)} of its weights "
+            f"The adapter at {source} does not fit this base model: {len(result.unexpected_keys)} of its weights "
             f"have no place in the model and {len(missing)} LoRA weights of the model are not in it (first: {odd!r}). "
             "Load it onto the base model it was trained on."
         )
 
-    plan = dataclasses.replace(adapter.plan, adapter_name=adapter_name)
-    apply_plan(plan_layers(model, plan), plan)
-    if not is_trainable:
-        model.eval()
-    attach_plan(model, plan, adapter.plan_extra)
-    logger.info(f"LoRA-drop: loaded {path_or_repo} ({len(plan.kept)}/{len(plan.kinds)} modules with their own LoRA).")
-    return model
+
+@contextmanager
+def _undone_on_failure(model: nn.Module) -> Iterator[None]:
+    """Put `model` back as it was if the body raises: PEFT swaps its layers into it in place and freezes it."""
+    children = [(module, dict(module._modules)) for module in model.modules()]
+    trainable = [(param, param.requires_grad) for param in model.parameters()]
+    attributes = set(vars(model))
+    try:
+        yield
+    except BaseException:
+        for module, saved in children:
+            module._modules.clear()
+            module._modules.update(saved)
+        for param, requires_grad in trainable:
+            param.requires_grad_(requires_grad)
+        for name in set(vars(model)) - attributes:
+            delattr(model, name)
+        raise
 
 
-def _check_base_model(base_model: nn.Module, adapter: CompactAdapter, source: str) -> None:
-    """Refuse, before PEFT modifies it, a base model that is already adapted or lacks the adapter's modules/shapes."""
+def _check_base_model(base_model: nn.Module, adapter: CompactAdapter, config: LoraConfig, source: str) -> None:
+    """Refuse, before PEFT modifies it, a base model that is already adapted or that the adapter does not fit."""
     if isinstance(base_model, PeftModel) or any(isinstance(m, LoraLayer) for m in base_model.modules()):
         raise BaseModelMismatchError(
             "The base model already carries LoRA layers (a PeftModel, or a model that load_compact or get_peft_model "
@@ -84,33 +114,55 @@ def _check_base_model(base_model: nn.Module, adapter: CompactAdapter, source: st
     modules = dict(base_model.named_modules())
     shapes = {key: tuple(adapter.tensors[source].shape) for source, keys in adapter.members.items() for key in keys}
     shapes.update({key: spec.shape for key, spec in adapter.dropped.items()})
+    base_shapes = {PEFT_PREFIX + name: tuple(t.shape) for name, t in base_model.state_dict(keep_vars=True).items()}
     problems: dict[str, str] = {}  # the first problem of each module
+    with_lora = set()
     for key, shape in shapes.items():
-        parts = split_key(key)
-        if parts is not None and parts[0] not in problems:
-            problem = _module_problem(modules, parts, shape)
+        module = lora_module(key, config)
+        if module is None:  # a modules_to_save weight: PEFT loads it into a copy of the base module
+            if base_shapes.get(key) != shape:
+                problems.setdefault(key, f"it has no weight {key.removeprefix(PEFT_PREFIX)!r} of shape {list(shape)}")
+            continue
+        with_lora.add(module.removeprefix(PEFT_PREFIX))
+        if module not in problems:
+            problem = _module_problem(modules, module.removeprefix(PEFT_PREFIX), key.removeprefix(module), shape)
             if problem:
-                problems[parts[0]] = problem
+                problems[module] = problem
+    lacking = [name for name in modules if name and name not in with_lora and targets(config, PEFT_PREFIX + name)]
+    base = adapter.peft_config.get("base_model_name_or_path") or "the base model it was trained on"
     if problems:
-        base = adapter.peft_config.get("base_model_name_or_path") or "the base model it was trained on"
         first = next(iter(problems.values()))
         raise BaseModelMismatchError(
             f"The adapter at {source} does not fit this base model: {first}"
             f"{f' (and {len(problems) - 1} more modules)' if len(problems) > 1 else ''}. Load it onto {base}."
         )
+    if lacking:
+        raise BaseModelMismatchError(
+            f"The adapter at {source} does not fit this base model: its PEFT config puts LoRA on {len(lacking)} "
+            f"modules of this model it has no weights for (first: {lacking[0]!r}). Load it onto {base}."
+        )
 
 
-def _module_problem(modules: dict[str, nn.Module], parts: tuple[str, str], shape: tuple[int, ...]) -> str | None:
-    """What keeps the LoRA tensor `parts` = (PEFT module name, suffix) of `shape` off the base model, if anything."""
-    name = parts[0].removeprefix(PEFT_PREFIX)
+def _module_problem(modules: dict[str, nn.Module], name: str, suffix: str, shape: tuple[int, ...]) -> str | None:
+    """What keeps the LoRA tensor `suffix` of `shape` off the base model's module `name`, if anything."""
     module = modules.get(name)
     if module is None:
         return f"it has no module {name!r}"
-    features = getattr(module, "in_features", None), getattr(module, "out_features", None)
-    if not all(isinstance(n, int) for n in features) or len(shape) != 2:
-        return None
-    if parts[1] == ".lora_A.weight" and shape[1] != features[0]:
+    features = _features(module)
+    if features is None:
+        return f"its module {name!r} is a {type(module).__name__}, not a linear layer"
+    if suffix == LORA_SUFFIXES[0] and shape[1] != features[0]:
         return f"{name!r} takes {features[0]} input features, the adapter's LoRA A expects {shape[1]}"
-    if parts[1] == ".lora_B.weight" and shape[0] != features[1]:
+    if suffix == LORA_SUFFIXES[1] and shape[0] != features[1]:
         return f"{name!r} gives {features[1]} output features, the adapter's LoRA B gives {shape[0]}"
+    return None
+
+
+def _features(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a layer PEFT puts linear LoRA on: nn.Linear and its quantized kin, or GPT-2's Conv1D."""
+    features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if all(isinstance(n, int) for n in features):
+        return features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return tuple(module.weight.shape)  # Conv1D stores its weight as (in, out)
     return None

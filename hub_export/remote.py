@@ -6,8 +6,7 @@ HF_TOKEN (or the stored login), HF_HOME/HF_HUB_CACHE and HF_HUB_OFFLINE as it do
 
 from __future__ import annotations
 
-import os
-import re
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -26,7 +26,6 @@ from .errors import CompactFileNotFoundError, HubAuthError, HubError, HubOffline
 
 # Where a repo pushed with `expanded=True` keeps the plain PEFT copy; loading the compact adapter never needs it.
 PEFT_SUBFOLDER = "peft"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # The HTTP library's own error root (httpx's in huggingface_hub >= 1, requests' before): connection failures and
 # timeouts raised by the client are its subclasses without being HfHubHTTPError.
 _TRANSPORT_ERRORS = tuple(
@@ -34,39 +33,22 @@ _TRANSPORT_ERRORS = tuple(
 )[-1:]
 
 
-def local_dir(path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> Path:
-    """A local directory as it is, or a Hub repo id downloaded (or found in the cache) first, without `peft/`."""
-    path = Path(path_or_repo)
-    if path.exists() or not isinstance(path_or_repo, str) or not _REPO_ID.match(path_or_repo):
-        if not path.exists():
-            raise CompactFileNotFoundError(f"{path} does not exist (nor is it a Hub repo id such as 'user/name').")
-        return path
-    return fetch(
-        path_or_repo,
-        revision=revision,
-        token=token,
-        ignore_patterns=[f"{PEFT_SUBFOLDER}/*"],
-        note=" (there is no local directory of that name)",
-    )
-
-
 def fetch(
     repo_id: str,
     *,
     revision: str | None = None,
     token: str | None = None,
-    ignore_patterns: list[str] | None = None,
-    note: str = "",
+    allow_patterns: list[str] | None = None,
 ) -> Path:
-    """Download a repo snapshot into the Hugging Face cache (or reuse the cached one) and return its directory."""
-    with hub_errors(repo_id, revision=revision, action="download", note=note):
-        return Path(snapshot_download(repo_id, revision=revision, token=token, ignore_patterns=ignore_patterns))
+    """Download a repo snapshot (only `allow_patterns`) into the Hugging Face cache, or reuse the cached one."""
+    with hub_errors(repo_id, revision=revision, action="download"):
+        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns))
 
 
 @contextmanager
-def hub_errors(repo_id: str, *, revision: str | None, action: str, note: str = "") -> Iterator[None]:
+def hub_errors(repo_id: str, *, revision: str | None, action: str) -> Iterator[None]:
     """Re-raise the client's exceptions as `hub_export.errors` types with a message naming the repo and the fix."""
-    where = f"{repo_id}{f'@{revision}' if revision else ''} on {constants.ENDPOINT}{note}"
+    where = f"{repo_id}{f'@{revision}' if revision else ''} on {constants.ENDPOINT}"
     try:
         yield
     except GatedRepoError as err:
@@ -83,7 +65,13 @@ def hub_errors(repo_id: str, *, revision: str | None, action: str, note: str = "
             f"Cannot {action} {where}: the repo does not exist, or it is private and the token in use cannot see it. "
             "Check the repo id, or log in (HF_TOKEN or `hf auth login`)."
         ) from err
-    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError, RemoteEntryNotFoundError) as err:
+        not_found = _file_not_found(err)
+        if not_found is not None:
+            raise CompactFileNotFoundError(
+                f"Cannot {action} {where}: the repo lists {_requested_file(not_found)} but does not serve it (HTTP "
+                "404). It is missing from the repo, which is therefore not a complete LoRA-drop compact adapter."
+            ) from err
         if not constants.HF_HUB_OFFLINE:
             raise HubError(f"Cannot {action} {where}: the Hub is unreachable and nothing is cached ({err}).") from err
         if action != "download":
@@ -103,3 +91,19 @@ def hub_errors(repo_id: str, *, revision: str | None, action: str, note: str = "
         raise HubError(f"Cannot {action} {where}: HTTP {status}: {detail}") from err
     except _TRANSPORT_ERRORS as err:
         raise HubError(f"Cannot {action} {where}: the Hub could not be reached ({type(err).__name__}: {err}).") from err
+
+
+def _file_not_found(err: BaseException) -> HfHubHTTPError | None:
+    """The 404 behind a failed file download: raised as is, or (without the Hub's error code) wrapped by the client
+    into the "cannot reach the Hub, nothing cached" error."""
+    cause = err if isinstance(err, RemoteEntryNotFoundError) else err.__cause__
+    if isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code == 404:
+        return cause
+    return None
+
+
+def _requested_file(err: HfHubHTTPError) -> str:
+    """The repo path of the file a failed `/resolve/<revision>/<path>` request asked for."""
+    path = urllib.parse.unquote(urllib.parse.urlparse(str(err.response.url)).path) if err.response is not None else ""
+    _, found, rest = path.partition("/resolve/")
+    return repr(rest.split("/", 1)[-1]) if found else "a file"

@@ -1,21 +1,25 @@
-"""The `loradrop` command: inspect, expand, push and pull LoRA-drop compact adapters.
+"""The `loradrop` command: inspect, expand, compact, push and pull LoRA-drop compact adapters.
 
-Exit codes: 0 success, 1 the operation failed (a one-line message on stderr), 2 the command line is wrong. Hub
-settings (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, the cache) and the transfer progress bars are huggingface_hub's own.
+A SOURCE is a local directory, or `hf://user/name` for a Hub repo: the Hub is reached only when asked, so a mistyped
+local path is an error, never the download of whatever repo has that name. `push` and `pull` take a repo id (with
+or without `hf://`). Exit codes: 0 success, 1 the operation failed (a one-line message on stderr), 2 the command
+line is wrong. Hub settings (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, the cache) and the transfer progress bars are
+huggingface_hub's own. Only argparse is imported up front: `--version` and `--help` answer without loading torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hub_export import expand_to_peft, pull, push_to_hub, read_compact
-from hub_export.remote import local_dir
-
 from . import __version__
-from .report import summary_table
+
+HUB_PREFIX = "hf://"
+_SOURCE_HELP = f"compact adapter directory, or {HUB_PREFIX}user/name for a Hub repo"
+_REVISION_HELP = f"branch, tag or commit of a {HUB_PREFIX} source (default: main)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
+        _check_usage(args)
     except SystemExit as exit_:
         return 0 if exit_.code is None else int(exit_.code)
     try:
@@ -36,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loradrop",
-        description="Inspect, expand and share LoRA-drop compact adapters (see hub_export).",
+        description="Inspect, expand and share LoRA-drop compact adapters (see hub_export). A SOURCE is a local "
+        f"directory or {HUB_PREFIX}user/name; nothing is downloaded from the Hub without that prefix.",
     )
     parser.add_argument("--version", action="version", version=f"loradrop {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -44,15 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect", help="show the plan, sizes and format of a compact adapter", description=_inspect.__doc__
     )
-    inspect.add_argument("source", metavar="PATH_OR_REPO", help="compact adapter directory or Hub repo id")
-    inspect.add_argument("--revision", help="branch, tag or commit of a Hub repo (default: main)")
-    inspect.set_defaults(command=_inspect)
+    inspect.add_argument("source", metavar="SOURCE", help=_SOURCE_HELP)
+    inspect.add_argument("--revision", help=_REVISION_HELP)
+    inspect.set_defaults(command=_inspect, source_parser=inspect)
 
     expand = commands.add_parser("expand", help="write a plain PEFT adapter", description=_expand.__doc__)
-    expand.add_argument("source", metavar="SRC", help="compact adapter directory or Hub repo id")
-    expand.add_argument("target", metavar="DST", help="output directory (missing, empty or a previous adapter)")
-    expand.add_argument("--revision", help="branch, tag or commit of a Hub repo (default: main)")
-    expand.set_defaults(command=_expand)
+    expand.add_argument("source", metavar="SOURCE", help=_SOURCE_HELP)
+    expand.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier expansion)")
+    expand.add_argument("--revision", help=_REVISION_HELP)
+    expand.set_defaults(command=_expand, source_parser=expand)
+
+    compact = commands.add_parser(
+        "compact", help="compact a plain PEFT adapter saved after the switch", description=_compact.__doc__
+    )
+    compact.add_argument("source", metavar="SRC", help="plain PEFT adapter directory (save_model output, checkpoint-N)")
+    compact.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier compact one)")
+    compact.add_argument("--plan", help="the run's loradrop_plan.json (default: the one in SRC)")
+    compact.set_defaults(command=_compact)
 
     push = commands.add_parser("push", help="upload a compact adapter to the Hub", description=_push.__doc__)
     push.add_argument("source", metavar="SRC", help="compact adapter directory")
@@ -67,25 +81,63 @@ def _parser() -> argparse.ArgumentParser:
 
     pull_ = commands.add_parser("pull", help="download a compact adapter from the Hub", description=_pull.__doc__)
     pull_.add_argument("repo_id", metavar="REPO", help="Hub repo id")
-    pull_.add_argument("target", metavar="DST", help="output directory (missing, empty or a previous adapter)")
+    pull_.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier pull)")
     pull_.add_argument("--revision", help="branch, tag or commit (default: main)")
     pull_.set_defaults(command=_pull)
     return parser
 
 
+def _check_usage(args: argparse.Namespace) -> None:
+    source_parser = getattr(args, "source_parser", None)
+    if source_parser is not None and args.revision is not None and not args.source.startswith(HUB_PREFIX):
+        source_parser.error(
+            f"--revision applies to a Hub source ({HUB_PREFIX}user/name), not to the local directory {args.source}."
+        )
+
+
+def _source_dir(source: str, revision: str | None) -> Path:
+    """The directory of a SOURCE: the local one as given, or the cached snapshot of an hf:// repo."""
+    if not source.startswith(HUB_PREFIX):
+        if not os.path.lexists(source):
+            raise FileNotFoundError(
+                f"{source} does not exist. For the Hub repo of that name, write {HUB_PREFIX}{source}."
+            )
+        return Path(source)
+    from hub_export.compact import COMPACT_LAYOUT
+    from hub_export.remote import fetch
+
+    return fetch(_repo_id(source), revision=revision, allow_patterns=sorted(COMPACT_LAYOUT.files))
+
+
+def _repo_id(text: str) -> str:
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = text.removeprefix(HUB_PREFIX)
+    validate_repo_id(repo_id)
+    return repo_id
+
+
 def _inspect(args: argparse.Namespace) -> None:
     """Print a compact adapter's format version, plan per kind, LoRA settings and sizes."""
-    directory = local_dir(args.source, revision=args.revision)
+    from hub_export import read_compact
+    from hub_export.compact import COMPACT_LAYOUT
+
+    from .report import summary_table
+
+    directory = _source_dir(args.source, args.revision)
     adapter = read_compact(directory)
     plan, config = adapter.plan, adapter.peft_config
     targets = ", ".join(config.get("target_modules") or []) or "-"
-    on_disk = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    files = [directory / name for name in COMPACT_LAYOUT.files if (directory / name).is_file()]
+    on_disk = sum(path.stat().st_size for path in files)
     ratio = adapter.stored_bytes / adapter.plain_bytes if adapter.plain_bytes else 0.0
     print(f"{args.source}: LoRA-drop compact adapter, format version {adapter.format_version}")
     print(f"adapter {adapter.adapter_name!r}, mode {plan.mode}, threshold {plan.threshold}, switch at step {plan.step}")
     print(f"base model: {config.get('base_model_name_or_path') or 'unknown'}")
     print(f"LoRA r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, targets: {targets}")
     print(summary_table(plan, adapter.plain_params, adapter.stored_params))
+    if adapter.other_params:
+        print(f"plus {adapter.other_params:,} parameters of modules trained in full (modules_to_save)")
     print(
         f"weights: {adapter.stored_bytes:,} bytes instead of {adapter.plain_bytes:,} for a plain PEFT adapter "
         f"({ratio:.1%}); {on_disk:,} bytes of files in all"
@@ -94,29 +146,48 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def _expand(args: argparse.Namespace) -> None:
     """Write the plain PEFT adapter of a compact one (loads with peft.PeftModel.from_pretrained)."""
-    target = expand_to_peft(local_dir(args.source, revision=args.revision), args.target)
+    from hub_export import expand_to_peft
+
+    target = expand_to_peft(_source_dir(args.source, args.revision), args.target)
     print(f"plain PEFT adapter written to {target}")
 
 
+def _compact(args: argparse.Namespace) -> None:
+    """Write the compact adapter of what a training script saved (trainer.save_model(), a checkpoint-N directory),
+    after checking that every shared group's weights are equal."""
+    from hub_export import compact_peft_adapter
+
+    print(f"compact adapter written to {compact_peft_adapter(args.source, args.target, plan=args.plan)}")
+
+
 def _push(args: argparse.Namespace) -> None:
-    """Upload a compact adapter directory to a Hub repo and print the commit URL. Uses HF_TOKEN or the stored login."""
+    """Upload a compact adapter directory to a Hub repo: only the adapter's own files (listed), then the commit URL.
+    Uses HF_TOKEN or the stored login."""
+    from hub_export import push_to_hub
+
     if not Path(args.source).is_dir():
         raise FileNotFoundError(f"{args.source} is not a directory; pass a compact adapter directory to push.")
-    print(
-        push_to_hub(
-            args.source,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.message,
-            expanded=args.expanded,
-        )
+    repo_id = _repo_id(args.repo_id)
+    info = push_to_hub(
+        args.source,
+        repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.message,
+        expanded=args.expanded,
     )
+    print(f"{repo_id} holds the adapter's files:")
+    for name in info.files:
+        print(f"  {name}")
+    print(info)
 
 
 def _pull(args: argparse.Namespace) -> None:
     """Download a compact adapter from the Hub into a directory that appears only once it is complete."""
-    print(f"{args.repo_id} pulled into {pull(args.repo_id, args.target, revision=args.revision)}")
+    from hub_export import pull
+
+    repo_id = _repo_id(args.repo_id)
+    print(f"{repo_id} pulled into {pull(repo_id, args.target, revision=args.revision)}")
 
 
 if __name__ == "__main__":

@@ -70,8 +70,7 @@ class GradientTying:
             copy = {p: group[0] for group in self.groups for p in group[1:]}
             (_copy_fsdp2 if self.engine == "fsdp2" else _copy_zero3)(copy, self._optimizer)
         else:
-            values = fresh_values(self._parts, fresh_seed)
-            (_reset_fsdp2 if self.engine == "fsdp2" else _reset_zero3)(values, self._optimizer)
+            reset_sharded(fresh_values(self._parts, fresh_seed), self._optimizer)
 
     def attach(self) -> None:
         """Sum the groups' gradients before every optimizer update from now on (idempotent)."""
@@ -156,6 +155,15 @@ def fresh_values(groups: list[tuple[str, list[nn.Parameter]]], seed: int) -> lis
             nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
         out += [(param, value) for param in params]
     return out
+
+
+def reset_sharded(values: list[tuple[nn.Parameter, torch.Tensor]], optimizer: object) -> None:
+    """Give sharded Parameters new whole values (float32, the same on every rank) and forget their optimizer state.
+
+    Every rank must call it: FSDP2 scatters the values from rank 0, ZeRO-3 gathers to write its partitions.
+    """
+    engine = parameter_engine(param for param, _ in values)
+    (_reset_fsdp2 if engine == "fsdp2" else _reset_zero3)(values, _innermost(optimizer))
 
 
 def _innermost(optimizer: object) -> object:

@@ -7,6 +7,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import MODES
+
 PLAN_FORMAT_VERSION = 1
 
 # Attributes under which a re-parameterised model carries its plan (and the run's settings that go with it), so the
@@ -106,7 +108,14 @@ class DropPlan:
         return plan
 
     def validate(self) -> None:
-        """Check the plan is self-consistent: every module is kept or in its own kind's shared group, exactly once."""
+        """Check the plan is self-consistent: every module is kept or in its own kind's shared group, exactly once,
+        with a finite, non-negative importance, in a mode the re-parameterisation knows."""
+        if self.mode not in MODES:
+            raise ValueError(f"Drop plan mode {self.mode!r} is not one of {MODES}; the plan is corrupt.")
+        if set(self.importance) != set(self.kinds) or not all(
+            math.isfinite(value) and value >= 0 for value in self.importance.values()
+        ):
+            raise ValueError("Drop plan importances must be one finite, non-negative number per module.")
         placed = self.kept + self.dropped
         if sorted(placed) != sorted(self.kinds) or len(set(placed)) != len(placed):
             raise ValueError("Drop plan is inconsistent: every module must be either kept or shared, exactly once.")

@@ -16,7 +16,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .grad_tying import GradientTying, fresh_values, shared_groups
+from .grad_tying import GradientTying, fresh_values, reset_sharded, shared_groups
 from .plan import DropPlan
 from .sharding import parameter_engine
 
@@ -72,10 +72,14 @@ def reparameterise(
         The `GradientTying` that keeps sharded members equal (remove it when training ends), or None when the plan
         was applied in place.
     """
-    params = [p for _, group in shared_groups(layers, plan) for p in group]
-    if plan.mode == "drop" or parameter_engine(params) == "replicated":
+    if plan.mode == "drop":
         apply_plan(layers, plan)
-        if at_switch and fresh_seed is not None and plan.mode == "share":
+        if at_switch:
+            zero_dropped(layers, plan, optimizer)
+        return None
+    if parameter_engine(p for _, group in shared_groups(layers, plan) for p in group) == "replicated":
+        apply_plan(layers, plan)
+        if at_switch and fresh_seed is not None:
             reinit_shared(layers, plan, optimizer, fresh_seed)
         return None
     _check_plan_matches(layers, plan)
@@ -95,8 +99,25 @@ def reinit_shared(
     RNG stream (dropout, data order) is left as an uninterrupted run would have it.
     """
     sources = [(part, params[:1]) for part, params in shared_groups(layers, plan)]
-    values = {param: value.to(param.device) for param, value in fresh_values(sources, seed)}
-    _reset_parameters(values, optimizer)
+    set_values(fresh_values(sources, seed), optimizer)
+
+
+def zero_dropped(layers: dict[str, LoraLayer], plan: DropPlan, optimizer: object) -> None:
+    """Set the B of every dropped module (mode "drop") to zero, in the module and in the optimizer's copies.
+
+    A dropped module no longer computes its LoRA, but `save_pretrained` still writes its weights, and plain PEFT
+    switches every module on when it loads them: with B at zero that adapter computes what the trained model did.
+    """
+    weights = [layers[name].lora_B[plan.adapter_name].weight for name in plan.dropped]
+    set_values([(w, torch.zeros(getattr(w, "ds_shape", None) or w.shape)) for w in weights], optimizer)
+
+
+def set_values(values: list[tuple[nn.Parameter, torch.Tensor]], optimizer: object) -> None:
+    """Give Parameters new (whole, float32) values and forget their optimizer state, on any engine."""
+    if parameter_engine(param for param, _ in values) != "replicated":
+        reset_sharded(values, optimizer)
+    else:
+        _reset_parameters({param: value.to(param.device) for param, value in values}, optimizer)
 
 
 def _deactivate(layer: LoraLayer, adapter: str) -> None:

@@ -64,25 +64,18 @@ def check_fsdp_version(fsdp_config: dict | None, model: nn.Module) -> None:
     """Refuse FSDP1 before the first step: it flattens a module's Parameters into one, which neither tying survives.
 
     Args:
-        fsdp_config: `TrainingArguments.fsdp_config` (empty or None when the Trainer shards nothing).
-        model: the model the Trainer trains (FSDP1 shows as `FullyShardedDataParallel` modules once wrapped).
+        fsdp_config: `TrainingArguments.fsdp_config` when the Trainer shards (`TrainingArguments.fsdp` set), else None.
+        model: the model the Trainer trains; once wrapped by FSDP1 it holds `FullyShardedDataParallel` modules.
     """
-    from transformers.integrations.fsdp import is_fsdp_managed_module
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    wrapped = any(is_fsdp_managed_module(m) and not _is_fsdp2_module(m) for m in model.modules())
-    requested = bool(fsdp_config) and int(fsdp_config.get("version", 2)) == 1
-    if wrapped or requested:
+    requested = fsdp_config is not None and int(fsdp_config.get("version", 2)) == 1
+    if requested or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise ValueError(
             "LoraDropCallback does not support FSDP1 (FullyShardedDataParallel): it flattens each wrapped module's "
             "Parameters into one, so LoRA modules can neither share Parameters nor have their gradients tied. Use "
             "FSDP2, the Trainer's default (TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2}))."
         )
-
-
-def _is_fsdp2_module(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor], bool]:

@@ -70,13 +70,13 @@ def test_expand_refuses_a_directory_of_other_files(compact, tmp_path, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep")
     assert main(["expand", str(compact), str(tmp_path / "busy")]) == 1
-    assert "does not hold an adapter" in _one_line_error(capsys)
+    assert "holds notes.txt" in _one_line_error(capsys)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep"
 
 
 def test_push_then_pull(hub, compact, tmp_path, capsys):
     assert main(["push", str(compact), REPO, "--private", "--expanded", "--revision", "dev", "--message", "v1"]) == 0
-    url = capsys.readouterr().out.strip()
+    url = capsys.readouterr().out.splitlines()[-1]
     assert url == f"{hub.endpoint}/{REPO}/commit/{hub.head(REPO, 'dev')}"
     assert hub.repo(REPO).private and hub.repo(REPO).commits[hub.head(REPO, "dev")].title == "v1"
     assert "peft/adapter_model.safetensors" in hub.files_at(REPO, "dev")
@@ -84,7 +84,7 @@ def test_push_then_pull(hub, compact, tmp_path, capsys):
     assert main(["pull", REPO, str(tmp_path / "pulled"), "--revision", "dev"]) == 0
     assert "pulled into" in capsys.readouterr().out
     assert _files(tmp_path / "pulled").items() >= _files(compact).items()
-    assert main(["inspect", REPO, "--revision", "dev"]) == 0
+    assert main(["inspect", f"hf://{REPO}", "--revision", "dev"]) == 0
     assert "format version 1" in capsys.readouterr().out
 
 

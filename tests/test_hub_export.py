@@ -268,7 +268,7 @@ def test_crash_mid_export_keeps_the_previous_adapter(shared, tmp_path, monkeypat
 
 
 def test_failed_final_rename_restores_the_previous_adapter(shared, tmp_path, monkeypatch):
-    target = _copy(shared.compact, tmp_path)
+    target = expand_to_peft(shared.compact, tmp_path / "peft")
     before = _files(target)
     real = __import__("os").replace
 
@@ -283,16 +283,18 @@ def test_failed_final_rename_restores_the_previous_adapter(shared, tmp_path, mon
     assert _files(target) == before and _siblings(target) == []
 
 
-def test_existing_adapter_is_replaced_but_other_directories_are_refused(shared, tmp_path):
-    target = tmp_path / "out"
-    expand_to_peft(shared.compact, target)
+def test_an_earlier_output_of_the_same_kind_is_replaced_but_other_directories_are_refused(shared, tmp_path):
+    target = _copy(shared.compact, tmp_path)
+    (target / WEIGHTS_FILE).write_bytes(b"an older export")
     save_compact(shared.model, target, plan=shared.output_dir)
     assert _files(target) == _files(shared.compact)
+    with pytest.raises(TargetExistsError, match=f"{WEIGHTS_FILE}.*no files of a plain PEFT adapter"):
+        expand_to_peft(shared.compact, target)
 
     unrelated = tmp_path / "checkpoints"
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("keep me")
-    with pytest.raises(TargetExistsError, match="does not hold an adapter"):
+    with pytest.raises(TargetExistsError, match=r"holds notes\.txt"):
         save_compact(shared.model, unrelated, plan=shared.callback.plan)
     assert (unrelated / "notes.txt").read_text() == "keep me"
     with pytest.raises(TargetExistsError, match="not a directory"):

@@ -1,0 +1,65 @@
+"""Reading an adapter's own files, which may come from anyone: fixed names only, regular files only.
+
+A cloned repo or a crafted directory can hold symbolic links (to ``~/.ssh/id_rsa``, to a file elsewhere with the
+right checksum) or FIFOs under an adapter's file names. Files are opened without following links and checked to be
+regular before a byte is read, and callers pass only the format's own names, so nothing outside the directory is
+ever read. The one exception is a huggingface_hub cache snapshot (``.../snapshots/<commit>/``), whose files are links
+the client itself made into ``../../blobs/``: there a link is followed, but only to a regular file in that blob store.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .errors import CompactFileNotFoundError, CompactFormatError
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block
+
+
+def missing_message(path: Path) -> str:
+    return f"{path} is missing: the adapter is incomplete. Download or export it again."
+
+
+def has_member(directory: Path, name: str) -> bool:
+    """Whether `directory` has an entry `name` at all (a link or a folder included: reading it then says what)."""
+    return os.path.lexists(directory / name)
+
+
+def read_member(directory: Path, name: str) -> bytes:
+    """The bytes of the adapter file `name` (a fixed name, possibly in one subfolder) of `directory`."""
+    path = directory / name
+    for folder in reversed(Path(name).parents[:-1]):
+        if (directory / folder).is_symlink():
+            raise CompactFormatError(f"{directory / folder} is a symbolic link; an adapter's folders are real ones.")
+        if not (directory / folder).is_dir():
+            raise CompactFileNotFoundError(missing_message(path))
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise CompactFileNotFoundError(missing_message(path)) from None
+    real = _cache_blob(directory, path) if stat.S_ISLNK(info.st_mode) else path
+    try:
+        fd = os.open(real, _OPEN_FLAGS)
+    except OSError as err:
+        raise CompactFormatError(f"{path} cannot be opened ({err.strerror}); export the adapter again.") from err
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise CompactFormatError(
+                f"{path} is not a regular file; an adapter consists of regular files. Export the adapter again."
+            )
+        return handle.read()
+
+
+def _cache_blob(directory: Path, link: Path) -> Path:
+    """Where a link of a huggingface_hub cache snapshot points, if that is a file of the repo's blob store."""
+    if directory.absolute().parent.name == "snapshots":
+        blobs = (directory.absolute().parent.parent / "blobs").resolve()
+        real = link.resolve()
+        if blobs in real.parents:
+            return real
+    raise CompactFormatError(
+        f"{link} is a symbolic link; an adapter's files must be regular files inside its directory (links are "
+        "followed only in a huggingface_hub cache snapshot, into its blob store). Replace the link with the file."
+    )

@@ -1,0 +1,582 @@
+"""Issue 9: adapters, directories and Hub repos treated as untrusted input, and the user's files never lost.
+
+Each test is named after the item of issue 9 it covers (`test_1_...` to `test_9_...`, `test_small_...`). Adapters are
+built without a Trainer (tiny Llama, random LoRA B, a plan from fixed importances, tied with `apply_plan`), then
+crafted by editing their files the way a hostile uploader could.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_lora_b, tiny_llama, tiny_llama_base
+from hub_server import DEFAULT_USER, hub_env
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+import hub_export.loader
+from hub_export import (
+    BaseModelMismatchError,
+    CompactFileNotFoundError,
+    CompactFormatError,
+    TargetExistsError,
+    UnsupportedFormatVersionError,
+    expand_to_peft,
+    load_compact,
+    pull,
+    push_to_hub,
+    read_compact,
+    save_compact,
+)
+from hub_export.compact import MANIFEST_FILE, WEIGHTS_FILE
+from loradrop_trainer import DropPlan, apply_plan, build_plan, find_lora_layers, lora_kinds
+from loradrop_trainer.cli import main
+
+INPUTS = torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(7))
+REPO = f"{DEFAULT_USER}/untrusted"
+CONFIG_FILE = "adapter_config.json"
+COMPACT_FILES = {MANIFEST_FILE, WEIGHTS_FILE, CONFIG_FILE, "README.md", "loradrop_importance.png"}
+PEFT_FILES = {CONFIG_FILE, "adapter_model.safetensors"}
+
+
+def _tied(mode: str, layers: int = 4) -> tuple[PeftModel, DropPlan]:
+    """A tiny Llama with non-zero LoRA, re-parameterised by a plan made from fixed importances."""
+    model = random_lora_b(tiny_llama(seed=0, layers=layers))
+    lora = find_lora_layers(model)
+    importance = {name: 1.0 + (i * 7919 % 13) for i, name in enumerate(lora)}
+    plan = build_plan(importance, lora_kinds(lora), 0.6, mode=mode)
+    apply_plan(lora, plan)
+    return model.eval(), plan
+
+
+def _export(root: Path, mode: str, layers: int = 4) -> tuple[Path, torch.Tensor]:
+    model, plan = _tied(mode, layers)
+    return save_compact(model, root / f"compact-{mode}-{layers}", plan=plan), _logits(model)
+
+
+@pytest.fixture(scope="module")
+def share(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    return _export(tmp_path_factory.mktemp("share"), "share")
+
+
+@pytest.fixture(scope="module")
+def drop(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    return _export(tmp_path_factory.mktemp("drop"), "drop")
+
+
+@pytest.fixture(scope="module")
+def two_layers(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    return _export(tmp_path_factory.mktemp("two"), "share", layers=2)
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    yield from hub_env(monkeypatch, tmp_path)
+
+
+def _logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=INPUTS).logits
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("loradrop: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    """Everything a refused load must leave as it was: weights, module types and which parameters train."""
+    return (
+        {name: tensor.clone() for name, tensor in model.state_dict().items()},
+        {name: type(module) for name, module in model.named_modules()},
+        {name: p.requires_grad for name, p in model.named_parameters()},
+        sorted(model.__dict__),
+    )
+
+
+def _assert_unchanged(model: torch.nn.Module, before: tuple) -> None:
+    state, types, grads, attrs = _fingerprint(model)
+    assert types == before[1] and grads == before[2] and attrs == before[3]
+    assert state.keys() == before[0].keys()
+    assert all(torch.equal(state[name], before[0][name]) for name in state)
+
+
+def _craft(
+    src: Path,
+    dst: Path,
+    *,
+    manifest: Callable[[dict], None] | None = None,
+    config: Callable[[dict], None] | None = None,
+    tensors: Callable[[dict[str, torch.Tensor], dict], None] | None = None,
+) -> Path:
+    """A copy of the adapter `src` with its manifest, PEFT config or weights edited (checksum kept consistent)."""
+    out = Path(shutil.copytree(src, dst))
+    data = json.loads((out / MANIFEST_FILE).read_text())
+    if tensors is not None:
+        weights = load_file(out / WEIGHTS_FILE)
+        tensors(weights, data)
+        save_file(weights, out / WEIGHTS_FILE, metadata={"loradrop_compact_version": "1"})
+        data["weights_sha256"] = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
+    if manifest is not None:
+        manifest(data)
+    (out / MANIFEST_FILE).write_text(json.dumps(data))
+    if config is not None:
+        peft_config = json.loads((out / CONFIG_FILE).read_text())
+        config(peft_config)
+        (out / CONFIG_FILE).write_text(json.dumps(peft_config))
+    return out
+
+
+def _shared_group(directory: Path) -> tuple[str, list[str]]:
+    """A stored LoRA A key that several modules share, and its members."""
+    members = json.loads((directory / MANIFEST_FILE).read_text())["tensors"]
+    return next((key, keys) for key, keys in members.items() if len(keys) > 1 and ".lora_A." in key)
+
+
+# ------------------------------------------------------------------------------------ 1. nothing but our own files
+
+
+def _trainer_output(root: Path) -> Path:
+    """What `Trainer.save_model()` + checkpointing leave in output_dir: adapter_config.json among much else."""
+    (root / "checkpoint-5").mkdir(parents=True)
+    for name in (CONFIG_FILE, "adapter_model.safetensors", "training_args.bin", "loradrop_plan.json"):
+        (root / name).write_text(f"user's {name}")
+    for name in (CONFIG_FILE, "optimizer.pt", "trainer_state.json"):
+        (root / "checkpoint-5" / name).write_text(f"user's {name}")
+    return root
+
+
+def test_1_save_compact_never_replaces_a_trainer_output_dir(tmp_path):
+    model, plan = _tied("share")
+    out = _trainer_output(tmp_path / "out")
+    before = _files(out)
+    with pytest.raises(TargetExistsError, match=r"adapter_model\.safetensors, checkpoint-5/, .*training_args\.bin"):
+        save_compact(model, out, plan=plan)
+    assert _files(out) == before
+
+
+def test_1_cli_expand_never_replaces_a_checkpoint(share, tmp_path, capsys):
+    checkpoint = tmp_path / "out" / "checkpoint-500"
+    checkpoint.mkdir(parents=True)
+    for name in (CONFIG_FILE, "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (checkpoint / name).write_text(f"user's {name}")
+    before = _files(checkpoint)
+    assert main(["expand", str(share[0]), str(checkpoint)]) == 1
+    assert "optimizer.pt, rng_state.pth, scheduler.pt" in _one_line_error(capsys)
+    assert _files(checkpoint) == before
+
+
+def test_1_each_writer_replaces_only_what_it_writes(share, tmp_path):
+    compact = Path(shutil.copytree(share[0], tmp_path / "compact"))
+    with pytest.raises(TargetExistsError, match=r"loradrop_compact\.json"):  # a compact adapter is not a PEFT one
+        expand_to_peft(share[0], compact)
+    assert _files(compact) == _files(share[0])
+
+    user_peft = expand_to_peft(share[0], tmp_path / "user-peft")
+    (user_peft / "README.md").write_text("PEFT's save_pretrained writes a model card; this is the user's adapter")
+    with pytest.raises(TargetExistsError, match=r"README\.md"):
+        expand_to_peft(share[0], user_peft)
+
+    previous = expand_to_peft(share[0], tmp_path / "peft")
+    assert expand_to_peft(share[0], previous) == previous, "an earlier expansion is replaced"
+    model, plan = _tied("share")
+    assert save_compact(model, compact, plan=plan) == compact, "an earlier compact adapter is replaced"
+    (tmp_path / "empty").mkdir()
+    expand_to_peft(share[0], tmp_path / "empty")
+
+
+def test_1_pull_never_replaces_foreign_files(hub, share, tmp_path):
+    push_to_hub(share[0], REPO)
+    target = _trainer_output(tmp_path / "out")
+    before = _files(target)
+    with pytest.raises(TargetExistsError, match=r"training_args\.bin"):
+        pull(REPO, target)
+    assert _files(target) == before
+    pulled = pull(REPO, tmp_path / "pulled")
+    assert pull(REPO, pulled) == pulled, "an earlier pull is replaced"
+
+
+# ------------------------------------------------------------------------------------ 2. output inside the input
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_2_expand_into_its_own_source_is_refused(share, tmp_path, where, capsys):
+    compact = Path(shutil.copytree(share[0], tmp_path / "a" / "compact"))
+    before = _files(tmp_path)
+    out = {"same": compact, "inside": compact / "peft", "parent": compact.parent}[where]
+    with pytest.raises(TargetExistsError, match="source"):
+        expand_to_peft(compact, out)
+    assert main(["expand", str(compact), str(out)]) == 1
+    assert "source" in _one_line_error(capsys)
+    assert _files(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------ 3. only LoRA keys
+
+
+def _add_stored(key: str, value: torch.Tensor):
+    def edit(weights: dict[str, torch.Tensor], manifest: dict) -> None:
+        weights[key] = value
+        manifest["tensors"][key] = [key]
+
+    return edit
+
+
+@pytest.mark.parametrize("how", ["stored", "dropped", "member"])
+def test_3_keys_of_base_weights_are_refused(share, drop, tmp_path, how):
+    base = tiny_llama_base(seed=0)
+    if how == "stored":  # a new tensor that would replace the output head
+        crafted = _craft(
+            share[0], tmp_path / "c", tensors=_add_stored("base_model.model.lm_head.weight", torch.zeros(96, 32))
+        )
+    elif how == "dropped":  # a manifest-only entry that would zero the final norm
+        crafted = _craft(
+            drop[0],
+            tmp_path / "c",
+            manifest=lambda m: m["dropped"].update(
+                {"base_model.model.model.norm.weight": {"shape": [32], "dtype": "float32"}}
+            ),
+        )
+    else:  # an existing LoRA tensor copied onto a base weight of the same shape
+        key, _ = _shared_group(share[0])
+        crafted = _craft(
+            share[0],
+            tmp_path / "c",
+            manifest=lambda m: m["tensors"][key].append(
+                "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+            ),
+        )
+    before = _fingerprint(base)
+    for attempt in (read_compact, lambda d: load_compact(base, d), lambda d: expand_to_peft(d, tmp_path / "peft")):
+        with pytest.raises(CompactFormatError, match="not a LoRA"):
+            attempt(crafted)
+    _assert_unchanged(base, before)
+    assert not (tmp_path / "peft").exists()
+
+
+# ------------------------------------------------------------------------------------ 4. own file names, regular files
+
+
+def test_4_weights_file_must_be_the_formats_own_file_and_the_error_tells_nothing_about_the_disk(share, tmp_path):
+    shutil.copyfile(share[0] / WEIGHTS_FILE, tmp_path / "outside.safetensors")  # right checksum, wrong place
+    names = ["../outside.safetensors", str(tmp_path / "outside.safetensors"), "other.safetensors", "../nowhere"]
+    messages = set()
+    for i, name in enumerate(names):
+        crafted = _craft(share[0], tmp_path / f"c{i}", manifest=lambda m, name=name: m.update(weights_file=name))
+        shutil.copyfile(share[0] / WEIGHTS_FILE, crafted / "other.safetensors")
+        with pytest.raises(CompactFormatError, match="weights_file") as err:
+            read_compact(crafted)
+        messages.add(str(err.value).replace(repr(name), "NAME").replace(str(crafted), "DIR"))
+    assert len(messages) == 1, messages
+
+
+@pytest.mark.parametrize("name", [MANIFEST_FILE, WEIGHTS_FILE, CONFIG_FILE])
+def test_4_symlinked_files_are_refused(share, tmp_path, name):
+    crafted = Path(shutil.copytree(share[0], tmp_path / "c"))
+    secret = tmp_path / "elsewhere"
+    shutil.move(crafted / name, secret)
+    (crafted / name).symlink_to(secret)
+    with pytest.raises(CompactFormatError, match="symbolic link"):
+        read_compact(crafted)
+    (crafted / name).unlink()
+    os.mkfifo(crafted / name)  # would block a reader that opens it
+    with pytest.raises(CompactFormatError, match="not a regular file"):
+        read_compact(crafted)
+
+
+# ------------------------------------------------------------------------------------ 5. shapes and dtypes
+
+
+def _first_dropped(directory: Path, part: str) -> str:
+    dropped = json.loads((directory / MANIFEST_FILE).read_text())["dropped"]
+    return next(key for key in dropped if f".lora_{part}." in key)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        lambda r, n: {"shape": [2**40, n], "dtype": "float32"},
+        lambda r, n: {"shape": [r], "dtype": "float32"},
+        lambda r, n: {"shape": [r, n, 1], "dtype": "float32"},
+        lambda r, n: {"shape": [2 * r, n], "dtype": "float32"},
+        lambda r, n: {"shape": [r, n + 16], "dtype": "float32"},
+        lambda r, n: {"shape": [r, -n], "dtype": "float32"},
+        lambda r, n: {"shape": [r, True], "dtype": "float32"},
+        lambda r, n: {"shape": f"{r}x{n}", "dtype": "float32"},
+        lambda r, n: {"shape": [r, n], "dtype": "int64"},
+        lambda r, n: {"shape": [r, n], "dtype": "Tensor"},
+        lambda r, n: {"shape": [r, n], "dtype": "float32x"},
+        lambda r, n: {"shape": [r, n]},
+    ],
+    ids=["huge", "1-D", "3-D", "rank", "width", "negative", "bool", "string", "int", "Tensor", "unknown", "no-dtype"],
+)
+def test_5_dropped_shapes_and_dtypes_are_checked(drop, tmp_path, spec, capsys):
+    key = _first_dropped(drop[0], "A")
+    r, n = json.loads((drop[0] / MANIFEST_FILE).read_text())["dropped"][key]["shape"]
+    crafted = _craft(drop[0], tmp_path / "c", manifest=lambda m: m["dropped"].__setitem__(key, spec(r, n)))
+    with pytest.raises(CompactFormatError, match=re.escape(key)):
+        read_compact(crafted)
+    assert main(["expand", str(crafted), str(tmp_path / "peft")]) == 1
+    _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "int", "rank", "vector", "width"])
+def test_5_stored_tensors_are_checked(share, tmp_path, damage):
+    key, _ = _shared_group(share[0])
+    if damage == "width":  # a width is checkable without the base model only against a module of the same kind
+        plan = read_compact(share[0]).plan
+        key = next(f"{name}.lora_A.weight" for name in plan.kept if plan.kinds[name] in plan.shared)
+
+    def edit(weights: dict[str, torch.Tensor], manifest: dict) -> None:
+        value = weights[key]
+        weights[key] = {
+            "nan": value.masked_fill(torch.rand(value.shape) < 0.1, math.nan),
+            "inf": value.masked_fill(torch.rand(value.shape) < 0.1, math.inf),
+            "int": value.to(torch.int32),
+            "rank": torch.zeros(8, value.shape[1]),
+            "vector": value.flatten(),
+            "width": torch.zeros(value.shape[0], value.shape[1] + 1),
+        }[damage]
+
+    crafted = _craft(share[0], tmp_path / "c", tensors=edit)
+    with pytest.raises(CompactFormatError, match=re.escape(key)):
+        read_compact(crafted)
+
+
+# ------------------------------------------------------------------------------------ 6. plan and tensors agree
+
+
+def test_6_tensors_stored_apart_from_what_the_plan_ties_are_refused(share, tmp_path):
+    key, members = _shared_group(share[0])
+    loner = members[1]
+
+    def untie(weights: dict[str, torch.Tensor], manifest: dict) -> None:
+        manifest["tensors"][key].remove(loner)
+        manifest["tensors"][loner] = [loner]
+        weights[loner] = torch.randn(weights[key].shape)
+
+    crafted = _craft(share[0], tmp_path / "c", tensors=untie)
+    with pytest.raises(CompactFormatError, match=rf"{re.escape(loner)}.*plan"):
+        read_compact(crafted)
+
+
+def test_6_a_kept_module_tied_to_another_is_refused(share, tmp_path):
+    key, _ = _shared_group(share[0])
+    plan = read_compact(share[0]).plan
+    kept = f"{plan.kept[0]}.lora_A.weight"
+
+    def tie(weights: dict[str, torch.Tensor], manifest: dict) -> None:
+        del weights[kept]
+        del manifest["tensors"][kept]
+        manifest["tensors"][key].append(kept)
+
+    crafted = _craft(share[0], tmp_path / "c", tensors=tie)
+    with pytest.raises(CompactFormatError, match=re.escape(kept)):
+        read_compact(crafted)
+
+
+def test_6_a_dropped_module_with_stored_weights_is_refused(drop, tmp_path):
+    key = _first_dropped(drop[0], "B")
+
+    def store(weights: dict[str, torch.Tensor], manifest: dict) -> None:
+        shape = manifest["dropped"].pop(key)["shape"]
+        weights[key] = torch.randn(shape)
+        manifest["tensors"][key] = [key]
+
+    crafted = _craft(drop[0], tmp_path / "c", tensors=store)
+    with pytest.raises(CompactFormatError, match=re.escape(key)):
+        read_compact(crafted)
+
+
+# ------------------------------------------------------------------------------------ 7. the base model stays untouched
+
+
+def test_7_a_base_model_with_more_layers_is_refused_untouched_and_a_retry_works(share, two_layers):
+    base = tiny_llama_base(seed=0)
+    before = _fingerprint(base)
+    with pytest.raises(BaseModelMismatchError, match=r"no weights for.*'model\.layers\.[23]\."):
+        load_compact(base, two_layers[0])
+    _assert_unchanged(base, before)
+    torch.testing.assert_close(_logits(load_compact(base, share[0])), share[1], rtol=0, atol=0)
+
+
+def _remove_module_from_plan(manifest: dict) -> None:
+    plan = manifest["plan"]
+    name = plan["kept"][-1]
+    renamed = re.sub(r"layers\.\d+", "layers.9", name)
+    plan["kinds"][renamed] = plan["kinds"].pop(name)
+    plan["kept"][-1] = renamed
+    plan["importance"][renamed] = plan["importance"].pop(name)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"config": lambda c: c.update(r=8)},
+        {"config": lambda c: c.update(use_dora=True)},
+        {"config": lambda c: c.update(lora_bias=True)},
+        {"config": lambda c: c.update(init_lora_weights="pissa")},
+        {"config": lambda c: c.update(target_modules=["q_proj"])},
+        {"config": lambda c: c.update(rank_pattern={"k_proj": 2})},
+        {"manifest": _remove_module_from_plan},
+    ],
+    ids=["r", "use_dora", "lora_bias", "pissa", "targets", "rank_pattern", "plan-module"],
+)
+def test_7_an_inconsistent_adapter_is_refused_before_touching_the_model(share, tmp_path, edit):
+    base = tiny_llama_base(seed=0)
+    before = _fingerprint(base)
+    crafted = _craft(share[0], tmp_path / "c", **edit)
+    with pytest.raises(CompactFormatError):
+        load_compact(base, crafted)
+    _assert_unchanged(base, before)
+    torch.testing.assert_close(_logits(load_compact(base, share[0])), share[1], rtol=0, atol=0)
+
+
+def test_7_a_failure_after_peft_injected_its_layers_is_undone(share, monkeypatch):
+    base = tiny_llama_base(seed=0)
+    before = _fingerprint(base)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(hub_export.loader, "apply_plan", fail)
+    with pytest.raises(RuntimeError, match="late failure"):
+        load_compact(base, share[0])
+    _assert_unchanged(base, before)
+    monkeypatch.undo()
+    torch.testing.assert_close(_logits(load_compact(base, share[0])), share[1], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ 8. the Hub only when asked
+
+
+def test_8_a_missing_local_path_is_an_error_not_a_download(hub, share, tmp_path, monkeypatch, capsys):
+    hub.create_repo("out/compact")
+    hub.commit("out/compact", _files(share[0]))  # someone owns the namespace "out" on the Hub
+    monkeypatch.chdir(tmp_path)
+    hub.clear_requests()
+    with pytest.raises(CompactFileNotFoundError, match=r"out/compact does not exist.*load_from_hub"):
+        load_compact(tiny_llama_base(seed=0), "out/compact")
+    with pytest.raises(CompactFileNotFoundError, match="does not exist"):
+        expand_to_peft("out/compact", tmp_path / "peft")
+    for command in (["inspect", "out/compact"], ["expand", "out/compact", "peft"]):
+        assert main(command) == 1
+        assert "hf://out/compact" in _one_line_error(capsys)
+    assert hub.requests == [], "nothing may reach the Hub without an explicit hf:// or a Hub function"
+
+    assert main(["inspect", "hf://out/compact"]) == 0
+    assert "format version 1" in capsys.readouterr().out
+    assert main(["expand", "hf://out/compact", "peft"]) == 0
+    assert sorted(_files(tmp_path / "peft")) == sorted(PEFT_FILES)
+
+
+def test_8_revision_with_a_local_directory_is_a_usage_error(share, tmp_path, capsys):
+    assert main(["inspect", str(share[0]), "--revision", "v1"]) == 2
+    assert "--revision" in capsys.readouterr().err
+    assert main(["expand", str(share[0]), str(tmp_path / "peft"), "--revision", "v1"]) == 2
+    assert not (tmp_path / "peft").exists()
+
+
+# ------------------------------------------------------------------------------------ 9. push only the adapter
+
+
+def test_9_push_uploads_only_the_adapter_files_and_lists_them(hub, share, tmp_path, capsys):
+    local = Path(shutil.copytree(share[0], tmp_path / "local"))
+    (local / "notes.txt").write_text("private notes")
+    (tmp_path / "secret").write_text("hf_secret_token")
+    (local / "secret.txt").symlink_to(tmp_path / "secret")
+    (local / "checkpoint-3").mkdir()
+    (local / "checkpoint-3" / "optimizer.pt").write_text("state")
+    url = push_to_hub(local, REPO, expanded=True)
+    expected = sorted(COMPACT_FILES | {f"peft/{name}" for name in PEFT_FILES})
+    assert url.files == expected and url == f"{hub.endpoint}/{REPO}/commit/{hub.head(REPO)}"
+    assert sorted(set(hub.files_at(REPO)) - {".gitattributes"}) == expected
+
+    assert main(["push", str(local), f"{DEFAULT_USER}/cli"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"{hub.endpoint}/{DEFAULT_USER}/cli/commit/{hub.head(f'{DEFAULT_USER}/cli')}"
+    assert sorted(line.strip() for line in out[1:-1]) == sorted(COMPACT_FILES)
+    assert "hf_secret_token" not in str(hub.requests_matching("POST", "/commit/"))
+
+
+def test_9_an_adapter_file_that_is_a_symlink_is_not_pushed(hub, share, tmp_path):
+    local = Path(shutil.copytree(share[0], tmp_path / "local"))
+    (tmp_path / "secret").write_text("hf_secret_token")
+    (local / "README.md").unlink()
+    (local / "README.md").symlink_to(tmp_path / "secret")
+    with pytest.raises(CompactFormatError, match=r"README\.md.*symbolic link"):
+        push_to_hub(local, REPO)
+    assert hub.requests_matching("POST", "/commit/") == []
+
+
+# ------------------------------------------------------------------------------------ smaller items
+
+
+def test_small_inspect_of_a_file_says_it_is_not_a_directory(share, capsys):
+    assert main(["inspect", str(share[0] / MANIFEST_FILE)]) == 1
+    assert "not a directory" in _one_line_error(capsys)
+
+
+def test_small_format_version_true_is_refused(share, tmp_path):
+    crafted = _craft(share[0], tmp_path / "c", manifest=lambda m: m.update(format_version=True))
+    with pytest.raises(UnsupportedFormatVersionError, match="version True"):
+        read_compact(crafted)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda plan: plan.update(mode="bogus"),
+        lambda plan: plan["importance"].update({next(iter(plan["importance"])): math.nan}),
+        lambda plan: plan["importance"].update({next(iter(plan["importance"])): -0.5}),
+        lambda plan: plan["importance"].pop(next(iter(plan["importance"]))),
+    ],
+    ids=["mode", "nan", "negative", "missing"],
+)
+def test_small_bad_plans_are_refused(share, tmp_path, edit):
+    payload = json.loads((share[0] / MANIFEST_FILE).read_text())["plan"]
+    edit(payload)
+    with pytest.raises(ValueError):
+        DropPlan.from_dict(payload)
+    crafted = _craft(share[0], tmp_path / "c", manifest=lambda m: edit(m["plan"]))
+    with pytest.raises(CompactFormatError, match="plan"):
+        read_compact(crafted)
+
+
+@pytest.mark.parametrize("error_code", ["EntryNotFound", None])
+def test_small_a_file_missing_on_the_hub_is_reported_as_missing(hub, share, tmp_path, error_code):
+    push_to_hub(share[0], REPO)
+    hub.fail_next(rf"/resolve/.*/{WEIGHTS_FILE}$", 404, count=10, error_code=error_code, message="Entry not found")
+    with pytest.raises(CompactFileNotFoundError, match=rf"{WEIGHTS_FILE}.*(missing|lacks)"):
+        pull(REPO, tmp_path / "pulled")
+    assert not (tmp_path / "pulled").exists()
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["push", "--help"]])
+def test_small_version_and_help_import_no_ml_library(argv):
+    code = (
+        "import sys\nfrom loradrop_trainer.cli import main\n"
+        f"assert main({argv!r}) == 0\n"
+        "heavy = sorted({'torch', 'transformers', 'peft', 'huggingface_hub'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("loradrop " if argv == ["--version"] else "usage: loradrop")
