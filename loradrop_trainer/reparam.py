@@ -17,6 +17,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .grad_tying import GradientTying, fresh_values, reset_sharded, shared_groups
+from .lora_layers import lora_parameters
 from .plan import DropPlan
 from .sharding import parameter_engine
 
@@ -76,6 +77,12 @@ def reparameterise(
         apply_plan(layers, plan)
         if at_switch:
             zero_dropped(layers, plan, optimizer)
+        dropped = [p for name in plan.dropped for p in lora_parameters(layers[name], plan.adapter_name)]
+        if parameter_engine(dropped) == "zero3":
+            # ZeRO-3 steps every partition with the gradient it last reduced for it, also for a Parameter that got
+            # none since; it steps those that do not require gradients with zeros (and DDP must not see this change).
+            for param in dropped:
+                param.requires_grad_(False)
         return None
     if parameter_engine(p for _, group in shared_groups(layers, plan) for p in group) == "replicated":
         apply_plan(layers, plan)

@@ -41,7 +41,7 @@ LAUNCHES = {
         "zero2-fresh": RESUMES,
         "zero2-bf16-dsopt": [*RESUMES, "ckpt", "drop"],
         "zero1-bf16-fresh-dsopt": RESUMES,
-        "zero3": RESUMES,
+        "zero3": [*RESUMES, "drop"],
         "zero3-bf16-fresh-clip": RESUMES,
     },
     "fsdp2": {
@@ -207,6 +207,17 @@ def test_every_member_of_a_shared_group_equals_its_source_after_the_switch_and_a
                         source = lora[f"{members[0]}.{part}.weight"]
                         unequal = [m for m in members if not torch.equal(lora[f"{m}.{part}.weight"], source)]
                         assert not unequal, f"{scenario}, rank {rank}, {when}: {unequal[0]}.{part} differs"
+
+
+@variants("drop")
+def test_dropped_modules_keep_lora_b_at_zero_to_the_end(case):
+    """Mode "drop" zeroes the dropped modules' B at the switch; nothing may move it afterwards (under ZeRO-3 their
+    partitions would otherwise be stepped with the last gradient reduced for them, step after step)."""
+    for rank, record in enumerate(case["drop"]):
+        dropped = [name for members in record["plan"]["shared"].values() for name in members]
+        assert dropped, "the plan should drop some modules"
+        moved = [n for n in dropped if record["final_lora"][f"{n}.lora_B.weight"].any()]
+        assert not moved, f"rank {rank}: the B of {len(moved)} dropped modules moved, first {moved[0]}"
 
 
 @variants("full", flag="clip")
