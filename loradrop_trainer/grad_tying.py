@@ -56,6 +56,7 @@ class GradientTying:
         self.engine: Engine = parameter_engine(p for group in self.groups for p in group)
         if self.engine == "replicated":
             raise ValueError("The LoRA Parameters are not sharded; tie them in place (reparam.apply_plan) instead.")
+        self._given_optimizer = optimizer
         self._optimizer = _innermost(optimizer)
         self._check_layout()
         self._handle: RemovableHandle | _StepWrapper | None = None
@@ -70,7 +71,7 @@ class GradientTying:
             copy = {p: group[0] for group in self.groups for p in group[1:]}
             (_copy_fsdp2 if self.engine == "fsdp2" else _copy_zero3)(copy, self._optimizer)
         else:
-            reset_sharded(fresh_values(self._parts, fresh_seed), self._optimizer)
+            reset_sharded(fresh_values(self._parts, fresh_seed), self._given_optimizer)
 
     def attach(self) -> None:
         """Sum the groups' gradients before every optimizer update from now on (idempotent)."""
@@ -161,6 +162,7 @@ def reset_sharded(values: list[tuple[nn.Parameter, torch.Tensor]], optimizer: ob
     """Give sharded Parameters new whole values (float32, the same on every rank) and forget their optimizer state.
 
     Every rank must call it: FSDP2 scatters the values from rank 0, ZeRO-3 gathers to write its partitions.
+    `optimizer` is the optimizer as the Trainer holds it (its wrappers are looked through here).
     """
     engine = parameter_engine(param for param, _ in values)
     (_reset_fsdp2 if engine == "fsdp2" else _reset_zero3)(values, _innermost(optimizer))

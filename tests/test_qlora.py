@@ -16,7 +16,7 @@ import torch
 from conftest import LLAMA_TARGETS, VOCAB, TokenDataset, training_args
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora.bnb import Linear4bit
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer, set_seed
 
 from hub_export import expand_to_peft, load_compact, save_compact
 from loradrop_trainer import LoraDropCallback, find_lora_layers
@@ -118,3 +118,23 @@ def test_qlora_compact_and_expanded_exports_load_onto_the_4bit_base_with_the_tra
     assert torch.equal(_logits(load_compact(load_4bit_base(base_dir), compact), ids), trained)
     expanded = expand_to_peft(compact, runs["out"] / "peft")
     assert torch.equal(_logits(PeftModel.from_pretrained(load_4bit_base(base_dir), expanded), ids), trained)
+
+
+def test_recipe_trains_qlora_and_its_adapters_reload_onto_a_base_loaded_the_same_way(tmp_path):
+    from recipes.llama2_gsm8k import load_base, main, parse_args, toy_model_and_tokenizer, toy_tokenizer
+
+    out = tmp_path / "qlora"
+    argv = ["--toy", "--load_in_4bit", "--output_dir", str(out), "--max_steps", "12", "--alpha", "0.25",
+            "--threshold", "0.5", "--learning_rate", "5e-3", "--warmup_ratio", "0", "--per_device_train_batch_size",
+            "4", "--max_eval_samples", "4", "--max_new_tokens", "4", "--save_steps", "0", "--seed", "0"]  # fmt: skip
+    results = main(argv)
+    assert results["plan"]["switch_step"] == 3 and results["lora_params_after"] < results["lora_params_before"]
+
+    cfg = parse_args(argv)
+    set_seed(cfg.seed)  # the recipe seeds before building the toy model: the same base weights again
+    toy_model_and_tokenizer(cfg)[0].save_pretrained(tmp_path / "base")
+    compact = load_compact(load_base(tmp_path / "base", cfg), out / "compact")
+    plain = PeftModel.from_pretrained(load_base(tmp_path / "base", cfg), str(out))  # the Trainer's own save
+    assert all(isinstance(layer, Linear4bit) for layer in find_lora_layers(compact).values())
+    ids = torch.tensor([toy_tokenizer()("Question: Ann has 3 cats and buys 4 more. How many?")["input_ids"]])
+    assert torch.equal(_logits(compact, ids), _logits(plain, ids))
