@@ -21,8 +21,9 @@ Where the gradient sum happens, and so what gradient clipping sees:
   the instance; its partitioned gradients are read and written with DeepSpeed's `safe_get/set_local_grad`). Clipping
   therefore sees the tied gradients, the group's sum once per member.
 
-With clipping inactive (a norm below `max_grad_norm`) both equal the in-place scheme exactly; when it clips, the
-norms differ from the in-place scheme's (which counts the sum once), by a factor that is at most the group size.
+With clipping inactive (a norm below `max_grad_norm`) both are the in-place scheme's arithmetic exactly. When it clips,
+the norm it divides by differs from the in-place scheme's (which counts each group's sum once): the update keeps its
+direction, and its length may differ. Either way the members stay bit-identical.
 """
 
 from __future__ import annotations

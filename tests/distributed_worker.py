@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -290,7 +291,8 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def main() -> None:
+def run_all(run_one: Callable[[str, str, Path], dict]) -> None:
+    """Run every `--runs` variant/scenario in turn in this process with `run_one`; each rank saves its records."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", required=True, help="comma-separated variant/scenario, e.g. zero2-bf16/full")
@@ -302,7 +304,7 @@ def main() -> None:
         out = Path(opts.out) / variant
         out.mkdir(parents=True, exist_ok=True)
         try:
-            record = run_training(variant, scenario, out)
+            record = run_one(variant, scenario, out)
         except Exception:
             record = {"exception": traceback.format_exc()}
         record["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
@@ -316,4 +318,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_all(run_training)

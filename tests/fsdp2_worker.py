@@ -21,11 +21,8 @@ distributed_worker.py, and records have the same fields.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -47,6 +44,7 @@ from distributed_worker import (
     SaveAt,
     expected_fresh_a,
     lora_tensors,
+    run_all,
 )
 from transformers import DefaultFlowCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
@@ -175,28 +173,5 @@ def load_checkpoint(directory: Path, model, optimizer) -> TrainerState:
     return TrainerState.load_from_json(str(directory / TRAINER_STATE))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", required=True, help="comma-separated variant/scenario, e.g. fsdp2/full")
-    opts = parser.parse_args()
-    torch.set_num_threads(1)
-    rank = int(os.environ.get("RANK", 0))
-    for run_name in opts.runs.split(","):
-        variant, _, scenario = run_name.rpartition("/")
-        out = Path(opts.out) / variant
-        out.mkdir(parents=True, exist_ok=True)
-        try:
-            record = run(variant, scenario, out)
-        except Exception:
-            record = {"exception": traceback.format_exc()}
-        torch.save(record, out / f"{scenario}.rank{rank}.pt")
-        if "exception" in record:
-            print(record["exception"], file=sys.stderr, flush=True)
-            break
-    if dist.is_initialized():
-        dist.barrier()
-
-
 if __name__ == "__main__":
-    main()
+    run_all(run)

@@ -11,17 +11,18 @@ logits only on a base prepared the same way: that is what the export checks do.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import LLAMA_TARGETS, VOCAB, TokenDataset, training_args
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from peft.tuners.lora.bnb import Linear4bit
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer, set_seed
 
 from hub_export import expand_to_peft, load_compact, save_compact
 from loradrop_trainer import LoraDropCallback, find_lora_layers
 
-pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 
 MAX_STEPS = 12
 SAVE_AT = 6  # after the switch (step 3)
@@ -81,6 +82,12 @@ def runs(base_dir, tmp_path_factory):
     return {"full": (full, callback), "resumed": (resumed, resumed_callback), "out": out}
 
 
+def _all_4bit(layers: dict) -> bool:
+    from peft.tuners.lora.bnb import Linear4bit  # imports bitsandbytes
+
+    return all(isinstance(layer, Linear4bit) for layer in layers.values())
+
+
 def _lora(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -94,7 +101,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def test_qlora_layers_are_scored_pruned_and_tied(runs):
     trainer, callback = runs["full"]
     layers = find_lora_layers(trainer.model)
-    assert all(isinstance(layer, Linear4bit) for layer in layers.values())
+    assert _all_4bit(layers)
     plan = callback.plan
     assert plan is not None and plan.step == 3 and 0 < len(plan.kept) < len(plan.kinds)
     for members in plan.shared.values():
@@ -135,6 +142,6 @@ def test_recipe_trains_qlora_and_its_adapters_reload_onto_a_base_loaded_the_same
     toy_model_and_tokenizer(cfg)[0].save_pretrained(tmp_path / "base")
     compact = load_compact(load_base(tmp_path / "base", cfg), out / "compact")
     plain = PeftModel.from_pretrained(load_base(tmp_path / "base", cfg), str(out))  # the Trainer's own save
-    assert all(isinstance(layer, Linear4bit) for layer in find_lora_layers(compact).values())
+    assert _all_4bit(find_lora_layers(compact))
     ids = torch.tensor([toy_tokenizer()("Question: Ann has 3 cats and buys 4 more. How many?")["input_ids"]])
     assert torch.equal(_logits(compact, ids), _logits(plain, ids))
