@@ -6,7 +6,7 @@ from hub_export import save_compact, load_compact, expand_to_peft, push_to_hub, 
 save_compact(trainer.model, "out/compact", plan=callback.plan)   # each distinct LoRA once, plus the plan
 model = load_compact(base_model, "out/compact")                  # PeftModel, shared modules tied again
 expand_to_peft("out/compact", "out/peft")                        # plain PEFT adapter, no loradrop needed to load
-push_to_hub("out/compact", "user/repo")                          # returns the commit URL
+push_to_hub("out/compact", "user/repo", base_model="org/base")   # returns the commit URL
 model = load_from_hub(base_model, "user/repo", revision=None)
 ```
 
@@ -18,6 +18,7 @@ directory holding files this package did not write (`hub_export.atomic`).
 from .compact import CompactAdapter, read_compact, save_compact
 from .errors import (
     BaseModelMismatchError,
+    BaseModelPathError,
     CompactFileNotFoundError,
     CompactFormatError,
     ExportError,
@@ -35,6 +36,7 @@ from .loader import load_compact
 
 __all__ = [
     "BaseModelMismatchError",
+    "BaseModelPathError",
     "CompactAdapter",
     "CompactFileNotFoundError",
     "CompactFormatError",

@@ -20,6 +20,10 @@ from . import __version__
 HUB_PREFIX = "hf://"
 _SOURCE_HELP = f"compact adapter directory, or {HUB_PREFIX}user/name for a Hub repo"
 _REVISION_HELP = f"branch, tag or commit of a {HUB_PREFIX} source (default: main)"
+_BASE_MODEL_HELP = (
+    "Hub id of the base model (org/name), recorded in adapter_config.json{} in place of the local path training "
+    "may have read it from"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     expand.add_argument("source", metavar="SOURCE", help=_SOURCE_HELP)
     expand.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier expansion)")
     expand.add_argument("--revision", help=_REVISION_HELP)
+    expand.add_argument("--base_model", metavar="ID", help=_BASE_MODEL_HELP.format(""))
     expand.set_defaults(command=_expand, source_parser=expand)
 
     push = commands.add_parser("push", help="upload a compact adapter to the Hub", description=_push.__doc__)
@@ -69,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         "--expanded", action="store_true", help="also upload the plain PEFT adapter in the peft/ subfolder"
     )
     push.add_argument("--message", help="commit message")
+    push.add_argument(
+        "--base_model",
+        metavar="ID",
+        help=_BASE_MODEL_HELP.format(" and the model card")
+        + "; needed when the adapter names its base by a local path",
+    )
     push.set_defaults(command=_push)
 
     pull_ = commands.add_parser("pull", help="download a compact adapter from the Hub", description=_pull.__doc__)
@@ -138,7 +149,7 @@ def _expand(args: argparse.Namespace) -> None:
     """Write the plain PEFT adapter of a compact one (loads with peft.PeftModel.from_pretrained)."""
     from hub_export import expand_to_peft
 
-    target = expand_to_peft(_source_dir(args.source, args.revision), args.target)
+    target = expand_to_peft(_source_dir(args.source, args.revision), args.target, base_model=args.base_model)
     print(f"plain PEFT adapter written to {target}")
 
 
@@ -157,6 +168,7 @@ def _push(args: argparse.Namespace) -> None:
         revision=args.revision,
         commit_message=args.message,
         expanded=args.expanded,
+        base_model=args.base_model,
     )
     print(f"{repo_id} holds the adapter's files:")
     for name in info.files:
