@@ -3,21 +3,42 @@
 from __future__ import annotations
 
 import os
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import LoraDropConfig
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters
 from .plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR, DropPlan, NoImportanceError, build_plan
-from .reparam import apply_plan, reinit_shared
+from .reparam import UntiedLora, apply_plan, reinit_shared
 from .report import PLOT_FILE, plot_importance, summary_table, write_plan
 
 logger = logging.get_logger(__name__)
+
+# Settings that do not change what the plan is or how it is applied: a resume may change them without a warning.
+_OUTPUT_SETTINGS = ("output_dir", "save_plot")
+
+
+@dataclass
+class _Outcome:
+    """What a run tells the caller. A callback the Trainer restores from a checkpoint shares the outcome of the
+    instance the caller handed to the Trainer, so `callback.plan` holds whichever instance did the work."""
+
+    plan: DropPlan | None = None
+    lora_params_before: int | None = None
+    lora_params_after: int | None = None
+
+
+# The callback each model's Trainer was built with (recorded in `on_init_end`), for restored copies to report to.
+_HANDED_TO_TRAINER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class LoraDropCallback(TrainerCallback, ExportableState):
@@ -42,20 +63,63 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if config is not None and kwargs:
             raise TypeError("Pass either a LoraDropConfig or its fields as keyword arguments, not both.")
         self.config = config if config is not None else LoraDropConfig(**kwargs)
-        self.plan: DropPlan | None = None
-        self.lora_params_before: int | None = None
-        self.lora_params_after: int | None = None
+        self._outcome = _Outcome()
+        self._reset()
+
+    @property
+    def plan(self) -> DropPlan | None:
+        """The `DropPlan` after the switch; None before it, and when nothing could be pruned."""
+        return self._outcome.plan
+
+    @property
+    def lora_params_before(self) -> int | None:
+        """Distinct LoRA parameters the adapter had when training began."""
+        return self._outcome.lora_params_before
+
+    @property
+    def lora_params_after(self) -> int | None:
+        """Distinct LoRA parameters left after the switch (tied Parameters count once)."""
+        return self._outcome.lora_params_after
+
+    @classmethod
+    def of(cls, trainer: Any) -> LoraDropCallback:
+        """The instance of this callback that `trainer` runs (the restored copy, after a restoring resume)."""
+        found = [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, cls)]
+        if len(found) != 1:
+            raise ValueError(f"The trainer runs {len(found)} {cls.__name__} instances; expected exactly one.")
+        return found[0]
+
+    def _reset(self) -> None:
+        """Forget everything about a previous run: a callback reused for another `train()` starts fresh."""
+        self._outcome.plan = self._outcome.lora_params_before = self._outcome.lora_params_after = None
+        self._plan_config: dict[str, Any] | None = None
         self._layers: dict = {}
+        self._untied: UntiedLora | None = None
         self._collector: ImportanceCollector | None = None
         self._switch_step: int | None = None
         self._gave_up = False
         self._pending_logs: dict[str, float] = {}
 
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if kwargs.get("model") is not None:
+            _HANDED_TO_TRAINER[kwargs["model"]] = weakref.ref(self)
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
+        original = _HANDED_TO_TRAINER.get(model, lambda: None)()
+        if "_checkpoint" in self.__dict__ and isinstance(original, LoraDropCallback) and original is not self:
+            self._outcome = original._outcome  # the Trainer restored this copy; report to the caller's instance
+        self._reset()
         _check_training_setup(args, model)
+        previous = getattr(model, MODEL_PLAN_ATTR, None)
+        if state.global_step == 0 and previous is not None:
+            raise ValueError(
+                f"This model was already re-parameterised by LoRA-drop (plan of step {previous.step}); its dropped "
+                "modules share weights. Start the new run from a freshly wrapped PEFT model."
+            )
         cfg = self.config
         self._layers = find_lora_layers(model, cfg.adapter_name, cfg.target, cfg.exclude)
+        _check_adapter_trains(model, self._layers, cfg.adapter_name)
         if state.max_steps <= 0:
             raise ValueError(
                 "LoraDropCallback needs the number of optimizer steps to place the switch; set "
@@ -67,30 +131,64 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 f"alpha={cfg.alpha} puts the switch at step {self._switch_step} of {state.max_steps}: no training "
                 "would be left after it. Lower alpha or train for more steps."
             )
-        self.lora_params_before = count_distinct(
+        self._outcome.lora_params_before = count_distinct(
             [p for layer in self._layers.values() for p in lora_parameters(layer, cfg.adapter_name)]
         )
+        self._untied = UntiedLora(self._layers, cfg.adapter_name)
 
-        saved = self._saved_state(state)
+        # At step 0 the Trainer's record of this callback is this instance's own state (of a previous run, if any).
+        saved = self._saved_state(state) if state.global_step > 0 else {}
         if saved.get("plan") is not None:
-            self.plan = DropPlan.from_dict(saved["plan"])
+            self._resume_after_switch(saved, model)
+            return
         self._gave_up = bool(saved.get("gave_up", False))
-        if self.plan is not None:
-            apply_plan(self._layers, self.plan)
-            self.lora_params_after = self._count_after()
-            self._attach_plan(model)
-            logger.info(f"LoRA-drop: re-applied the plan of step {self.plan.step} ({len(self.plan.kept)} kept).")
+        if self._gave_up:
             return
-        if self._gave_up or state.global_step >= self._switch_step:
-            return
+        if state.global_step >= self._switch_step and not saved.get("totals"):
+            raise ValueError(
+                f"Resuming at step {state.global_step}, at or past the switch (step {self._switch_step} with "
+                f"alpha={cfg.alpha} and max_steps={state.max_steps}), from a checkpoint with no LoRA-drop importance "
+                "(it was saved without LoraDropCallback): there is nothing to choose the kept modules by. Resume from "
+                "a checkpoint of a run with the callback, or raise alpha so that the switch comes after the resumed "
+                "step."
+            )
         self._collector = ImportanceCollector(model, self._layers, cfg.adapter_name, cfg.score_every)
         self._collector.skip_forwards(state.global_step * args.gradient_accumulation_steps)
         if saved.get("totals") and args.process_index == 0:
-            self._collector.load_totals(saved["totals"])
+            self._collector.load_totals(saved["totals"], saved.get("skipped"))
+        if state.global_step >= self._switch_step:
+            logger.warning(
+                f"LoRA-drop: resumed at step {state.global_step}, at or past the switch that alpha={cfg.alpha} and "
+                f"max_steps={state.max_steps} now place at step {self._switch_step}: switching now, with the "
+                f"importance collected up to step {state.global_step}."
+            )
+            self._switch(args, state, control, model, kwargs.get("optimizer"))
+            return
         logger.info(
             f"LoRA-drop: collecting importance of {len(self._layers)} LoRA modules until step {self._switch_step} "
             f"of {state.max_steps}."
         )
+
+    def _resume_after_switch(self, saved: dict, model) -> None:
+        """Re-apply the checkpoint's plan, under the settings it was made with, whatever the settings are now."""
+        self._outcome.plan = DropPlan.from_dict(saved["plan"])
+        self._plan_config = saved.get("plan_config") or self.config.to_dict()
+        changed = {
+            key: (value, self._plan_config.get(key))
+            for key, value in self.config.to_dict().items()
+            if key not in _OUTPUT_SETTINGS and value != self._plan_config.get(key)
+        }
+        if changed:
+            listed = ", ".join(f"{key}={now!r} (plan: {then!r})" for key, (now, then) in changed.items())
+            logger.warning(
+                f"LoRA-drop: the checkpoint's plan (step {self.plan.step}) was made with other settings than this "
+                f"run's: {listed}. The saved plan is re-applied and its settings are the ones recorded; start a new "
+                "run to prune with the new settings."
+            )
+        apply_plan(self._layers, self.plan)
+        self._outcome.lora_params_after = self._count_after()
+        self._attach_plan(model)
+        logger.info(f"LoRA-drop: re-applied the plan of step {self.plan.step} ({len(self.plan.kept)} kept).")
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._collector is None:
@@ -123,15 +221,42 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 state.log_history[-1].update(self._pending_logs)
             self._pending_logs = {}
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Put the plan into the checkpoint next to its adapter, so `loradrop compact checkpoint-N` finds it."""
+        if self.plan is not None and state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if checkpoint.is_dir():
+                write_plan(self.plan, checkpoint, self._plan_extra())
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._collector is not None:
             self._collector.remove()
             self._collector = None
+        best_step = state.best_global_step if args.load_best_model_at_end and state.best_model_checkpoint else None
+        if self.plan is not None and best_step is not None and best_step < self.plan.step:
+            self._restore_untied(kwargs["model"], state.best_model_checkpoint)
+
+    def _restore_untied(self, model, checkpoint: str) -> None:
+        """The Trainer loaded a checkpoint from before the switch into the tied model, where each shared group kept
+        whichever member's weights came last; give every module its own LoRA back and load the checkpoint again."""
+        self._untied.restore()
+        model.load_adapter(checkpoint, adapter_name=self.config.adapter_name, is_trainable=True)
+        for attribute in (MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR):
+            if hasattr(model, attribute):
+                delattr(model, attribute)
+        logger.warning(
+            f"LoRA-drop: the best checkpoint ({checkpoint}) predates the LoRA-drop switch (step {self.plan.step}); "
+            "the model is back to plain LoRA with that checkpoint's weights, and carries no plan. Export it with "
+            "trainer.save_model(); `callback.plan` describes the pruned model that was not kept."
+        )
 
     def state(self) -> dict:
+        collector = self._collector
         checkpoint = {
             "plan": self.plan.to_dict() if self.plan is not None else None,
-            "totals": self._collector.totals() if self._collector is not None else None,
+            "plan_config": self._plan_config,
+            "totals": collector.totals() if collector is not None else None,
+            "skipped": collector.skipped() if collector is not None else None,
             "gave_up": self._gave_up,
         }
         return {"args": self.config.to_dict(), "attributes": {"_checkpoint": checkpoint}}
@@ -147,8 +272,15 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         cfg = self.config
         collector, self._collector = self._collector, None
         collector.all_reduce(args.device)
-        totals = collector.totals()
+        totals, skipped = collector.totals(), collector.skipped()
         collector.remove()
+        if skipped:
+            worst = max(skipped, key=skipped.get)
+            logger.warning(
+                f"LoRA-drop: left out {sum(skipped.values())} importance scores that were not finite, in "
+                f"{len(skipped)} modules (most in {worst}: {skipped[worst]}); the plan uses the finite ones. Check "
+                "for overflowing activations (fp16) if this happens often."
+            )
         try:
             plan = self.make_plan(totals, lora_kinds(self._layers, cfg.adapter_name), state.global_step)
         except NoImportanceError as err:
@@ -158,13 +290,13 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         apply_plan(self._layers, plan)
         if cfg.mode == "share" and cfg.shared_init == "fresh":
             reinit_shared(self._layers, plan, optimizer, seed=args.seed + state.global_step)
-        self.plan = plan
-        self.lora_params_after = self._count_after()
+        self._outcome.plan = plan
+        self._plan_config = cfg.to_dict()
+        self._outcome.lora_params_after = self._count_after()
         self._attach_plan(model)
-        logger.info(
-            f"LoRA-drop plan at step {state.global_step}:\n"
-            f"{summary_table(plan, self.lora_params_before, self.lora_params_after)}"
-        )
+        if state.is_world_process_zero:
+            table = summary_table(plan, self.lora_params_before, self.lora_params_after)
+            _show(args, f"LoRA-drop plan at step {state.global_step}:\n{table}")
         self._pending_logs = {
             "loradrop/kept_modules": len(plan.kept),
             "loradrop/lora_params": self.lora_params_after,
@@ -201,7 +333,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
     def _plan_extra(self) -> dict:
         """The run's facts that travel with the plan into its file, the exported adapter and its model card."""
         return {
-            "config": self.config.to_dict(),
+            "config": self._plan_config,
             "lora_params_before": self.lora_params_before,
             "lora_params_after": self.lora_params_after,
         }
@@ -216,6 +348,33 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         logger.info(f"LoRA-drop: plan written to {path}")
         if self.config.save_plot:
             logger.info(f"LoRA-drop: importance chart written to {plot_importance(self.plan, directory / PLOT_FILE)}")
+
+
+def _show(args: TrainingArguments, text: str) -> None:
+    """Put `text` on the console the way the Trainer shows its logs: above the progress bar, or printed when the bar
+    is off. Logging would hide it, since scripts run the `transformers` loggers at WARNING or INFO on other names."""
+    if args.disable_tqdm:
+        print(text)
+    else:
+        tqdm.write(text)
+
+
+def _check_adapter_trains(model, layers: dict, adapter_name: str) -> None:
+    """Refuse an adapter that the run does not train: its importance would stay zero and nothing could be pruned."""
+    active = getattr(model, "active_adapters", None)
+    active = [active] if isinstance(active, str) else list(active or [])
+    if active and adapter_name not in active:
+        raise ValueError(
+            f"LoraDropCallback(adapter_name={adapter_name!r}): adapter {adapter_name!r} is not active (the model "
+            f"trains {active}), so its LoRA would never change and LoRA-drop would have nothing to measure. Call "
+            f"model.set_adapter({adapter_name!r}) before building the Trainer, or set adapter_name to {active[0]!r}."
+        )
+    frozen = [name for name, layer in layers.items() if not layer.lora_A[adapter_name].weight.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"Adapter {adapter_name!r} is frozen in {len(frozen)} LoRA modules (first: {frozen[0]}): LoRA-drop prunes "
+            "the adapter being trained. Load it with is_trainable=True, or set adapter_name to the trained adapter."
+        )
 
 
 def _check_training_setup(args: TrainingArguments, model) -> None:

@@ -15,7 +15,9 @@ outer model marks which forwards count and captures the padding mask once per fo
   outer model's forward, never counts twice;
 - every micro-batch of gradient accumulation counts once.
 
-Nothing reads a value back to the host during training: scores are added into a float32 vector on the device.
+Nothing reads a value back to the host during training: scores are added into a float32 vector on the device. A
+score that is not finite (one overflowing micro-batch of one module) is left out and counted instead of poisoning the
+module's total; the count is reported at the switch.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class ImportanceCollector:
         self._lora_b = [layer.lora_B[adapter_name] for layer in layers.values()]
         device = self._lora_b[0].weight.device
         self._totals = torch.zeros(len(self.names), dtype=torch.float32, device=device)
+        self._skipped = torch.zeros_like(self._totals)
         self._squared_scaling = torch.tensor(
             [float(layer.scaling[adapter_name]) ** 2 for layer in layers.values()], device=device
         )
@@ -105,8 +108,10 @@ class ImportanceCollector:
             for positions, weights in by_b_shape:
                 b = torch.stack([self._lora_b[i].weight for i in weights]).to(device=device, dtype=torch.float32)
                 weight_gram[positions] = torch.bmm(b.transpose(1, 2), b)
-            scores = (token_gram * weight_gram).sum(dim=(1, 2))
-            self._totals.index_add_(0, targets, scores.to(self._totals.device) * self._squared_scaling[targets])
+            scores = (token_gram * weight_gram).sum(dim=(1, 2)).to(self._totals.device) * self._squared_scaling[targets]
+            finite = torch.isfinite(scores)
+            self._totals.index_add_(0, targets, torch.where(finite, scores, 0.0))
+            self._skipped.index_add_(0, targets, (~finite).float())
 
     def _group_indices(self, indices: tuple[int, ...], device: torch.device):
         """Index tensors for one group of modules, built once: the same modules come together every forward."""
@@ -128,22 +133,29 @@ class ImportanceCollector:
         """This process's totals so far (reads them back to the host)."""
         return dict(zip(self.names, self._totals.tolist()))
 
-    def load_totals(self, totals: Mapping[str, float]) -> None:
-        """Continue from totals saved in a checkpoint."""
-        values = [float(totals.get(name, 0.0)) for name in self.names]
-        self._totals.copy_(torch.tensor(values, dtype=torch.float32))
+    def skipped(self) -> dict[str, int]:
+        """How many scores of each module were left out for not being finite (modules with none are omitted)."""
+        return {name: int(n) for name, n in zip(self.names, self._skipped.tolist()) if n}
+
+    def load_totals(self, totals: Mapping[str, float], skipped: Mapping[str, int] | None = None) -> None:
+        """Continue from the totals (and counts of left-out scores) saved in a checkpoint."""
+        for tensor, saved in ((self._totals, totals), (self._skipped, skipped or {})):
+            values = [float(saved.get(name, 0.0)) for name in self.names]
+            tensor.copy_(torch.tensor(values, dtype=torch.float32))
 
     def all_reduce(self, device: torch.device) -> None:
         """Sum the totals of every process into every process (no-op in a single process)."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        summed = self._totals.to(device)
+        summed = torch.stack([self._totals, self._skipped]).to(device)
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        self._totals.copy_(summed)
+        self._totals.copy_(summed[0])
+        self._skipped.copy_(summed[1])
 
     def zero(self) -> None:
         """Forget this process's totals (after an all-reduce left their sum on another rank)."""
         self._totals.zero_()
+        self._skipped.zero_()
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -68,14 +68,19 @@ def lora_kinds(layers: dict[str, LoraLayer], adapter_name: str = "default") -> d
 
     The kind is the module's own name (`v_proj`) when that is unambiguous; when one leaf name has several roles
     (BERT's `dense` is `attention.output.dense`, `intermediate.dense` and `output.dense`) it is the path below the
-    layer index. Modules of one kind can share a LoRA only when their A and B have the same shapes, so a kind that
-    still covers several shapes (a rank pattern) gets the shape added.
+    layer index. A model with several stacks of layers (T5's and BART's encoder and decoder) gets the stack's name in
+    front (`encoder.self_attn.q_proj`, `decoder.self_attn.q_proj`): the paper prunes each stack's modules as their own
+    kinds, and an encoder's query projection has another job than a decoder's. Modules of one kind can share a LoRA
+    only when their A and B have the same shapes, so a kind that still covers several shapes (a rank pattern) gets
+    the shape added.
     """
     roles = {name: _role(name) for name in layers}
     roles_of_leaf: dict[str, set[str]] = defaultdict(set)
     for name, role in roles.items():
         roles_of_leaf[_leaf(name)].add(role)
     named = {name: _leaf(name) if len(roles_of_leaf[_leaf(name)]) == 1 else roles[name] for name in layers}
+    stacks = _stack_labels(layers)
+    named = {name: f"{stacks[name]}.{kind}" if name in stacks else kind for name, kind in named.items()}
     shapes = {name: lora_shape(layer, adapter_name) for name, layer in layers.items()}
     shapes_of_kind: dict[str, set[tuple]] = defaultdict(set)
     for name, kind in named.items():
@@ -107,6 +112,32 @@ def _leaf(name: str) -> str:
 def _with_shape(kind: str, shape: tuple[int, int, int]) -> str:
     in_features, r, out_features = shape
     return f"{kind}[{in_features}x{out_features}r{r}]"
+
+
+def _stack_labels(layers: dict[str, LoraLayer]) -> dict[str, str]:
+    """`{module: stack name}` for the modules inside a stack of layers, when the model has more than one stack.
+
+    A stack is the path before the first layer index (`base_model.model.encoder.block`); its name is what sets it
+    apart from the other stacks (`encoder`). Empty when there is one stack, as in decoder-only models and encoders.
+    """
+    stack_of = {}
+    for name in layers:
+        parts = name.split(".")
+        first_index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if first_index is not None:
+            stack_of[name] = tuple(parts[:first_index])
+    stacks = sorted(set(stack_of.values()))
+    if len(stacks) < 2:
+        return {}
+    lead = _shared_length(stacks)
+    trail = _shared_length([stack[::-1] for stack in stacks])
+    labels = {stack: ".".join(stack[lead : len(stack) - trail] or stack[lead:]) for stack in stacks}
+    return {name: labels[stack] for name, stack in stack_of.items()}
+
+
+def _shared_length(sequences: list[tuple[str, ...]]) -> int:
+    """How many leading parts all `sequences` have in common."""
+    return next((i for i, parts in enumerate(zip(*sequences)) if len(set(parts)) > 1), min(map(len, sequences)))
 
 
 def _role(name: str) -> str:

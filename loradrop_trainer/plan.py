@@ -177,15 +177,21 @@ def plan_keeping(
     adapter_name: str = "default",
     step: int | None = None,
 ) -> DropPlan:
-    """The plan that keeps exactly `kept` and groups every other module by kind, most important first.
+    """The plan that keeps `kept` and groups every other module by kind, most important first.
 
-    `build_plan` chooses `kept` by importance; ablations (a random choice of the same size) choose it otherwise.
+    `build_plan` chooses `kept` by importance; ablations (a random choice of the same size) choose it otherwise. In
+    mode "share", a module left alone in its kind shares with nobody: it keeps its own LoRA, so it is kept, and
+    "kept" means the same thing in every count (a module with LoRA weights of its own).
     """
     total, normalised, order = _rank(importance, kinds)
     shared: dict[str, list[str]] = {}
     for name in order:
         if name not in kept:
             shared.setdefault(kinds[name], []).append(name)
+    if mode == "share":
+        alone = {members[0] for members in shared.values() if len(members) == 1}
+        kept = {*kept, *alone}
+        shared = {kind: members for kind, members in shared.items() if members[0] not in alone}
     return DropPlan(
         importance=normalised,
         kept=[name for name in order if name in kept],

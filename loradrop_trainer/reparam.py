@@ -112,3 +112,31 @@ def _reset_parameters(values: dict[nn.Parameter, torch.Tensor], optimizer: torch
 
 def _is_deepspeed_optimizer(optimizer: object) -> bool:
     return type(optimizer).__module__.startswith("deepspeed.")
+
+
+class UntiedLora:
+    """The LoRA Parameters and active adapters of layers as they are before `apply_plan`, to undo the plan later.
+
+    The Trainer can put a model back to a checkpoint from before the switch (`load_best_model_at_end`); that
+    checkpoint's weights only mean what they meant with every module holding its own LoRA again.
+    """
+
+    def __init__(self, layers: dict[str, LoraLayer], adapter: str) -> None:
+        self._layers = layers
+        self._adapter = adapter
+        self._parameters = {
+            name: {
+                part: dict(getattr(layer, part)[adapter].named_parameters(recurse=False))
+                for part in ("lora_A", "lora_B")
+            }
+            for name, layer in layers.items()
+        }
+        self._active = {name: list(layer.active_adapters) for name, layer in layers.items()}
+
+    def restore(self) -> None:
+        """Give every layer its own LoRA Parameters back and switch dropped LoRA on again."""
+        for name, layer in self._layers.items():
+            for part, parameters in self._parameters[name].items():
+                for pname, param in parameters.items():
+                    setattr(getattr(layer, part)[self._adapter], pname, param)
+            layer._active_adapter = list(self._active[name])

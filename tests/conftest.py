@@ -91,7 +91,7 @@ class TokenDataset(Dataset):
         return self.rows[i]
 
 
-def training_args(tmp_path, **overrides) -> TrainingArguments:
+def training_args(tmp_path, args_class: type[TrainingArguments] = TrainingArguments, **overrides) -> TrainingArguments:
     defaults = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
@@ -106,7 +106,7 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
         disable_tqdm=True,
     )
     defaults.update(overrides)
-    return TrainingArguments(**defaults)
+    return args_class(**defaults)
 
 
 @pytest.fixture

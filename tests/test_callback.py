@@ -62,9 +62,14 @@ def test_plan_and_tying_invariants(tmp_path, make_model, task):
     assert plan is not None and plan.step == 4
     assert math.isclose(sum(plan.importance.values()), 1.0)
     ordered = sorted(plan.importance, key=lambda n: (-plan.importance[n], n))
-    assert plan.kept == ordered[: len(plan.kept)]
-    assert sum(plan.importance[n] for n in plan.kept) >= 0.9 > sum(plan.importance[n] for n in plan.kept[:-1])
+    reach = next(i for i in range(1, len(ordered) + 1) if sum(plan.importance[n] for n in ordered[:i]) >= 0.9)
+    chosen = ordered[:reach]
+    assert set(chosen) <= set(plan.kept), "the most important modules, up to the threshold, are kept"
+    for name in set(plan.kept) - set(chosen):
+        others = [n for n in ordered if n not in chosen and plan.kinds[n] == plan.kinds[name]]
+        assert others == [name], "beyond the threshold, only a module left alone in its kind is kept"
     assert plan.shared, "a tiny random model at T=0.9 must drop something"
+    assert all(len(members) > 1 for members in plan.shared.values()), "a module alone in its kind keeps its LoRA"
 
     layers = find_lora_layers(model)
     for members in plan.shared.values():
@@ -212,10 +217,38 @@ def test_switch_metrics_reach_callbacks_listed_after_it(tmp_path):
             self.seen.append(dict(logs))
 
     recorder = Recorder()
+    drop = LoraDropCallback(alpha=0.2)
     Trainer(
         model=tiny_llama(),
         args=training_args(tmp_path),
         train_dataset=TokenDataset(),
-        callbacks=[LoraDropCallback(alpha=0.2), recorder],
+        callbacks=[drop, recorder],
     ).train()
-    assert [logs["loradrop/kept_modules"] for logs in recorder.seen if "loradrop/kept_modules" in logs] == [15]
+    seen = [logs["loradrop/kept_modules"] for logs in recorder.seen if "loradrop/kept_modules" in logs]
+    assert seen == [len(drop.plan.kept)]
+
+
+@pytest.mark.parametrize("progress_bar", [False, True], ids=["printed", "above-the-bar"])
+def test_plan_table_reaches_the_console_once_at_default_verbosity(tmp_path, capsys, progress_bar):
+    from transformers.utils import logging
+
+    assert logging.get_verbosity() == logging.WARNING, "the test must run at the library's default verbosity"
+    callback = LoraDropCallback(alpha=0.2)
+    args = training_args(tmp_path, disable_tqdm=not progress_bar)
+    Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    console = capsys.readouterr()
+    shown = console.out + console.err
+    assert shown.count(f"LoRA-drop plan at step {callback.plan.step}:") == 1
+    assert f"{callback.lora_params_before:,} -> {callback.lora_params_after:,}" in shown
+    assert "down_proj" in shown
+
+
+def test_every_checkpoint_after_the_switch_holds_the_plan(tmp_path):
+    callback = LoraDropCallback(alpha=0.2)
+    args = training_args(tmp_path, save_strategy="steps", save_steps=2)
+    Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    out = tmp_path / "out"
+    assert not (out / "checkpoint-2" / PLAN_FILE).exists(), "no plan exists before the switch"
+    for step in (4, 6, 20):
+        written = json.loads((out / f"checkpoint-{step}" / PLAN_FILE).read_text())
+        assert DropPlan.from_dict(written) == callback.plan

@@ -20,15 +20,20 @@ def test_kept_is_shortest_prefix_reaching_threshold():
     total = sum(imp.values())
     assert math.isclose(sum(plan.importance.values()), 1.0)
     order = sorted(imp, key=lambda n: -imp[n])
-    assert plan.kept == order[: len(plan.kept)]
-    assert sum(imp[n] for n in plan.kept) / total >= 0.5
-    assert sum(imp[n] for n in plan.kept[:-1]) / total < 0.5
-    assert plan.kept == ["layers.0.q_proj", "layers.1.q_proj", "layers.2.q_proj"]
-    assert plan.shared == {
-        "v_proj": ["layers.3.v_proj", "layers.2.v_proj", "layers.1.v_proj", "layers.0.v_proj"],
-        "q_proj": ["layers.3.q_proj"],
-    }
+    chosen = order[:3]
+    assert sum(imp[n] for n in chosen) / total >= 0.5 > sum(imp[n] for n in chosen[:-1]) / total
+    # layers.3.q_proj is the only q_proj left: sharing with nobody, it keeps its own LoRA, so it counts as kept
+    assert plan.kept == [*chosen, "layers.3.q_proj"]
+    assert plan.shared == {"v_proj": ["layers.3.v_proj", "layers.2.v_proj", "layers.1.v_proj", "layers.0.v_proj"]}
     assert math.isclose(plan.total, total)
+
+
+def test_a_module_alone_in_its_kind_is_kept_when_sharing_and_dropped_when_dropping():
+    imp = _importance([8, 1, 7, 2, 6, 3, 5, 4])
+    assert "layers.3.q_proj" in build_plan(imp, KINDS, 0.5).kept
+    dropping = build_plan(imp, KINDS, 0.5, mode="drop")
+    assert dropping.shared["q_proj"] == ["layers.3.q_proj"]
+    assert "layers.3.q_proj" not in dropping.kept
 
 
 def test_ties_are_broken_by_name_so_every_rank_agrees():
@@ -39,7 +44,7 @@ def test_ties_are_broken_by_name_so_every_rank_agrees():
 
 
 def test_threshold_one_keeps_every_module_with_importance():
-    plan = build_plan(_importance([1, 1, 1, 0, 1, 1, 1, 1]), KINDS, 1.0)
+    plan = build_plan(_importance([1, 1, 1, 0, 1, 1, 1, 1]), KINDS, 1.0, mode="drop")
     assert plan.shared == {"v_proj": ["layers.1.v_proj"]}
 
 
@@ -103,7 +108,7 @@ def test_per_kind_normalisation_keeps_each_kinds_own_share():
     # q_proj carries almost everything; globally, v_proj would be dropped wholesale.
     imp = _importance([100, 1, 90, 2, 80, 3, 70, 4])
     assert not any(KINDS[n] == "v_proj" for n in build_plan(imp, KINDS, 0.9).kept)
-    plan = build_plan(imp, KINDS, 0.7, per_kind=True)
+    plan = build_plan(imp, KINDS, 0.7, per_kind=True, mode="drop")  # drop: a module alone in its kind is not kept
     assert [n for n in plan.kept if KINDS[n] == "q_proj"] == ["layers.0.q_proj", "layers.1.q_proj", "layers.2.q_proj"]
     assert [n for n in plan.kept if KINDS[n] == "v_proj"] == ["layers.3.v_proj", "layers.2.v_proj"]
     assert plan.shared == {"q_proj": ["layers.3.q_proj"], "v_proj": ["layers.1.v_proj", "layers.0.v_proj"]}

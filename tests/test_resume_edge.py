@@ -1,0 +1,220 @@
+"""Runs that must do what their settings say: resuming with changed settings, restored or reused callbacks, the best
+checkpoint loaded at the end, an inactive adapter, and non-finite importance (issue 9, items 10 to 15)."""
+
+import math
+
+import pytest
+import torch
+from conftest import TokenDataset, random_lora_b, tiny_llama, tiny_llama_base, training_args
+from peft import LoraConfig, PeftModel
+from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
+
+from loradrop_trainer import LoraDropCallback, find_lora_layers
+from loradrop_trainer.importance import ImportanceCollector
+from loradrop_trainer.plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR
+from loradrop_trainer.report import PLAN_FILE
+
+
+@pytest.fixture
+def warnings_log(caplog):
+    """The transformers logger's warnings, which it does not propagate to pytest by default."""
+    logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        yield caplog
+    logging.disable_propagation()
+
+
+def _trainer(tmp_path, callback, model=None, max_steps=20, save_steps=None, eval_dataset=None, **args):
+    args = training_args(
+        tmp_path,
+        max_steps=max_steps,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        **args,
+    )
+    return Trainer(
+        model=model or tiny_llama(),
+        args=args,
+        train_dataset=TokenDataset(n=40),
+        eval_dataset=eval_dataset,
+        callbacks=[callback],
+    )
+
+
+def _lora(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _tied(model, plan) -> bool:
+    layers = find_lora_layers(model)
+    members = next(iter(plan.shared.values()))
+    return len({id(layers[n].lora_A["default"].weight) for n in members}) == 1
+
+
+# Item 10: a new alpha or max_steps that puts the switch at or before the resumed step must not skip pruning.
+
+
+def test_resume_before_switch_with_the_switch_now_behind_switches_at_once(tmp_path, warnings_log):
+    _trainer(tmp_path / "full", LoraDropCallback(alpha=0.25), save_steps=3).train()  # switch at 5, checkpoint at 3
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-3"
+    reference = LoraDropCallback(alpha=0.15)  # a fresh run whose switch is at step 3, with the same importance
+    _trainer(tmp_path / "reference", reference).train()
+
+    resumed = LoraDropCallback(alpha=0.1)  # switch at step 2, behind the checkpoint
+    _trainer(tmp_path / "resumed", resumed).train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.plan is not None and resumed.plan.step == 3
+    assert resumed.plan.total == pytest.approx(reference.plan.total, rel=1e-6)
+    assert resumed.plan.kept == reference.plan.kept
+    assert "switching now" in warnings_log.text
+
+
+def test_resume_past_the_switch_without_collected_importance_is_refused(tmp_path):
+    plain = _trainer(tmp_path / "plain", TrainerCallback(), save_steps=4)
+    plain.train()
+    trainer = _trainer(tmp_path / "resumed", LoraDropCallback(alpha=0.1))
+    with pytest.raises(ValueError, match=r"step 4.*no LoRA-drop importance"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "out" / "checkpoint-4"))
+
+
+# Item 11: resuming after the switch with other settings re-applies the saved plan and records ITS settings.
+
+
+def test_resume_after_switch_with_other_settings_warns_and_records_the_plans_settings(tmp_path, warnings_log):
+    full = LoraDropCallback(alpha=0.25, threshold=0.9)
+    _trainer(tmp_path / "full", full, save_steps=8).train()
+    resumed = LoraDropCallback(alpha=0.1, threshold=0.5, mode="drop")
+    trainer = _trainer(tmp_path / "resumed", resumed)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-8"))
+    assert resumed.plan == full.plan
+    assert "threshold" in warnings_log.text and "mode" in warnings_log.text
+    recorded = getattr(trainer.model, MODEL_PLAN_EXTRA_ATTR)["config"]
+    assert (recorded["alpha"], recorded["threshold"], recorded["mode"]) == (0.25, 0.9, "share")
+    assert _tied(trainer.model, resumed.plan), "the saved plan (mode share) is what the model must follow"
+
+
+# Item 12: restore_callback_states_from_checkpoint=True swaps in a new callback instance; the user's one must see it.
+
+
+def test_restored_callback_reports_to_the_instance_the_user_holds(tmp_path):
+    full = LoraDropCallback(alpha=0.25)
+    _trainer(tmp_path / "full", full, save_steps=8).train()
+    mine = LoraDropCallback(alpha=0.25)
+    trainer = _trainer(tmp_path / "resumed", mine, restore_callback_states_from_checkpoint=True)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-8"))
+    assert not any(cb is mine for cb in trainer.callback_handler.callbacks), "the Trainer did swap the instance"
+    assert mine.plan == full.plan
+    assert mine.lora_params_after == full.lora_params_after
+    assert LoraDropCallback.of(trainer).plan == full.plan
+
+
+# Item 13: a callback reused for a fresh run starts fresh.
+
+
+class TiedAtFirstStep(TrainerCallback):
+    def __init__(self, drop: LoraDropCallback):
+        self.drop, self.tied = drop, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            self.tied = getattr(model, MODEL_PLAN_ATTR, None) is not None
+
+
+def test_callback_reused_for_a_fresh_run_collects_again(tmp_path):
+    callback = LoraDropCallback(alpha=0.25)
+    _trainer(tmp_path / "first", callback).train()
+    first = callback.plan
+    probe = TiedAtFirstStep(callback)
+    trainer = _trainer(tmp_path / "second", callback, model=tiny_llama(seed=5))
+    trainer.add_callback(probe)
+    trainer.train()
+    assert probe.tied is False, "the second run must not start from the first run's plan"
+    assert callback.plan is not None and callback.plan.step == 5 and callback.plan != first
+    assert (tmp_path / "second" / "out" / PLAN_FILE).is_file()
+
+
+def test_an_already_pruned_model_is_refused_for_a_fresh_run(tmp_path):
+    trainer = _trainer(tmp_path / "first", LoraDropCallback(alpha=0.25))
+    trainer.train()
+    again = _trainer(tmp_path / "again", LoraDropCallback(alpha=0.25), model=trainer.model)
+    with pytest.raises(ValueError, match="already re-parameterised"):
+        again.train()
+
+
+# Item 14: load_best_model_at_end with a best checkpoint from before the switch.
+
+
+class EarliestIsBest(TrainerCallback):
+    """Adds a metric that makes the first evaluated checkpoint the best one."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_earliness"] = -state.global_step
+
+
+def test_best_checkpoint_before_the_switch_is_restored_untied(tmp_path, warnings_log):
+    callback = LoraDropCallback(alpha=0.5)  # switch at step 6 of 12
+    trainer = _trainer(
+        tmp_path,
+        callback,
+        model=random_lora_b(tiny_llama()),
+        max_steps=12,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="earliness",
+        greater_is_better=True,
+        eval_dataset=TokenDataset(n=8, seed=9),
+    )
+    trainer.add_callback(EarliestIsBest())
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and int(best.rsplit("-", 1)[1]) < callback.plan.step
+    model = trainer.model
+    assert getattr(model, MODEL_PLAN_ATTR, None) is None, "a model restored to before the switch carries no plan"
+    layers = find_lora_layers(model)
+    assert len({id(layer.lora_A["default"].weight) for layer in layers.values()}) == len(layers), "untied"
+    expected = PeftModel.from_pretrained(random_lora_b(tiny_llama_base()), best)
+    inputs = {"input_ids": torch.randint(1, 90, (2, 12))}
+    model.eval()
+    expected.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected(**inputs).logits, rtol=0, atol=0)
+    assert "predates the LoRA-drop switch" in warnings_log.text
+
+
+# Item 15: an adapter that is not the one being trained; one non-finite micro-batch.
+
+
+class FailOnStep(LoraDropCallback):
+    def on_step_begin(self, *args, **kwargs):
+        raise AssertionError("training started before the error was raised")
+
+
+def test_inactive_adapter_is_refused_before_the_first_step(tmp_path):
+    model = tiny_llama()
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj"]))
+    trainer = _trainer(tmp_path, FailOnStep(adapter_name="other"), model=model)
+    with pytest.raises(ValueError, match=r"'other' is not active.*set_adapter"):
+        trainer.train()
+
+
+def test_a_non_finite_score_is_skipped_and_counted(tmp_path):
+    model = random_lora_b(tiny_llama())
+    layers = find_lora_layers(model)
+    victim = list(layers)[-1]  # the last LoRA module to run: its NaN output reaches no other LoRA module
+    collector = ImportanceCollector(model, layers)
+    batch = {k: torch.stack([r[k] for r in TokenDataset(n=4).rows]) for k in ("input_ids", "attention_mask")}
+    poison = layers[victim].lora_A["default"].register_forward_hook(lambda module, args, out: out * math.inf)
+    model.train()
+    model(**batch)  # the victim's score is not finite in this micro-batch only
+    poison.remove()
+    first = collector.totals()
+    model(**batch)
+    second = collector.totals()
+    collector.remove()
+    assert all(math.isfinite(v) for v in second.values())
+    assert first[victim] == 0.0 and second[victim] > 0.0
+    others = [n for n in layers if n != victim]
+    assert all(second[n] == pytest.approx(2 * first[n], rel=1e-5) for n in others)
+    assert collector.skipped() == {victim: 1}
