@@ -6,6 +6,7 @@ from hub_export import save_compact, load_compact, expand_to_peft, push_to_hub, 
 save_compact(trainer.model, "out/compact", plan=callback.plan)   # each distinct LoRA once, plus the plan
 model = load_compact(base_model, "out/compact")                  # PeftModel, shared modules tied again
 expand_to_peft("out/compact", "out/peft")                        # plain PEFT adapter, no loradrop needed to load
+compact_peft_adapter("out/checkpoint-500", "out/compact")        # what trainer.save_model() wrote, compacted
 push_to_hub("out/compact", "user/repo", base_model="org/base")   # returns the commit URL
 model = load_from_hub(base_model, "user/repo", revision=None)
 ```
@@ -31,6 +32,7 @@ from .errors import (
     UnsupportedFormatVersionError,
 )
 from .expand import expand_to_peft
+from .from_peft import compact_peft_adapter
 from .hub import PushInfo, load_from_hub, pull, push_to_hub
 from .loader import load_compact
 
@@ -49,6 +51,7 @@ __all__ = [
     "RepoNotFoundError",
     "TargetExistsError",
     "UnsupportedFormatVersionError",
+    "compact_peft_adapter",
     "expand_to_peft",
     "load_compact",
     "load_from_hub",

@@ -45,7 +45,7 @@ from .files import has_member, read_member
 from .jsonfile import parse_json_object
 from .model_card import CARD_FILE, render_model_card
 from .plans import PlanSource, resolve_plan, split_payload
-from .tying import TensorSpec, read_tying
+from .tying import TensorSpec, read_tying, split_key
 from .validate import check_adapter
 
 logger = logging.get_logger(__name__)
@@ -84,14 +84,19 @@ class CompactAdapter:
 
     @property
     def stored_params(self) -> int:
-        """LoRA parameters stored: what training after the switch actually had."""
-        return sum(t.numel() for t in self.tensors.values())
+        """LoRA parameters stored (lora_A and lora_B only): what training after the switch actually had."""
+        return sum(t.numel() for key, t in self.tensors.items() if split_key(key))
 
     @property
     def plain_params(self) -> int:
-        """LoRA parameters of the unpruned adapter: what the model had before the switch."""
-        shared = sum(t.numel() * len(self.members[k]) for k, t in self.tensors.items())
+        """LoRA parameters of the unpruned adapter (lora_A and lora_B only): what the model had before the switch."""
+        shared = sum(t.numel() * len(self.members[k]) for k, t in self.tensors.items() if split_key(k))
         return shared + sum(torch.Size(spec.shape).numel() for spec in self.dropped.values())
+
+    @property
+    def other_params(self) -> int:
+        """Parameters of the modules PEFT trains in full alongside LoRA (`modules_to_save`, e.g. a classifier)."""
+        return sum(t.numel() for key, t in self.tensors.items() if not split_key(key))
 
 
 def save_compact(

@@ -78,6 +78,11 @@ def _size_table(adapter: CompactAdapter) -> str:
         "| | LoRA parameters | weight bytes |\n|---|---:|---:|\n"
         f"| plain PEFT adapter | {adapter.plain_params:,} | {adapter.plain_bytes:,} |\n"
         f"| this compact adapter | {adapter.stored_params:,} | {adapter.stored_bytes:,} ({ratio:.1%}) |\n"
+        + (
+            f"\nBoth also hold {adapter.other_params:,} parameters of modules trained in full (`modules_to_save`).\n"
+            if adapter.other_params
+            else ""
+        )
     )
 
 

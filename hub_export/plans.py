@@ -45,6 +45,14 @@ def resolve_plan(model: nn.Module, plan: PlanSource) -> tuple[DropPlan, dict[str
     if isinstance(plan, DropPlan):
         same = getattr(model, PLAN_ATTR, None) == plan
         return plan, dict(getattr(model, EXTRA_ATTR, None) or {}) if same else {}
+    return read_plan(plan)
+
+
+def read_plan(plan: DropPlan | Mapping[str, Any] | str | os.PathLike) -> tuple[DropPlan, dict[str, Any]]:
+    """The plan and its extra fields from a `DropPlan`, a plan file's JSON payload, or the path of a plan file (or of
+    the directory holding ``loradrop_plan.json``)."""
+    if isinstance(plan, DropPlan):
+        return plan, {}
     if isinstance(plan, Mapping):
         return split_payload(plan, "the plan mapping")
     return split_payload(_read_plan_file(Path(plan)), str(plan))

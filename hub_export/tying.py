@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,39 @@ def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
         )
 
     state = get_peft_model_state_dict(model, adapter_name=adapter)
+    tying = group_by_plan(state, plan, same=lambda a, b: _identity(a) == _identity(b), differs=_NOT_TIED)
+    shared = [key for key, n in Counter(_identity(state[source]) for source in tying.members).items() if n > 1]
+    if shared:
+        owners = [source for source in tying.members if _identity(state[source]) == shared[0]]
+        raise PlanError(
+            f"The model does not match the plan: {owners[0]!r} and {owners[1]!r} are the same tensor, but the plan "
+            "gives them separate LoRA weights. Pass the plan this model was trained or loaded with."
+        )
+    return tying
+
+
+_NOT_TIED = (
+    "The model does not match the plan: {key!r} is not the same tensor as {source!r}, whose LoRA the plan says it "
+    "shares. Pass the plan this model was trained or loaded with (a plan of another run, or a model saved before the "
+    "switch, does not fit)."
+)
+
+
+def group_by_plan(
+    state: Mapping[str, torch.Tensor],
+    plan: DropPlan,
+    *,
+    same: Callable[[torch.Tensor, torch.Tensor], bool],
+    differs: str,
+) -> Tying:
+    """Group a PEFT state dict's tensors as `plan` ties them, checking that each member holds its source's weights.
+
+    Args:
+        state: PEFT state-dict keys (adapter name removed) to tensors.
+        plan: says which module's LoRA each module uses (`DropPlan.source_of`).
+        same: whether a member's tensor is its source's (the same Parameter in a model; equal values on disk).
+        differs: the `PlanError` message when it is not, formatted with `key` and `source`.
+    """
     members: dict[str, list[str]] = {}
     dropped: dict[str, TensorSpec] = {}
     for key, tensor in state.items():
@@ -97,19 +131,8 @@ def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
             raise PlanError(f"The plan makes modules share {source!r}, which the adapter's state dict lacks.")
         keys.sort(key=lambda k: k != source)
         for key in keys:
-            if _identity(state[key]) != _identity(state[source]):
-                raise PlanError(
-                    f"The model does not match the plan: {key!r} is not the same tensor as {source!r}, whose LoRA the "
-                    "plan says it shares. Pass the plan this model was trained or loaded with (a plan of another "
-                    "run, or a model saved before the switch, does not fit)."
-                )
-    shared = [key for key, n in Counter(_identity(state[source]) for source in members).items() if n > 1]
-    if shared:
-        owners = [source for source in members if _identity(state[source]) == shared[0]]
-        raise PlanError(
-            f"The model does not match the plan: {owners[0]!r} and {owners[1]!r} are the same tensor, but the plan "
-            "gives them separate LoRA weights. Pass the plan this model was trained or loaded with."
-        )
+            if not same(state[key], state[source]):
+                raise PlanError(differs.format(key=key, source=source))
     tensors = {source: state[source].detach().to("cpu", copy=True).contiguous() for source in members}
     return Tying(tensors, members, dropped)
 

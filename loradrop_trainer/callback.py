@@ -18,7 +18,7 @@ from .config import LoraDropConfig
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters
 from .plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR, DropPlan, NoImportanceError, build_plan
-from .reparam import UntiedLora, apply_plan, reinit_shared
+from .reparam import UntiedLora, apply_plan, reinit_shared, zero_dropped
 from .report import PLOT_FILE, plot_importance, summary_table, write_plan
 
 logger = logging.get_logger(__name__)
@@ -288,7 +288,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             self._gave_up = True
             return
         apply_plan(self._layers, plan)
-        if cfg.mode == "share" and cfg.shared_init == "fresh":
+        if cfg.mode == "drop":
+            zero_dropped(self._layers, plan, optimizer)
+        elif cfg.shared_init == "fresh":
             reinit_shared(self._layers, plan, optimizer, seed=args.seed + state.global_step)
         self._outcome.plan = plan
         self._plan_config = cfg.to_dict()

@@ -1,4 +1,4 @@
-"""The `loradrop` command: inspect, expand, push and pull LoRA-drop compact adapters.
+"""The `loradrop` command: inspect, expand, compact, push and pull LoRA-drop compact adapters.
 
 A SOURCE is a local directory, or `hf://user/name` for a Hub repo: the Hub is reached only when asked, so a mistyped
 local path is an error, never the download of whatever repo has that name. `push` and `pull` take a repo id (with
@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     expand.add_argument("--revision", help=_REVISION_HELP)
     expand.add_argument("--base_model", metavar="ID", help=_BASE_MODEL_HELP.format(""))
     expand.set_defaults(command=_expand, source_parser=expand)
+
+    compact = commands.add_parser(
+        "compact", help="compact a plain PEFT adapter saved after the switch", description=_compact.__doc__
+    )
+    compact.add_argument("source", metavar="SRC", help="plain PEFT adapter directory (save_model output, checkpoint-N)")
+    compact.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier compact one)")
+    compact.add_argument("--plan", help="the run's loradrop_plan.json (default: the one in SRC)")
+    compact.set_defaults(command=_compact)
 
     push = commands.add_parser("push", help="upload a compact adapter to the Hub", description=_push.__doc__)
     push.add_argument("source", metavar="SRC", help="compact adapter directory")
@@ -139,6 +147,8 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"base model: {config.get('base_model_name_or_path') or 'unknown'}")
     print(f"LoRA r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, targets: {targets}")
     print(summary_table(plan, adapter.plain_params, adapter.stored_params))
+    if adapter.other_params:
+        print(f"plus {adapter.other_params:,} parameters of modules trained in full (modules_to_save)")
     print(
         f"weights: {adapter.stored_bytes:,} bytes instead of {adapter.plain_bytes:,} for a plain PEFT adapter "
         f"({ratio:.1%}); {on_disk:,} bytes of files in all"
@@ -151,6 +161,14 @@ def _expand(args: argparse.Namespace) -> None:
 
     target = expand_to_peft(_source_dir(args.source, args.revision), args.target, base_model=args.base_model)
     print(f"plain PEFT adapter written to {target}")
+
+
+def _compact(args: argparse.Namespace) -> None:
+    """Write the compact adapter of what a training script saved (trainer.save_model(), a checkpoint-N directory),
+    after checking that every shared group's weights are equal."""
+    from hub_export import compact_peft_adapter
+
+    print(f"compact adapter written to {compact_peft_adapter(args.source, args.target, plan=args.plan)}")
 
 
 def _push(args: argparse.Namespace) -> None:

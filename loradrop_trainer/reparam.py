@@ -62,6 +62,20 @@ def reinit_shared(
         _reset_parameters(values, optimizer)
 
 
+def zero_dropped(layers: dict[str, LoraLayer], plan: DropPlan, optimizer: torch.optim.Optimizer | None) -> None:
+    """Set the B of every dropped module (mode "drop") to zero, in the module and in the optimizer's copies.
+
+    A dropped module no longer computes its LoRA, but `save_pretrained` still writes its weights, and plain PEFT
+    switches every module on when it loads them: with B at zero that adapter computes what the trained model did.
+    """
+    adapter = plan.adapter_name
+    values = {}
+    for name in plan.dropped:
+        weight = layers[name].lora_B[adapter].weight
+        values[weight] = torch.zeros_like(weight, dtype=torch.float32)
+    _reset_parameters(values, optimizer)
+
+
 def shared_parameters(layers: dict[str, LoraLayer], plan: DropPlan) -> list[nn.Parameter]:
     """The Parameters of every shared LoRA (one pair per kind)."""
     return [p for members in plan.shared.values() for p in lora_parameters(layers[members[0]], plan.adapter_name)]

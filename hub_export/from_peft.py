@@ -1,0 +1,102 @@
+"""Compacting what an unmodified training script leaves behind: a plain PEFT adapter saved after the switch.
+
+`trainer.save_model()` and every `checkpoint-N/` of a run with `LoraDropCallback` hold the plain PEFT adapter of the
+re-parameterised model (every member of a shared group with its own copy of the same weights) and, next to it, the
+callback's ``loradrop_plan.json``. Saving untied the copies, so the tying cannot be read off a model as
+`save_compact` does; what can be checked is that each shared group's copies are still equal, which holds exactly
+when the adapter was saved from the model that plan re-parameterised.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from transformers.utils import logging
+
+from loradrop_trainer.report import PLAN_FILE
+
+from .atomic import atomic_directory, check_disjoint
+from .compact import COMPACT_LAYOUT, CompactAdapter, write_compact
+from .errors import CompactFileNotFoundError, CompactFormatError
+from .files import has_member, read_member
+from .jsonfile import parse_json_object
+from .plans import PlanSource, read_plan
+from .tying import group_by_plan
+from .validate import check_adapter
+
+logger = logging.get_logger(__name__)
+
+_UNEQUAL = (
+    "The adapter does not match the plan: {key!r} differs from {source!r}, whose LoRA the plan says it shares. The "
+    "adapter was saved before the switch (or by another run than the plan's); compact a checkpoint saved after it, "
+    "with the plan of the same run."
+)
+
+
+def compact_peft_adapter(
+    peft_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: PlanSource = None, *, license: str | None = None
+) -> Path:
+    """Write the compact adapter of a plain PEFT adapter saved after the LoRA-drop switch; return `out_dir`.
+
+    `load_compact(base, out_dir)` then gives the trained model's logits exactly.
+
+    Args:
+        peft_dir: a plain PEFT adapter directory (`trainer.save_model()`'s output, a `checkpoint-N/`).
+        out_dir: where the compact adapter goes: missing, empty, or an earlier compact adapter (nothing but its
+            files); never inside `peft_dir` or around it.
+        plan: the run's plan (a `DropPlan`, a plan file's payload, or a path); default: the
+            ``loradrop_plan.json`` in `peft_dir`, which the callback writes into every checkpoint after the switch.
+        license: an SPDX licence id for the model card.
+    """
+    source = Path(peft_dir)
+    if not source.is_dir():
+        raise CompactFileNotFoundError(f"{source} is not a directory; pass the directory of a plain PEFT adapter.")
+    check_disjoint(source, out_dir)
+    if plan is None and not has_member(source, PLAN_FILE):
+        raise CompactFileNotFoundError(
+            f"{source} has no {PLAN_FILE}. Pass the plan of the run that saved this adapter (plan=... in Python, "
+            "--plan on the command line): the file LoraDropCallback wrote into the Trainer's output directory."
+        )
+    drop_plan, extra = read_plan(source if plan is None else plan)
+    if license is not None:
+        extra["license"] = license
+    config = parse_json_object(
+        read_member(source, CONFIG_NAME), source / CONFIG_NAME, invalid=CompactFormatError, what="export it again."
+    )
+    tying = group_by_plan(_read_weights(source), drop_plan, same=torch.equal, differs=_UNEQUAL)
+    adapter = CompactAdapter(
+        adapter_name=drop_plan.adapter_name,
+        plan=drop_plan,
+        plan_extra=extra,
+        peft_config={**config, "inference_mode": True},
+        tensors=tying.tensors,
+        members=tying.members,
+        dropped=tying.dropped,
+    )
+    check_adapter(adapter, f"the adapter at {source}")
+    with atomic_directory(out_dir, COMPACT_LAYOUT) as staging:
+        write_compact(adapter, staging)
+    logger.info(
+        f"LoRA-drop: compact adapter of {source} written to {out_dir} ({adapter.stored_bytes:,} of "
+        f"{adapter.plain_bytes:,} bytes)."
+    )
+    return Path(out_dir)
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    if not has_member(directory, SAFETENSORS_WEIGHTS_NAME) and has_member(directory, WEIGHTS_NAME):
+        raise CompactFormatError(
+            f"{directory} holds {WEIGHTS_NAME} (a pickle, which loradrop never loads: it can run code). Save the "
+            "adapter with safetensors (the default of save_pretrained and the Trainer)."
+        )
+    data = read_member(directory, SAFETENSORS_WEIGHTS_NAME)
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError) as err:
+        message = f"{directory / SAFETENSORS_WEIGHTS_NAME} is not a readable safetensors file ({err})."
+        raise CompactFormatError(message) from err
