@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("source", metavar="SRC", help="plain PEFT adapter directory (save_model output, checkpoint-N)")
     compact.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier compact one)")
     compact.add_argument("--plan", help="the run's loradrop_plan.json (default: the one in SRC)")
+    compact.add_argument("--base_model", metavar="ID", help=_BASE_MODEL_HELP.format(" and the model card"))
     compact.set_defaults(command=_compact)
 
     push = commands.add_parser("push", help="upload a compact adapter to the Hub", description=_push.__doc__)
@@ -168,7 +169,8 @@ def _compact(args: argparse.Namespace) -> None:
     after checking that every shared group's weights are equal."""
     from hub_export import compact_peft_adapter
 
-    print(f"compact adapter written to {compact_peft_adapter(args.source, args.target, plan=args.plan)}")
+    target = compact_peft_adapter(args.source, args.target, plan=args.plan, base_model=args.base_model)
+    print(f"compact adapter written to {target}")
 
 
 def _push(args: argparse.Namespace) -> None:

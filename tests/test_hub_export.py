@@ -38,6 +38,7 @@ from hub_export import (
     RepoNotFoundError,
     TargetExistsError,
     UnsupportedFormatVersionError,
+    compact_peft_adapter,
     expand_to_peft,
     load_compact,
     load_from_hub,
@@ -540,6 +541,11 @@ def test_base_model_id_goes_into_the_config_card_and_snippets(hub, local_base, t
     assert card.text.count(f'.from_pretrained("{HUB_BASE}")') == 2, "both snippets load the base by its id"
 
     assert _base_name(expand_to_peft(plain, tmp_path / "peft", base_model=HUB_BASE)) == HUB_BASE
+    local_base.save_pretrained(tmp_path / "saved")  # what trainer.save_model() writes
+    from_peft = compact_peft_adapter(
+        tmp_path / "saved", tmp_path / "c", plan=local_base.loradrop_plan, base_model=HUB_BASE
+    )
+    assert _base_name(from_peft) == HUB_BASE
     assert _base_name(save_compact(load_compact(tiny_llama_base(seed=0), compact), tmp_path / "again")) == HUB_BASE
     for bad in (local_path, "/abs/path", "a/b/c"):
         with pytest.raises(BaseModelPathError, match="not a Hub model id"):
