@@ -76,7 +76,7 @@ Flags (every one has a default; ``--help`` lists them with their help text), gro
                    --bf16 --activation_checkpointing --seed --logging_steps --save_steps --save_total_limit
                    --deepspeed --report_to --resume_from_checkpoint
     evaluation     --per_device_eval_batch_size --max_new_tokens --eval_before_training
-    export         --push_to_hub --hub_private --hub_expanded
+    export         --push_to_hub --hub_private --hub_expanded --base_model
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ from transformers import (
 )
 
 from loradrop_trainer import LoraDropCallback, LoraDropConfig
+from recipes import assets
 from recipes.gsm8k_data import (
     PadCollator,
     build_prompt,
@@ -263,6 +264,13 @@ class RecipeArgs:
     hub_expanded: bool = field(
         default=False,
         metadata={"help": "Also upload a plain PEFT copy (subfolder peft/) for users without loradrop installed."},
+    )
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of --model when that is a local directory, recorded in the compact adapter and its card "
+            "(default: the id of a model recipes.assets ships, such as smollm2_path()). --push_to_hub needs one."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -588,7 +596,7 @@ def evaluate(model, tokenizer, eval_rows: Dataset, eval_tokens: Dataset, cfg: Re
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def export_compact(model, plan, output_dir: Path) -> Path | None:
+def export_compact(model, plan, output_dir: Path, base_model: str | None = None) -> Path | None:
     """Write the LoRA-drop compact adapter to output_dir/compact, or warn and skip if hub_export is missing."""
     try:
         from hub_export import save_compact
@@ -597,7 +605,7 @@ def export_compact(model, plan, output_dir: Path) -> Path | None:
         return None
     # The plan file the callback wrote at the switch also carries the run's LoRA-drop settings for the model card.
     source = output_dir if (output_dir / "loradrop_plan.json").exists() else plan
-    return Path(save_compact(model, output_dir / "compact", plan=source))
+    return Path(save_compact(model, output_dir / "compact", plan=source, base_model=base_model))
 
 
 def push(model, compact_dir: Path | None, cfg: RecipeArgs) -> str:
@@ -624,8 +632,16 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Run the recipe; returns what it writes to results.json (on every rank). `callbacks` join the Trainer's."""
     cfg = parse_args(argv)
     started = time.perf_counter()
-    if cfg.push_to_hub and not cfg.no_loradrop:
-        import hub_export  # noqa: F401  -- fail now, not after hours of training
+    base_model = cfg.base_model or (None if cfg.toy else assets.hub_id(cfg.model))
+    if (cfg.push_to_hub and not cfg.no_loradrop) or cfg.base_model:  # fail now, not after hours of training
+        from hub_export.base_model import is_hub_id
+
+        named = base_model or (None if cfg.toy else cfg.model)
+        if named is not None and not is_hub_id(named):
+            raise ValueError(
+                f"{named} is no Hub model id: pass --base_model org/name, the Hub id of --model, so that the "
+                "published adapter names a model others can load."
+            )
 
     args = training_arguments(cfg)  # also sets up the distributed process group under torchrun/deepspeed
     logging.basicConfig(  # rank 0 tells the story (the LoRA-drop plan too); the other ranks only warn
@@ -711,7 +727,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
 
     if trainer.is_world_process_zero():
         out = Path(cfg.output_dir)
-        compact = export_compact(model, plan, out) if plan is not None else None
+        compact = export_compact(model, plan, out, base_model) if plan is not None else None
         results["compact_dir"] = str(compact) if compact is not None else None
         if cfg.push_to_hub:
             results["hub_url"] = push(model, compact, cfg)

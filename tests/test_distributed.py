@@ -302,14 +302,18 @@ def test_ddp_finds_unused_parameters_and_orphans_get_no_gradient(case):
 @variants("full", "ckpt", "drop")
 def test_activation_checkpointing_and_drop_mode_give_the_plan_of_the_full_run(case):
     full = case["full"][0]["plan"]
-    ckpt, drop = case["ckpt"][0]["plan"], case["drop"][0]["plan"]
-    assert ckpt["kept"] == full["kept"] and ckpt["shared"] == full["shared"] and ckpt["mode"] == "share"
-    # A module alone in its kind shares with nobody: mode "share" counts it as kept, mode "drop" drops it.
-    alone = [members[0] for members in drop["shared"].values() if len(members) == 1]
-    assert sorted(full["kept"]) == sorted(drop["kept"] + alone) and drop["mode"] == "drop"
-    assert full["shared"] == {kind: members for kind, members in drop["shared"].items() if len(members) > 1}
-    for plan in (ckpt, drop):
-        assert plan["total"] == pytest.approx(full["total"], rel=1e-5)
+    for scenario in ("ckpt", "drop"):
+        plan = case[scenario][0]["plan"]
+        if scenario == "drop":  # a module alone in its kind keeps its LoRA when sharing, and loses it when dropping
+            alone = {kind: members for kind, members in plan["shared"].items() if len(members) == 1}
+            plan = {
+                **plan,
+                "kept": [n for n in full["kept"] if n in plan["kept"] or [n] in alone.values()],
+                "shared": {kind: members for kind, members in plan["shared"].items() if kind not in alone},
+            }
+        assert plan["kept"] == full["kept"] and plan["shared"] == full["shared"], scenario
+        assert plan["total"] == pytest.approx(full["total"], rel=1e-5), scenario
+        assert plan["mode"] == ("drop" if scenario == "drop" else "share")
 
 
 @variants("epoch", "epoch-before", "best", "best-before")
