@@ -26,6 +26,17 @@ to `<out>/<engine>.json` (and a line per run on stdout); `summarise` prints a ta
     # CPU, 2 processes (gloo), tiny model: the engines that run on a CPU (ZeRO-3; the Trainer applies no FSDP there)
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/sharded_gpu.py --engine zero3 --size tiny --out /tmp/s
 
+On a GPU machine without network, each call installs the wheels it carries (`source benchmarks/device_setup.sh`, as
+the other GPU scripts do) and writes the base again (a fresh machine starts bare). `fsdp2` and `zero3` take `.whl`
+from benchmarks/fetch_device_wheels.sh (24 MiB); `fsdp2-qlora` also needs bitsandbytes (41 MiB), and the two together
+exceed what a call carries (64 MiB), so it carries a smaller set instead:
+
+    mkdir -p .whl_qlora && cp .whl/{transformers,peft,accelerate,huggingface_hub,httpx2,httpcore2,truststore}-*.whl \
+        .whl/tokenizers-*.whl .whl_qlora/
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2 -d .whl_qlora           # ~60 MiB in all
+    # on the machine:  WHEELS=.whl_qlora source benchmarks/device_setup.sh && torchrun ... --engine fsdp2-qlora ...
+
 Engines: `fsdp2` (TrainingArguments(fsdp="full_shard", fsdp_config version 2, decoder layers wrapped, FSDP's own
 activation checkpointing), `zero3` (recipes/ds_zero3.json), `fsdp2-qlora` (the base loaded in nf4 with
 `bnb_4bit_quant_storage=bfloat16`, so FSDP2 can shard the packed weights; FSDP2 keeps the bf16 dtypes, so
