@@ -2,7 +2,7 @@
 
 bitsandbytes' CPU backend runs 4-bit layers, forward and backward into LoRA (0.50.2 checked), so this runs on a CPU;
 it is skipped where bitsandbytes is not installed (it is in the `dev` and `qlora` extras). The CPU kernels quantize in
-blocks of 64 input features, so the tiny model is 64 wide (conftest's 32-wide one is not).
+blocks of 64 input features, so the tiny model is 64 wide.
 
 The base is loaded the way QLoRA recipes load it, in bf16 with nf4 linear layers, then `prepare_model_for_kbit_training`
 casts every non-quantized weight (embeddings, norms, head) to float32. Reloading the adapter gives the trained model's
@@ -15,9 +15,9 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, VOCAB, TokenDataset, training_args
+from conftest import LLAMA_TARGETS, TokenDataset, tiny_llama_base, training_args
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer, set_seed
+from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, set_seed
 
 from hub_export import expand_to_peft, load_compact, save_compact
 from loradrop_trainer import LoraDropCallback, find_lora_layers
@@ -31,19 +31,8 @@ SAVE_AT = 6  # after the switch (step 3)
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny random Llama in fp32 on disk, which every 4-bit load quantizes the same way."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
     directory = tmp_path_factory.mktemp("base")
-    LlamaForCausalLM(config).save_pretrained(directory)
+    tiny_llama_base(layers=3, hidden=64).save_pretrained(directory)
     return directory
 
 
