@@ -13,7 +13,8 @@ processes it runs
 4. `--repeats` - 1 more plain/LoRA-drop pairs, interleaved, for the spread of the step-time ratio.
 
 Every rank's plan is gathered and compared. Per-step wall time and peak GPU memory are recorded per rank. Results go
-to `<out>/<engine>.json` (and a line per run on stdout); `summarise` prints a table of several such files.
+to `<out>/<engine>.json` (and a line per run on stdout; checkpoints and adapters go to `--runs_dir`); `summarise`
+prints the lines of several such files.
 
     # 2 GPUs, real size (Llama-2-7B config, random weights written once to --base_dir), one engine per launch
     torchrun --nproc_per_node 2 benchmarks/sharded_gpu.py --engine fsdp2 --out benchmarks/results/sharded_h200x2
@@ -248,7 +249,7 @@ def training_arguments(opts, output_dir: Path) -> TrainingArguments:
 
 def train(opts, base_dir: Path, name: str, loradrop: bool, resume_from: Path | None = None) -> dict:
     """One Trainer run; returns its record (the same on every rank except the per-rank timings)."""
-    output_dir = Path(opts.out) / opts.engine / name
+    output_dir = Path(opts.runs_dir) / opts.engine / name
     args = training_arguments(opts, output_dir)  # before loading: under ZeRO-3, from_pretrained then partitions
     if opts.engine == "zero3" and args.use_cpu:  # on GPUs the arguments set up DeepSpeed's process group already
         import deepspeed
@@ -350,7 +351,7 @@ def main(opts) -> None:
         runs.append(train(opts, base_dir, f"lora_{repeat}", loradrop=False))
         runs.append(train(opts, base_dir, f"loradrop_{repeat}", loradrop=True))
         if repeat == 0:
-            checkpoint = Path(opts.out) / opts.engine / "loradrop_0" / f"checkpoint-{SAVE_STEP}"
+            checkpoint = Path(opts.runs_dir) / opts.engine / "loradrop_0" / f"checkpoint-{SAVE_STEP}"
             runs.append(train(opts, base_dir, "loradrop_resumed", loradrop=True, resume_from=checkpoint))
     per_rank = _gather({r["run"]: r["steps"] for r in runs})
     by_name = {r["run"]: r for r in runs}
@@ -419,7 +420,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=ENGINES, required=True)
     parser.add_argument("--size", choices=list(SIZES), default="llama2-7b")
-    parser.add_argument("--out", default="benchmarks/results/sharded")
+    parser.add_argument("--out", default="benchmarks/results/sharded", help="Where <engine>.json is written.")
+    parser.add_argument(
+        "--runs_dir", default="/tmp/loradrop_sharded_runs", help="The runs' checkpoints and compact adapters."
+    )
     parser.add_argument("--base_dir", default="/tmp/loradrop_random_base", help="Where the random base is written.")
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=2, help="Sequences per GPU and micro-batch (2 a step).")

@@ -66,7 +66,7 @@ def test_the_sharded_gpu_benchmark_runs_zero3_at_toy_size_on_cpu(tmp_path):
     """benchmarks/sharded_gpu.py as the 2-GPU run launches it, at toy size: its own checks must all hold."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += [str(ROOT / "benchmarks" / "sharded_gpu.py"), "--engine", "zero3", "--size", "tiny", "--seq_len", "32"]
-    cmd += ["--out", str(tmp_path / "out"), "--base_dir", str(tmp_path / "base")]
+    cmd += ["--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"), "--base_dir", str(tmp_path / "base")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     results = tmp_path / "out" / "zero3.json"
