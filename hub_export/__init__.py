@@ -7,7 +7,7 @@ save_compact(trainer.model, "out/compact", plan=callback.plan)   # each distinct
 model = load_compact(base_model, "out/compact")                  # PeftModel, shared modules tied again
 expand_to_peft("out/compact", "out/peft")                        # plain PEFT adapter, no loradrop needed to load
 compact_peft_adapter("out/checkpoint-500", "out/compact")        # what trainer.save_model() wrote, compacted
-push_to_hub("out/compact", "user/repo")                          # returns the commit URL
+push_to_hub("out/compact", "user/repo", base_model="org/base")   # returns the commit URL
 model = load_from_hub(base_model, "user/repo", revision=None)
 ```
 
@@ -19,6 +19,7 @@ directory holding files this package did not write (`hub_export.atomic`).
 from .compact import CompactAdapter, read_compact, save_compact
 from .errors import (
     BaseModelMismatchError,
+    BaseModelPathError,
     CompactFileNotFoundError,
     CompactFormatError,
     ExportError,
@@ -37,6 +38,7 @@ from .loader import load_compact
 
 __all__ = [
     "BaseModelMismatchError",
+    "BaseModelPathError",
     "CompactAdapter",
     "CompactFileNotFoundError",
     "CompactFormatError",

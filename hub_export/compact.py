@@ -21,7 +21,7 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ from transformers.utils import logging
 import loradrop_trainer
 from loradrop_trainer import DropPlan
 from loradrop_trainer.report import PLOT_FILE, plot_importance
+from loradrop_trainer.sharding import barrier, is_writing_rank
 
 from .atomic import Layout, atomic_directory
+from .base_model import warn_if_local, with_base_model
 from .errors import CompactFileNotFoundError, CompactFormatError, PlanError, UnsupportedFormatVersionError
 from .files import has_member, read_member
 from .jsonfile import parse_json_object
@@ -99,36 +101,56 @@ class CompactAdapter:
 
 
 def save_compact(
-    model: nn.Module, out_dir: str | os.PathLike, plan: PlanSource = None, *, license: str | None = None
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    plan: PlanSource = None,
+    *,
+    license: str | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Write `model`'s adapter as a compact LoRA-drop adapter into `out_dir`, atomically; return the directory.
 
-    The tying is read from the model (shared Parameters, switched-off layers) and checked against the plan, which
-    comes from `plan` or from the model itself when `load_compact` made it (see `hub_export.plans`). `license` (an
-    SPDX id such as "apache-2.0") goes into the model card and is kept when the adapter is loaded and saved again.
-    `out_dir` must be missing, empty or an earlier compact adapter (nothing but its files); it is replaced only once
-    the new adapter is complete.
+    In a distributed run only rank 0 writes, as `Trainer.save_model()` does. A model whose LoRA FSDP2 or DeepSpeed
+    ZeRO-3 shards is gathered first: call `save_compact` on every rank then (it returns once the files are written).
+
+    Args:
+        model: the tied PeftModel (trained with `LoraDropCallback`, or returned by `load_compact`).
+        out_dir: missing, empty or an earlier compact adapter (nothing but its files); replaced only once the new
+            adapter is complete.
+        plan: the drop plan, when the model does not carry it (see `hub_export.plans`); the tying read from the
+            model (shared Parameters, switched-off layers) is checked against it.
+        license: an SPDX id such as "apache-2.0" for the model card; kept when the adapter is loaded and saved again.
+        base_model: the Hub id of the base model ("org/name"), recorded in adapter_config.json and the model card in
+            place of the path the model was loaded from (see `hub_export.base_model`). Without it, a base model
+            loaded from a local directory is recorded as that path, with a warning: such an adapter cannot be pushed.
     """
     drop_plan, extra = resolve_plan(model, plan)
     if license is not None:
         extra["license"] = license
     tying = read_tying(model, drop_plan)
+    if not is_writing_rank():
+        if tying.gathered:
+            barrier()
+        return Path(out_dir)
     adapter = CompactAdapter(
         adapter_name=drop_plan.adapter_name,
         plan=drop_plan,
         plan_extra=extra,
-        peft_config=adapter_config_dict(model, drop_plan.adapter_name),
+        peft_config=with_base_model(adapter_config_dict(model, drop_plan.adapter_name), base_model),
         tensors=tying.tensors,
         members=tying.members,
         dropped=tying.dropped,
     )
     check_adapter(adapter, "the adapter of this model")
+    warn_if_local(adapter.peft_config, f"The compact adapter in {out_dir}")
     with atomic_directory(out_dir, COMPACT_LAYOUT) as staging:
         write_compact(adapter, staging)
     logger.info(
         f"LoRA-drop: compact adapter written to {out_dir} ({adapter.stored_bytes:,} of {adapter.plain_bytes:,} bytes "
         "of a plain adapter)."
     )
+    if tying.gathered:
+        barrier()
     return Path(out_dir)
 
 
@@ -221,6 +243,11 @@ def read_compact(path: str | os.PathLike) -> CompactAdapter:
     )
     check_adapter(adapter, f"the compact adapter at {directory}")
     return adapter
+
+
+def with_base(adapter: CompactAdapter, base_model: str | None) -> CompactAdapter:
+    """`adapter` naming the Hub id `base_model` as its base model (unchanged when it is None)."""
+    return replace(adapter, peft_config=with_base_model(adapter.peft_config, base_model))
 
 
 def config_text(peft_config: dict[str, Any]) -> str:

@@ -36,6 +36,10 @@ class BaseModelMismatchError(ExportError, ValueError):
     """The base model has other modules or shapes than the one the adapter was trained on."""
 
 
+class BaseModelPathError(ExportError, ValueError):
+    """An adapter to publish names its base model by a local path (which nobody else has), not by its Hub id."""
+
+
 class HubError(ExportError, OSError):
     """A Hub operation failed (network, server or an answer the client could not use)."""
 

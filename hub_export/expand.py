@@ -18,7 +18,8 @@ from torch import nn
 from transformers.utils import logging
 
 from .atomic import Layout, atomic_directory, check_disjoint
-from .compact import CompactAdapter, config_text, read_compact
+from .base_model import warn_if_local
+from .compact import CompactAdapter, config_text, read_compact, with_base
 
 logger = logging.get_logger(__name__)
 
@@ -26,15 +27,24 @@ DROPPED_A_SEED = 0
 PEFT_LAYOUT = Layout("plain PEFT adapter", frozenset({CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME}))
 
 
-def expand_to_peft(compact_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def expand_to_peft(
+    compact_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None
+) -> Path:
     """Write the plain PEFT adapter (adapter_config.json + adapter_model.safetensors) of `compact_dir` to `out_dir`.
 
     `PeftModel.from_pretrained(base, out_dir)` then gives the same logits as `load_compact(base, compact_dir)`, but
-    the modules no longer share weights and the files are as large as an unpruned adapter's. `out_dir` is written
-    atomically; it must lie outside `compact_dir` and be missing, empty or an earlier expansion (those two files).
+    the modules no longer share weights and the files are as large as an unpruned adapter's.
+
+    Args:
+        compact_dir: the compact adapter's local directory.
+        out_dir: written atomically; it must lie outside `compact_dir` and be missing, empty or an earlier expansion
+            (nothing but those two files).
+        base_model: the base model's Hub id ("org/name"), recorded in adapter_config.json in place of the one the
+            compact adapter names (see `hub_export.base_model`).
     """
     check_disjoint(compact_dir, out_dir)
-    adapter = read_compact(compact_dir)
+    adapter = with_base(read_compact(compact_dir), base_model)
+    warn_if_local(adapter.peft_config, f"The plain PEFT adapter in {out_dir}")
     with atomic_directory(out_dir, PEFT_LAYOUT) as staging:
         write_peft(adapter, staging)
     logger.info(f"LoRA-drop: plain PEFT adapter of {compact_dir} written to {out_dir}.")

@@ -21,6 +21,7 @@ from transformers.utils import logging
 from loradrop_trainer.report import PLAN_FILE
 
 from .atomic import atomic_directory, check_disjoint
+from .base_model import warn_if_local, with_base_model
 from .compact import COMPACT_LAYOUT, CompactAdapter, write_compact
 from .errors import CompactFileNotFoundError, CompactFormatError
 from .files import has_member, read_member
@@ -39,7 +40,12 @@ _UNEQUAL = (
 
 
 def compact_peft_adapter(
-    peft_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: PlanSource = None, *, license: str | None = None
+    peft_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    plan: PlanSource = None,
+    *,
+    license: str | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Write the compact adapter of a plain PEFT adapter saved after the LoRA-drop switch; return `out_dir`.
 
@@ -52,6 +58,8 @@ def compact_peft_adapter(
         plan: the run's plan (a `DropPlan`, a plan file's payload, or a path); default: the
             ``loradrop_plan.json`` in `peft_dir`, which the callback writes into every checkpoint after the switch.
         license: an SPDX licence id for the model card.
+        base_model: the base model's Hub id ("org/name"), recorded in place of the path the training script
+            loaded it from (see `hub_export.base_model`).
     """
     source = Path(peft_dir)
     if not source.is_dir():
@@ -73,12 +81,13 @@ def compact_peft_adapter(
         adapter_name=drop_plan.adapter_name,
         plan=drop_plan,
         plan_extra=extra,
-        peft_config={**config, "inference_mode": True},
+        peft_config=with_base_model({**config, "inference_mode": True}, base_model),
         tensors=tying.tensors,
         members=tying.members,
         dropped=tying.dropped,
     )
     check_adapter(adapter, f"the adapter at {source}")
+    warn_if_local(adapter.peft_config, f"The compact adapter in {out_dir}")
     with atomic_directory(out_dir, COMPACT_LAYOUT) as staging:
         write_compact(adapter, staging)
     logger.info(

@@ -20,7 +20,8 @@ from torch import nn
 from transformers.utils import logging
 
 from .atomic import Layout, atomic_directory, check_replaceable
-from .compact import COMPACT_LAYOUT, CompactAdapter, read_compact, save_compact
+from .base_model import check_publishable
+from .compact import COMPACT_LAYOUT, CompactAdapter, read_compact, save_compact, with_base, write_compact
 from .expand import PEFT_LAYOUT, write_peft
 from .files import has_member, read_member
 from .loader import load_compact
@@ -57,6 +58,7 @@ def push_to_hub(
     revision: str | None = None,
     commit_message: str | None = None,
     expanded: bool = False,
+    base_model: str | None = None,
 ) -> PushInfo:
     """Upload a compact adapter (a directory, or a tied model saved on the fly) to `repo_id`; return the commit URL.
 
@@ -66,10 +68,14 @@ def push_to_hub(
     push is deleted so it cannot go stale. The repo is created if needed (`private` applies only then), and so is the
     branch `revision`. Unchanged files are not uploaded again; if nothing changed, no commit is made and the URL of
     the current head is returned. The result's `files` lists the repo paths of the adapter's files.
+
+    The adapter must name its base model by its Hub id: `base_model="org/name"` records it (the config and the model
+    card of the uploaded copy are written anew with it); an adapter naming a local path is refused with
+    `BaseModelPathError` before anything is sent.
     """
     with tempfile.TemporaryDirectory(prefix="loradrop-push-") as staging:
         folder = Path(staging) / "adapter"
-        adapter = _stage(model_or_dir, folder, expanded)
+        adapter = _stage(model_or_dir, folder, expanded, base_model)
         files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
         message = commit_message or (
             f"Upload LoRA-drop compact adapter ({len(adapter.plan.kept)}/{len(adapter.plan.kinds)} modules kept"
@@ -125,14 +131,21 @@ def pull(repo_id: str, local_dir: str | os.PathLike, revision: str | None = None
     return Path(local_dir)
 
 
-def _stage(model_or_dir: nn.Module | str | os.PathLike, folder: Path, expanded: bool) -> CompactAdapter:
+def _stage(
+    model_or_dir: nn.Module | str | os.PathLike, folder: Path, expanded: bool, base_model: str | None
+) -> CompactAdapter:
     """Write the files to upload into the new directory `folder`, checked before anything is sent."""
     if isinstance(model_or_dir, nn.Module):
-        save_compact(model_or_dir, folder)
+        save_compact(model_or_dir, folder, base_model=base_model)
+    elif base_model is not None:
+        folder.mkdir()
+        write_compact(with_base(read_compact(model_or_dir), base_model), folder)
     else:
         read_compact(model_or_dir)  # errors name the caller's directory, not the staging copy
         _copy_members(Path(model_or_dir), folder, COMPACT_LAYOUT)
     adapter = read_compact(folder)  # what is uploaded is exactly what was checked
+    source = "The adapter of this model" if isinstance(model_or_dir, nn.Module) else f"The adapter in {model_or_dir}"
+    check_publishable(adapter.peft_config, source)
     if expanded:
         (folder / PEFT_SUBFOLDER).mkdir()
         write_peft(adapter, folder / PEFT_SUBFOLDER)

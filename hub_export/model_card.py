@@ -1,14 +1,17 @@
 """The README.md model card of a compact adapter: Hub metadata, what was pruned, how it was trained, how to load it.
 
 The card is rendered from the adapter alone (no dates, no paths of the machine that wrote it), so saving the same
-adapter twice gives the same bytes and a re-push uploads nothing.
+adapter twice gives the same bytes and a re-push uploads nothing. Its YAML metadata is huggingface_hub's
+`ModelCardData`; the base model appears (in the metadata, the title and the snippets) only as a Hub id.
 """
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
+from huggingface_hub import ModelCardData
+
+from .base_model import is_hub_id, recorded_base
 from .tying import PEFT_PREFIX
 
 if TYPE_CHECKING:
@@ -17,7 +20,6 @@ if TYPE_CHECKING:
 CARD_FILE = "README.md"
 TAGS = ("lora", "lora-drop", "peft")
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _AUTO_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -39,7 +41,8 @@ _LORA_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslo
 
 def render_model_card(adapter: CompactAdapter, chart_file: str) -> str:
     """Markdown with YAML front matter the Hub understands (library_name, base_model, tags, license)."""
-    base = adapter.peft_config.get("base_model_name_or_path") or None
+    base = recorded_base(adapter.peft_config)
+    base = base if is_hub_id(base) else None  # a local path means nothing to the card's readers
     sections = [
         _front_matter(base, adapter.plan_extra.get("license")),
         _intro(adapter, base),
@@ -53,13 +56,8 @@ def render_model_card(adapter: CompactAdapter, chart_file: str) -> str:
 
 
 def _front_matter(base: str | None, license: str | None) -> str:
-    lines = ["---", "library_name: peft"]
-    if base and _HUB_ID.match(base):
-        lines.append(f"base_model: {base}")
-    lines += ["tags:", *(f"- {tag}" for tag in TAGS)]
-    if license:
-        lines.append(f"license: {license}")
-    return "\n".join([*lines, "---", ""])
+    data = ModelCardData(library_name="peft", base_model=base, tags=list(TAGS), license=license)
+    return f"---\n{data.to_yaml()}\n---\n"
 
 
 def _intro(adapter: CompactAdapter, base: str | None) -> str:
@@ -133,18 +131,18 @@ def _settings_table(adapter: CompactAdapter) -> str:
 
 def _how_to_load(adapter: CompactAdapter, base: str | None) -> str:
     auto = _AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
-    base_id = base or "<base model>"
+    base_id = base or "<base model id>"
     return (
         "## How to load\n\n"
         "With `loradrop` (ties the shared modules again; `is_trainable=True` continues training with the same "
         "tying):\n\n"
         "```python\n"
         f"from transformers import {auto}\n"
-        "from hub_export import load_compact\n\n"
+        "from hub_export import load_from_hub\n\n"
         f'base = {auto}.from_pretrained("{base_id}")\n'
-        'model = load_compact(base, "<this repo id or directory>")\n'
+        'model = load_from_hub(base, "<this repo id>")  # or load_compact(base, "<local directory>")\n'
         "```\n\n"
-        "With plain PEFT, expand the adapter first (`loradrop expand <repo or directory> <output directory>`), or "
+        "With plain PEFT, expand the adapter first (`loradrop expand hf://<this repo id> <output directory>`), or "
         "load the `peft` subfolder if the repo was pushed with `--expanded`:\n\n"
         "```python\n"
         "from peft import PeftModel\n"

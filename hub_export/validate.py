@@ -150,8 +150,9 @@ def _check_keys(adapter: CompactAdapter, config: LoraConfig, where: str) -> None
         if lora_module(key, config) is None and (dropped or not is_saved_module_weight(key, config)):
             raise CompactFormatError(
                 f"{where} names {key!r}, which is not a LoRA A/B weight of a module its PEFT config targets"
-                f"{'' if dropped else ' (nor a weight of a module it lists in modules_to_save)'}. A compact adapter "
-                "holds nothing else; this one may have been crafted to change the base model. Do not use it."
+                f"{'' if dropped else ' (nor a weight of a module it lists in modules_to_save)'}. Compact adapters "
+                "hold nothing else: never base-model weights, with which a crafted file would change the model it is "
+                "loaded onto."
             )
 
 

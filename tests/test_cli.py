@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,24 @@ def test_push_failures(hub, compact, tmp_path, monkeypatch, capsys):
     assert main(["push", str(local), REPO]) == 1
     assert "authentication failed" in _one_line_error(capsys)
     assert _files(local) == _files(compact)
+
+
+def test_push_and_expand_name_the_base_model_by_its_hub_id(hub, compact, tmp_path, capsys):
+    local = Path(shutil.copytree(compact, tmp_path / "local"))
+    config = json.loads((local / "adapter_config.json").read_text())
+    (local / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path)}))
+    assert main(["push", str(local), REPO]) == 1
+    assert "--base_model org/name" in _one_line_error(capsys)
+    assert main(["push", str(local), REPO, "--base_model", "org/tiny-llama", "--expanded"]) == 0
+    for name in ("adapter_config.json", "peft/adapter_config.json"):
+        assert json.loads(hub.files_at(REPO)[name])["base_model_name_or_path"] == "org/tiny-llama"
+    assert "base_model: org/tiny-llama" in hub.files_at(REPO)["README.md"].decode()
+    assert main(["expand", str(local), str(tmp_path / "peft"), "--base_model", "org/tiny-llama"]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "org/tiny-llama"
+    )
+    assert main(["expand", str(local), str(tmp_path / "peft2"), "--base_model", str(tmp_path)]) == 1
+    assert "not a Hub model id" in _one_line_error(capsys)
 
 
 def test_pull_of_a_missing_repo_leaves_no_directory(hub, tmp_path, capsys):

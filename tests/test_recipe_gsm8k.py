@@ -269,6 +269,16 @@ def test_recipe_toy_plain_lora(tmp_path, gsm_files):
     assert not (out / "loradrop_plan.json").exists()
 
 
+def test_recipe_refuses_to_publish_a_local_model_without_its_hub_id_before_training(tmp_path, gsm_files):
+    argv = _toy_argv(tmp_path / "out", gsm_files, "--push_to_hub", "user/x")
+    argv = [arg for arg in argv if arg != "--toy"] + ["--model", str(tmp_path)]
+    with pytest.raises(ValueError, match="--base_model org/name"):
+        main(argv)
+    with pytest.raises(ValueError, match="no Hub model id"):
+        main([*argv, "--base_model", str(tmp_path)])
+    assert not (tmp_path / "out").exists(), "refused before anything ran"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ddp", "deepspeed"])
 def test_recipe_toy_two_ranks(tmp_path, gsm_files, launcher):
