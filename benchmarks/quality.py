@@ -279,7 +279,8 @@ def markdown(summary: dict[tuple[str, str], dict]) -> str:
         lines.append(row + f" | {stats['params']:.0%} | {stats['switch']} | {stats['steps']} | {stats['hardware']} |")
     lines.append("")
     lines.append(
-        "Mean ± standard deviation over seeds; accuracy, F1 and exact match in %. Each row: "
+        "Mean ± standard deviation over seeds (exact match over the seeds that generated: the first one in "
+        "`benchmarks/gpu_batch.py`'s runs); accuracy, F1 and exact match in %. Each row: "
         "`python benchmarks/quality.py run --task TASK --variants VARIANT --seeds 0 1 2`, then "
         "`python benchmarks/quality.py report`; `benchmarks/quality_gpu.sh` runs them all on one GPU."
     )
