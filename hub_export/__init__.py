@@ -72,31 +72,5 @@ _NAMES_IN = {
     "loader": ("load_compact",),
 }
 
-__all__ = [
-    "BaseModelMismatchError",
-    "BaseModelPathError",
-    "CompactAdapter",
-    "CompactFileNotFoundError",
-    "CompactFormatError",
-    "ExportError",
-    "HubAuthError",
-    "HubError",
-    "HubGatedRepoError",
-    "HubHTTPError",
-    "HubOfflineError",
-    "HubRevisionNotFoundError",
-    "PlanError",
-    "PushInfo",
-    "RepoNotFoundError",
-    "TargetExistsError",
-    "UnsupportedFormatVersionError",
-    "compact_peft_adapter",
-    "expand_to_peft",
-    "load_compact",
-    "load_from_hub",
-    "pull",
-    "push_to_hub",
-    "read_compact",
-    "save_compact",
-]
+__all__ = sorted(name for names in _NAMES_IN.values() for name in names)
 __getattr__, __dir__ = lazy_exports(__name__, _NAMES_IN)

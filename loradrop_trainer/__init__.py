@@ -25,15 +25,6 @@ _NAMES_IN = {
     "reparam": ("apply_plan",),
 }
 
-__all__ = [
-    "DropPlan",
-    "LoraDropCallback",
-    "LoraDropConfig",
-    "apply_plan",
-    "build_plan",
-    "find_lora_layers",
-    "lora_kinds",
-    "plan_keeping",
-]
+__all__ = sorted(name for names in _NAMES_IN.values() for name in names)
 __version__ = "0.1.0"  # the one place the version is written; setup.py reads it from here
 __getattr__, __dir__ = lazy_exports(__name__, _NAMES_IN)
