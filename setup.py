@@ -29,9 +29,18 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
+        "qlora": ["bitsandbytes>=0.50"],
         "recipes": ["datasets>=3.0", "evaluate>=0.4.6"],
         "demo": ["datasets>=3.0", "evaluate>=0.4.6", "gguf>=0.10"],
-        "dev": ["pytest>=8", "ruff>=0.6", "datasets>=3.0", "evaluate>=0.4.6", "deepspeed>=0.16", "trl>=0.20"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "datasets>=3.0",
+            "evaluate>=0.4.6",
+            "deepspeed>=0.16",
+            "trl>=0.20",
+            "bitsandbytes>=0.50",
+        ],
     },
     entry_points={"console_scripts": ["loradrop=hub_export.cli:main"]},
 )

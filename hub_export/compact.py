@@ -37,6 +37,7 @@ from transformers.utils import logging
 import loradrop_trainer
 from loradrop_trainer import DropPlan
 from loradrop_trainer.report import PLOT_FILE, plot_importance
+from loradrop_trainer.sharding import barrier, is_writing_rank
 
 from .atomic import Layout, atomic_directory
 from .base_model import warn_if_local, with_base_model
@@ -109,6 +110,9 @@ def save_compact(
 ) -> Path:
     """Write `model`'s adapter as a compact LoRA-drop adapter into `out_dir`, atomically; return the directory.
 
+    In a distributed run only rank 0 writes, as `Trainer.save_model()` does. A model whose LoRA FSDP2 or DeepSpeed
+    ZeRO-3 shards is gathered first: call `save_compact` on every rank then (it returns once the files are written).
+
     Args:
         model: the tied PeftModel (trained with `LoraDropCallback`, or returned by `load_compact`).
         out_dir: missing, empty or an earlier compact adapter (nothing but its files); replaced only once the new
@@ -124,6 +128,10 @@ def save_compact(
     if license is not None:
         extra["license"] = license
     tying = read_tying(model, drop_plan)
+    if not is_writing_rank():
+        if tying.gathered:
+            barrier()
+        return Path(out_dir)
     adapter = CompactAdapter(
         adapter_name=drop_plan.adapter_name,
         plan=drop_plan,
@@ -141,6 +149,8 @@ def save_compact(
         f"LoRA-drop: compact adapter written to {out_dir} ({adapter.stored_bytes:,} of {adapter.plain_bytes:,} bytes "
         "of a plain adapter)."
     )
+    if tying.gathered:
+        barrier()
     return Path(out_dir)
 
 

@@ -1,10 +1,11 @@
 """Reading the tying off a re-parameterised PeftModel: which LoRA tensors are stored once, and for whom.
 
 The model is the truth, not the plan: in mode "share" the members of a shared group hold the very same Parameters
-(same storage), in mode "drop" the dropped layers have the adapter switched off. The plan says what the model should
-look like; anything else (a plan from another run, a model that was never re-parameterised) is refused rather than
-exported wrongly. Keys are PEFT's own state-dict keys (`get_peft_model_state_dict`: adapter name removed), so a
-compact adapter expands to a plain one by copying each stored tensor to its members' keys.
+(same storage), or, when FSDP2 or ZeRO-3 sharded them and their gradients were tied instead, bit-identical copies
+(gathered from the shards first); in mode "drop" the dropped layers have the adapter switched off. The plan says what
+the model should look like; anything else (a plan from another run, a model that was never re-parameterised) is
+refused rather than exported wrongly. Keys are PEFT's own state-dict keys (`get_peft_model_state_dict`: adapter name
+removed), so a compact adapter expands to a plain one by copying each stored tensor to its members' keys.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from peft import get_peft_model_state_dict
 from torch import nn
 
 from loradrop_trainer import DropPlan
+from loradrop_trainer.sharding import lora_state_dict
 
 from .errors import PlanError
 from .plans import plan_layers
@@ -56,6 +57,7 @@ class Tying:
     tensors: dict[str, torch.Tensor]
     members: dict[str, list[str]]
     dropped: dict[str, TensorSpec]
+    gathered: bool = False  # read from sharded Parameters: every rank took part in gathering them
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -65,7 +67,10 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
-    """Group the adapter's tensors as the model shares them, after checking the model is tied as `plan` says."""
+    """Group the adapter's tensors as the model shares them, after checking the model is tied as `plan` says.
+
+    A collective when the LoRA Parameters are sharded (FSDP2, ZeRO-3): then every rank must call it.
+    """
     adapter = plan.adapter_name
     if adapter not in getattr(model, "peft_config", {}):
         raise PlanError(
@@ -84,7 +89,9 @@ def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
             "set_adapter() on a model in mode 'drop' (it switches the dropped LoRA back on)."
         )
 
-    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    state, live = lora_state_dict(model, adapter)
+    if not live:  # gathered copies of gradient-tied members: equal bit for bit, or the model is not what it says
+        return replace(group_by_plan(state, plan, same=torch.equal, differs=_NOT_EQUAL), gathered=True)
     tying = group_by_plan(state, plan, same=lambda a, b: _identity(a) == _identity(b), differs=_NOT_TIED)
     shared = [key for key, n in Counter(_identity(state[source]) for source in tying.members).items() if n > 1]
     if shared:
@@ -100,6 +107,10 @@ _NOT_TIED = (
     "The model does not match the plan: {key!r} is not the same tensor as {source!r}, whose LoRA the plan says it "
     "shares. Pass the plan this model was trained or loaded with (a plan of another run, or a model saved before the "
     "switch, does not fit)."
+)
+_NOT_EQUAL = (
+    "The model does not match the plan: {key!r} does not equal {source!r}, whose LoRA the plan says it shares (its "
+    "gradient-tied copy). Pass the plan this model was trained or loaded with."
 )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import LoraDropConfig
+from .grad_tying import GradientTying
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters
 from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build_plan, detach_plan
-from .reparam import UntiedLora, apply_plan, reinit_shared, zero_dropped
+from .reparam import UntiedLora, reparameterise
 from .report import PLOT_FILE, plot_importance, summary_table, write_plan
+from .sharding import check_fsdp_version, parameter_engine
 
 logger = logging.get_logger(__name__)
 
@@ -95,6 +96,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         self._plan_config: dict[str, Any] | None = None
         self._layers: dict = {}
         self._untied: UntiedLora | None = None
+        self._tying: GradientTying | None = None
         self._collector: ImportanceCollector | None = None
         self._switch_step: int | None = None
         self._gave_up = False
@@ -139,7 +141,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         # At step 0 the Trainer's record of this callback is this instance's own state (of a previous run, if any).
         saved = self._saved_state(state) if state.global_step > 0 else {}
         if saved.get("plan") is not None:
-            self._resume_after_switch(saved, model)
+            self._resume_after_switch(saved, model, kwargs.get("optimizer"))
             return
         self._gave_up = bool(saved.get("gave_up", False))
         if self._gave_up:
@@ -169,7 +171,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             f"of {state.max_steps}."
         )
 
-    def _resume_after_switch(self, saved: dict, model) -> None:
+    def _resume_after_switch(self, saved: dict, model, optimizer) -> None:
         """Re-apply the checkpoint's plan, under the settings it was made with, whatever the settings are now."""
         self._outcome.plan = DropPlan.from_dict(saved["plan"])
         self._plan_config = saved.get("plan_config") or self.config.to_dict()
@@ -185,7 +187,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 f"run's: {listed}. The saved plan is re-applied and its settings are the ones recorded; start a new "
                 "run to prune with the new settings."
             )
-        apply_plan(self._layers, self.plan)
+        self._tying = reparameterise(self._layers, self.plan, optimizer, at_switch=False)
         self._outcome.lora_params_after = self._count_after()
         self._attach_plan(model)
         logger.info(f"LoRA-drop: re-applied the plan of step {self.plan.step} ({len(self.plan.kept)} kept).")
@@ -232,6 +234,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if self._collector is not None:
             self._collector.remove()
             self._collector = None
+        if self._tying is not None:
+            self._tying.remove()
+            self._tying = None
         best_step = state.best_global_step if args.load_best_model_at_end and state.best_model_checkpoint else None
         if self.plan is not None and best_step is not None and best_step < self.plan.step:
             self._restore_untied(kwargs["model"], state.best_model_checkpoint)
@@ -285,11 +290,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             logger.warning(f"LoRA-drop: not pruning, the adapter stays plain LoRA. {err}")
             self._gave_up = True
             return
-        apply_plan(self._layers, plan)
-        if cfg.mode == "drop":
-            zero_dropped(self._layers, plan, optimizer)
-        elif cfg.shared_init == "fresh":
-            reinit_shared(self._layers, plan, optimizer, seed=args.seed + state.global_step)
+        fresh_seed = args.seed + state.global_step if cfg.shared_init == "fresh" else None
+        self._tying = reparameterise(self._layers, plan, optimizer, at_switch=True, fresh_seed=fresh_seed)
         self._outcome.plan = plan
         self._plan_config = cfg.to_dict()
         self._outcome.lora_params_after = self._count_after()
@@ -324,11 +326,10 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         )
 
     def _count_after(self) -> int:
-        adapter = self.config.adapter_name
-        dropped = set(self.plan.dropped) if self.plan.mode == "drop" else set()
-        return count_distinct(
-            [p for name, layer in self._layers.items() if name not in dropped for p in lora_parameters(layer, adapter)]
-        )
+        """The kept modules' LoRA and, in mode "share", one LoRA per group (tied in place, or gradient-tied copies)."""
+        plan = self.plan
+        owners = plan.kept + ([members[0] for members in plan.shared.values()] if plan.mode == "share" else [])
+        return count_distinct([p for name in owners for p in lora_parameters(self._layers[name], plan.adapter_name)])
 
     def _plan_extra(self) -> dict:
         """The run's facts that travel with the plan into its file, the exported adapter and its model card."""
@@ -377,21 +378,12 @@ def _check_adapter_trains(model, layers: dict, adapter_name: str) -> None:
 
 
 def _check_training_setup(args: TrainingArguments, model) -> None:
-    """Refuse, before the first step, the set-ups whose parameter handling the tying scheme does not survive."""
-    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise ValueError(
-            "LoraDropCallback does not support FSDP: sharded parameters cannot be tied in place. Use DDP or "
-            "DeepSpeed ZeRO-1/2 (TrainingArguments(deepspeed='recipes/ds_zero2.json'))."
-        )
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        raise ValueError(
-            "LoraDropCallback does not support DeepSpeed ZeRO-3: it partitions each parameter across ranks, so "
-            "modules cannot be tied to one another's LoRA in place. Use ZeRO-2 (recipes/ds_zero2.json); LoRA's "
-            "trainable parameters are small enough that ZeRO-2 saves nearly as much memory."
-        )
-    if args.world_size > 1 and not args.deepspeed:
+    """Refuse, before the first step, the set-ups whose parameter handling neither tying scheme survives (FSDP1), and
+    DDP set to fail on the Parameters in-place tying leaves without gradients. FSDP2 and ZeRO-3 are supported
+    (gradient tying, see `grad_tying`); the model, already wrapped here, tells which engine holds the LoRA."""
+    check_fsdp_version(args.fsdp_config if args.fsdp else None, model)
+    sharded = parameter_engine(p for n, p in model.named_parameters() if "lora_" in n) != "replicated"
+    if args.world_size > 1 and not (args.deepspeed or args.fsdp or sharded):
         find_unused = args.ddp_find_unused_parameters
         if find_unused is None and isinstance(model, PreTrainedModel):
             find_unused = not (model.is_activation_checkpointing or args.activation_checkpointing)

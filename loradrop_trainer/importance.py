@@ -18,6 +18,9 @@ outer model marks which forwards count and captures the padding mask once per fo
 Nothing reads a value back to the host during training: scores are added into a float32 vector on the device. A
 score that is not finite (one overflowing micro-batch of one module) is left out and counted instead of poisoning the
 module's total; the count is reported at the switch.
+
+When the LoRA weights are sharded (FSDP2, DeepSpeed ZeRO-3), a `lora_B` weight is whole only inside its module's
+forward, so the pre-hook computes `B^T B` right there (an r x r matrix, in float32) instead of reading B at the end.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import torch.distributed as dist
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from .sharding import parameter_engine
 
 _MASK_KEYS = ("attention_mask", "decoder_attention_mask")
 
@@ -49,9 +54,10 @@ class ImportanceCollector:
             [float(layer.scaling[adapter_name]) ** 2 for layer in layers.values()], device=device
         )
         self._score_every = score_every
+        self._gram_in_hook = parameter_engine(b.weight for b in self._lora_b) != "replicated"
         self._forwards = 0
         self._active = False
-        self._inputs: list[tuple[int, torch.Tensor]] = []
+        self._inputs: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
         self._masks: dict[torch.Size, torch.Tensor] = {}
         self._indices: dict[tuple[int, ...], tuple[torch.Tensor, list[tuple[torch.Tensor, list[int]]]]] = {}
         self._handles: list[RemovableHandle] = [
@@ -68,7 +74,7 @@ class ImportanceCollector:
     def _recorder(self, index: int):
         def record(module: nn.Module, args: tuple) -> None:
             if self._active:
-                self._inputs.append((index, args[0]))
+                self._inputs.append((index, args[0], _weight_gram(module.weight) if self._gram_in_hook else None))
 
         return record
 
@@ -95,19 +101,23 @@ class ImportanceCollector:
             self._masks.clear()
 
     def _score(self) -> None:
-        groups: dict[tuple[torch.Size, torch.device], list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        for index, u in self._inputs:
-            groups[(u.shape, u.device)].append((index, u))
+        groups: dict[tuple[torch.Size, torch.device], list[tuple[int, torch.Tensor, torch.Tensor | None]]]
+        groups = defaultdict(list)
+        for item in self._inputs:
+            groups[(item[1].shape, item[1].device)].append(item)
         for (shape, device), items in groups.items():
-            targets, by_b_shape = self._group_indices(tuple(index for index, _ in items), device)
-            u = torch.stack([u for _, u in items]).reshape(len(items), -1, shape[-1]).float()
+            targets, by_b_shape = self._group_indices(tuple(index for index, _, _ in items), device)
+            u = torch.stack([u for _, u, _ in items]).reshape(len(items), -1, shape[-1]).float()
             mask = self._masks.get(shape[:-1])
             masked = u * mask.reshape(1, -1, 1).to(u) if mask is not None else u
             token_gram = torch.bmm(masked.transpose(1, 2), u)
-            weight_gram = torch.empty_like(token_gram)
-            for positions, weights in by_b_shape:
-                b = torch.stack([self._lora_b[i].weight for i in weights]).to(device=device, dtype=torch.float32)
-                weight_gram[positions] = torch.bmm(b.transpose(1, 2), b)
+            if self._gram_in_hook:
+                weight_gram = torch.stack([gram for _, _, gram in items]).to(device)
+            else:
+                weight_gram = torch.empty_like(token_gram)
+                for positions, weights in by_b_shape:
+                    b = torch.stack([self._lora_b[i].weight for i in weights]).to(device=device, dtype=torch.float32)
+                    weight_gram[positions] = torch.bmm(b.transpose(1, 2), b)
             scores = (token_gram * weight_gram).sum(dim=(1, 2)).to(self._totals.device) * self._squared_scaling[targets]
             finite = torch.isfinite(scores)
             self._totals.index_add_(0, targets, torch.where(finite, scores, 0.0))
@@ -163,3 +173,10 @@ class ImportanceCollector:
         self._handles.clear()
         self._active = False
         self._inputs.clear()
+
+
+def _weight_gram(weight: torch.Tensor) -> torch.Tensor:
+    """`B^T B` in float32, for a weight that is whole only now (inside its module's forward)."""
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        b = weight.float()
+        return b.T @ b

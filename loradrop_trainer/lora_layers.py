@@ -8,6 +8,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .sharding import full_numel
+
 
 def find_lora_layers(
     model: nn.Module,
@@ -101,8 +103,8 @@ def lora_parameters(layer: LoraLayer, adapter_name: str) -> list[nn.Parameter]:
 
 
 def count_distinct(params: list[torch.Tensor]) -> int:
-    """Number of elements in distinct Parameters: tied Parameters count once."""
-    return sum(p.numel() for p in {id(p): p for p in params}.values())
+    """Number of elements in distinct Parameters: tied Parameters count once, sharded ones whole."""
+    return sum(full_numel(p) for p in {id(p): p for p in params}.values())
 
 
 def _leaf(name: str) -> str:

@@ -1,21 +1,25 @@
-"""Re-parameterising a PEFT model in place according to a drop plan.
+"""Re-parameterising a PEFT model according to a drop plan.
 
-Dropped modules of one kind are tied to the LoRA Parameters of the most important dropped module of that kind.
-Those Parameters are already known to the optimizer, to DDP's reducer and to DeepSpeed's flat buffers, so training
-goes on with no optimizer surgery: autograd sums the gradients of every user of a shared Parameter, and the
-Parameters the dropped modules used to own simply stop receiving gradients (torch optimizers skip them).
+Where the LoRA Parameters are whole on every rank (one process, DDP, DeepSpeed ZeRO-1/2), dropped modules of one kind
+are tied in place to the LoRA Parameters of the most important dropped module of that kind. Those Parameters are
+already known to the optimizer, to DDP's reducer and to DeepSpeed's flat buffers, so training goes on with no
+optimizer surgery: autograd sums the gradients of every user of a shared Parameter, and the Parameters the dropped
+modules used to own simply stop receiving gradients (torch optimizers skip them).
+
+Where they are sharded (FSDP2, ZeRO-3), tying in place cannot survive the engine's own handling of Parameters, and
+`reparameterise` ties their gradients instead (`grad_tying`). Mode "drop" only switches modules off, on any engine.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .grad_tying import GradientTying, fresh_values, reset_sharded, shared_groups
 from .lora_layers import lora_parameters
 from .plan import DropPlan
+from .sharding import parameter_engine
 
 
 def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
@@ -25,6 +29,13 @@ def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
     a checkpoint relies on.
     """
     _check_plan_matches(layers, plan)
+    if plan.mode == "share" and parameter_engine(p for _, group in shared_groups(layers, plan) for p in group) != (
+        "replicated"
+    ):
+        raise ValueError(
+            "The LoRA Parameters are sharded (FSDP2 or DeepSpeed ZeRO-3): tying them in place would not survive the "
+            "engine. Use reparameterise(..., optimizer), which ties their gradients instead."
+        )
     adapter = plan.adapter_name
     for members in plan.shared.values():
         if plan.mode == "drop":
@@ -39,6 +50,53 @@ def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
                     setattr(target_module, pname, param)
 
 
+def reparameterise(
+    layers: dict[str, LoraLayer],
+    plan: DropPlan,
+    optimizer: object,
+    *,
+    at_switch: bool,
+    fresh_seed: int | None = None,
+) -> GradientTying | None:
+    """Apply `plan` to a model in training, on whatever engine holds its LoRA; every rank must call it.
+
+    Args:
+        layers: `{module name: LoRA layer}` of the plan's modules.
+        plan: the drop plan.
+        optimizer: the optimizer as the Trainer holds it.
+        at_switch: True at the switch (members are made equal, values and optimizer state); False when resuming from
+            a checkpoint written after the switch, which already holds them equal (or tied).
+        fresh_seed: start the shared LoRA afresh from this seed (`shared_init="fresh"`); None keeps the most
+            important dropped module's weights. Only used at the switch.
+
+    Returns:
+        The `GradientTying` that keeps sharded members equal (remove it when training ends), or None when the plan
+        was applied in place.
+    """
+    if plan.mode == "drop":
+        apply_plan(layers, plan)
+        if at_switch:
+            zero_dropped(layers, plan, optimizer)
+        dropped = [p for name in plan.dropped for p in lora_parameters(layers[name], plan.adapter_name)]
+        if parameter_engine(dropped) == "zero3":
+            # ZeRO-3 steps every partition with the gradient it last reduced for it, also for a Parameter that got
+            # none since; it steps those that do not require gradients with zeros (and DDP must not see this change).
+            for param in dropped:
+                param.requires_grad_(False)
+        return None
+    if parameter_engine(p for _, group in shared_groups(layers, plan) for p in group) == "replicated":
+        apply_plan(layers, plan)
+        if at_switch and fresh_seed is not None:
+            reinit_shared(layers, plan, optimizer, fresh_seed)
+        return None
+    _check_plan_matches(layers, plan)
+    tying = GradientTying(layers, plan, optimizer)
+    if at_switch:
+        tying.align(fresh_seed)
+    tying.attach()
+    return tying
+
+
 def reinit_shared(
     layers: dict[str, LoraLayer], plan: DropPlan, optimizer: torch.optim.Optimizer | None, seed: int
 ) -> None:
@@ -47,38 +105,26 @@ def reinit_shared(
     The random A comes from its own generator seeded with `seed`: every rank draws the same values, and the global
     RNG stream (dropout, data order) is left as an uninterrupted run would have it.
     """
-    adapter = plan.adapter_name
-    generator = torch.Generator().manual_seed(seed)
-    for members in plan.shared.values():
-        source = layers[members[0]]
-        a, b = source.lora_A[adapter], source.lora_B[adapter]
-        with torch.no_grad():
-            fresh_a = torch.empty(a.weight.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(fresh_a, a=math.sqrt(5), generator=generator)
-            fresh_a = fresh_a.to(a.weight.device)
-            values = {a.weight: fresh_a, b.weight: torch.zeros_like(b.weight, dtype=torch.float32)}
-            if b.bias is not None:
-                values[b.bias] = torch.zeros_like(b.bias, dtype=torch.float32)
-        _reset_parameters(values, optimizer)
+    sources = [(part, params[:1]) for part, params in shared_groups(layers, plan)]
+    set_values(fresh_values(sources, seed), optimizer)
 
 
-def zero_dropped(layers: dict[str, LoraLayer], plan: DropPlan, optimizer: torch.optim.Optimizer | None) -> None:
+def zero_dropped(layers: dict[str, LoraLayer], plan: DropPlan, optimizer: object) -> None:
     """Set the B of every dropped module (mode "drop") to zero, in the module and in the optimizer's copies.
 
     A dropped module no longer computes its LoRA, but `save_pretrained` still writes its weights, and plain PEFT
     switches every module on when it loads them: with B at zero that adapter computes what the trained model did.
     """
-    adapter = plan.adapter_name
-    values = {}
-    for name in plan.dropped:
-        weight = layers[name].lora_B[adapter].weight
-        values[weight] = torch.zeros_like(weight, dtype=torch.float32)
-    _reset_parameters(values, optimizer)
+    weights = [layers[name].lora_B[plan.adapter_name].weight for name in plan.dropped]
+    set_values([(w, torch.zeros(getattr(w, "ds_shape", None) or w.shape)) for w in weights], optimizer)
 
 
-def shared_parameters(layers: dict[str, LoraLayer], plan: DropPlan) -> list[nn.Parameter]:
-    """The Parameters of every shared LoRA (one pair per kind)."""
-    return [p for members in plan.shared.values() for p in lora_parameters(layers[members[0]], plan.adapter_name)]
+def set_values(values: list[tuple[nn.Parameter, torch.Tensor]], optimizer: object) -> None:
+    """Give Parameters new (whole, float32) values and forget their optimizer state, on any engine."""
+    if parameter_engine(param for param, _ in values) != "replicated":
+        reset_sharded(values, optimizer)
+    else:
+        _reset_parameters({param: value.to(param.device) for param, value in values}, optimizer)
 
 
 def _deactivate(layer: LoraLayer, adapter: str) -> None:

@@ -24,6 +24,9 @@ Features:
 - Distributed: ``torchrun``/``deepspeed`` launches with DeepSpeed ZeRO-2 (``--deepspeed recipes/ds_zero2.json``) or,
   without it, plain DDP. bf16, activation checkpointing (non-reentrant), gradient accumulation, checkpoints and
   ``--resume_from_checkpoint`` (the LoRA-drop plan is restored from the checkpoint).
+- QLoRA (``--load_in_4bit``): the base's linear layers in 4-bit NF4 through bitsandbytes, the rest prepared with
+  ``peft.prepare_model_for_kbit_training``; one GPU or DDP. ``load_base`` loads a base the same way, for reloading
+  the exported adapter.
 - Evaluation, sharded over the ranks: greedy generation (``--max_new_tokens``), GSM8K exact match on the final number
   (after ``####`` if the model writes one, else its last number), and the held-out answer loss (mean cross-entropy
   per answer token of the eval set), which still moves when a small model scores ~0 exact match.
@@ -45,6 +48,9 @@ Launch (from the repository root):
     # one GPU: the same global batch of 32 through gradient accumulation (bf16 weights alone are 13.5 GB)
     python recipes/llama2_gsm8k.py --bf16 --activation_checkpointing --gradient_accumulation_steps 8 \\
         --output_dir runs/llama2_gsm8k_1gpu
+    # ... or QLoRA on one GPU: the 4-bit base takes about 4 GB rather than 13.5 GB
+    python recipes/llama2_gsm8k.py --load_in_4bit --bf16 --activation_checkpointing --gradient_accumulation_steps 8 \\
+        --output_dir runs/llama2_gsm8k_qlora
 
     # offline, CPU, seconds: tiny random Llama on 64 made-up problems (3 epochs = 48 steps, switch at step 5); a
     # random model's importance is flat, so a lower threshold than the paper's shows the pruning better
@@ -62,6 +68,7 @@ Flags (every one has a default; ``--help`` lists them with their help text), gro
 
     model/data     --model --toy --dataset --dataset_config --train_split --eval_split --train_file --eval_file
                    --max_train_samples --max_eval_samples --max_length --chat_template --attn_implementation
+                   --load_in_4bit
     LoRA           --lora_r --lora_alpha --lora_dropout --target_modules
     LoRA-drop      --no_loradrop --alpha --threshold --shared_init --mode --min_kept --normalize
     training       --output_dir --learning_rate --num_train_epochs --max_steps --per_device_train_batch_size
@@ -79,6 +86,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,10 +99,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from datasets import Dataset, load_dataset
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     GenerationConfig,
     HfArgumentParser,
     LlamaConfig,
@@ -156,6 +165,14 @@ class RecipeArgs:
     chat_template: bool = field(
         default=False,
         metadata={"help": "Format prompts with the tokenizer's chat template (if it has one) instead of 'Question:'."},
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: load the base model's linear layers in 4-bit NF4 (bitsandbytes, double quantization), then "
+            "peft.prepare_model_for_kbit_training (the other weights in float32). One GPU or DDP; reload an exported "
+            "adapter onto a base loaded the same way (recipes.llama2_gsm8k.load_base)."
+        },
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel: 'sdpa', 'eager', 'flash_attention_2'; default: automatic."}
@@ -270,19 +287,44 @@ class RecipeArgs:
 def load_model_and_tokenizer(cfg: RecipeArgs) -> tuple[torch.nn.Module, Any]:
     """The frozen base model and its tokenizer (a pad token is added when the tokenizer has none)."""
     if cfg.toy:
-        return toy_model_and_tokenizer(cfg)
+        model, tokenizer = toy_model_and_tokenizer(cfg)
+        if cfg.load_in_4bit:  # bitsandbytes quantizes while loading: write the toy model out and load it back
+            with tempfile.TemporaryDirectory() as directory:
+                model.save_pretrained(directory)
+                model = load_base(directory, cfg)
+        return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.pad_token is None:
         # Llama-2 has no pad token. Padding never reaches the loss (labels -100) nor attention (mask 0), so any
         # existing token does; unk keeps eos unambiguous.
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     tokenizer.padding_side = "right"  # for training (see training_collator); generation pads prompts on the left
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model,
-        dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+    return load_base(cfg.model, cfg), tokenizer
+
+
+def load_base(model: str | os.PathLike, cfg: RecipeArgs) -> torch.nn.Module:
+    """The base model as the recipe trains it: bf16 or fp32, or (--load_in_4bit) QLoRA's NF4 base, prepared for
+    k-bit training. An exported adapter gives the trained logits only on a base loaded this same way."""
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    if not cfg.load_in_4bit:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(
+        model,
+        dtype=dtype,
+        quantization_config=quantization,
+        device_map={"": device},  # a 4-bit model cannot be moved after loading; each rank loads onto its own GPU
         attn_implementation=cfg.attn_implementation,
     )
-    return model, tokenizer
+    # Non-reentrant activation checkpointing comes from the Trainer (--activation_checkpointing), not from here:
+    # PEFT's reentrant default fails under DDP.
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
 
 
 def toy_tokenizer() -> PreTrainedTokenizerFast:
@@ -631,7 +673,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
 
     loss_before = None
     if cfg.eval_before_training:
-        model.to(args.device)  # under DeepSpeed the model reaches the GPU only in train()
+        if not cfg.load_in_4bit:  # a 4-bit base is on its device already, and cannot be moved
+            model.to(args.device)  # under DeepSpeed the model reaches the GPU only in train()
         loss_sum, n_tokens = answer_loss_sums(
             model, eval_tokens.select(range(args.process_index, len(eval_tokens), args.world_size)).to_list(),
             tokenizer, cfg.per_device_eval_batch_size,

@@ -40,13 +40,14 @@ def random_lora_b(model, seed: int = 1):
     return model
 
 
-def tiny_llama_base(seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
-    """The frozen model under `tiny_llama(seed)`: same seed, same weights."""
+def tiny_llama_base(seed: int = 0, layers: int = 4, hidden: int = 32) -> LlamaForCausalLM:
+    """The frozen model under `tiny_llama(seed)`: same seed, same weights. (bitsandbytes' CPU kernels need `hidden`
+    to be a multiple of 64.)"""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

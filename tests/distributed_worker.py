@@ -1,17 +1,18 @@
-"""One rank of a multi-process LoRA-drop run on CPU (DDP, or DeepSpeed ZeRO-1/2), for tests/test_distributed.py.
+"""One rank of a multi-process LoRA-drop run on CPU (DDP, or DeepSpeed ZeRO-1/2/3), for tests/test_distributed.py.
 
 Launch with torchrun (gloo; DeepSpeed picks up torchrun's environment):
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py --out /tmp/run \
-        --runs ddp/full,ddp/after,ddp/before,zero2-bf16-fresh/full,zero3
+        --runs ddp/full,ddp/after,ddp/before,zero2-bf16-fresh/full,zero3/full
 
 Each run is `variant/scenario`; runs go one after another in the same processes (imports and the process group are
-paid for once). A variant is dash-separated: the backend (`ddp`, `zero1`, `zero2`) then any of `bf16`, `fresh`
-(shared_init="fresh") and `dsopt` (DeepSpeed's own AdamW section rather than the Trainer's torch optimizer).
+paid for once). A variant is dash-separated: the backend (`ddp`, `zero1`, `zero2`, `zero3`) then any of `bf16`, `fresh`
+(shared_init="fresh"), `clip` (max_grad_norm=CLIPPING_NORM: gradient clipping acts at every step) and `dsopt`
+(DeepSpeed's own AdamW section rather than the Trainer's torch optimizer).
 Scenarios:
 
 - `full`: train MAX_STEPS steps, switching at the end of step SWITCH_STEP, with checkpoints at the steps in SAVE_AT
-  (one before the switch, one after).
+  (one before the switch, one after), then export the compact adapter (`save_compact` on every rank).
 - `after` / `before`: resume from the variant's `full` checkpoint after / before the switch and train to the end.
 - `ckpt`: the full run without checkpoints, with (non-reentrant) activation checkpointing.
 - `drop`: the full run without checkpoints, in mode "drop" (dropped modules lose their LoRA).
@@ -19,7 +20,6 @@ Scenarios:
   resume from that first epoch's checkpoint.
 - `best` / `best-before`: save_strategy="best" with an evaluation every EPOCH_STEPS steps (the Trainer decides to
   save after evaluating), and the resume from the checkpoint of the first evaluation.
-- `zero3` (no variant): a DeepSpeed ZeRO-3 Trainer, which LoraDropCallback must refuse before the first step.
 
 Every rank writes what it saw to `<out>/<variant>/<scenario>.rank<r>.pt` (plan, LoRA tensors at the switch and at
 the end, the shared pair's fp32 master and Adam moments just after the switch, ...). gloo may abort at exit after a
@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TokenDataset, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from hub_export import save_compact
 from loradrop_trainer import LoraDropCallback
+from loradrop_trainer.sharding import lora_state_dict
 
 MAX_STEPS = 12
 ALPHA = 0.25
@@ -63,20 +66,22 @@ SAVING = {
     },
 }
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+CLIPPING_NORM = 0.05  # the `clip` flag: gradient norms here are about 0.2, so clipping acts at every step
 
 
 def deepspeed_config(stage: int, ds_optimizer: bool) -> dict:
-    """The recipe's config as a user launches it (recipes/ds_zero{1,2}.json; stage 3 is derived from ZeRO-2).
+    """The recipe's config as a user launches it (recipes/ds_zero{1,2,3}.json; ZeRO-1 is derived from ZeRO-2).
 
     `ds_optimizer` adds DeepSpeed's own AdamW section (`torch_adam`: the fused and CPU Adam kernels need compiling);
-    without it the Trainer creates its torch optimizer and DeepSpeed wraps it (a "client" optimizer).
+    without it the Trainer creates its torch optimizer and DeepSpeed wraps it (a "client" optimizer). Under ZeRO-3 no
+    Parameter is kept whole ("persistent"): the recipe's "auto" threshold would keep these tiny LoRA weights whole on
+    every rank, and the partitioned case (weights empty outside their module's forward) is the one to test.
     """
-    config = json.loads((RECIPES / f"ds_zero{min(stage, 2)}.json").read_text())
+    config = json.loads((RECIPES / f"ds_zero{max(stage, 2)}.json").read_text())
     zero = config["zero_optimization"]
     zero["stage"] = stage
     if stage == 3:
-        for key in ("allgather_partitions", "allgather_bucket_size", "reduce_scatter"):
-            zero.pop(key, None)
+        zero["stage3_param_persistence_threshold"] = 0
     if ds_optimizer:
         config["optimizer"] = {
             "type": "AdamW",
@@ -147,7 +152,7 @@ class Probe(TrainerCallback):
             source = layers[members[0]]
             for part in ("lora_A", "lora_B"):
                 param = getattr(source, part)[plan.adapter_name].weight
-                entry = {"weight": param.detach().float().clone()}
+                entry = {"weight": whole(param)}
                 if self.deepspeed:
                     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -161,7 +166,7 @@ class Probe(TrainerCallback):
                     state = inner.state.get(param) or {}
                     for key in ("exp_avg", "exp_avg_sq"):
                         if key in state:
-                            entry[key] = state[key].detach().float().clone()
+                            entry[key] = whole(state[key])
                 entry["tied"] = all(getattr(layers[n], part)[plan.adapter_name].weight is param for n in members)
                 out[f"{kind}.{part}"] = entry
         return out
@@ -181,14 +186,32 @@ def _fragments_are_live(param, optimizer) -> bool:
 
 
 def lora_tensors(model) -> dict[str, torch.Tensor]:
-    """Every LoRA tensor by state-dict name (tied ones under each of their names), as float32 copies."""
-    return {n: t.detach().float().clone() for n, t in model.state_dict().items() if "lora_" in n}
+    """Every LoRA tensor by PEFT key (tied ones under each of their names), whole, as float32 copies.
+
+    Gathers sharded (ZeRO-3, FSDP2) weights: every rank calls it at the same point."""
+    return {key: t.detach().float().clone() for key, t in lora_state_dict(model, "default")[0].items()}
 
 
-def fresh_a(shape, generator: torch.Generator) -> torch.Tensor:
-    """What reparam.reinit_shared draws for a shared A (as PEFT initialises A), to check the switch against."""
-    out = torch.empty(shape, dtype=torch.float32)
-    nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=generator)
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of `tensor`, gathered when ZeRO-3 partitions it or FSDP2 shards it (then a collective)."""
+    if hasattr(tensor, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.detach().float().clone()
+    if hasattr(tensor, "full_tensor"):
+        return tensor.full_tensor().detach().float()
+    return tensor.detach().float().clone()
+
+
+def expected_fresh_a(record: dict, plan, seed: int) -> dict[str, torch.Tensor]:
+    """What the switch draws for each kind's shared A with shared_init="fresh" (as PEFT initialises A), to check
+    the switch against: one generator seeded with `seed`, kinds in plan order."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for kind in plan.shared:
+        out[kind] = torch.empty(record["shared_state"][f"{kind}.lora_A"]["weight"].shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(out[kind], a=math.sqrt(5), generator=generator)
     return out
 
 
@@ -219,6 +242,7 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
         data_seed=0,
         disable_tqdm=True,
         bf16="bf16" in flags,
+        max_grad_norm=CLIPPING_NORM if "clip" in flags else 1.0,
         activation_checkpointing=scenario == "ckpt",
         ddp_backend="gloo",
         deepspeed=deepspeed_config(int(backend[-1]), "dsopt" in flags) if deepspeed else None,
@@ -239,53 +263,24 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
     trainer.train(resume_from_checkpoint=str(out / resume) if resume else None)
     model = trainer.model
     record = dict(probe.record)
+    if scenario == "full" and drop.plan is not None:
+        # Every rank calls it, as after trainer.save_model(); rank 0 writes.
+        record["compact"] = str(save_compact(model, out / "full-compact"))
     record.update(
         plan=drop.plan.to_dict() if drop.plan is not None else None,
         local_totals=local.totals,
         final_lora=lora_tensors(model),
         global_step=trainer.state.global_step,
         losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
+        grad_norms=[h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
         find_unused_parameters=getattr(trainer.model_wrapped, "find_unused_parameters", None),
         wrapped=type(trainer.model_wrapped).__name__,
         optimizer=type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
         lora_dtype=str(next(p.dtype for n, p in model.named_parameters() if "lora_" in n)),
     )
     if drop.plan is not None and shared_init == "fresh" and "shared_state" in record:
-        generator = torch.Generator().manual_seed(args.seed + drop.plan.step)
-        record["expected_fresh_a"] = {
-            kind: fresh_a(record["shared_state"][f"{kind}.lora_A"]["weight"].shape, generator)
-            for kind in drop.plan.shared
-        }
+        record["expected_fresh_a"] = expected_fresh_a(record, drop.plan, args.seed + drop.plan.step)
     return record
-
-
-def run_zero3(out: Path) -> dict:
-    """A ZeRO-3 run must be refused by LoraDropCallback.on_train_begin, before any step."""
-
-    class NoStep(TrainerCallback):
-        steps = 0
-
-        def on_step_begin(self, *args, **kwargs):
-            NoStep.steps += 1
-
-    args = TrainingArguments(
-        output_dir=str(out / "zero3"),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        deepspeed=deepspeed_config(3, ds_optimizer=True),
-    )
-    trainer = Trainer(
-        model=tiny_llama(), args=args, train_dataset=TokenDataset(n=16), callbacks=[LoraDropCallback(), NoStep()]
-    )
-    try:
-        trainer.train()
-    except ValueError as err:
-        return {"error": str(err), "steps": NoStep.steps}
-    return {"error": None, "steps": NoStep.steps}
 
 
 def reset_accelerate() -> None:
@@ -296,7 +291,8 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def main() -> None:
+def run_all(run_one: Callable[[str, str, Path], dict]) -> None:
+    """Run every `--runs` variant/scenario in turn in this process with `run_one`; each rank saves its records."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", required=True, help="comma-separated variant/scenario, e.g. zero2-bf16/full")
@@ -308,7 +304,7 @@ def main() -> None:
         out = Path(opts.out) / variant
         out.mkdir(parents=True, exist_ok=True)
         try:
-            record = run_zero3(out) if scenario == "zero3" else run_training(variant, scenario, out)
+            record = run_one(variant, scenario, out)
         except Exception:
             record = {"exception": traceback.format_exc()}
         record["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
@@ -322,4 +318,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_all(run_training)

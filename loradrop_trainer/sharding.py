@@ -1,0 +1,119 @@
+"""Where the LoRA Parameters live: whole on every rank, or sharded by FSDP2 or DeepSpeed ZeRO-3.
+
+The tying scheme depends on it. Replicated Parameters (one process, DDP, DeepSpeed ZeRO-1/2, and FSDP2 models whose
+PEFT adapter was attached after sharding) are tied in place: members of a shared group hold the very same Parameter.
+Sharded Parameters cannot be: FSDP2 replaces every Parameter of a sharded module by a `DTensor` shard and swaps in
+unsharded copies only around the module's forward and backward, and ZeRO-3 keeps only a flat partition of each
+Parameter per rank (`ds_tensor`), gathering it inside the module's forward. So there, members keep their own
+Parameters and their gradients are tied instead (`grad_tying.GradientTying`).
+
+The engine is read off the Parameters themselves rather than off the launcher's settings: that is what the Trainer,
+accelerate, `from_pretrained(distributed_config=...)` and a hand-written loop all have in common.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from peft import get_peft_model_state_dict
+from torch import nn
+
+Engine = Literal["replicated", "fsdp2", "zero3"]
+
+
+def is_fsdp2_parameter(param: torch.Tensor) -> bool:
+    """An FSDP2 (`fully_shard`) sharded Parameter: a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def is_zero3_parameter(param: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 partitioned Parameter (`ds_id` is what DeepSpeed's own `safe_*` utilities check)."""
+    return hasattr(param, "ds_id")
+
+
+def parameter_engine(params: Iterable[torch.Tensor]) -> Engine:
+    """How `params` are held; all of them must be held the same way."""
+    engines = {_engine_of(p) for p in params}
+    if len(engines) > 1:
+        raise ValueError(
+            f"The LoRA Parameters are held in several ways at once ({sorted(engines)}): some are sharded and some "
+            "are not. Shard the whole PEFT model (apply fully_shard after get_peft_model, or let the Trainer do it)."
+        )
+    return engines.pop() if engines else "replicated"
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of the whole Parameter on any engine (a ZeRO-3 Parameter's `numel()` is its empty placeholder's)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def _engine_of(param: torch.Tensor) -> Engine:
+    if is_fsdp2_parameter(param):
+        return "fsdp2"
+    if is_zero3_parameter(param):
+        return "zero3"
+    return "replicated"
+
+
+def check_fsdp_version(fsdp_config: dict | None, model: nn.Module) -> None:
+    """Refuse FSDP1 before the first step: it flattens a module's Parameters into one, which neither tying survives.
+
+    Args:
+        fsdp_config: `TrainingArguments.fsdp_config` when the Trainer shards (`TrainingArguments.fsdp` set), else None.
+        model: the model the Trainer trains; once wrapped by FSDP1 it holds `FullyShardedDataParallel` modules.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    requested = fsdp_config is not None and int(fsdp_config.get("version", 2)) == 1
+    if requested or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "LoraDropCallback does not support FSDP1 (FullyShardedDataParallel): it flattens each wrapped module's "
+            "Parameters into one, so LoRA modules can neither share Parameters nor have their gradients tied. Use "
+            "FSDP2, the Trainer's default (TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2}))."
+        )
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """The adapter's PEFT state dict (adapter name removed from the keys), whole, and whether it is the live model's.
+
+    Replicated Parameters come back as they are: tied members are then the very same tensor, which exporters check.
+    Sharded ones are gathered into CPU copies on every rank (a collective: call it on every rank, in the same order),
+    only the LoRA Parameters and not the base model (gathering a full FSDP2 state dict would assemble the frozen
+    7B base weights too, just to throw them away); gradient-tied members are then equal copies.
+
+    Args:
+        model: the PeftModel (the Trainer's `trainer.model`, not a DDP/DeepSpeed wrapper).
+        adapter_name: the adapter to read.
+
+    Returns:
+        `(state dict, live)`: `live` is True when the tensors are the model's own (replicated Parameters).
+    """
+    named = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if "lora_" in name]
+    engine = parameter_engine(p for _, p in named)
+    if engine == "replicated":
+        return get_peft_model_state_dict(model, adapter_name=adapter_name), True
+    if engine == "fsdp2":
+        gathered = {name: p.full_tensor().detach().cpu() for name, p in named}
+    else:
+        import deepspeed
+
+        params = list({id(p): p for _, p in named}.values())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            gathered = {name: p.detach().cpu().clone() for name, p in named}
+    return get_peft_model_state_dict(model, state_dict=gathered, adapter_name=adapter_name), False
+
+
+def is_writing_rank() -> bool:
+    """Whether this process writes shared files: the only one, or rank 0 of a distributed run."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
