@@ -36,7 +36,7 @@ from .errors import (
 
 # Where a repo pushed with `expanded=True` keeps the plain PEFT copy; loading the compact adapter never needs it.
 PEFT_SUBFOLDER = "peft"
-# The HTTP library's own error root (httpx's in huggingface_hub >= 1, requests' before): connection failures and
+# The HTTP library's own error root (httpx2's in huggingface_hub 2, httpx's in 1): connection failures and
 # timeouts raised by the client are its subclasses without being HfHubHTTPError.
 _TRANSPORT_ERRORS = tuple(
     cls for cls in HfHubHTTPError.__mro__[1:] if cls.__module__.split(".")[0] not in ("builtins", "huggingface_hub")

@@ -153,7 +153,13 @@ class FakeHub:
             (self._write_tokens if write else self._read_tokens).add(token)
 
     def fail_next(
-        self, path_regex: str, status: int, *, count: int = 1, message: str = "Injected failure", error_code=None
+        self,
+        path_regex: str,
+        status: int,
+        *,
+        count: int = 1,
+        message: str = "Injected failure",
+        error_code: str | None = None,
     ) -> None:
         """Answer the next `count` requests whose decoded path matches `path_regex` (``re.search``) with `status`."""
         with self._lock:

@@ -20,7 +20,7 @@ import torch
 from conftest import VOCAB, TokenDataset, tiny_llama, tiny_llama_base, training_args
 from hub_server import DEFAULT_USER, clear_client_cache
 from huggingface_hub import ModelCard
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
@@ -480,6 +480,14 @@ def test_repo_not_found(hub, style):
     assert caught.value.response.status_code == 404
 
 
+def test_a_gated_repo_is_an_auth_error_and_huggingface_hubs_gated_error(hub, shared):
+    push_to_hub(shared.compact, REPO)
+    hub.fail_next(f"/{REPO}", 403, count=10, message="Access to this model is restricted", error_code="GatedRepo")
+    for style in (HubAuthError, GatedRepoError):
+        with pytest.raises(style, match=r"gated\. Request access"):
+            load_from_hub(tiny_llama_base(seed=0), REPO)
+
+
 @pytest.mark.parametrize("token", ["hf_not_a_token", "hf_read_only"])
 def test_auth_failure_on_push(hub, shared, token):
     hub.add_token("hf_read_only", write=False)
@@ -494,8 +502,9 @@ def test_failed_push_leaves_local_files_and_remote_intact(hub, shared, tmp_path)
     push_to_hub(local, REPO)
     head = hub.head(REPO)
     hub.fail_next(r"/commit/main$", 500)
-    with pytest.raises(HubError, match="HTTP 500"):
+    with pytest.raises(HubError, match="HTTP 500") as caught:
         push_to_hub(local, REPO, expanded=True)
+    assert isinstance(caught.value, HfHubHTTPError) and caught.value.response.status_code == 500
     assert _files(local) == before
     assert hub.head(REPO) == head
 
