@@ -18,8 +18,8 @@ def test_quickstart_trains_prunes_and_exports(tmp_path):
     result = quickstart.main(
         ["--max_steps", "150", "--train_size", "4800", "--eval_size", "512", "--output_dir", str(out)]
     )
-    # Chance is 0.5 (the classes are about balanced). Runs of this size reach 0.86 (seeds 0 and 1) and the 300-step
-    # default 0.88; 0.8 is far out of reach of a run whose LoRA, switch or evaluation is broken.
+    # Chance is 0.5 (the classes are about balanced). Runs of this size reach 0.85 to 0.86 (seeds 0-2), the 300-step
+    # default 0.88; 0.8 is out of reach of a run that does not learn, or of an evaluation that scores the wrong thing.
     assert result["accuracy"] >= 0.8 and result["macro_f1"] >= 0.8
     assert result["lora_params_after"] < result["lora_params_before"]
     assert json.loads((out / "results.json").read_text())["accuracy"] == result["accuracy"]
