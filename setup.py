@@ -1,14 +1,17 @@
 """loradrop: LoRA-drop for the Hugging Face Trainer, and the Hub tooling for its pruned adapters."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
+# Read, not imported: the version is written once, in loradrop_trainer/__init__.py, and building needs no torch.
+version = re.search(r'^__version__ = "([^"]+)"', (here / "loradrop_trainer" / "__init__.py").read_text(), re.M)[1]
 
 setup(
     name="loradrop",
-    version="0.1.0",
+    version=version,
     description="LoRA-drop (arXiv 2402.07721) as a Hugging Face Trainer callback, with compact Hub export",
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
@@ -21,15 +24,23 @@ setup(
         "peft>=0.17",
         "accelerate>=1.0",
         "safetensors>=0.4",
-        "huggingface_hub>=0.34",
+        "huggingface_hub>=1.0",  # typed errors carry the response (RemoteEntryNotFoundError, ...)
         "matplotlib>=3.7",
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
         "qlora": ["bitsandbytes>=0.50"],
-        "recipes": ["datasets>=3.0"],
-        "demo": ["datasets>=3.0", "gguf>=0.10"],
-        "dev": ["pytest>=8", "ruff>=0.6", "datasets>=3.0", "deepspeed>=0.16", "trl>=0.20", "bitsandbytes>=0.50"],
+        "recipes": ["datasets>=3.0", "evaluate>=0.4.6"],
+        "demo": ["datasets>=3.0", "evaluate>=0.4.6", "gguf>=0.10"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "datasets>=3.0",
+            "evaluate>=0.4.6",
+            "deepspeed>=0.16",
+            "trl>=0.20",
+            "bitsandbytes>=0.50",
+        ],
     },
-    entry_points={"console_scripts": ["loradrop=loradrop_trainer.cli:main"]},
+    entry_points={"console_scripts": ["loradrop=hub_export.cli:main"]},
 )

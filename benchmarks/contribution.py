@@ -155,7 +155,7 @@ def train_task(task: str, seed: int, args: argparse.Namespace, trace: Importance
     from transformers import set_seed
 
     from recipes import llama2_gsm8k as recipe
-    from recipes.gsm8k_data import PadCollator
+    from recipes.gsm8k_data import training_collator
 
     cfg = recipe.parse_args(gsm_argv(task, seed, args, output_dir))
     training_args = recipe.training_arguments(cfg)
@@ -169,13 +169,13 @@ def train_task(task: str, seed: int, args: argparse.Namespace, trace: Importance
         model=model,
         args=training_args,
         train_dataset=train_tokens,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=training_collator(tokenizer),
         processing_class=tokenizer,
         callbacks=[trace],
     ).train()
 
     def evaluate() -> dict:
-        loss, tokens = recipe.answer_loss_sums(model, eval_features, tokenizer.pad_token_id, 32)
+        loss, tokens = recipe.answer_loss_sums(model, eval_features, tokenizer, 32)
         return {"loss": loss / tokens}
 
     return model, evaluate

@@ -2,7 +2,7 @@
 transfers (64 MiB a call, the repository included). Writes, under .carry/ (git-ignored):
 
   .carry/run/      carried with each command of quality_gpu.sh (about 25 MiB): the wheels that pin transformers,
-                   peft and datasets to CI's versions and add gguf (copied from .whl/, made by
+                   peft and datasets to CI's versions and add evaluate and gguf (copied from .whl/, made by
                    benchmarks/fetch_device_wheels.sh), and the data as JSONL: sarcasm, polarity, and GSM-Symbolic
                    train/test generated here with reasoning-gym (2,000 + 200 problems, seed 0, as quality.py uses)
   .carry/models/   both models as one tar stream cut into parts of at most --part_mib MiB, and manifest.json with
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from recipes import assets, gsm8k_data  # noqa: E402
 
 WHEELS = ["transformers-", "peft-", "huggingface_hub-", "httpx2-", "httpcore2-", "truststore-", "datasets-", "dill-"]
-WHEELS += ["multiprocess-", "gguf-", "tokenizers-", "accelerate-"]
+WHEELS += ["multiprocess-", "gguf-", "tokenizers-", "accelerate-", "evaluate-"]
 CARRY = ROOT / ".carry"
 TRANSFER_MIB = 64
 

@@ -13,50 +13,64 @@ model = load_from_hub(base_model, "user/repo", revision=None)
 
 Local paths and Hub repos are never confused: only `load_from_hub`, `pull` and `push_to_hub` reach the Hub. Every
 adapter is checked as untrusted input before it is used (`hub_export.validate`), and nothing is written over a
-directory holding files this package did not write (`hub_export.atomic`).
+directory holding files this package did not write (`hub_export.atomic`). The `loradrop` command is `hub_export.cli`.
+Names are imported on first use, so `import hub_export` alone loads neither torch nor PEFT.
 """
 
-from .compact import CompactAdapter, read_compact, save_compact
-from .errors import (
-    BaseModelMismatchError,
-    BaseModelPathError,
-    CompactFileNotFoundError,
-    CompactFormatError,
-    ExportError,
-    HubAuthError,
-    HubError,
-    HubOfflineError,
-    PlanError,
-    RepoNotFoundError,
-    TargetExistsError,
-    UnsupportedFormatVersionError,
-)
-from .expand import expand_to_peft
-from .from_peft import compact_peft_adapter
-from .hub import PushInfo, load_from_hub, pull, push_to_hub
-from .loader import load_compact
+from __future__ import annotations
 
-__all__ = [
-    "BaseModelMismatchError",
-    "BaseModelPathError",
-    "CompactAdapter",
-    "CompactFileNotFoundError",
-    "CompactFormatError",
-    "ExportError",
-    "HubAuthError",
-    "HubError",
-    "HubOfflineError",
-    "PlanError",
-    "PushInfo",
-    "RepoNotFoundError",
-    "TargetExistsError",
-    "UnsupportedFormatVersionError",
-    "compact_peft_adapter",
-    "expand_to_peft",
-    "load_compact",
-    "load_from_hub",
-    "pull",
-    "push_to_hub",
-    "read_compact",
-    "save_compact",
-]
+from typing import TYPE_CHECKING
+
+from loradrop_trainer.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .compact import CompactAdapter, read_compact, save_compact
+    from .errors import (
+        BaseModelMismatchError,
+        BaseModelPathError,
+        CompactFileNotFoundError,
+        CompactFormatError,
+        ExportError,
+        HubAuthError,
+        HubError,
+        HubGatedRepoError,
+        HubHTTPError,
+        HubOfflineError,
+        HubRevisionNotFoundError,
+        PlanError,
+        RepoNotFoundError,
+        TargetExistsError,
+        UnsupportedFormatVersionError,
+    )
+    from .expand import expand_to_peft
+    from .from_peft import compact_peft_adapter
+    from .hub import PushInfo, load_from_hub, pull, push_to_hub
+    from .loader import load_compact
+
+_NAMES_IN = {
+    "compact": ("CompactAdapter", "read_compact", "save_compact"),
+    "errors": (
+        "BaseModelMismatchError",
+        "BaseModelPathError",
+        "CompactFileNotFoundError",
+        "CompactFormatError",
+        "ExportError",
+        "HubAuthError",
+        "HubError",
+        "HubGatedRepoError",
+        "HubHTTPError",
+        "HubOfflineError",
+        "HubRevisionNotFoundError",
+        "PlanError",
+        "RepoNotFoundError",
+        "TargetExistsError",
+        "UnsupportedFormatVersionError",
+    ),
+    "expand": ("expand_to_peft",),
+    "from_peft": ("compact_peft_adapter",),
+    "hub": ("PushInfo", "load_from_hub", "pull", "push_to_hub"),
+    "loader": ("load_compact",),
+}
+
+__all__ = sorted(name for names in _NAMES_IN.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES_IN)

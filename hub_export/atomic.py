@@ -1,26 +1,21 @@
-"""Writing a directory all at once: readers see the old adapter or the new one, never half of one.
+"""Replacing an output directory only when it holds nothing but what this package writes there.
 
-Everything is written into a hidden temporary directory next to the target (same filesystem, so the final rename is
-atomic), flushed to disk, and only then renamed onto the target. An existing target is moved aside only after the new
-directory is complete, and removed after the new one is in place. POSIX cannot swap two directories in one step, so a
-crash between those two renames leaves the previous adapter under a hidden ``.NAME.old-*`` name next to the target
-rather than a partial one at the target; leftover hidden ``.NAME.tmp-*``/``.NAME.old-*`` directories never load as an
-adapter and can be deleted.
-
-Only a directory that holds nothing but the files this package writes for that kind of output (a `Layout`) is ever
-replaced: a Trainer output directory or a ``checkpoint-N/`` also holds ``adapter_config.json``, next to the optimizer
-state and everything else the user cannot get back.
+The writing itself is `loradrop_trainer.atomic.staged_directory` (staged next to the target, flushed, renamed into
+place; readers see the old adapter or the new one, never half of one). What this module adds is the refusal: only a
+directory that holds nothing but the files this package writes for that kind of output (a `Layout`) is ever
+replaced, since a Trainer output directory or a ``checkpoint-N/`` also holds ``adapter_config.json``, next to the
+optimizer state and everything else the user cannot get back.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from loradrop_trainer.atomic import staged_directory
 
 from .errors import TargetExistsError
 
@@ -43,17 +38,9 @@ def atomic_directory(target: str | os.PathLike, layout: Layout) -> Iterator[Path
     missing, empty, or hold nothing but files of `layout` (an earlier output of the same kind); anything else is
     refused with `TargetExistsError`, so a typo cannot wipe a directory of the user's files.
     """
-    target = Path(target).absolute()
-    check_replaceable(target, layout)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _fresh_sibling(target, "tmp")
-    try:
+    check_replaceable(Path(target).absolute(), layout)
+    with staged_directory(target) as staging:
         yield staging
-        _fsync_tree(staging)
-        _replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def check_replaceable(target: Path, layout: Layout) -> None:
@@ -100,55 +87,3 @@ def _foreign_entries(directory: Path, files: frozenset[str], prefix: str = "") -
         elif not (entry.is_file(follow_symlinks=False) and path in files):
             foreign.append(f"{path}/" if entry.is_dir(follow_symlinks=False) else path)
     return foreign
-
-
-def _replace(staging: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
-        os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fresh_sibling(target: Path, tag: str) -> Path:
-    """Create a hidden empty directory next to `target`, with the permissions a normal `mkdir` gives (umask)."""
-    while True:
-        path = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file, and give files the permissions a plain `open` would (safetensors writes them 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (the renames into it); only POSIX can open a directory for fsync."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -44,7 +44,7 @@ from .base_model import warn_if_local, with_base_model
 from .errors import CompactFileNotFoundError, CompactFormatError, PlanError, UnsupportedFormatVersionError
 from .files import has_member, read_member
 from .jsonfile import parse_json_object
-from .model_card import CARD_FILE, render_model_card
+from .model_card import CARD_FILE, model_card
 from .plans import PlanSource, resolve_plan, split_payload
 from .tying import TensorSpec, read_tying, split_key
 from .validate import check_adapter
@@ -161,7 +161,7 @@ def write_compact(adapter: CompactAdapter, directory: Path) -> None:
     save_file(adapter.tensors, weights, metadata={METADATA_VERSION_KEY: str(adapter.format_version)})
     (directory / CONFIG_NAME).write_text(config_text(adapter.peft_config), encoding="utf-8")
     plot_importance(adapter.plan, directory / PLOT_FILE)
-    (directory / CARD_FILE).write_text(render_model_card(adapter, PLOT_FILE), encoding="utf-8")
+    model_card(adapter, PLOT_FILE).save(directory / CARD_FILE)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": adapter.format_version,

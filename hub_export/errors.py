@@ -3,9 +3,16 @@
 Each one subclasses the builtin a caller would expect (a missing file is a `FileNotFoundError`, a bad file a
 `ValueError`, a Hub failure an `OSError`) and `ExportError`, so the `loradrop` command can report any of them as a
 one-line message without a traceback. Messages name the file or repo and say what to do.
+
+An error the Hub answered with is also the `huggingface_hub.errors` type the client raised for it, with the same
+`response` and `server_message`: code written against huggingface_hub (`except RepositoryNotFoundError`) catches a
+missing repo from `load_from_hub` as it would from `snapshot_download`, and `except hub_export.RepoNotFoundError`
+catches it too. The client's error stays attached as `__cause__`.
 """
 
 from __future__ import annotations
+
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 
 class ExportError(Exception):
@@ -41,15 +48,27 @@ class BaseModelPathError(ExportError, ValueError):
 
 
 class HubError(ExportError, OSError):
-    """A Hub operation failed (network, server or an answer the client could not use)."""
+    """A Hub operation failed: the Hub could not be reached, or answered with an error (the subclasses below)."""
 
 
-class RepoNotFoundError(HubError):
-    """The repo, or the requested revision of it, does not exist or is not visible with the current token."""
+class HubHTTPError(HubError, HfHubHTTPError):
+    """The Hub answered with an HTTP error; also a `huggingface_hub.errors.HfHubHTTPError`."""
 
 
-class HubAuthError(HubError):
-    """The token is missing, invalid or lacks the rights the operation needs."""
+class RepoNotFoundError(HubHTTPError, RepositoryNotFoundError):
+    """The repo does not exist or is not visible with the current token; also a `RepositoryNotFoundError`."""
+
+
+class HubRevisionNotFoundError(HubHTTPError, RevisionNotFoundError):
+    """The repo has no such branch, tag or commit; also a `huggingface_hub.errors.RevisionNotFoundError`."""
+
+
+class HubAuthError(HubHTTPError):
+    """The token is missing, invalid or lacks the rights the operation needs (HTTP 401 or 403)."""
+
+
+class HubGatedRepoError(HubAuthError, GatedRepoError):
+    """The repo is gated and the token's account has no access yet; also a `huggingface_hub.errors.GatedRepoError`."""
 
 
 class HubOfflineError(HubError):

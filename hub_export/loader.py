@@ -25,11 +25,12 @@ from torch import nn
 from transformers.utils import logging
 
 from loradrop_trainer import apply_plan
+from loradrop_trainer.plan import attach_plan
 
 from .compact import CompactAdapter, read_compact
 from .errors import BaseModelMismatchError
 from .expand import expanded_state_dict
-from .plans import attach_plan, plan_layers
+from .plans import plan_layers
 from .tying import LORA_SUFFIXES, PEFT_PREFIX
 from .validate import lora_config, lora_module, targets
 

@@ -1,15 +1,17 @@
 """The README.md model card of a compact adapter: Hub metadata, what was pruned, how it was trained, how to load it.
 
 The card is rendered from the adapter alone (no dates, no paths of the machine that wrote it), so saving the same
-adapter twice gives the same bytes and a re-push uploads nothing. Its YAML metadata is huggingface_hub's
-`ModelCardData`; the base model appears (in the metadata, the title and the snippets) only as a Hub id.
+adapter twice gives the same bytes and a re-push uploads nothing. The base model appears (in the metadata, the title
+and the snippets) only as a Hub id.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import ModelCardData
+from huggingface_hub import ModelCard, ModelCardData
+
+from loradrop_trainer.report import plan_table
 
 from .base_model import is_hub_id, recorded_base
 from .tying import PEFT_PREFIX
@@ -37,63 +39,83 @@ _SETTINGS = (  # (LoraDropConfig field, label, shown when the field is None)
     ("exclude", "modules left out", "none"),
 )
 _LORA_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias")
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# LoRA-drop adapter{% if base_model %} for {{ base_model }}{% endif %}
+
+{{ intro }}
+
+## Size
+
+{{ size }}
+
+## Plan
+
+{{ plan }}
+
+## Training
+
+{{ settings }}
+
+![LoRA-drop importance by layer and kind]({{ chart_file }})
+
+## How to load
+
+{{ how_to_load }}
+"""
 
 
-def render_model_card(adapter: CompactAdapter, chart_file: str) -> str:
-    """Markdown with YAML front matter the Hub understands (library_name, base_model, tags, license)."""
+def model_card(adapter: CompactAdapter, chart_file: str) -> ModelCard:
+    """The model card of `adapter`, whose importance chart is the file `chart_file` next to it.
+
+    Its metadata (library_name, base_model, tags, license) is huggingface_hub's `ModelCardData`, and the card is
+    built and saved as PEFT builds its own (`ModelCard.from_template`, `card.save`).
+    """
     base = recorded_base(adapter.peft_config)
     base = base if is_hub_id(base) else None  # a local path means nothing to the card's readers
-    sections = [
-        _front_matter(base, adapter.plan_extra.get("license")),
-        _intro(adapter, base),
-        _size_table(adapter),
-        _plan_tables(adapter),
-        _settings_table(adapter),
-        f"![LoRA-drop importance by layer and kind]({chart_file})\n",
-        _how_to_load(adapter, base),
-    ]
-    return "\n".join(sections)
+    data = ModelCardData(
+        library_name="peft", base_model=base, tags=list(TAGS), license=adapter.plan_extra.get("license")
+    )
+    return ModelCard.from_template(
+        data,
+        template_str=_TEMPLATE,
+        intro=_intro(adapter),
+        size=_size_table(adapter),
+        plan=_plan_tables(adapter),
+        settings=_settings_table(adapter),
+        chart_file=chart_file,
+        how_to_load=_how_to_load(adapter, base),
+    )
 
 
-def _front_matter(base: str | None, license: str | None) -> str:
-    data = ModelCardData(library_name="peft", base_model=base, tags=list(TAGS), license=license)
-    return f"---\n{data.to_yaml()}\n---\n"
-
-
-def _intro(adapter: CompactAdapter, base: str | None) -> str:
+def _intro(adapter: CompactAdapter) -> str:
     plan = adapter.plan
     rest = "share one LoRA per kind" if plan.mode == "share" else "have their LoRA removed"
     return (
-        f"# LoRA-drop adapter{f' for {base}' if base else ''}\n\n"
         f"A LoRA adapter pruned with [LoRA-drop](https://arxiv.org/abs/2402.07721): {len(plan.kept)} of "
         f"{len(plan.kinds)} LoRA modules keep their own weights, the other {len(plan.dropped)} {rest} "
-        f"(mode `{plan.mode}`). It is stored in the `loradrop` compact format, version {adapter.format_version}.\n"
+        f"(mode `{plan.mode}`). It is stored in the `loradrop` compact format, version {adapter.format_version}."
     )
 
 
 def _size_table(adapter: CompactAdapter) -> str:
     ratio = adapter.stored_bytes / adapter.plain_bytes if adapter.plain_bytes else 0.0
-    return (
-        "## Size\n\n"
+    table = (
         "| | LoRA parameters | weight bytes |\n|---|---:|---:|\n"
         f"| plain PEFT adapter | {adapter.plain_params:,} | {adapter.plain_bytes:,} |\n"
-        f"| this compact adapter | {adapter.stored_params:,} | {adapter.stored_bytes:,} ({ratio:.1%}) |\n"
-        + (
-            f"\nBoth also hold {adapter.other_params:,} parameters of modules trained in full (`modules_to_save`).\n"
-            if adapter.other_params
-            else ""
-        )
+        f"| this compact adapter | {adapter.stored_params:,} | {adapter.stored_bytes:,} ({ratio:.1%}) |"
     )
+    if adapter.other_params:
+        table += (
+            f"\n\nBoth also hold {adapter.other_params:,} parameters of modules trained in full (`modules_to_save`)."
+        )
+    return table
 
 
 def _plan_tables(adapter: CompactAdapter) -> str:
     plan = adapter.plan
-    verb = "shared" if plan.mode == "share" else "dropped"
-    rows = [f"| kind | modules | kept | {verb} | importance |", "|---|---:|---:|---:|---:|"]
-    for kind, counts in plan.summary().items():
-        weight = sum(value for name, value in plan.importance.items() if plan.kinds[name] == kind)
-        total = counts["kept"] + counts["shared"]
-        rows.append(f"| {kind} | {total} | {counts['kept']} | {counts['shared']} | {weight:.4f} |")
     modules = ["| module | kind | importance | LoRA |", "|---|---|---:|---|"]
     for name, kind in plan.kinds.items():
         if name in plan.kept:
@@ -104,12 +126,12 @@ def _plan_tables(adapter: CompactAdapter) -> str:
             status = f"shared: `{_short(plan.source_of(name))}`"
         modules.append(f"| `{_short(name)}` | {kind} | {plan.importance[name]:.4f} | {status} |")
     return (
-        f"## Plan\n\nImportance is each module's share of the summed squared LoRA output over the first steps "
-        f"(normalised to 1); the most important modules were kept until their importance reached {plan.threshold}.\n\n"
-        + "\n".join(rows)
+        "Importance is each module's share of the summed squared LoRA output over the first steps (normalised to 1); "
+        f"the most important modules were kept until their importance reached {plan.threshold}.\n\n"
+        + plan_table(plan)
         + "\n\n<details><summary>Every module</summary>\n\n"
         + "\n".join(modules)
-        + "\n\n</details>\n"
+        + "\n\n</details>"
     )
 
 
@@ -126,14 +148,13 @@ def _settings_table(adapter: CompactAdapter) -> str:
     if plan.step is not None:
         rows.append(f"| switch at optimizer step | {plan.step} |")
     rows += [f"| {key} | {_value(adapter.peft_config[key])} |" for key in _LORA_SETTINGS if key in adapter.peft_config]
-    return "## Training\n\n" + "\n".join(rows) + "\n"
+    return "\n".join(rows)
 
 
 def _how_to_load(adapter: CompactAdapter, base: str | None) -> str:
     auto = _AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
     base_id = base or "<base model id>"
     return (
-        "## How to load\n\n"
         "With `loradrop` (ties the shared modules again; `is_trainable=True` continues training with the same "
         "tying):\n\n"
         "```python\n"
@@ -149,7 +170,7 @@ def _how_to_load(adapter: CompactAdapter, base: str | None) -> str:
         f"from transformers import {auto}\n\n"
         f'base = {auto}.from_pretrained("{base_id}")\n'
         'model = PeftModel.from_pretrained(base, "<this repo id>", subfolder="peft")\n'
-        "```\n"
+        "```"
     )
 
 

@@ -1,7 +1,8 @@
-"""Where the drop plan of a model comes from, and how a loaded model carries it.
+"""Where the drop plan of a model comes from.
 
 A compact adapter needs the plan (importances, kinds, which module shares whose LoRA). `save_compact` takes it from,
-in this order: its `plan` argument, or the plan `load_compact` attached to the model it returned. The plan argument
+in this order: its `plan` argument, or the plan recorded on the model (`loradrop_trainer.plan.attach_plan`: by the
+callback at the switch, by `load_compact` on the model it returns). The plan argument
 may be a `DropPlan` (`callback.plan`), the JSON payload of a plan file, or the path of ``loradrop_plan.json`` / of the
 Trainer output directory holding it. The plan file also carries the run's LoRA-drop settings ("config") and LoRA
 parameter counts; these "extra" fields travel with the plan into the compact adapter and its model card.
@@ -18,33 +19,28 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from loradrop_trainer import DropPlan
-from loradrop_trainer.plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR
+from loradrop_trainer.plan import attached_plan
 from loradrop_trainer.report import PLAN_FILE
 
 from .errors import PlanError
 from .jsonfile import read_json_object
-
-# Set by LoraDropCallback at the switch and by `load_compact`: saving such a model needs no plan argument.
-PLAN_ATTR = MODEL_PLAN_ATTR
-EXTRA_ATTR = MODEL_PLAN_EXTRA_ATTR
 
 PlanSource = DropPlan | Mapping[str, Any] | str | os.PathLike | None
 
 
 def resolve_plan(model: nn.Module, plan: PlanSource) -> tuple[DropPlan, dict[str, Any]]:
     """Return the plan for `model` and the extra fields that go with it (see the module docstring)."""
+    attached, extra = attached_plan(model)  # set by LoraDropCallback at the switch and by `load_compact`
     if plan is None:
-        attached = getattr(model, PLAN_ATTR, None)
         if attached is None:
             raise PlanError(
                 "No drop plan for this model: pass plan=callback.plan, or plan=<the Trainer output_dir> (its "
                 f"{PLAN_FILE} also records the LoRA-drop settings for the model card). Models returned by "
                 "load_compact carry their plan and need no argument."
             )
-        return attached, dict(getattr(model, EXTRA_ATTR, None) or {})
+        return attached, extra
     if isinstance(plan, DropPlan):
-        same = getattr(model, PLAN_ATTR, None) == plan
-        return plan, dict(getattr(model, EXTRA_ATTR, None) or {}) if same else {}
+        return plan, extra if plan == attached else {}
     return read_plan(plan)
 
 
@@ -66,12 +62,6 @@ def split_payload(payload: Mapping[str, Any], where: str) -> tuple[DropPlan, dic
         raise PlanError(f"{where} does not hold a usable drop plan: {err}") from err
     own = set(plan.to_dict())
     return plan, {key: value for key, value in payload.items() if key not in own}
-
-
-def attach_plan(model: nn.Module, plan: DropPlan, extra: Mapping[str, Any]) -> None:
-    """Record the plan on the model, where `resolve_plan` finds it when the model is saved again."""
-    setattr(model, PLAN_ATTR, plan)
-    setattr(model, EXTRA_ATTR, dict(extra))
 
 
 def plan_layers(model: nn.Module, plan: DropPlan) -> dict[str, LoraLayer]:

@@ -2,6 +2,7 @@
 
 Nothing here passes an endpoint, cache directory or token default of its own: `huggingface_hub` reads HF_ENDPOINT,
 HF_TOKEN (or the stored login), HF_HOME/HF_HUB_CACHE and HF_HUB_OFFLINE as it does for every Hugging Face library.
+The errors raised are `hub_export.errors` types that are also the client's own (see there).
 """
 
 from __future__ import annotations
@@ -22,11 +23,20 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import CompactFileNotFoundError, HubAuthError, HubError, HubOfflineError, RepoNotFoundError
+from .errors import (
+    CompactFileNotFoundError,
+    HubAuthError,
+    HubError,
+    HubGatedRepoError,
+    HubHTTPError,
+    HubOfflineError,
+    HubRevisionNotFoundError,
+    RepoNotFoundError,
+)
 
 # Where a repo pushed with `expanded=True` keeps the plain PEFT copy; loading the compact adapter never needs it.
 PEFT_SUBFOLDER = "peft"
-# The HTTP library's own error root (httpx's in huggingface_hub >= 1, requests' before): connection failures and
+# The HTTP library's own error root (httpx2's in huggingface_hub 2, httpx's in 1): connection failures and
 # timeouts raised by the client are its subclasses without being HfHubHTTPError.
 _TRANSPORT_ERRORS = tuple(
     cls for cls in HfHubHTTPError.__mro__[1:] if cls.__module__.split(".")[0] not in ("builtins", "huggingface_hub")
@@ -52,18 +62,24 @@ def hub_errors(repo_id: str, *, revision: str | None, action: str) -> Iterator[N
     try:
         yield
     except GatedRepoError as err:
-        raise HubAuthError(
+        raise _answered(
+            HubGatedRepoError,
             f"Cannot {action} {where}: the repo is gated. Request access on its Hub page, then use a token of that "
-            "account (HF_TOKEN or `hf auth login`)."
+            "account (HF_TOKEN or `hf auth login`).",
+            err,
         ) from err
     except RevisionNotFoundError as err:
-        raise RepoNotFoundError(
-            f"Cannot {action} {where}: revision {revision!r} does not exist. Check the branch, tag or commit id."
+        raise _answered(
+            HubRevisionNotFoundError,
+            f"Cannot {action} {where}: revision {revision!r} does not exist. Check the branch, tag or commit id.",
+            err,
         ) from err
     except RepositoryNotFoundError as err:
-        raise RepoNotFoundError(
+        raise _answered(
+            RepoNotFoundError,
             f"Cannot {action} {where}: the repo does not exist, or it is private and the token in use cannot see it. "
-            "Check the repo id, or log in (HF_TOKEN or `hf auth login`)."
+            "Check the repo id, or log in (HF_TOKEN or `hf auth login`).",
+            err,
         ) from err
     except (OfflineModeIsEnabled, LocalEntryNotFoundError, RemoteEntryNotFoundError) as err:
         not_found = _file_not_found(err)
@@ -81,29 +97,36 @@ def hub_errors(repo_id: str, *, revision: str | None, action: str) -> Iterator[N
             f"({constants.HF_HUB_CACHE}) has no copy of it. Go online once to cache it, or unset HF_HUB_OFFLINE."
         ) from err
     except HfHubHTTPError as err:
-        status = err.response.status_code if err.response is not None else None
-        detail = (getattr(err, "server_message", None) or str(err)).splitlines()[0]
+        status = err.response.status_code
+        detail = (err.server_message or str(err)).splitlines()[0]
         if status in (401, 403):
-            raise HubAuthError(
+            raise _answered(
+                HubAuthError,
                 f"Cannot {action} {where}: authentication failed (HTTP {status}: {detail}). Set HF_TOKEN or run "
-                f"`hf auth login` with a token that has {'write' if action.startswith('push') else 'read'} access."
+                f"`hf auth login` with a token that has {'write' if action.startswith('push') else 'read'} access.",
+                err,
             ) from err
-        raise HubError(f"Cannot {action} {where}: HTTP {status}: {detail}") from err
+        raise _answered(HubHTTPError, f"Cannot {action} {where}: HTTP {status}: {detail}", err) from err
     except _TRANSPORT_ERRORS as err:
         raise HubError(f"Cannot {action} {where}: the Hub could not be reached ({type(err).__name__}: {err}).") from err
+
+
+def _answered(error: type[HubHTTPError], message: str, cause: HfHubHTTPError) -> HubHTTPError:
+    """`error` with `message`, carrying the Hub's answer as the client's `cause` does."""
+    return error(message, response=cause.response, server_message=cause.server_message)
 
 
 def _file_not_found(err: BaseException) -> HfHubHTTPError | None:
     """The 404 behind a failed file download: raised as is, or (without the Hub's error code) wrapped by the client
     into the "cannot reach the Hub, nothing cached" error."""
     cause = err if isinstance(err, RemoteEntryNotFoundError) else err.__cause__
-    if isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code == 404:
+    if isinstance(cause, HfHubHTTPError) and cause.response.status_code == 404:
         return cause
     return None
 
 
 def _requested_file(err: HfHubHTTPError) -> str:
     """The repo path of the file a failed `/resolve/<revision>/<path>` request asked for."""
-    path = urllib.parse.unquote(urllib.parse.urlparse(str(err.response.url)).path) if err.response is not None else ""
+    path = urllib.parse.unquote(urllib.parse.urlparse(str(err.response.url)).path)
     _, found, rest = path.partition("/resolve/")
     return repr(rest.split("/", 1)[-1]) if found else "a file"

@@ -6,8 +6,9 @@ and `--help`) does not pay for importing torch, transformers and PEFT.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .callback import LoraDropCallback
@@ -16,37 +17,14 @@ if TYPE_CHECKING:
     from .plan import DropPlan, build_plan, plan_keeping
     from .reparam import apply_plan
 
-_SUBMODULE_OF = {
-    "DropPlan": "plan",
-    "LoraDropCallback": "callback",
-    "LoraDropConfig": "config",
-    "apply_plan": "reparam",
-    "build_plan": "plan",
-    "find_lora_layers": "lora_layers",
-    "lora_kinds": "lora_layers",
-    "plan_keeping": "plan",
+_NAMES_IN = {
+    "callback": ("LoraDropCallback",),
+    "config": ("LoraDropConfig",),
+    "lora_layers": ("find_lora_layers", "lora_kinds"),
+    "plan": ("DropPlan", "build_plan", "plan_keeping"),
+    "reparam": ("apply_plan",),
 }
 
-__all__ = [
-    "DropPlan",
-    "LoraDropCallback",
-    "LoraDropConfig",
-    "apply_plan",
-    "build_plan",
-    "find_lora_layers",
-    "lora_kinds",
-    "plan_keeping",
-]
-__version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _SUBMODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_SUBMODULE_OF[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__all__ = sorted(name for names in _NAMES_IN.values() for name in names)
+__version__ = "0.1.0"  # the one place the version is written; setup.py reads it from here
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES_IN)

@@ -17,7 +17,7 @@ from .config import LoraDropConfig
 from .grad_tying import GradientTying
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters
-from .plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR, DropPlan, NoImportanceError, build_plan, coverage_warning
+from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build_plan, coverage_warning, detach_plan
 from .reparam import UntiedLora, reparameterise
 from .report import PLOT_FILE, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
@@ -119,7 +119,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         _check_training_setup(args, model)
         if self.config.restart:
             check_restartable(model, self.config.adapter_name, kwargs.get("lr_scheduler"))
-        previous = getattr(model, MODEL_PLAN_ATTR, None)
+        previous, _ = attached_plan(model)
         if state.global_step == 0 and previous is not None:
             raise ValueError(
                 f"This model was already re-parameterised by LoRA-drop (plan of step {previous.step}); its dropped "
@@ -278,9 +278,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         whichever member's weights came last; give every module its own LoRA back and load the checkpoint again."""
         self._untied.restore()
         model.load_adapter(checkpoint, adapter_name=self.config.adapter_name, is_trainable=True)
-        for attribute in (MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR):
-            if hasattr(model, attribute):
-                delattr(model, attribute)
+        detach_plan(model)
         logger.warning(
             f"LoRA-drop: the best checkpoint ({checkpoint}) predates the LoRA-drop switch (step {self.plan.step}); "
             "the model is back to plain LoRA with that checkpoint's weights, and carries no plan. Export it with "
@@ -392,8 +390,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
 
     def _attach_plan(self, model) -> None:
         """Let exporters (hub_export.save_compact) find the plan on the model itself."""
-        setattr(model, MODEL_PLAN_ATTR, self.plan)
-        setattr(model, MODEL_PLAN_EXTRA_ATTR, self._plan_extra())
+        attach_plan(model, self.plan, self._plan_extra())
 
     def _write_outputs(self, directory: Path) -> None:
         path = write_plan(self.plan, directory, self._plan_extra())

@@ -12,7 +12,7 @@ from .config import MODES
 PLAN_FORMAT_VERSION = 1
 
 # Attributes under which a re-parameterised model carries its plan (and the run's settings that go with it), so the
-# model can be exported without the callback at hand.
+# model can be exported without the callback at hand: see `attach_plan`.
 MODEL_PLAN_ATTR = "loradrop_plan"
 MODEL_PLAN_EXTRA_ATTR = "loradrop_plan_extra"
 
@@ -260,3 +260,23 @@ def _rank(importance: Mapping[str, float], kinds: Mapping[str, str]) -> tuple[fl
         )
     normalised = {name: float(importance[name]) / total for name in kinds}
     return total, normalised, sorted(kinds, key=lambda name: (-normalised[name], name))
+
+
+def attach_plan(model: Any, plan: DropPlan, extra: Mapping[str, Any]) -> None:
+    """Record on `model` the plan it was re-parameterised with and the run's facts that travel with it (settings,
+    parameter counts), where `attached_plan` finds them: the callback does this at the switch and
+    `hub_export.load_compact` on the model it returns, so either model can be exported without a plan argument."""
+    setattr(model, MODEL_PLAN_ATTR, plan)
+    setattr(model, MODEL_PLAN_EXTRA_ATTR, dict(extra))
+
+
+def attached_plan(model: Any) -> tuple[DropPlan | None, dict[str, Any]]:
+    """The plan `attach_plan` recorded on `model` (None if none) and a copy of its extra fields."""
+    return getattr(model, MODEL_PLAN_ATTR, None), dict(getattr(model, MODEL_PLAN_EXTRA_ATTR, None) or {})
+
+
+def detach_plan(model: Any) -> None:
+    """Forget the plan recorded on `model` (it is plain LoRA again)."""
+    for attribute in (MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR):
+        if hasattr(model, attribute):
+            delattr(model, attribute)

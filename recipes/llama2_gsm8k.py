@@ -115,16 +115,11 @@ from transformers import (
 )
 
 from loradrop_trainer import LoraDropCallback, LoraDropConfig
+from loradrop_trainer.atomic import atomic_write
 from recipes import assets
-from recipes.gsm8k_data import (
-    PadCollator,
-    build_prompt,
-    extract_prediction,
-    extract_reference,
-    is_correct,
-    synthetic_rows,
-    tokenize_example,
-)
+from recipes.gsm8k_data import build_prompt, pad_prompts, synthetic_rows, tokenize_example, training_collator
+from recipes.metrics import load_metric
+from recipes.metrics.gsm8k_exact_match.answers import extract_prediction, extract_reference, is_correct
 
 logger = logging.getLogger("llama2_gsm8k")
 
@@ -303,6 +298,7 @@ def load_model_and_tokenizer(cfg: RecipeArgs) -> tuple[torch.nn.Module, Any]:
         # Llama-2 has no pad token. Padding never reaches the loss (labels -100) nor attention (mask 0), so any
         # existing token does; unk keeps eos unambiguous.
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    tokenizer.padding_side = "right"  # for training (see training_collator); generation pads prompts on the left
     return load_base(cfg.model, cfg), tokenizer
 
 
@@ -501,10 +497,10 @@ def rank_and_world() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def answer_loss_sums(model, features: list[dict], pad_token_id: int, batch_size: int) -> tuple[float, int]:
+def answer_loss_sums(model, features: list[dict], tokenizer: Any, batch_size: int) -> tuple[float, int]:
     """Summed cross-entropy over the answer tokens of `features` and their count, over all ranks."""
     device = next(model.parameters()).device
-    collate = PadCollator(pad_token_id)
+    collate = training_collator(tokenizer)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
     model.eval()
@@ -537,13 +533,12 @@ def generate_answers(model, tokenizer, questions: list[str], cfg: RecipeArgs, us
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
     )
-    collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     model.eval()
     for start in range(0, len(order), cfg.per_device_eval_batch_size):
         chunk = order[start : start + cfg.per_device_eval_batch_size]
-        batch = {k: v.to(device) for k, v in collate([{"input_ids": prompts[i]} for i in chunk]).items()}
+        batch = pad_prompts(tokenizer, [prompts[i] for i in chunk]).to(device)
         out = model.generate(**batch, generation_config=gen_config)
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         for i, text in zip(chunk, texts):
@@ -556,7 +551,7 @@ def evaluate(model, tokenizer, eval_rows: Dataset, eval_tokens: Dataset, cfg: Re
     rank, world = rank_and_world()
     start = time.perf_counter()
     loss_sum, n_tokens = answer_loss_sums(
-        model, eval_tokens.select(range(rank, len(eval_tokens), world)).to_list(), tokenizer.pad_token_id,
+        model, eval_tokens.select(range(rank, len(eval_tokens), world)).to_list(), tokenizer,
         cfg.per_device_eval_batch_size,
     )  # fmt: skip
     mine = list(range(rank, len(eval_rows), world))
@@ -566,9 +561,9 @@ def evaluate(model, tokenizer, eval_rows: Dataset, eval_tokens: Dataset, cfg: Re
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, shard)
         shard = [pair for part in gathered for pair in part]
+    rows = [(eval_rows[i], text) for i, text in sorted(shard)]
     predictions = []
-    for i, text in sorted(shard):
-        row = eval_rows[i]
+    for row, text in rows:
         reference, predicted = extract_reference(row["answer"]), extract_prediction(text)
         predictions.append(
             {
@@ -579,10 +574,12 @@ def evaluate(model, tokenizer, eval_rows: Dataset, eval_tokens: Dataset, cfg: Re
                 "output": text,
             }
         )
-    correct = sum(p["correct"] for p in predictions)
+    scored = load_metric("gsm8k_exact_match").compute(
+        predictions=[text for _, text in rows], references=[row["answer"] for row, _ in rows]
+    )
     return {
-        "accuracy": correct / len(predictions) if predictions else 0.0,
-        "correct": correct,
+        "accuracy": scored["exact_match"],
+        "correct": sum(p["correct"] for p in predictions),
         "eval_samples": len(predictions),
         "eval_loss": loss_sum / n_tokens if n_tokens else float("nan"),
         "eval_answer_tokens": n_tokens,
@@ -669,7 +666,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         model=model,
         args=args,
         train_dataset=train_tokens,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=training_collator(tokenizer),
         processing_class=tokenizer,
         callbacks=([callback] if callback is not None else []) + list(callbacks or []),
     )
@@ -680,7 +677,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
             model.to(args.device)  # under DeepSpeed the model reaches the GPU only in train()
         loss_sum, n_tokens = answer_loss_sums(
             model, eval_tokens.select(range(args.process_index, len(eval_tokens), args.world_size)).to_list(),
-            tokenizer.pad_token_id, cfg.per_device_eval_batch_size,
+            tokenizer, cfg.per_device_eval_batch_size,
         )  # fmt: skip
         loss_before = loss_sum / n_tokens if n_tokens else float("nan")
         logger.info(f"eval answer loss before training: {loss_before:.4f}")
@@ -732,9 +729,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         if cfg.push_to_hub:
             results["hub_url"] = push(model, compact, cfg)
         results["wall_time_s"] = round(time.perf_counter() - started, 2)
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        atomic_write(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+        atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
         summary = {
             k: results[k] for k in ("method", "accuracy", "eval_loss", "lora_params_before", "lora_params_after")
         }

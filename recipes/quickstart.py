@@ -23,7 +23,9 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    EvalPrediction,
     Trainer,
     TrainingArguments,
 )
@@ -40,8 +43,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loradrop_trainer import LoraDropCallback, LoraDropConfig
+from loradrop_trainer.atomic import atomic_write
 from loradrop_trainer.report import PLAN_FILE, PLOT_FILE, summary_table
 from recipes import assets
+from recipes.metrics import load_metric
+
+if TYPE_CHECKING:
+    import evaluate
 
 DATASETS = {"sarcasm": assets.load_sarcasm, "polarity": assets.load_movie_polarity}
 
@@ -108,15 +116,15 @@ def encode(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
     ]
 
 
-def classification_metrics(prediction) -> dict[str, float]:
-    """Accuracy and macro-F1 (the two classes are not exactly balanced)."""
-    predicted, labels = np.argmax(prediction.predictions, axis=-1), prediction.label_ids
-    f1 = []
-    for cls in (0, 1):
-        tp = np.sum((predicted == cls) & (labels == cls))
-        precision_recall = np.sum(predicted == cls) + np.sum(labels == cls)
-        f1.append(2 * tp / precision_recall if precision_recall else 0.0)
-    return {"accuracy": float((predicted == labels).mean()), "macro_f1": float(np.mean(f1))}
+def classification_metrics(metric: evaluate.EvaluationModule) -> Callable[[EvalPrediction], dict[str, float]]:
+    """The Trainer's `compute_metrics`: accuracy and macro-F1 (the two classes are not exactly balanced) of the
+    predicted classes, by the `classification` evaluate module in recipes/metrics."""
+
+    def compute(prediction: EvalPrediction) -> dict[str, float]:
+        predicted = np.argmax(prediction.predictions, axis=-1)
+        return metric.compute(predictions=predicted, references=prediction.label_ids)
+
+    return compute
 
 
 def train(args: argparse.Namespace, callback: LoraDropCallback | None) -> tuple[Trainer, dict[str, float]]:
@@ -156,7 +164,7 @@ def train(args: argparse.Namespace, callback: LoraDropCallback | None) -> tuple[
         train_dataset=encode(tokenizer, train_rows, args.max_length),
         eval_dataset=encode(tokenizer, eval_rows, args.max_length),
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=classification_metrics,
+        compute_metrics=classification_metrics(load_metric("classification")),
         callbacks=[callback] if callback is not None else [],
     )
     start = time.perf_counter()
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nPlan: {output_dir / PLAN_FILE}\nImportance chart: {output_dir / PLOT_FILE}")
         print(f"Compact adapter: {result['compact_dir']}")
         print(f"Share it: loradrop push {result['compact_dir']} YOUR_NAME/minilm-{args.dataset}-loradrop")
-    (output_dir / "results.json").write_text(json.dumps(result, indent=2))
+    atomic_write(output_dir / "results.json", json.dumps(result, indent=2))
     return result
 
 

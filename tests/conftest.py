@@ -1,8 +1,13 @@
-"""Tiny random models built from configs, and small data sets, so every test runs offline on a CPU in seconds."""
+"""Tiny random models built from configs, and small data sets, so every test runs offline on a CPU in seconds; and
+the test Hub (tests/hub_server.py), which must be set up before anything imports huggingface_hub."""
 
 from __future__ import annotations
 
 import os
+
+from hub_server import FakeHub, clear_client_cache, serve_for_session
+
+HUB = serve_for_session()  # before the imports below: transformers and peft import huggingface_hub
 
 import pytest
 import torch
@@ -143,3 +148,11 @@ def llama():
 @pytest.fixture
 def tokens():
     return TokenDataset()
+
+
+@pytest.fixture
+def hub() -> FakeHub:
+    """The session's test Hub, empty, with an empty huggingface_hub cache: every Hub test starts from nothing."""
+    HUB.reset()
+    clear_client_cache()
+    return HUB

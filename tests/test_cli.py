@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TokenDataset, tiny_llama, tiny_llama_base, training_args
-from hub_server import DEFAULT_USER, hub_env
+from hub_server import DEFAULT_USER
 from peft import PeftModel
 from transformers import Trainer
 
 from hub_export import save_compact
+from hub_export.cli import main
 from loradrop_trainer import LoraDropCallback
-from loradrop_trainer.cli import main
 
 REPO = f"{DEFAULT_USER}/cli-adapter"
 
@@ -27,11 +27,6 @@ def compact(tmp_path_factory) -> Path:
     model = tiny_llama()
     Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[LoraDropCallback(alpha=0.2)]).train()
     return save_compact(model, root / "compact", plan=args.output_dir)
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    yield from hub_env(monkeypatch, tmp_path)
 
 
 def _files(root: Path) -> dict[str, bytes]:

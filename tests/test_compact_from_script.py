@@ -11,10 +11,10 @@ from peft import PeftModel
 from transformers import Trainer
 
 from hub_export import PlanError, load_compact, read_compact
+from hub_export.cli import main as loradrop
 from hub_export.compact import MANIFEST_FILE
 from hub_export.model_card import CARD_FILE
 from loradrop_trainer import LoraDropCallback
-from loradrop_trainer.cli import main as loradrop
 from loradrop_trainer.report import PLAN_FILE
 
 

@@ -1,21 +1,26 @@
 """hub_export end to end: compact format round trips, expansion to plain PEFT, atomic writes, bad input, the Hub.
 
 Models are trained once per module (tiny Llama, LoraDropCallback(alpha=0.2), 20 steps) and only read afterwards; the
-Hub tests drive the real huggingface_hub client against tests/hub_server.py's FakeHub.
+Hub tests drive the real huggingface_hub client against tests/hub_server.py's FakeHub (the `hub` fixture).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import VOCAB, TokenDataset, tiny_llama, tiny_llama_base, training_args
-from hub_server import DEFAULT_USER, configure_client, hub_env, set_offline
+from hub_server import DEFAULT_USER, clear_client_cache
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
@@ -33,7 +38,7 @@ from hub_export import (
     CompactFormatError,
     HubAuthError,
     HubError,
-    HubOfflineError,
+    HubRevisionNotFoundError,
     PlanError,
     RepoNotFoundError,
     TargetExistsError,
@@ -91,11 +96,6 @@ def dropped(tmp_path_factory) -> Run:
 @pytest.fixture(params=["share", "drop"])
 def run(request) -> Run:
     return request.getfixturevalue("shared" if request.param == "share" else "dropped")
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    yield from hub_env(monkeypatch, tmp_path)
 
 
 def _logits(model) -> torch.Tensor:
@@ -213,7 +213,7 @@ def test_model_card_has_hub_metadata_plan_settings_and_chart(shared, tmp_path):
     assert card.data.get("license") is None and card.data.get("base_model") is None
     text = card.text
     for kind in ("q_proj", "down_proj"):
-        assert f"| {kind} |" in text
+        assert re.search(rf"^\| {kind} +\| +\d+ \|", text, re.M), "the per-kind plan table"
     assert "alpha (fraction of steps collecting importance) | `0.2`" in text
     assert "| lora_alpha | `8` |" in text
     assert f"({PLOT_FILE})" in text and (shared.compact / PLOT_FILE).stat().st_size > 1000
@@ -257,7 +257,7 @@ def _crash_while_writing(monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-export")
 
-    monkeypatch.setattr("hub_export.compact.render_model_card", boom)
+    monkeypatch.setattr("hub_export.compact.model_card", boom)
 
 
 def test_crash_mid_export_leaves_no_adapter(shared, tmp_path, monkeypatch):
@@ -286,7 +286,7 @@ def test_failed_final_rename_restores_the_previous_adapter(shared, tmp_path, mon
             raise OSError("disk full")
         real(src, dst)
 
-    monkeypatch.setattr("hub_export.atomic.os.replace", failing_replace)
+    monkeypatch.setattr("loradrop_trainer.atomic.os.replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         expand_to_peft(shared.compact, target)
     assert _files(target) == before and _siblings(target) == []
@@ -402,7 +402,7 @@ def test_repush_of_unchanged_files_makes_no_commit(hub, shared):
     first = push_to_hub(shared.compact, REPO)
     hub.clear_requests()
     assert push_to_hub(shared.compact, REPO) == first
-    assert hub.commit_log == [] and hub.history(REPO)[0] == first.rsplit("/", 1)[-1]
+    assert hub.requests_matching("POST", "/commit/") == [] and hub.head(REPO) == first.rsplit("/", 1)[-1]
 
 
 def test_revision_pinning(hub, shared, dropped, tmp_path):
@@ -417,8 +417,9 @@ def test_revision_pinning(hub, shared, dropped, tmp_path):
     assert hub.repo(REPO).commits[hub.head(REPO, "dev")].title == "on a branch"
     assert hub.files_at(REPO, "dev")[WEIGHTS_FILE] == (shared.compact / WEIGHTS_FILE).read_bytes()
     assert hub.files_at(REPO)[WEIGHTS_FILE] == (dropped.compact / WEIGHTS_FILE).read_bytes()
-    with pytest.raises(RepoNotFoundError, match="revision 'v9' does not exist"):
-        load_from_hub(tiny_llama_base(seed=0), REPO, revision="v9")
+    for style in (HubRevisionNotFoundError, RevisionNotFoundError):  # loradrop's error is also huggingface_hub's
+        with pytest.raises(style, match="revision 'v9' does not exist"):
+            load_from_hub(tiny_llama_base(seed=0), REPO, revision="v9")
 
 
 def test_expanded_subfolder_loads_with_vanilla_peft_and_goes_when_not_pushed(hub, shared):
@@ -431,30 +432,68 @@ def test_expanded_subfolder_loads_with_vanilla_peft_and_goes_when_not_pushed(hub
     assert not any(path.startswith(f"{PEFT_SUBFOLDER}/") for path in hub.files_at(REPO)), "no stale plain copy"
 
 
-def test_offline_mode_uses_the_warm_cache(hub, shared, monkeypatch):
+# huggingface_hub reads HF_HUB_OFFLINE once, at import: offline mode is a process started with it set.
+_OFFLINE = """
+import sys, torch
+from transformers import LlamaForCausalLM
+from hub_export import HubOfflineError, load_from_hub, push_to_hub
+
+base, repo, compact, missing, data = sys.argv[1:]
+inputs = torch.load(data)["inputs"]
+with torch.no_grad():
+    logits = load_from_hub(LlamaForCausalLM.from_pretrained(base), repo).eval()(input_ids=inputs).logits
+errors = []
+for attempt in (lambda: load_from_hub(LlamaForCausalLM.from_pretrained(base), missing),
+                lambda: push_to_hub(compact, repo, commit_message="while offline")):
+    try:
+        attempt()
+    except HubOfflineError as err:
+        errors.append(str(err))
+torch.save({"inputs": inputs, "logits": logits, "errors": errors}, data)
+"""
+
+
+def test_offline_mode_uses_the_warm_cache(hub, shared, tmp_path):
     push_to_hub(shared.compact, REPO)
     load_from_hub(tiny_llama_base(seed=0), REPO)
     hub.clear_requests()
-    set_offline(monkeypatch)
-    loaded = load_from_hub(tiny_llama_base(seed=0), REPO)
-    torch.testing.assert_close(_logits(loaded), shared.logits, rtol=0, atol=0)
+    tiny_llama_base(seed=0).save_pretrained(tmp_path / "base")
+    data = tmp_path / "data.pt"
+    torch.save({"inputs": INPUTS}, data)
+    argv = [tmp_path / "base", REPO, shared.compact, f"{DEFAULT_USER}/never-downloaded", data]
+    subprocess.run(
+        [sys.executable, "-c", _OFFLINE, *map(str, argv)], env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True
+    )
     assert hub.requests == [], "offline mode must not touch the network"
-    with pytest.raises(HubOfflineError, match=r"HF_HUB_OFFLINE=1.*no copy"):
-        load_from_hub(tiny_llama_base(seed=0), f"{DEFAULT_USER}/never-downloaded")
-    with pytest.raises(HubOfflineError, match="offline mode is on; unset HF_HUB_OFFLINE"):
-        push_to_hub(shared.compact, REPO, commit_message="while offline")
+    result = torch.load(data)
+    torch.testing.assert_close(result["logits"], shared.logits, rtol=0, atol=0)
+    assert len(result["errors"]) == 2, "a download that is not cached and a push both fail with HubOfflineError"
+    assert re.search(r"HF_HUB_OFFLINE=1.*no copy", result["errors"][0])
+    assert "offline mode is on; unset HF_HUB_OFFLINE" in result["errors"][1]
 
 
-def test_repo_not_found(hub):
-    with pytest.raises(RepoNotFoundError, match=f"{DEFAULT_USER}/missing.*does not exist"):
+@pytest.mark.parametrize("style", [RepoNotFoundError, RepositoryNotFoundError], ids=["loradrop", "huggingface_hub"])
+def test_repo_not_found(hub, style):
+    with pytest.raises(style, match=f"{DEFAULT_USER}/missing.*does not exist") as caught:
         load_from_hub(tiny_llama_base(seed=0), f"{DEFAULT_USER}/missing")
+    assert isinstance(caught.value.__cause__, RepositoryNotFoundError), "the client's own error stays attached"
+    assert caught.value.response.status_code == 404
+
+
+def test_a_gated_repo_is_an_auth_error_and_huggingface_hubs_gated_error(hub, shared):
+    push_to_hub(shared.compact, REPO)
+    hub.fail_next(f"/{REPO}", 403, count=10, message="Access to this model is restricted", error_code="GatedRepo")
+    for style in (HubAuthError, GatedRepoError):
+        with pytest.raises(style, match=r"gated\. Request access"):
+            load_from_hub(tiny_llama_base(seed=0), REPO)
 
 
 @pytest.mark.parametrize("token", ["hf_not_a_token", "hf_read_only"])
 def test_auth_failure_on_push(hub, shared, token):
     hub.add_token("hf_read_only", write=False)
-    with pytest.raises(HubAuthError, match=r"authentication failed.*write access"):
+    with pytest.raises(HubAuthError, match=r"authentication failed.*write access") as caught:
         push_to_hub(shared.compact, REPO, token=token)
+    assert isinstance(caught.value, HfHubHTTPError) and caught.value.response.status_code in (401, 403)
 
 
 def test_failed_push_leaves_local_files_and_remote_intact(hub, shared, tmp_path):
@@ -463,8 +502,9 @@ def test_failed_push_leaves_local_files_and_remote_intact(hub, shared, tmp_path)
     push_to_hub(local, REPO)
     head = hub.head(REPO)
     hub.fail_next(r"/commit/main$", 500)
-    with pytest.raises(HubError, match="HTTP 500"):
+    with pytest.raises(HubError, match="HTTP 500") as caught:
         push_to_hub(local, REPO, expanded=True)
+    assert isinstance(caught.value, HfHubHTTPError) and caught.value.response.status_code == 500
     assert _files(local) == before
     assert hub.head(REPO) == head
 
@@ -610,7 +650,7 @@ def test_quickstart_style_adapter_from_a_local_copy_loads_from_the_hub_with_plai
 
     # someone else: no local copy, a clean cache and nothing but the repo id
     shutil.rmtree(local)
-    configure_client(hub, monkeypatch, tmp_path / "elsewhere")
+    clear_client_cache()
     config = PeftConfig.from_pretrained(REPO, subfolder=PEFT_SUBFOLDER)
     base = AutoModelForSequenceClassification.from_pretrained(config.base_model_name_or_path)
     plain = PeftModel.from_pretrained(base, REPO, subfolder=PEFT_SUBFOLDER)

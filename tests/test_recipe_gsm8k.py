@@ -1,5 +1,6 @@
-"""recipes/llama2_gsm8k.py and recipes/gsm8k_data.py: answer extraction, loss masks, padding, and the recipe end to
-end at toy size (tiny random Llama, character-level tokenizer, a few GSM8K-format rows in JSONL) on the CPU."""
+"""recipes/llama2_gsm8k.py, recipes/gsm8k_data.py and the GSM8K answers of recipes/metrics: answer extraction, loss
+masks, padding, and the recipe end to end at toy size (tiny random Llama, character-level tokenizer, a few GSM8K-format
+rows in JSONL) on the CPU."""
 
 from __future__ import annotations
 
@@ -19,14 +20,11 @@ from transformers import set_seed
 
 from recipes.gsm8k_data import (
     IGNORE_INDEX,
-    PadCollator,
     build_prompt,
-    extract_prediction,
-    extract_reference,
-    is_correct,
-    normalize_number,
+    pad_prompts,
     synthetic_rows,
     tokenize_example,
+    training_collator,
 )
 from recipes.llama2_gsm8k import (
     answer_loss_sums,
@@ -35,6 +33,12 @@ from recipes.llama2_gsm8k import (
     tokenize_split,
     toy_model_and_tokenizer,
     toy_tokenizer,
+)
+from recipes.metrics.gsm8k_exact_match.answers import (
+    extract_prediction,
+    extract_reference,
+    is_correct,
+    normalize_number,
 )
 
 # ---- answer extraction ----------------------------------------------------------------------------------------
@@ -132,7 +136,7 @@ def test_truncation_keeps_the_prompt_and_drops_prompts_that_do_not_fit(tokenizer
 
 def test_collator_pads_labels_with_ignore_index_on_the_right(tokenizer):
     rows = [tokenize_example(r["question"], r["answer"], tokenizer, 512) for r in synthetic_rows(3, seed=1)]
-    batch = PadCollator(tokenizer.pad_token_id)(rows)
+    batch = training_collator(tokenizer)(rows)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
@@ -151,12 +155,12 @@ def test_collator_pads_labels_with_ignore_index_on_the_right(tokenizer):
 
 
 def test_collator_left_pads_prompts_for_generation(tokenizer):
-    prompts = [{"input_ids": tokenizer(build_prompt(q))["input_ids"]} for q in ("1+1?", "What is 12 + 30?")]
-    batch = PadCollator(tokenizer.pad_token_id, padding_side="left")(prompts)
+    prompts = [tokenizer(build_prompt(q))["input_ids"] for q in ("1+1?", "What is 12 + 30?")]
+    batch = pad_prompts(tokenizer, prompts)
     assert "labels" not in batch
-    assert batch["input_ids"][0, -len(prompts[0]["input_ids"]) :].tolist() == prompts[0]["input_ids"]
-    assert batch["attention_mask"][0].tolist()[: batch["input_ids"].shape[1] - len(prompts[0]["input_ids"])] == [0] * (
-        len(prompts[1]["input_ids"]) - len(prompts[0]["input_ids"])
+    assert batch["input_ids"][0, -len(prompts[0]) :].tolist() == prompts[0]
+    assert batch["attention_mask"][0].tolist()[: batch["input_ids"].shape[1] - len(prompts[0])] == [0] * (
+        len(prompts[1]) - len(prompts[0])
     )
     assert batch["attention_mask"][1].all()
 
@@ -236,6 +240,7 @@ def test_recipe_toy_loradrop_end_to_end(tmp_path, gsm_files):
     assert (out / "adapter_model.safetensors").exists()  # the plain (expanded) PEFT adapter
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 8 and all(p["reference"] is not None for p in predictions)
+    assert written["accuracy"] == sum(p["correct"] for p in predictions) / 8, "the metric module scores as the rows"
     if not _hub_export_ready():
         assert written["compact_dir"] is None
         return
@@ -310,6 +315,6 @@ def test_recipe_toy_two_ranks(tmp_path, gsm_files, launcher):
     model = PeftModel.from_pretrained(base, str(out)).eval()
     rows = load_dataset("json", data_files=cfg.eval_file, split="train").select(range(7))
     features = tokenize_split(rows, tokenizer, cfg, False, "evaluation").to_list()
-    loss_sum, n_tokens = answer_loss_sums(model, features, tokenizer.pad_token_id, 4)
+    loss_sum, n_tokens = answer_loss_sums(model, features, tokenizer, 4)
     assert n_tokens == written["eval_answer_tokens"]
     assert loss_sum / n_tokens == pytest.approx(written["eval_loss"], rel=1e-5)

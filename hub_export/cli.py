@@ -5,6 +5,8 @@ local path is an error, never the download of whatever repo has that name. `push
 or without `hf://`). Exit codes: 0 success, 1 the operation failed (a one-line message on stderr), 2 the command
 line is wrong. Hub settings (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, the cache) and the transfer progress bars are
 huggingface_hub's own. Only argparse is imported up front: `--version` and `--help` answer without loading torch.
+
+Installed as the `loradrop` console command; without installing, `python -m hub_export.cli`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from loradrop_trainer import __version__
 
 HUB_PREFIX = "hf://"
 _SOURCE_HELP = f"compact adapter directory, or {HUB_PREFIX}user/name for a Hub repo"
@@ -115,8 +117,8 @@ def _source_dir(source: str, revision: str | None) -> Path:
                 f"{source} does not exist. For the Hub repo of that name, write {HUB_PREFIX}{source}."
             )
         return Path(source)
-    from hub_export.compact import COMPACT_LAYOUT
-    from hub_export.remote import fetch
+    from .compact import COMPACT_LAYOUT
+    from .remote import fetch
 
     return fetch(_repo_id(source), revision=revision, allow_patterns=sorted(COMPACT_LAYOUT.files))
 
@@ -131,10 +133,9 @@ def _repo_id(text: str) -> str:
 
 def _inspect(args: argparse.Namespace) -> None:
     """Print a compact adapter's format version, plan per kind, LoRA settings and sizes."""
-    from hub_export import read_compact
-    from hub_export.compact import COMPACT_LAYOUT
+    from loradrop_trainer.report import summary_table
 
-    from .report import summary_table
+    from .compact import COMPACT_LAYOUT, read_compact
 
     directory = _source_dir(args.source, args.revision)
     adapter = read_compact(directory)
@@ -158,7 +159,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def _expand(args: argparse.Namespace) -> None:
     """Write the plain PEFT adapter of a compact one (loads with peft.PeftModel.from_pretrained)."""
-    from hub_export import expand_to_peft
+    from .expand import expand_to_peft
 
     target = expand_to_peft(_source_dir(args.source, args.revision), args.target, base_model=args.base_model)
     print(f"plain PEFT adapter written to {target}")
@@ -167,7 +168,7 @@ def _expand(args: argparse.Namespace) -> None:
 def _compact(args: argparse.Namespace) -> None:
     """Write the compact adapter of what a training script saved (trainer.save_model(), a checkpoint-N directory),
     after checking that every shared group's weights are equal."""
-    from hub_export import compact_peft_adapter
+    from .from_peft import compact_peft_adapter
 
     target = compact_peft_adapter(args.source, args.target, plan=args.plan, base_model=args.base_model)
     print(f"compact adapter written to {target}")
@@ -176,7 +177,7 @@ def _compact(args: argparse.Namespace) -> None:
 def _push(args: argparse.Namespace) -> None:
     """Upload a compact adapter directory to a Hub repo: only the adapter's own files (listed), then the commit URL.
     Uses HF_TOKEN or the stored login."""
-    from hub_export import push_to_hub
+    from .hub import push_to_hub
 
     if not Path(args.source).is_dir():
         raise FileNotFoundError(f"{args.source} is not a directory; pass a compact adapter directory to push.")
@@ -198,7 +199,7 @@ def _push(args: argparse.Namespace) -> None:
 
 def _pull(args: argparse.Namespace) -> None:
     """Download a compact adapter from the Hub into a directory that appears only once it is complete."""
-    from hub_export import pull
+    from .hub import pull
 
     repo_id = _repo_id(args.repo_id)
     print(f"{repo_id} pulled into {pull(repo_id, args.target, revision=args.revision)}")
