@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 # The variants of each task. CANDIDATE is the scoring the other settings (restart, auto, drop, random selection) are
-# measured with: the likely default, by the CPU signal; --candidate changes it.
+# measured with: the likely default by the CPU signal (kind: 60% of the parameters, answer loss 0.925 vs 0.901 for
+# LoRA, 60 steps, seed 0); --candidate changes it.
 SCORINGS = ["T0.9", "relative+kind", "kind", "relative", "layer", "rank", "T0.8"]
 WITH_CANDIDATE = ["random:{c}", "{c}+restart", "{c}+auto", "{c}+drop"]
 # Expected minutes per job kind before any has finished (an H200 shared by a dozen processes).
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work_dir", default="/tmp/gpu_batch")
     parser.add_argument("--budget_s", type=float, default=450, help="stop every job after this many seconds")
     parser.add_argument("--jobs", type=int, default=12, help="processes at a time")
-    parser.add_argument("--candidate", default="relative+kind", help="scoring that restart/auto/drop/random use")
+    parser.add_argument("--candidate", default="kind", help="scoring that restart/auto/drop/random use")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (0, 1, 2)")
     parser.add_argument("--encoder_steps", type=int, default=300)
     parser.add_argument("--gsm_steps", type=int, default=150)
