@@ -63,26 +63,30 @@ def task_args(task: str, args: argparse.Namespace, exact_match: bool = False) ->
 def jobs_of_part(part: int, args: argparse.Namespace) -> list[Job]:
     """Part 1: the decoder with LoRA on all seven kinds. Part 2: the encoders and the decoder with LoRA on q,v.
 
-    Queued in priority order: every variant's first seed, then (part 1) the contribution run, then the other seeds.
-    Exact match (greedy generation, most of a GSM run's time, and near zero for a 135M model) is measured on the
-    first `--exact_match_seeds` seeds only.
+    Queued in priority order: every variant's first seed, the contribution runs, the other seeds of the variants the
+    default is decided by (LoRA, the candidate, random selection at its size, the paper's T0.9, the relative
+    scorings), then the other seeds of the rest. Exact match (greedy generation: most of a GSM run's time, and near
+    zero for a 135M model) is measured on the first `--exact_match_seeds` seeds only.
     """
-    variants = ["lora", *SCORINGS, *(v.format(c=args.candidate) for v in WITH_CANDIDATE)]
-    tasks = ["gsm"] if part == 1 else ["sarcasm", "polarity", "gsm_qv"]
-    contributions = [
-        contribution_job(task, args) for task in (["gsm"] if part == 1 else ["sarcasm", "polarity", "gsm_qv"])
+    candidate = args.candidate
+    variants = ["lora", *SCORINGS, *(v.format(c=candidate) for v in WITH_CANDIDATE)]
+    decisive = [
+        v for v in variants if v in ("lora", candidate, f"random:{candidate}", "T0.9", "relative", "relative+kind")
     ]
+    tasks = ["gsm"] if part == 1 else ["sarcasm", "polarity", "gsm_qv"]
+    order = [(0, variants)] + [(seed, decisive) for seed in SEEDS[1 : args.seeds]]
+    order += [(seed, [v for v in variants if v not in decisive]) for seed in SEEDS[1 : args.seeds]]
     jobs = []
-    for seed in SEEDS[: args.seeds]:
+    for seed, chosen in order:
         for task in tasks:
             kind = task if task.startswith("gsm") else "encoder"
-            for variant in variants:
+            for variant in chosen:
                 argv = ["benchmarks/quality.py", "run", "--task", task, "--variants", variant, "--seeds", str(seed)]
                 argv += ["--out", str(Path(args.out) / "quality_runs.jsonl")]
                 argv += task_args(task, args, exact_match=seed < args.exact_match_seeds)
                 jobs.append(Job(f"{task}-{variant}-{seed}", kind, argv))
         if seed == 0:
-            jobs += contributions
+            jobs += [contribution_job(task, args) for task in tasks]
     return jobs
 
 
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidate", default="kind", help="scoring that restart/auto/drop/random use")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (0, 1, 2)")
     parser.add_argument("--encoder_steps", type=int, default=300)
-    parser.add_argument("--gsm_steps", type=int, default=150)
+    parser.add_argument("--gsm_steps", type=int, default=120)
     parser.add_argument("--gsm_batch", type=int, default=8)
     parser.add_argument("--gsm_eval", type=int, default=200, help="held-out GSM problems (answer loss, exact match)")
     parser.add_argument("--gsm_new_tokens", type=int, default=160)
