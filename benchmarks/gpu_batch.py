@@ -175,7 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=".carry/run", help="sarcasm.jsonl, polarity.jsonl, gsm/{train,test}.jsonl")
     parser.add_argument("--work_dir", default="/tmp/gpu_batch")
     parser.add_argument("--budget_s", type=float, default=450, help="stop every job after this many seconds")
-    parser.add_argument("--jobs", type=int, default=12, help="processes at a time")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes at a time (default: 7 in part 1, 9 in part 2; a SmolLM2 run peaks near 20 GB on an H200, "
+        "and 14 of them ran out of its 140 GB)",
+    )
     parser.add_argument("--candidate", default="kind", help="scoring that restart/auto/drop/random use")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (0, 1, 2)")
     parser.add_argument("--encoder_steps", type=int, default=300)
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only the jobs whose name contains one of these")
     parser.add_argument("--toy", action="store_true", help="tiny sizes, to test the whole pipeline on a CPU")
     args = parser.parse_args(argv)
+    args.jobs = args.jobs or (7 if args.part == 1 else 9)
     if args.toy:
         args.encoder_steps, args.gsm_steps, args.gsm_batch, args.gsm_eval, args.gsm_new_tokens = 40, 30, 2, 4, 8
         args.points = 2

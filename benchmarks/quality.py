@@ -88,10 +88,14 @@ GSM_TARGETS = {
 
 
 def variant_config(variant: str) -> LoraDropConfig | None:
-    """The LoraDropConfig a variant name stands for (None for plain LoRA); `random:V` has the config of V."""
+    """The LoraDropConfig a variant name stands for (None for plain LoRA); `random:V` has the config of V.
+
+    A name lists what differs from the paper's settings (global threshold 0.9 on the output norm, summed), so `T0.9`
+    is the paper's method and `kind` is the per-kind threshold that is now the callback's default.
+    """
     if variant == "lora":
         return None
-    settings: dict = {}
+    settings: dict = {"normalize": "global"}  # names build on the paper's settings, whatever the defaults are
     for token in variant.removeprefix("random:").split("+"):
         if token.startswith("T"):
             settings["threshold"] = float(token[1:])

@@ -9,6 +9,7 @@
 #   bash benchmarks/quality_gpu.sh 1        # then, right after it:  bash benchmarks/quality_gpu.sh 2
 set -u
 part=${1:?usage: benchmarks/quality_gpu.sh 1|2 [gpu_batch.py flags]}
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # many processes share the GPU's memory
 WHEELS=.carry/run/whl source benchmarks/device_setup.sh || exit 1
 python3 benchmarks/carry_models.py unpack --to /tmp/models || exit 1
 python3 benchmarks/gpu_batch.py --part "$part" --out "${OUT:?}" --models /tmp/models --data .carry/run "${@:2}"

@@ -19,6 +19,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from loradrop_trainer import DropPlan
+from loradrop_trainer.lora_layers import named_modules
 from loradrop_trainer.plan import attached_plan
 from loradrop_trainer.report import PLAN_FILE
 
@@ -66,7 +67,7 @@ def split_payload(payload: Mapping[str, Any], where: str) -> tuple[DropPlan, dic
 
 def plan_layers(model: nn.Module, plan: DropPlan) -> dict[str, LoraLayer]:
     """The LoRA layers the plan names, by PEFT module name; the plan must fit the model."""
-    modules = dict(model.named_modules())
+    modules = dict(named_modules(model))
     layers = {}
     for name in plan.kinds:
         layer = modules.get(name)

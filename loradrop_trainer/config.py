@@ -18,9 +18,13 @@ AUTO = "auto"
 class LoraDropConfig:
     """Settings of [`LoraDropCallback`].
 
-    The defaults are the paper's (alpha=0.1, threshold=0.9): importance is measured during the first 10% of the
-    optimizer steps, then the modules that carry 90% of the LoRA output norm keep their own LoRA and the others share
-    one LoRA per kind.
+    The defaults are the paper's (alpha=0.1, threshold=0.9, the LoRA output norm as importance) but for one: the
+    threshold applies within each kind (`normalize="kind"`). Importance is measured during the first 10% of the
+    optimizer steps; then, in every kind, the modules that carry 90% of that kind's importance keep their own LoRA
+    and the others share one. The paper's global threshold keeps 11% of the LoRA parameters of a decoder with LoRA on
+    every linear layer, where one down_proj behind massive activations carries most of the total, and its held-out
+    answer loss rises by 72%; per kind keeps 54% and beats a random choice of the same size by five times the seed
+    spread (H200, three seeds, README "Results").
 
     Three settings say how importance is measured and read, and compose freely: `score` (what one micro-batch
     measures per module), `aggregate` (how micro-batches add up) and `normalize` (over which group of modules the
@@ -124,12 +128,13 @@ class LoraDropConfig:
         },
     )
     normalize: Literal["global", "kind", "layer"] = field(
-        default="global",
+        default="kind",
         metadata={
-            "help": "Over which modules `threshold` applies. 'global' (the paper): one ranking of all modules, kept "
-            "until `threshold` of the total. 'kind': each kind keeps the modules covering `threshold` of that "
-            "kind's own importance, so a kind whose output norms are small (or a model whose few outlier modules "
-            "dominate the total) is not dropped wholesale. 'layer': the same within each layer (block) of the model."
+            "help": "Over which modules `threshold` applies. 'kind' (the default): each kind keeps the modules "
+            "covering `threshold` of that kind's own importance, so a kind whose output norms are small (or a model "
+            "whose few outlier modules dominate the total) is not dropped wholesale. 'global' (the paper): one "
+            "ranking of all modules, kept until `threshold` of the total; on decoders with LoRA on every linear "
+            "layer it keeps a handful of modules (README, Results). 'layer': the same within each layer (block)."
         },
     )
     restart: bool = field(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from .sharding import full_numel
 
@@ -26,7 +28,7 @@ def find_lora_layers(
     """
     layers: dict[str, LoraLayer] = {}
     unsupported: list[str] = []
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         if not isinstance(module, LoraLayer):
             continue
         if target is not None and not any(t in name for t in target):
@@ -64,6 +66,15 @@ def find_lora_layers(
             "LoraDropConfig(adapter_name=...) to the adapter you train."
         )
     return layers
+
+
+def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`model.named_modules()` under the names of the unwrapped model: without the `_checkpoint_wrapped_module.` that
+    activation checkpointing through torch's CheckpointWrapper (FSDP's, the Trainer's `fsdp_config`) puts in every
+    name below a wrapped layer. Plans and exported adapters then name modules as the base model does, whatever
+    engine trained it."""
+    for name, module in model.named_modules():
+        yield name.replace(_CHECKPOINT_PREFIX, ""), module
 
 
 def lora_kinds(layers: dict[str, LoraLayer], adapter_name: str = "default") -> dict[str, str]:

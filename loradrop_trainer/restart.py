@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainingArguments, get_scheduler
 
-from .lora_layers import fresh_lora_a
+from .lora_layers import fresh_lora_a, named_modules
 from .plan import DropPlan
 from .reparam import set_values
 from .sharding import parameter_engine
@@ -94,7 +94,7 @@ def restart_adapter(model: nn.Module, plan: DropPlan, optimizer: torch.optim.Opt
     """
     adapter = plan.adapter_name
     init = getattr(getattr(model, "peft_config", {}).get(adapter), "init_lora_weights", True)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    layers = {name: m for name, m in named_modules(model) if isinstance(m, LoraLayer) and adapter in m.lora_A}
     generator = torch.Generator().manual_seed(seed)
     draws = {name: fresh_lora_a(_shape(m.lora_A[adapter].weight), generator, init) for name, m in layers.items()}
     values: dict[nn.Parameter, torch.Tensor] = {}

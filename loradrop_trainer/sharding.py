@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from peft import get_peft_model_state_dict
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 Engine = Literal["replicated", "fsdp2", "zero3"]
 
@@ -96,16 +97,23 @@ def lora_state_dict(model: nn.Module, adapter_name: str) -> tuple[dict[str, torc
     named = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if "lora_" in name]
     engine = parameter_engine(p for _, p in named)
     if engine == "replicated":
-        return get_peft_model_state_dict(model, adapter_name=adapter_name), True
-    if engine == "fsdp2":
-        gathered = {name: p.full_tensor().detach().cpu() for name, p in named}
+        # CheckpointWrapper's state_dict() drops the wrapper from its keys while PEFT matches them against the
+        # wrapped module names; give PEFT the tensors under the names it looks for.
+        own = None
+        if any(_CHECKPOINT_PREFIX in name for name, _ in named):
+            own = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+        state, live = get_peft_model_state_dict(model, state_dict=own, adapter_name=adapter_name), True
     else:
-        import deepspeed
+        if engine == "fsdp2":
+            gathered = {name: p.full_tensor().detach().cpu() for name, p in named}
+        else:
+            import deepspeed
 
-        params = list({id(p): p for _, p in named}.values())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            gathered = {name: p.detach().cpu().clone() for name, p in named}
-    return get_peft_model_state_dict(model, state_dict=gathered, adapter_name=adapter_name), False
+            params = list({id(p): p for _, p in named}.values())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                gathered = {name: p.detach().cpu().clone() for name, p in named}
+        state, live = get_peft_model_state_dict(model, state_dict=gathered, adapter_name=adapter_name), False
+    return {key.replace(_CHECKPOINT_PREFIX, ""): value for key, value in state.items()}, live
 
 
 def is_writing_rank() -> bool:

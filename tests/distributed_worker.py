@@ -45,7 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import TokenDataset, tiny_llama
+from conftest import SHARING, TokenDataset, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hub_export import save_compact
@@ -239,9 +239,9 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
     shared_init = "fresh" if "fresh" in flags else "most_important"
     settings = {"restart": "restart" in flags, **(AUTO if "auto" in flags else {"alpha": ALPHA})}
     if scenario == "drop":
-        drop = LoraDropCallback(mode="drop", save_plot=False, **settings)
+        drop = LoraDropCallback(mode="drop", save_plot=False, **SHARING, **settings)
     else:
-        drop = LoraDropCallback(shared_init=shared_init, save_plot=False, **settings)
+        drop = LoraDropCallback(shared_init=shared_init, save_plot=False, **SHARING, **settings)
     local = LocalTotals(drop)
     probe = Probe(drop, deepspeed)
     args = TrainingArguments(

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import TokenDataset, tiny_llama
+from conftest import SHARING, TokenDataset, tiny_llama
 from distributed_worker import (
     ALPHA,
     CLIPPING_NORM,
@@ -97,7 +97,8 @@ def run(variant: str, scenario: str, out: Path) -> dict:
         model = DistributedDataParallel(peft_model, find_unused_parameters=True)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.01)
-    drop = LoraDropCallback(alpha=ALPHA, shared_init="fresh" if "fresh" in flags else "most_important", save_plot=False)
+    init = "fresh" if "fresh" in flags else "most_important"
+    drop = LoraDropCallback(alpha=ALPHA, shared_init=init, save_plot=False, **SHARING)
     probe = Probe(drop, deepspeed=False)
     saves = SAVE_AT if scenario == "full" and backend == "fsdp2" else ()  # the DDP loop is the reference run only
     callbacks = [DefaultFlowCallback(), SaveAt(saves), LocalTotals(drop), drop, probe]

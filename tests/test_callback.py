@@ -37,6 +37,7 @@ class Snapshots(TrainerCallback):
 
 def _train(model, tmp_path, data=None, **config):
     config.setdefault("alpha", 0.2)
+    config.setdefault("normalize", "global")  # see conftest.SHARING
     callback = LoraDropCallback(LoraDropConfig(**config))
     snapshots = Snapshots(callback)
     trainer = Trainer(
@@ -57,7 +58,7 @@ def _distinct_trainable(model) -> int:
 def test_plan_and_tying_invariants(tmp_path, make_model, task):
     model = make_model()
     before = _distinct_trainable(model)
-    trainer, callback, snapshots = _train(model, tmp_path, TokenDataset(task=task))
+    trainer, callback, snapshots = _train(model, tmp_path, TokenDataset(task=task), normalize="global")
     plan = callback.plan
     assert plan is not None and plan.step == 4
     assert math.isclose(sum(plan.importance.values()), 1.0)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
+from conftest import SHARING, TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
 from peft import PeftModel
 from transformers import Trainer
 
@@ -20,7 +20,7 @@ from loradrop_trainer.report import PLAN_FILE
 
 def _script(tmp_path, model, **config):
     """An ordinary Trainer script with the callback added: train, then `trainer.save_model()`."""
-    callback = LoraDropCallback(alpha=0.25, **config)
+    callback = LoraDropCallback(alpha=0.25, **{**SHARING, **config})
     args = training_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=12)
     task = "classify" if type(model.base_model.model).__name__.startswith("Bert") else "causal"
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(task=task), callbacks=[callback])

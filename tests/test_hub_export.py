@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, TokenDataset, tiny_llama, tiny_llama_base, training_args
+from conftest import SHARING, VOCAB, TokenDataset, tiny_llama, tiny_llama_base, training_args
 from hub_server import DEFAULT_USER, clear_client_cache
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -76,7 +76,7 @@ class Run:
 
 def _train(root: Path, mode: str) -> Run:
     model = tiny_llama()
-    callback = LoraDropCallback(alpha=0.2, mode=mode)
+    callback = LoraDropCallback(alpha=0.2, mode=mode, **SHARING)
     args = training_args(root)
     Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
     compact = save_compact(model, root / "compact", plan=args.output_dir)
@@ -550,7 +550,7 @@ def _from_local_path(root: Path) -> Path:
         LlamaForCausalLM.from_pretrained(root / "base"),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
-    callback = LoraDropCallback(alpha=0.2)
+    callback = LoraDropCallback(alpha=0.2, **SHARING)
     Trainer(model=model, args=training_args(root), train_dataset=TokenDataset(), callbacks=[callback]).train()
     return model
 
@@ -632,7 +632,7 @@ def test_quickstart_style_adapter_from_a_local_copy_loads_from_the_hub_with_plai
     # the quickstart: train from the local path with the callback, export naming the Hub id of what it trained
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
     model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(local), lora)
-    callback = LoraDropCallback(alpha=0.2)
+    callback = LoraDropCallback(alpha=0.2, **SHARING)
     Trainer(
         model=model, args=training_args(tmp_path), train_dataset=TokenDataset(task="cls"), callbacks=[callback]
     ).train()

@@ -15,7 +15,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, TokenDataset, tiny_llama_base, training_args
+from conftest import LLAMA_TARGETS, SHARING, TokenDataset, tiny_llama_base, training_args
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, set_seed
 
@@ -56,7 +56,7 @@ def _train(base_dir, out, resume_from=None):
         load_4bit_base(base_dir),
         LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM"),
     )
-    callback = LoraDropCallback(alpha=0.25, save_plot=False)
+    callback = LoraDropCallback(alpha=0.25, save_plot=False, **SHARING)
     args = training_args(out, max_steps=MAX_STEPS, save_strategy="steps", save_steps=SAVE_AT, warmup_steps=0)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=40), callbacks=[callback])
     trainer.train(resume_from_checkpoint=resume_from)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_llama, training_args
+from conftest import SHARING, TokenDataset, tiny_llama, training_args
 from transformers import Trainer
 
 from loradrop_trainer import LoraDropCallback, find_lora_layers
@@ -10,7 +10,7 @@ from loradrop_trainer import LoraDropCallback, find_lora_layers
 
 def _run(tmp_path, resume_from=None, max_steps=12, save_steps=None, warmup_steps=2, **config):
     model = tiny_llama()
-    callback = LoraDropCallback(alpha=0.25, **config)
+    callback = LoraDropCallback(alpha=0.25, **{**SHARING, **config})
     args = training_args(
         tmp_path,
         max_steps=max_steps,

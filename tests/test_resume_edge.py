@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TokenDataset, random_lora_b, tiny_llama, tiny_llama_base, training_args
+from conftest import SHARING, TokenDataset, random_lora_b, tiny_llama, tiny_llama_base, training_args
 from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
@@ -42,6 +42,10 @@ def _trainer(tmp_path, callback, model=None, max_steps=20, save_steps=None, eval
     )
 
 
+def _callback(**settings) -> LoraDropCallback:
+    return LoraDropCallback(**{**SHARING, **settings})
+
+
 def _lora(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -56,12 +60,12 @@ def _tied(model, plan) -> bool:
 
 
 def test_resume_before_switch_with_the_switch_now_behind_switches_at_once(tmp_path, warnings_log):
-    _trainer(tmp_path / "full", LoraDropCallback(alpha=0.25), save_steps=3).train()  # switch at 5, checkpoint at 3
+    _trainer(tmp_path / "full", _callback(alpha=0.25), save_steps=3).train()  # switch at 5, checkpoint at 3
     checkpoint = tmp_path / "full" / "out" / "checkpoint-3"
-    reference = LoraDropCallback(alpha=0.15)  # a fresh run whose switch is at step 3, with the same importance
+    reference = _callback(alpha=0.15)  # a fresh run whose switch is at step 3, with the same importance
     _trainer(tmp_path / "reference", reference).train()
 
-    resumed = LoraDropCallback(alpha=0.1)  # switch at step 2, behind the checkpoint
+    resumed = _callback(alpha=0.1)  # switch at step 2, behind the checkpoint
     _trainer(tmp_path / "resumed", resumed).train(resume_from_checkpoint=str(checkpoint))
     assert resumed.plan is not None and resumed.plan.step == 3
     assert resumed.plan.total == pytest.approx(reference.plan.total, rel=1e-6)
@@ -72,7 +76,7 @@ def test_resume_before_switch_with_the_switch_now_behind_switches_at_once(tmp_pa
 def test_resume_past_the_switch_without_collected_importance_is_refused(tmp_path):
     plain = _trainer(tmp_path / "plain", TrainerCallback(), save_steps=4)
     plain.train()
-    trainer = _trainer(tmp_path / "resumed", LoraDropCallback(alpha=0.1))
+    trainer = _trainer(tmp_path / "resumed", _callback(alpha=0.1))
     with pytest.raises(ValueError, match=r"step 4.*no LoRA-drop importance"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "out" / "checkpoint-4"))
 
@@ -81,9 +85,9 @@ def test_resume_past_the_switch_without_collected_importance_is_refused(tmp_path
 
 
 def test_resume_after_switch_with_other_settings_warns_and_records_the_plans_settings(tmp_path, warnings_log):
-    full = LoraDropCallback(alpha=0.25, threshold=0.9)
+    full = _callback(alpha=0.25, threshold=0.9)
     _trainer(tmp_path / "full", full, save_steps=8).train()
-    resumed = LoraDropCallback(alpha=0.1, threshold=0.5, mode="drop")
+    resumed = _callback(alpha=0.1, threshold=0.5, mode="drop")
     trainer = _trainer(tmp_path / "resumed", resumed)
     trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-8"))
     assert resumed.plan == full.plan
@@ -97,9 +101,9 @@ def test_resume_after_switch_with_other_settings_warns_and_records_the_plans_set
 
 
 def test_restored_callback_reports_to_the_instance_the_user_holds(tmp_path):
-    full = LoraDropCallback(alpha=0.25)
+    full = _callback(alpha=0.25)
     _trainer(tmp_path / "full", full, save_steps=8).train()
-    mine = LoraDropCallback(alpha=0.25)
+    mine = _callback(alpha=0.25)
     trainer = _trainer(tmp_path / "resumed", mine, restore_callback_states_from_checkpoint=True)
     trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-8"))
     assert not any(cb is mine for cb in trainer.callback_handler.callbacks), "the Trainer did swap the instance"
@@ -121,7 +125,7 @@ class TiedAtFirstStep(TrainerCallback):
 
 
 def test_callback_reused_for_a_fresh_run_collects_again(tmp_path):
-    callback = LoraDropCallback(alpha=0.25)
+    callback = _callback(alpha=0.25)
     _trainer(tmp_path / "first", callback).train()
     first = callback.plan
     probe = TiedAtFirstStep(callback)
@@ -134,9 +138,9 @@ def test_callback_reused_for_a_fresh_run_collects_again(tmp_path):
 
 
 def test_an_already_pruned_model_is_refused_for_a_fresh_run(tmp_path):
-    trainer = _trainer(tmp_path / "first", LoraDropCallback(alpha=0.25))
+    trainer = _trainer(tmp_path / "first", _callback(alpha=0.25))
     trainer.train()
-    again = _trainer(tmp_path / "again", LoraDropCallback(alpha=0.25), model=trainer.model)
+    again = _trainer(tmp_path / "again", _callback(alpha=0.25), model=trainer.model)
     with pytest.raises(ValueError, match="already re-parameterised"):
         again.train()
 
@@ -152,7 +156,7 @@ class EarliestIsBest(TrainerCallback):
 
 
 def test_best_checkpoint_before_the_switch_is_restored_untied(tmp_path, warnings_log):
-    callback = LoraDropCallback(alpha=0.5)  # switch at step 6 of 12
+    callback = _callback(alpha=0.5)  # switch at step 6 of 12
     trainer = _trainer(
         tmp_path,
         callback,

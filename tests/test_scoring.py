@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from conftest import TokenDataset, lora_and_frozen_norms, random_lora_b, tiny_llama, training_args
+from conftest import SHARING, TokenDataset, lora_and_frozen_norms, random_lora_b, tiny_llama, training_args
 from scipy.stats import rankdata
 from torch.utils.data import default_collate
 from transformers import Trainer
@@ -154,7 +154,7 @@ def test_coverage_warning_names_the_dominating_modules():
 
 
 def test_switch_logs_the_coverage_warning(tmp_path, caplog):
-    callback = LoraDropCallback(alpha=0.25, threshold=0.05)
+    callback = LoraDropCallback(alpha=0.25, threshold=0.05, **SHARING)
     args = training_args(tmp_path, max_steps=8)
     with caplog.at_level(logging.WARNING, logger="loradrop_trainer"):
         Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(n=32), callbacks=[callback]).train()

@@ -79,3 +79,28 @@ def test_the_sharded_gpu_benchmark_runs_zero3_at_toy_size_on_cpu(tmp_path):
     assert pruned["reload_logits_close"] and pruned["reload_max_abs_logit_diff"] == 0.0
     assert 0 < pruned["kept_modules"] < pruned["total_modules"]
     assert runs["loradrop_resumed"]["members_equal_at_end"]
+
+
+def test_layers_wrapped_for_activation_checkpointing_keep_their_plain_names(tmp_path):
+    """FSDP's activation checkpointing (CheckpointWrapper) puts `_checkpoint_wrapped_module.` in module names; plans
+    and adapters must name modules as the base model does, so the export loads onto a fresh base."""
+    from conftest import TokenDataset, tiny_llama, tiny_llama_base, training_args
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers import Trainer
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from hub_export import load_compact, save_compact
+    from loradrop_trainer import LoraDropCallback
+
+    model = tiny_llama()
+    apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, LlamaDecoderLayer))
+    assert any("_checkpoint_wrapped_module" in name for name, _ in model.named_modules())
+    callback = LoraDropCallback(alpha=0.25)
+    Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback]).train()
+    assert not any("_checkpoint_wrapped_module" in name for name in callback.plan.kinds)
+    save_compact(model, tmp_path / "compact")
+    reloaded = load_compact(tiny_llama_base(), tmp_path / "compact")
+    inputs = {"input_ids": torch.randint(1, 90, (2, 12))}
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
+from conftest import SHARING, VOCAB, tiny_llama
 
 from loradrop_trainer import LoraDropCallback, find_lora_layers
 
@@ -28,7 +28,7 @@ def test_sft_trainer(tmp_path):
         for _ in range(64)
     ]
     model = tiny_llama()
-    callback = LoraDropCallback(alpha=0.2)
+    callback = LoraDropCallback(alpha=0.2, **SHARING)
     args = trl.SFTConfig(
         output_dir=str(tmp_path),
         max_steps=10,
