@@ -45,7 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import SHARING, TokenDataset, tiny_llama
+from helpers import SHARING, TokenDataset, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hub_export import save_compact

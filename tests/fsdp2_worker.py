@@ -33,7 +33,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import SHARING, TokenDataset, tiny_llama
 from distributed_worker import (
     ALPHA,
     CLIPPING_NORM,
@@ -46,6 +45,7 @@ from distributed_worker import (
     lora_tensors,
     run_all,
 )
+from helpers import SHARING, TokenDataset, tiny_llama
 from transformers import DefaultFlowCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 

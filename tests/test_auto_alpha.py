@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TokenDataset, random_lora_b, tiny_llama, training_args
+from helpers import TokenDataset, random_lora_b, tiny_llama, training_args
 from scipy.stats import kendalltau
 from transformers import Trainer
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TokenDataset, random_lora_b, tiny_bert, tiny_llama, tiny_llama_base, training_args
+from helpers import TokenDataset, random_lora_b, tiny_bert, tiny_llama, tiny_llama_base, training_args
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
@@ -37,7 +37,7 @@ class Snapshots(TrainerCallback):
 
 def _train(model, tmp_path, data=None, **config):
     config.setdefault("alpha", 0.2)
-    config.setdefault("normalize", "global")  # see conftest.SHARING
+    config.setdefault("normalize", "global")  # see helpers.SHARING
     callback = LoraDropCallback(LoraDropConfig(**config))
     snapshots = Snapshots(callback)
     trainer = Trainer(
@@ -125,9 +125,15 @@ def test_shared_gradient_is_the_sum_of_member_gradients():
             torch.testing.assert_close(shared_grad, summed, rtol=1e-5, atol=1e-7)
 
 
-def test_save_model_writes_a_plain_peft_adapter(tmp_path):
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    """One run of the tiny Llama with the default schedule, for the tests that only read what it left."""
     model = tiny_llama()
-    trainer, _, _ = _train(model, tmp_path)
+    return model, *_train(model, tmp_path_factory.mktemp("llama_run"))
+
+
+def test_save_model_writes_a_plain_peft_adapter(llama_run, tmp_path):
+    model, trainer, _, _ = llama_run
     trainer.save_model(str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(tiny_llama_base(seed=0), str(tmp_path / "adapter"))
     inputs = {"input_ids": torch.randint(1, 90, (2, 12))}
@@ -145,8 +151,8 @@ def test_fresh_shared_init_zeroes_b_and_resets_optimizer_state(tmp_path):
     assert torch.count_nonzero(snapshots.shared_b[max(snapshots.shared_b)]) > 0, "the fresh LoRA must then train"
 
 
-def test_most_important_init_keeps_the_optimizer_moments(tmp_path):
-    _, _, snapshots = _train(tiny_llama(), tmp_path)
+def test_most_important_init_keeps_the_optimizer_moments(llama_run):
+    _, _, _, snapshots = llama_run
     assert all(state for state in snapshots.optimizer_state_at_switch.values())
 
 

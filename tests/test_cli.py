@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_llama, tiny_llama_base, training_args
+from helpers import TokenDataset, tiny_llama, tiny_llama_base, training_args
 from hub_server import DEFAULT_USER
 from peft import PeftModel
 from transformers import Trainer

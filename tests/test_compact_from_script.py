@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import SHARING, TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
+from helpers import SHARING, TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
 from peft import PeftModel
 from transformers import Trainer
 

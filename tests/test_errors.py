@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_llama, tiny_llama_base, training_args
+from helpers import TokenDataset, tiny_llama, tiny_llama_base, training_args
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARING, VOCAB, TokenDataset, tiny_llama, tiny_llama_base, training_args
+from helpers import SHARING, VOCAB, TokenDataset, tiny_llama, tiny_llama_base, training_args
 from hub_server import DEFAULT_USER, clear_client_cache
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError

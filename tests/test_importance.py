@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TokenDataset, lora_and_frozen_norms, random_lora_b, tiny_llama, training_args
+from helpers import TokenDataset, lora_and_frozen_norms, random_lora_b, tiny_llama, training_args
 from torch.utils.data import default_collate
 from transformers import Trainer
 

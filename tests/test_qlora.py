@@ -15,7 +15,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, SHARING, TokenDataset, tiny_llama_base, training_args
+from helpers import LLAMA_TARGETS, SHARING, TokenDataset, tiny_llama_base, training_args
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, set_seed
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_bert, tiny_llama, training_args
+from helpers import TokenDataset, tiny_bert, tiny_llama, training_args
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch.optim.lr_scheduler import ReduceLROnPlateau

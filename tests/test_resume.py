@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SHARING, TokenDataset, tiny_llama, training_args
+from helpers import SHARING, TokenDataset, tiny_llama, training_args
 from transformers import Trainer
 
 from loradrop_trainer import LoraDropCallback, find_lora_layers

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import SHARING, TokenDataset, random_lora_b, tiny_llama, tiny_llama_base, training_args
+from helpers import SHARING, TokenDataset, random_lora_b, tiny_llama, tiny_llama_base, training_args
 from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from conftest import SHARING, TokenDataset, lora_and_frozen_norms, random_lora_b, tiny_llama, training_args
+from helpers import SHARING, TokenDataset, lora_and_frozen_norms, random_lora_b, tiny_llama, training_args
 from scipy.stats import rankdata
 from torch.utils.data import default_collate
 from transformers import Trainer

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VOCAB, TokenDataset, training_args
+from helpers import VOCAB, TokenDataset, training_args
 from peft import LoraConfig, get_peft_model
 from transformers import (
     BartConfig,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from loradrop_trainer import DropPlan, apply_plan, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.grad_tying import GradientTying
@@ -84,7 +84,7 @@ def test_the_sharded_gpu_benchmark_runs_zero3_at_toy_size_on_cpu(tmp_path):
 def test_layers_wrapped_for_activation_checkpointing_keep_their_plain_names(tmp_path):
     """FSDP's activation checkpointing (CheckpointWrapper) puts `_checkpoint_wrapped_module.` in module names; plans
     and adapters must name modules as the base model does, so the export loads onto a fresh base."""
-    from conftest import TokenDataset, tiny_llama, tiny_llama_base, training_args
+    from helpers import TokenDataset, tiny_llama, tiny_llama_base, training_args
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
     from transformers import Trainer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer

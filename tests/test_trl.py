@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SHARING, VOCAB, tiny_llama
+from helpers import SHARING, VOCAB, tiny_llama
 
 from loradrop_trainer import LoraDropCallback, find_lora_layers
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_lora_b, tiny_llama, tiny_llama_base
+from helpers import random_lora_b, tiny_llama, tiny_llama_base
 from hub_server import DEFAULT_USER
 from peft import PeftModel
 from safetensors.torch import load_file, save_file

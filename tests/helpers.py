@@ -1,0 +1,140 @@
+"""Tiny random models built from configs, and small data sets, so every test runs offline on a CPU in seconds.
+
+Tests import these from here (`tests` is on pytest's `pythonpath`); conftest.py holds only fixtures and the test Hub.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import Dataset
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 96
+# A 4-layer model has too few modules per kind for the default per-kind threshold to share any: tests of the tying,
+# export and engines use the paper's global threshold, which does.
+SHARING = {"normalize": "global"}
+
+
+def tiny_llama(seed: int = 0, layers: int = 4, **lora_kwargs):
+    """A Llama with grouped-query attention (q_proj and v_proj differ in shape) and LoRA on all seven kinds."""
+    model = tiny_llama_base(seed, layers)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM", **lora_kwargs
+    )
+    return get_peft_model(model, lora)
+
+
+def random_lora_b(model, seed: int = 1):
+    """LoRA B starts at zero in PEFT; give it values so the LoRA term is not zero before any training."""
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    return model
+
+
+def tiny_llama_base(seed: int = 0, layers: int = 4, hidden: int = 32) -> LlamaForCausalLM:
+    """The frozen model under `tiny_llama(seed)`: same seed, same weights. (bitsandbytes' CPU kernels need `hidden`
+    to be a multiple of 64.)"""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_bert(seed: int = 0, layers: int = 3):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    model = BertForSequenceClassification(config)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
+    return get_peft_model(model, lora)
+
+
+class TokenDataset(Dataset):
+    """Random token sequences of varied length, right-padded, with causal-LM labels or class labels."""
+
+    def __init__(self, n: int = 64, length: int = 16, seed: int = 0, task: str = "causal"):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = []
+        for _ in range(n):
+            real = int(torch.randint(length // 2, length + 1, (), generator=g))
+            ids = torch.randint(1, VOCAB, (length,), generator=g)
+            ids[real:] = 0
+            mask = (torch.arange(length) < real).long()
+            if task == "causal":
+                labels = ids.masked_fill(mask == 0, -100)
+            else:
+                labels = torch.tensor(int(ids[:real].float().mean() > VOCAB / 2))
+            self.rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def lora_and_frozen_norms(model, batch) -> tuple[dict[str, float], dict[str, float]]:
+    """Per LoRA module, over the batch's real tokens: the squared norm of its LoRA term (the layer's output minus its
+    frozen layer's output) and of its frozen layer's output, in float64, from hooks on the whole LoRA layers."""
+    from loradrop_trainer import find_lora_layers
+
+    layers = find_lora_layers(model)
+    lora, frozen = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0.0)
+    mask = batch["attention_mask"].unsqueeze(-1).double()
+
+    def hook(name):
+        def fn(module, args, out):
+            base = module.base_layer(args[0]).double()
+            lora[name] += float((((out.double() - base) * mask) ** 2).sum())
+            frozen[name] += float(((base * mask) ** 2).sum())
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    return lora, frozen
+
+
+def training_args(tmp_path, args_class: type[TrainingArguments] = TrainingArguments, **overrides) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        max_steps=20,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    return args_class(**defaults)
