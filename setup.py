@@ -40,6 +40,7 @@ setup(
             "deepspeed>=0.16",
             "trl>=0.20",
             "bitsandbytes>=0.50",
+            "scipy>=1.10",  # independent references (ranks, Kendall tau) in the tests
         ],
     },
     entry_points={"console_scripts": ["loradrop=hub_export.cli:main"]},
