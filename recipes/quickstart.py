@@ -79,6 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     drop = parser.add_argument_group("LoRA-drop")
     drop.add_argument("--alpha", type=float, default=0.1, help="fraction of the steps spent measuring importance")
     drop.add_argument("--threshold", type=float, default=0.9, help="importance share the kept modules must cover")
+    drop.add_argument(
+        "--normalize",
+        choices=["global", "kind", "layer"],
+        default="global",
+        help="where the threshold applies. 'global' (the paper) here: in a 6-layer encoder each kind's modules matter "
+        "about equally, so the library's default 'kind' keeps 93-98%% of the parameters, while 'global' keeps "
+        "68-72%% at -0.3 points of accuracy (README, Results)",
+    )
     drop.add_argument("--shared_init", choices=["most_important", "fresh"], default="most_important")
     drop.add_argument("--no_loradrop", action="store_true", help="train plain LoRA (the baseline)")
     train = parser.add_argument_group("training")
@@ -184,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     callback = None
     if not args.no_loradrop:
         callback = LoraDropCallback(
-            LoraDropConfig(alpha=args.alpha, threshold=args.threshold, shared_init=args.shared_init)
+            LoraDropConfig(
+                alpha=args.alpha, threshold=args.threshold, normalize=args.normalize, shared_init=args.shared_init
+            )
         )
     trainer, result = train(args, callback)
     model = trainer.model
