@@ -72,10 +72,11 @@ def test_the_sharded_gpu_benchmark_runs_zero3_at_toy_size_on_cpu(tmp_path):
     results = tmp_path / "out" / "zero3.json"
     assert results.exists(), (proc.stdout + proc.stderr)[-6000:]
     summary = json.loads(results.read_text())
-    assert summary["resume_sha256_identical"]
+    assert summary["resume_sha256_identical"] and summary["plain_lora_resume_sha256_identical"]
     runs = {run["run"]: run for run in summary["runs"]}
     pruned = runs["loradrop_0"]
     assert pruned["same_plan_on_every_rank"] and pruned["members_equal_at_switch"] and pruned["members_equal_at_end"]
+    assert pruned["reload_lora_identical"]
     assert pruned["reload_logits_close"] and pruned["reload_max_abs_logit_diff"] == 0.0
     assert 0 < pruned["kept_modules"] < pruned["total_modules"]
     assert runs["loradrop_resumed"]["members_equal_at_end"]
