@@ -4,13 +4,16 @@ One launch measures one engine, at Llama-2-7B width with random weights by defau
 LoRA (r=8) on all seven kinds, 24 optimizer steps with the switch at about 30% (end of step 8). In the same
 processes it runs
 
-1. plain LoRA (no callback), for the step time and memory to compare with;
+1. plain LoRA (no callback), for the step time and memory to compare with, and as the control of the logit check
+   below: its gathered weights, put into a plain PEFT model on rank 0, show how far the engine's own forward is from
+   an unsharded one with the very same weights;
 2. LoRA-drop, with a checkpoint after the switch (step 12); at the switch and at the end it gathers the LoRA weights
    and checks that every member of a shared group equals its source; at the end it takes the trained model's logits
    on a fixed batch, exports the compact adapter (`save_compact` on every rank) and, on rank 0, loads it onto a fresh
    base loaded the same way and compares the logits;
 3. LoRA-drop resumed from the step-12 checkpoint, which must end with the same LoRA weights (SHA-256) as run 2, and
-   plain LoRA resumed likewise, which shows whether the engine itself resumes exactly;
+   plain LoRA resumed likewise, which shows whether the engine itself resumes exactly (on GPUs, SDPA's backward
+   kernels are not deterministic: the largest weight difference to the uninterrupted run is recorded for both);
 4. `--repeats` - 1 more plain/LoRA-drop pairs, interleaved, for the spread of the step-time ratio.
 
 Every rank's plan is gathered and compared. Per-step wall time and peak GPU memory are recorded per rank. Results go
@@ -65,7 +68,7 @@ from torch.utils.data import Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
 from transformers import (  # noqa: E402
     BitsAndBytesConfig,
     LlamaConfig,
@@ -89,6 +92,7 @@ SIZES = {  # Llama-2-7B's configuration, and smaller ones of the same shape for 
 # importance a kind reaches 0.9 only with all 4, so the smoke sizes use 0.5 to have shared groups to check.
 THRESHOLDS = {"llama2-7b": 0.9, "small": 0.5, "tiny": 0.5}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
 MAX_STEPS = 24
 ALPHA = 0.3  # switch at the end of step ceil(0.3 * 24) = 8
 SAVE_STEP = 12
@@ -120,6 +124,7 @@ class Probe(TrainerCallback):
         self.baseline = baseline
         self.steps: list[dict] = []
         self.checks: dict = {}
+        self.lora: dict[str, torch.Tensor] = {}
         self._start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -139,6 +144,7 @@ class Probe(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         lora = lora_state_dict(model, "default")[0]
+        self.lora = {key: value.detach().float().cpu().clone() for key, value in lora.items()}
         self.checks["lora_sha256"] = sha256(lora)
         plan = self.drop.plan if self.drop is not None else None
         if plan is not None:
@@ -255,8 +261,11 @@ def training_arguments(opts, output_dir: Path) -> TrainingArguments:
     )
 
 
-def train(opts, base_dir: Path, name: str, loradrop: bool, resume_from: Path | None = None) -> dict:
-    """One Trainer run; returns its record (the same on every rank except the per-rank timings)."""
+def train(
+    opts, base_dir: Path, name: str, loradrop: bool, resume_from: Path | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One Trainer run; returns its record (the same on every rank except the per-rank timings) and its final LoRA
+    weights (gathered, float32, on the CPU)."""
     output_dir = Path(opts.runs_dir) / opts.engine / name
     baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     args = training_arguments(opts, output_dir)  # before loading: under ZeRO-3, from_pretrained then partitions
@@ -265,10 +274,7 @@ def train(opts, base_dir: Path, name: str, loradrop: bool, resume_from: Path | N
 
         deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
-    model = get_peft_model(
-        load_base(opts, base_dir),
-        LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM"),
-    )
+    model = get_peft_model(load_base(opts, base_dir), LORA)
     drop = LoraDropCallback(alpha=ALPHA, threshold=THRESHOLDS[opts.size], save_plot=False) if loradrop else None
     probe = Probe(drop, baseline)
     data = RandomTokens(rows=MAX_STEPS * 4 * opts.batch_size * 2, length=opts.seq_len, vocab=model.config.vocab_size)
@@ -294,8 +300,8 @@ def train(opts, base_dir: Path, name: str, loradrop: bool, resume_from: Path | N
             lora_params=[drop.lora_params_before, drop.lora_params_after],
             same_plan_on_every_rank=all(plan == plans[0] for plan in plans),
         )
-        if resume_from is None:
-            record.update(check_export(opts, base_dir, trainer.model, output_dir / "compact"))
+    if resume_from is None:
+        record.update(check_reload(opts, base_dir, trainer.model, output_dir / "compact" if loradrop else None))
     del trainer, model
     gc.collect()
     if torch.cuda.is_available():
@@ -304,15 +310,16 @@ def train(opts, base_dir: Path, name: str, loradrop: bool, resume_from: Path | N
 
     AcceleratorState._reset_state()  # the next run's Trainer configures accelerate afresh, in the same processes
     GradientState._reset_state()
-    return record
+    return record, probe.lora
 
 
-def check_export(opts, base_dir: Path, model, directory: Path) -> dict:
-    """Trained logits on a fixed batch, the compact export, and rank 0's reload of it onto a fresh base.
+def check_reload(opts, base_dir: Path, model, directory: Path | None) -> dict:
+    """The trained model's logits on a fixed batch against rank 0's unsharded copy of it, on a fresh base loaded the
+    same way: the compact export reloaded with `load_compact` when `directory` is given (LoRA-drop, `save_compact` on
+    every rank), else the gathered LoRA weights put into a plain PEFT model (plain LoRA: the control, which shows
+    how far the engine's own forward is from an unsharded one with the very same weights).
 
-    The reload must give back the trained LoRA weights exactly (every module, expanded from the shared groups). Its
-    logits are compared with the trained model's at the precision that model computes in: FSDP2's mixed precision
-    computes with bf16 copies of the fp32 LoRA weights, so under FSDP2 the reloaded adapter is cast to bf16 first.
+    The copy must hold the trained LoRA weights exactly, every module (shared groups expanded).
     """
     ids = RandomTokens(rows=1, length=64, vocab=model.config.vocab_size, seed=1).ids
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
@@ -320,29 +327,35 @@ def check_export(opts, base_dir: Path, model, directory: Path) -> dict:
     with torch.no_grad():
         trained = model(input_ids=ids.to(device)).logits.float().cpu()  # every rank: the model is sharded
     trained_lora = lora_state_dict(model, "default")[0]
-    save_compact(model, directory)  # every rank; rank 0 writes
-    result = {"compact_bytes": sum(f.stat().st_size for f in directory.iterdir())} if _rank() == 0 else {}
+    result = {}
+    if directory is not None:
+        save_compact(model, directory)
+        if _rank() == 0:
+            result["compact_bytes"] = sum(f.stat().st_size for f in directory.iterdir())
     if _rank() == 0:
         if opts.engine == "zero3":  # rank 0 alone loads the base: not partitioned across the ranks this time
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()
-        reloaded = load_compact(load_base(opts, base_dir, for_reload=True), directory).eval()
-        reloaded_lora = lora_state_dict(reloaded, "default")[0]
-        result["reload_lora_identical"] = reloaded_lora.keys() == trained_lora.keys() and all(
-            torch.equal(reloaded_lora[key].cpu(), trained_lora[key].cpu()) for key in trained_lora
+        base = load_base(opts, base_dir, for_reload=True)
+        if directory is not None:
+            copy = load_compact(base, directory)
+        else:
+            copy = get_peft_model(base, LORA)
+            set_peft_model_state_dict(copy, trained_lora)
+        copy.eval()
+        copy_lora = lora_state_dict(copy, "default")[0]
+        result["reload_lora_identical"] = copy_lora.keys() == trained_lora.keys() and all(
+            torch.equal(copy_lora[key].float().cpu(), trained_lora[key].float().cpu()) for key in trained_lora
         )
-        if opts.engine.startswith("fsdp2") and torch.cuda.is_available():
-            reloaded.to(torch.bfloat16)
         with torch.no_grad():
-            logits = reloaded(input_ids=ids.to(device)).logits.float().cpu()
-        difference = (logits - trained).abs().max().item()
+            logits = copy(input_ids=ids.to(device)).logits.float().cpu()
         result.update(
-            reload_max_abs_logit_diff=difference,
+            reload_max_abs_logit_diff=(logits - trained).abs().max().item(),
             reload_logits_close=bool(torch.allclose(logits, trained, rtol=2e-2, atol=2e-2)),
             logit_scale=trained.abs().max().item(),
         )
-        del reloaded
+        del copy, base
     _barrier()
     return _gather(result)[0]
 
@@ -367,14 +380,16 @@ def phase_stats(steps: list[dict], switch: int, after: bool) -> dict | None:
 def main(opts) -> None:
     base_dir = write_base(opts)
     switch = math.ceil(ALPHA * MAX_STEPS)
-    runs = []
+    runs, weights = [], {}
     for repeat in range(opts.repeats):
-        runs.append(train(opts, base_dir, f"lora_{repeat}", loradrop=False))
-        runs.append(train(opts, base_dir, f"loradrop_{repeat}", loradrop=True))
-        if repeat == 0:  # both resumed from step 12: plain LoRA shows whether the engine itself resumes exactly
-            for name, loradrop in (("lora", False), ("loradrop", True)):
-                checkpoint = Path(opts.runs_dir) / opts.engine / f"{name}_0" / f"checkpoint-{SAVE_STEP}"
-                runs.append(train(opts, base_dir, f"{name}_resumed", loradrop=loradrop, resume_from=checkpoint))
+        for name, loradrop in (("lora", False), ("loradrop", True)):
+            record, weights[f"{name}_{repeat}"] = train(opts, base_dir, f"{name}_{repeat}", loradrop=loradrop)
+            runs.append(record)
+    for name, loradrop in (("lora", False), ("loradrop", True)):  # plain LoRA: does the engine itself resume exactly?
+        checkpoint = Path(opts.runs_dir) / opts.engine / f"{name}_0" / f"checkpoint-{SAVE_STEP}"
+        record, resumed = train(opts, base_dir, f"{name}_resumed", loradrop=loradrop, resume_from=checkpoint)
+        record["resume_max_abs_diff"] = max((resumed[k] - weights[f"{name}_0"][k]).abs().max().item() for k in resumed)
+        runs.append(record)
     per_rank = _gather({r["run"]: r["steps"] for r in runs})
     by_name = {r["run"]: r for r in runs}
 
@@ -428,6 +443,7 @@ def summary_lines(summary: dict) -> list[str]:
                 "members_equal_at_switch",
                 "members_equal_at_end",
                 "kept_modules",
+                "resume_max_abs_diff",
                 "reload_lora_identical",
                 "reload_logits_close",
                 "reload_max_abs_logit_diff",
