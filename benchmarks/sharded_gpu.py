@@ -267,6 +267,7 @@ def train(
     """One Trainer run; returns its record (the same on every rank except the per-rank timings) and its final LoRA
     weights (gathered, float32, on the CPU)."""
     output_dir = Path(opts.runs_dir) / opts.engine / name
+    gc.collect()  # the previous run's model can still be alive in a reference cycle: free it before the baseline
     baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     args = training_arguments(opts, output_dir)  # before loading: under ZeRO-3, from_pretrained then partitions
     if opts.engine == "zero3" and args.use_cpu:  # on GPUs the arguments set up DeepSpeed's process group already
