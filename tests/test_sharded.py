@@ -76,7 +76,9 @@ def test_the_sharded_gpu_benchmark_runs_zero3_at_toy_size_on_cpu(tmp_path):
     runs = {run["run"]: run for run in summary["runs"]}
     pruned = runs["loradrop_0"]
     assert pruned["same_plan_on_every_rank"] and pruned["members_equal_at_switch"] and pruned["members_equal_at_end"]
-    assert pruned["reload_lora_identical"]
+    assert pruned["reload_lora_identical"] and runs["lora_0"]["reload_lora_identical"]
+    assert runs["lora_0"]["reload_max_abs_logit_diff"] == 0.0  # the control: an unsharded copy of plain LoRA
+    assert runs["lora_resumed"]["resume_max_abs_diff"] == runs["loradrop_resumed"]["resume_max_abs_diff"] == 0.0
     assert pruned["reload_logits_close"] and pruned["reload_max_abs_logit_diff"] == 0.0
     assert 0 < pruned["kept_modules"] < pruned["total_modules"]
     assert runs["loradrop_resumed"]["members_equal_at_end"]
