@@ -12,8 +12,8 @@ processes it runs
    on a fixed batch, exports the compact adapter (`save_compact` on every rank) and, on rank 0, loads it onto a fresh
    base loaded the same way and compares the logits;
 3. LoRA-drop resumed from the step-12 checkpoint, which must end with the same LoRA weights (SHA-256) as run 2, and
-   plain LoRA resumed likewise, which shows whether the engine itself resumes exactly (on GPUs, SDPA's backward
-   kernels are not deterministic: the largest weight difference to the uninterrupted run is recorded for both);
+   plain LoRA resumed likewise, which shows whether the engine itself resumes exactly (on one H200 neither did: the
+   largest weight difference to the uninterrupted run is recorded for both);
 4. `--repeats` - 1 more plain/LoRA-drop pairs, interleaved, for the spread of the step-time ratio.
 
 Every rank's plan is gathered and compared. Per-step wall time and peak GPU memory are recorded per rank. Results go
