@@ -267,7 +267,7 @@ def train(
     """One Trainer run; returns its record (the same on every rank except the per-rank timings) and its final LoRA
     weights (gathered, float32, on the CPU)."""
     output_dir = Path(opts.runs_dir) / opts.engine / name
-    gc.collect()  # the previous run's model can still be alive in a reference cycle: free it before the baseline
+    gc.collect()  # the previous run's Trainer, callbacks and model went with its frame; free their reference cycles
     baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     args = training_arguments(opts, output_dir)  # before loading: under ZeRO-3, from_pretrained then partitions
     if opts.engine == "zero3" and args.use_cpu:  # on GPUs the arguments set up DeepSpeed's process group already
@@ -302,11 +302,8 @@ def train(
             same_plan_on_every_rank=all(plan == plans[0] for plan in plans),
         )
     if resume_from is None:
-        record.update(check_reload(opts, base_dir, trainer.model, output_dir / "compact" if loradrop else None))
-    del trainer, model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        compact = output_dir / "compact" if loradrop else None
+        record.update(check_reload(opts, base_dir, trainer.model, probe.lora, compact))
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state()  # the next run's Trainer configures accelerate afresh, in the same processes
@@ -314,20 +311,20 @@ def train(
     return record, probe.lora
 
 
-def check_reload(opts, base_dir: Path, model, directory: Path | None) -> dict:
+def check_reload(opts, base_dir: Path, model, trained_lora: dict[str, torch.Tensor], directory: Path | None) -> dict:
     """The trained model's logits on a fixed batch against rank 0's unsharded copy of it, on a fresh base loaded the
     same way: the compact export reloaded with `load_compact` when `directory` is given (LoRA-drop, `save_compact` on
     every rank), else the gathered LoRA weights put into a plain PEFT model (plain LoRA: the control, which shows
     how far the engine's own forward is from an unsharded one with the very same weights).
 
-    The copy must hold the trained LoRA weights exactly, every module (shared groups expanded).
+    The copy must hold the trained LoRA weights (`trained_lora`, gathered at the end of training) exactly, every
+    module (shared groups expanded).
     """
     ids = RandomTokens(rows=1, length=64, vocab=model.config.vocab_size, seed=1).ids
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     model.eval()
     with torch.no_grad():
         trained = model(input_ids=ids.to(device)).logits.float().cpu()  # every rank: the model is sharded
-    trained_lora = lora_state_dict(model, "default")[0]
     result = {}
     if directory is not None:
         save_compact(model, directory)
@@ -347,7 +344,7 @@ def check_reload(opts, base_dir: Path, model, directory: Path | None) -> dict:
         copy.eval()
         copy_lora = lora_state_dict(copy, "default")[0]
         result["reload_lora_identical"] = copy_lora.keys() == trained_lora.keys() and all(
-            torch.equal(copy_lora[key].float().cpu(), trained_lora[key].float().cpu()) for key in trained_lora
+            torch.equal(copy_lora[key].float().cpu(), trained_lora[key]) for key in trained_lora
         )
         with torch.no_grad():
             logits = copy(input_ids=ids.to(device)).logits.float().cpu()

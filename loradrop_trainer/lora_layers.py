@@ -9,9 +9,8 @@ from collections.abc import Iterator
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
-from .sharding import full_numel
+from .sharding import full_numel, unwrapped_name
 
 
 def find_lora_layers(
@@ -69,12 +68,10 @@ def find_lora_layers(
 
 
 def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """`model.named_modules()` under the names of the unwrapped model: without the `_checkpoint_wrapped_module.` that
-    activation checkpointing through torch's CheckpointWrapper (FSDP's, the Trainer's `fsdp_config`) puts in every
-    name below a wrapped layer. Plans and exported adapters then name modules as the base model does, whatever
-    engine trained it."""
+    """`model.named_modules()` under the names of the unwrapped model (`unwrapped_name`), so that plans and exported
+    adapters name modules as the base model does, whatever engine trained it."""
     for name, module in model.named_modules():
-        yield name.replace(_CHECKPOINT_PREFIX, ""), module
+        yield unwrapped_name(name), module
 
 
 def lora_kinds(layers: dict[str, LoraLayer], adapter_name: str = "default") -> dict[str, str]:

@@ -49,7 +49,7 @@ def check_restartable(model: nn.Module, adapter_name: str, scheduler: object) ->
         )
     other = [
         name
-        for name, layer in model.named_modules()
+        for name, layer in named_modules(model)
         if isinstance(layer, LoraLayer)
         and (
             adapter_name in getattr(layer, "lora_embedding_A", {})

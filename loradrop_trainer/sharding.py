@@ -113,7 +113,14 @@ def lora_state_dict(model: nn.Module, adapter_name: str) -> tuple[dict[str, torc
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 gathered = {name: p.detach().cpu().clone() for name, p in named}
         state, live = get_peft_model_state_dict(model, state_dict=gathered, adapter_name=adapter_name), False
-    return {key.replace(_CHECKPOINT_PREFIX, ""): value for key, value in state.items()}, live
+    return {unwrapped_name(key): value for key, value in state.items()}, live
+
+
+def unwrapped_name(name: str) -> str:
+    """A module or Parameter name as in the unwrapped model: without the `_checkpoint_wrapped_module.` that activation
+    checkpointing through torch's CheckpointWrapper (FSDP's, the Trainer's `fsdp_config`) puts below a wrapped layer.
+    """
+    return name.replace(_CHECKPOINT_PREFIX, "")
 
 
 def is_writing_rank() -> bool:

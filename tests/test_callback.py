@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import TokenDataset, random_lora_b, tiny_bert, tiny_llama, tiny_llama_base, training_args
+from helpers import SHARING, TokenDataset, random_lora_b, tiny_bert, tiny_llama, tiny_llama_base, training_args
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
@@ -37,8 +37,7 @@ class Snapshots(TrainerCallback):
 
 def _train(model, tmp_path, data=None, **config):
     config.setdefault("alpha", 0.2)
-    config.setdefault("normalize", "global")  # see helpers.SHARING
-    callback = LoraDropCallback(LoraDropConfig(**config))
+    callback = LoraDropCallback(LoraDropConfig(**{**SHARING, **config}))
     snapshots = Snapshots(callback)
     trainer = Trainer(
         model=model,
@@ -58,7 +57,7 @@ def _distinct_trainable(model) -> int:
 def test_plan_and_tying_invariants(tmp_path, make_model, task):
     model = make_model()
     before = _distinct_trainable(model)
-    trainer, callback, snapshots = _train(model, tmp_path, TokenDataset(task=task), normalize="global")
+    trainer, callback, snapshots = _train(model, tmp_path, TokenDataset(task=task))
     plan = callback.plan
     assert plan is not None and plan.step == 4
     assert math.isclose(sum(plan.importance.values()), 1.0)

@@ -12,9 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import TokenDataset, tiny_llama, tiny_llama_base, training_args
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+from transformers import Trainer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from loradrop_trainer import DropPlan, apply_plan, build_plan, find_lora_layers, lora_kinds
+from hub_export import load_compact, save_compact
+from loradrop_trainer import DropPlan, LoraDropCallback, apply_plan, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.grad_tying import GradientTying
 from loradrop_trainer.sharding import check_fsdp_version, full_numel, parameter_engine
 
@@ -87,14 +91,6 @@ def test_the_sharded_gpu_benchmark_runs_zero3_at_toy_size_on_cpu(tmp_path):
 def test_layers_wrapped_for_activation_checkpointing_keep_their_plain_names(tmp_path):
     """FSDP's activation checkpointing (CheckpointWrapper) puts `_checkpoint_wrapped_module.` in module names; plans
     and adapters must name modules as the base model does, so the export loads onto a fresh base."""
-    from helpers import TokenDataset, tiny_llama, tiny_llama_base, training_args
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-    from transformers import Trainer
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    from hub_export import load_compact, save_compact
-    from loradrop_trainer import LoraDropCallback
-
     model = tiny_llama()
     apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, LlamaDecoderLayer))
     assert any("_checkpoint_wrapped_module" in name for name, _ in model.named_modules())
