@@ -7,8 +7,9 @@ Tasks (real pretrained models and real data, fetched from the package registries
              gsm_symbolic); held-out answer loss, exact match of the final number
   gsm_qv     the same with LoRA on q_proj and v_proj only (the recipe's default)
 
-Variants: `lora` (plain PEFT LoRA, the baseline), or LoRA-drop settings joined by "+" on top of the paper's (alpha
-0.1, T 0.9, score "output", aggregate "sum", normalize "global", shared LoRA from the most important dropped module):
+Variants: `lora` (plain PEFT LoRA, the baseline), `adalora` and `vera` (PEFT's AdaLoRA and VeRA, the methods that
+budget or share LoRA parameters), or LoRA-drop settings joined by "+" on top of the paper's (alpha 0.1, T 0.9, score
+"output", aggregate "sum", normalize "global", shared LoRA from the most important dropped module):
   T0.8 ...   threshold 0.8
   kind       normalize="kind": the threshold applies within each kind
   layer      normalize="layer": the threshold applies within each layer
@@ -18,9 +19,16 @@ Variants: `lora` (plain PEFT LoRA, the baseline), or LoRA-drop settings joined b
   auto       alpha="auto": switch once the plan is stable (at the latest at max_alpha)
   drop       mode="drop": the dropped modules lose their LoRA instead of sharing one (the paper's ablation)
   fresh      shared_init="fresh": the shared LoRA starts afresh
+  trunc<k>   mode="truncate", dropped_rank=k: each dropped module keeps its own LoRA, cut to rank k by SVD
   random:V   the kept modules chosen at random, as many LoRA parameters as variant V keeps in the same seed (the
              first alpha of the steps are the same run as V's, so the plan it matches is the one V makes)
-e.g. `T0.9`, `relative+kind`, `relative+restart`, `random:relative+kind`.
+e.g. `T0.9`, `relative+kind`, `relative+restart`, `random:relative+kind`, `kind+trunc1`.
+
+Any variant may end in `@r<r>` or `@r<r>a<lora_alpha>` (default `@r8a16`): the LoRA rank and lora_alpha it trains
+with, so `lora@r2` is plain LoRA at rank 2 with lora_alpha 16 (the front a LoRA-drop setting must beat), `lora@r2a4`
+the same with lora_alpha = 2r, `kind@r4` LoRA-drop on top of rank 4. For `adalora@r<k>` it is AdaLoRA's average
+target rank (it starts at rank 8, like LoRA-drop, and prunes to that budget; lora_alpha 16); for `vera@r<k>` VeRA's
+rank (256 by default; trained at 10x the task's learning rate, as the VeRA paper trains its vectors).
 
 Every run appends one JSON line to benchmarks/results/quality_runs.jsonl (or --out) as soon as it ends, so rows can
 be (re)made one at a time and a batch killed half-way keeps every finished run:
@@ -34,12 +42,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
+import re
 import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +58,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from peft import AdaLoraConfig, PeftConfig, VeraConfig  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from loradrop_trainer import DropPlan, LoraDropCallback, LoraDropConfig, find_lora_layers, plan_keeping  # noqa: E402
 from loradrop_trainer.lora_layers import lora_parameters  # noqa: E402
@@ -85,25 +99,112 @@ GSM_TARGETS = {
     "gsm": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     "gsm_qv": "q_proj,v_proj",
 }
+ENCODER_TARGETS = "query,key,value,dense"
+BASELINES = ("lora", "adalora", "vera")  # methods that are not LoRA-drop settings
+_RANK_SUFFIX = re.compile(r"@r(?P<r>\d+)(?:a(?P<alpha>\d+))?$")
+VERA_LR_FACTOR = 10
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant name taken apart: the method or LoRA-drop settings, and the rank and lora_alpha it trains with."""
+
+    name: str
+    settings: str  # "lora", "adalora", "vera", or LoRA-drop settings such as "kind+trunc1"
+    r: int
+    lora_alpha: int
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        match = _RANK_SUFFIX.search(name)
+        settings = name[: match.start()] if match else name
+        default_r = 256 if settings == "vera" else 8
+        r = int(match["r"]) if match else default_r
+        alpha = int(match["alpha"]) if match and match["alpha"] else 16
+        if r < 1 or alpha < 1:
+            raise ValueError(f"variant {name!r}: rank and lora_alpha must be positive")
+        return cls(name, settings, r, alpha)
+
+    @property
+    def is_loradrop(self) -> bool:
+        return self.settings not in BASELINES
 
 
 def variant_config(variant: str) -> LoraDropConfig | None:
-    """The LoraDropConfig a variant name stands for (None for plain LoRA); `random:V` has the config of V.
+    """The LoraDropConfig a variant name stands for (None for plain LoRA, AdaLoRA and VeRA); `random:V` has the
+    config of V.
 
     A name lists what differs from the paper's settings (global threshold 0.9 on the output norm, summed), so `T0.9`
     is the paper's method and `kind` is the per-kind threshold that is now the callback's default.
     """
-    if variant == "lora":
+    parsed = Variant.parse(variant)
+    if not parsed.is_loradrop:
         return None
     settings: dict = {"normalize": "global"}  # names build on the paper's settings, whatever the defaults are
-    for token in variant.removeprefix("random:").split("+"):
+    for token in parsed.settings.removeprefix("random:").split("+"):
         if token.startswith("T"):
             settings["threshold"] = float(token[1:])
+        elif re.fullmatch(r"trunc\d+", token):
+            settings.update(mode="truncate", dropped_rank=int(token[len("trunc") :]))
         elif token in SETTINGS:
             settings.update(SETTINGS[token])
         else:
-            raise ValueError(f"unknown part {token!r} of variant {variant!r}; use 'lora', T<x> or {sorted(SETTINGS)}")
+            raise ValueError(
+                f"unknown part {token!r} of variant {variant!r}; use {BASELINES}, T<x>, trunc<k> or {sorted(SETTINGS)}"
+            )
     return LoraDropConfig(**settings)
+
+
+def baseline_peft_config(variant: str, task: str, steps: int) -> PeftConfig | None:
+    """PEFT's AdaLoRA or VeRA for `adalora@r<k>` / `vera@r<k>` on the task's modules (None for LoRA and LoRA-drop).
+
+    AdaLoRA starts at rank 8 (as LoRA-drop does) and prunes to an average rank k between 10% of the steps (LoRA-drop's
+    switch) and 80% of them, re-allocating every 5 steps; lora_alpha 16 as everywhere.
+    """
+    parsed = Variant.parse(variant)
+    targets = (GSM_TARGETS.get(task) or ENCODER_TARGETS).split(",")
+    task_type = "CAUSAL_LM" if task in GSM_TARGETS else "SEQ_CLS"
+    if parsed.settings == "adalora":
+        return AdaLoraConfig(
+            init_r=8, target_r=parsed.r, lora_alpha=parsed.lora_alpha, lora_dropout=0.05, target_modules=targets,
+            tinit=math.ceil(0.1 * steps), tfinal=math.ceil(0.2 * steps), deltaT=5, total_step=steps,
+            task_type=task_type,
+        )  # fmt: skip
+    if parsed.settings == "vera":
+        return VeraConfig(r=parsed.r, target_modules=targets, vera_dropout=0.05, task_type=task_type)
+    return None
+
+
+class AdapterSize(TrainerCallback):
+    """Counts, when training ends, the adapter parameters the method trains and exports (the x axis of the front):
+    LoRA's A and B; AdaLoRA's A, B and E rows and columns of the singular values it has not pruned; VeRA's vectors.
+    A classifier head trained in full (`modules_to_save`) is left out, as everywhere in this project. For LoRA-drop
+    the callback's own count after the switch is used instead."""
+
+    def __init__(self) -> None:
+        self.params: int | None = None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        names = dict(model.named_parameters())
+        if any(".lora_E." in name for name in names):
+            count = 0
+            for name, e in names.items():
+                if ".lora_E." in name:
+                    kept = int((e != 0).sum())
+                    a, b = names[name.replace("lora_E", "lora_A")], names[name.replace("lora_E", "lora_B")]
+                    count += kept * (a.shape[1] + b.shape[0] + 1)
+        else:
+            parts = ("lora_A", "lora_B", "vera_lambda")
+            count = sum(p.numel() for n, p in names.items() if p.requires_grad and any(x in n for x in parts))
+        self.params = count
+
+
+class AdaLoraBudget(TrainerCallback):
+    """What PEFT's AdaLoRA asks of a training loop: `update_and_allocate` after each optimizer step, gradients still
+    there (the Trainer zeroes them after this event)."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
 
 
 class RandomSelectionCallback(LoraDropCallback):
@@ -119,15 +220,16 @@ class RandomSelectionCallback(LoraDropCallback):
         cfg = self.config
         layers = find_lora_layers(kwargs["model"], cfg.adapter_name, cfg.target, cfg.exclude)
         self._sizes = {name: sum(p.numel() for p in lora_parameters(m, cfg.adapter_name)) for name, m in layers.items()}
+        self._ranks = {name: m.r[cfg.adapter_name] for name, m in layers.items()}
         return super().on_train_begin(args, state, control, **kwargs)
 
     def make_plan(self, importance: dict[str, float], kinds: dict[str, str], step: int) -> DropPlan:
         cfg = self.config
-        target = super().make_plan(importance, kinds, step).kept_fraction(self._sizes)
+        target = super().make_plan(importance, kinds, step).kept_fraction(self._sizes, self._ranks)
         order = random.Random(self.seed).sample(sorted(kinds), len(kinds))
-        settings = {"mode": cfg.mode, "adapter_name": cfg.adapter_name, "step": step}
+        settings = {"mode": cfg.mode, "dropped_rank": cfg.dropped_rank, "adapter_name": cfg.adapter_name, "step": step}
         plans = [plan_keeping(importance, kinds, order[:k], cfg.threshold, **settings) for k in range(len(order) + 1)]
-        return min(plans, key=lambda plan: abs(plan.kept_fraction(self._sizes) - target))
+        return min(plans, key=lambda plan: abs(plan.kept_fraction(self._sizes, self._ranks) - target))
 
 
 def make_callback(variant: str, seed: int) -> LoraDropCallback | None:
@@ -139,12 +241,15 @@ def make_callback(variant: str, seed: int) -> LoraDropCallback | None:
     return LoraDropCallback(config)
 
 
-def encoder_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path) -> list[str]:
+def encoder_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path, variant: Variant) -> list[str]:
     """`recipes/quickstart.py` flags of an encoder task (the data sizes of the README's rows)."""
     sizes = {"sarcasm": (6000, 2000), "polarity": (3000, 1000)}[task]
+    learning_rate = 1e-3 * (VERA_LR_FACTOR if variant.settings == "vera" else 1)
     argv = [
         "--dataset", args.data.get(task, task), "--train_size", str(sizes[0]), "--eval_size", str(sizes[1]),
         "--max_steps", str(args.steps or 300), "--seed", str(seed), "--output_dir", str(output_dir),
+        "--lora_r", str(variant.r), "--lora_alpha", str(variant.lora_alpha), "--learning_rate", str(learning_rate),
+        "--target_modules", ENCODER_TARGETS,
     ]  # fmt: skip
     return argv + (["--model", args.model] if args.model else [])
 
@@ -152,28 +257,33 @@ def encoder_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Pat
 def run_encoder(task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     from recipes import quickstart
 
-    callback = make_callback(variant, seed)
-    argv = encoder_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}")
-    _, metrics = quickstart.train(quickstart.parse_args(argv), callback)
-    return {**metrics, **_params(callback)}
+    parsed, steps = Variant.parse(variant), args.steps or 300
+    callback, size = make_callback(variant, seed), AdapterSize()
+    argv = encoder_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}", parsed)
+    extra = [size, *([AdaLoraBudget()] if parsed.settings == "adalora" else [])]
+    peft_config = baseline_peft_config(variant, task, steps)
+    _, metrics = quickstart.train(quickstart.parse_args(argv), callback, peft_config, extra)
+    return {**metrics, **_params(callback, size)}
 
 
-def gsm_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path) -> list[str]:
+def gsm_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path, variant: Variant) -> list[str]:
     """`recipes/llama2_gsm8k.py` flags of a GSM task: SmolLM2-135M-Instruct, chat template, answer-only loss, plain
-    LoRA (a LoRA-drop variant comes in as a callback)."""
+    LoRA (a LoRA-drop variant comes in as a callback, AdaLoRA and VeRA as the PEFT config)."""
     from recipes import assets, gsm8k_data
 
     train_file, eval_file = args.data.get("gsm_train"), args.data.get("gsm_eval")
     if train_file is None or eval_file is None:
         train_file, eval_file = gsm8k_data.write_gsm_symbolic(Path(args.work_dir) / "gsm_symbolic", 2000, 200, 0)
+    learning_rate = 5e-4 * (VERA_LR_FACTOR if variant.settings == "vera" else 1)
     argv = [
         "--model", args.model or str(assets.smollm2_path()), "--chat_template",
         "--train_file", str(train_file), "--eval_file", str(eval_file),
         "--max_steps", str(args.steps or 300), "--per_device_train_batch_size", str(args.batch_size or 8),
-        "--learning_rate", "5e-4", "--target_modules", GSM_TARGETS[task],
+        "--learning_rate", str(learning_rate), "--target_modules", GSM_TARGETS[task],
+        "--lora_r", str(variant.r), "--lora_alpha", str(variant.lora_alpha),
         "--max_length", "384", "--max_eval_samples", str(args.eval_samples),
         "--max_new_tokens", str(args.max_new_tokens if args.exact_match else 1),
-        "--per_device_eval_batch_size", "50" if torch.cuda.is_available() else "16", "--save_steps", "0",
+        "--per_device_eval_batch_size", str(args.eval_batch_size), "--save_steps", "0",
         "--logging_steps", "25", "--seed", str(seed), "--output_dir", str(output_dir),
         "--no_loradrop",  # the recipe's own callback stays off; a variant's comes in through `callbacks`
     ]  # fmt: skip
@@ -183,20 +293,30 @@ def gsm_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path) -
 def run_gsm(task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     from recipes import llama2_gsm8k
 
-    callback = make_callback(variant, seed)
-    argv = gsm_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}")
-    results = llama2_gsm8k.main(argv, callbacks=[callback] if callback is not None else [])
-    metrics = {"eval_loss": results["eval_loss"], "eval_examples": results["eval_samples"], **_params(callback)}
+    parsed, steps = Variant.parse(variant), args.steps or 300
+    callback, size = make_callback(variant, seed), AdapterSize()
+    argv = gsm_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}", parsed)
+    callbacks = [*([callback] if callback is not None else []), size]
+    callbacks += [AdaLoraBudget()] if parsed.settings == "adalora" else []
+    results = llama2_gsm8k.main(argv, callbacks=callbacks, peft_config=baseline_peft_config(variant, task, steps))
+    metrics = {"eval_loss": results["eval_loss"], "eval_examples": results["eval_samples"], **_params(callback, size)}
     return {**metrics, "exact_match": results["accuracy"]} if args.exact_match else metrics
 
 
-def _params(callback: LoraDropCallback | None) -> dict:
+def _params(callback: LoraDropCallback | None, size: AdapterSize) -> dict:
+    """The adapter parameters the run ends with (`adapter_params`), and LoRA-drop's plan facts."""
+    out = {"adapter_params": size.params}
     if callback is None:
-        return {}
-    out = {"lora_params_before": callback.lora_params_before, "lora_params_after": callback.lora_params_after}
+        return out
+    out.update(lora_params_before=callback.lora_params_before, lora_params_after=callback.lora_params_after)
     if callback.plan is not None:
         plan = callback.plan
-        out.update(kept_modules=len(plan.kept), lora_modules=len(plan.kinds), switch_step=plan.step)
+        out.update(
+            adapter_params=callback.lora_params_after,
+            kept_modules=len(plan.kept),
+            lora_modules=len(plan.kinds),
+            switch_step=plan.step,
+        )
     return out
 
 
@@ -209,8 +329,10 @@ def hardware() -> str:
 def cmd_run(args: argparse.Namespace) -> None:
     tasks = TASKS if args.task == "all" else [args.task]
     variants = VARIANTS if args.variants == ["all"] else args.variants
-    for variant in variants:
-        variant_config(variant)  # a misspelt variant fails now, not after hours of runs
+    for task in tasks:
+        for variant in variants:  # a misspelt variant fails now, not after hours of runs
+            variant_config(variant)
+            baseline_peft_config(variant, task, args.steps or 300)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for task in tasks:
@@ -351,6 +473,12 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300)")
     parser.add_argument("--model", default=None, help="local path or Hub id instead of the task's default model")
     parser.add_argument("--batch_size", type=int, default=None, help="gsm: sequences per step (default 8)")
+    parser.add_argument(
+        "--eval_batch_size",
+        type=int,
+        default=16,
+        help="gsm: sequences per evaluation batch (its logits dominate memory)",
+    )
     parser.add_argument("--eval_samples", type=int, default=200, help="gsm: held-out problems to score")
     parser.add_argument("--max_new_tokens", type=int, default=160, help="gsm: longest generated solution, in tokens")
     parser.add_argument(

@@ -16,13 +16,14 @@ from transformers.utils import logging
 from .config import LoraDropConfig
 from .grad_tying import GradientTying
 from .importance import ImportanceCollector
-from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters
+from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters, lora_shape
 from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build_plan, coverage_warning, detach_plan
 from .reparam import UntiedLora, reparameterise
 from .report import PLOT_FILE, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
 from .sharding import check_fsdp_version, parameter_engine
 from .stability import StabilityTracker
+from .truncate import check_truncatable
 
 logger = logging.get_logger(__name__)
 
@@ -128,6 +129,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         cfg = self.config
         self._layers = find_lora_layers(model, cfg.adapter_name, cfg.target, cfg.exclude)
         _check_adapter_trains(model, self._layers, cfg.adapter_name)
+        if cfg.mode == "truncate":
+            check_truncatable(self._layers, cfg.adapter_name, cfg.dropped_rank)
         if state.max_steps <= 0:
             raise ValueError(
                 "LoraDropCallback needs the number of optimizer steps to place the switch; set "
@@ -370,15 +373,21 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             min_kept=cfg.min_kept,
             normalize=cfg.normalize,
             mode=cfg.mode,
+            dropped_rank=cfg.dropped_rank,
             adapter_name=cfg.adapter_name,
             step=step,
         )
 
     def _count_after(self) -> int:
-        """The kept modules' LoRA and, in mode "share", one LoRA per group (tied in place, or gradient-tied copies)."""
+        """The kept modules' LoRA and, in mode "share", one LoRA per group (tied in place, or gradient-tied copies);
+        in mode "truncate", each dropped module's rank-k part (the rest of its Parameters is a zero block)."""
         plan = self.plan
         owners = plan.kept + ([members[0] for members in plan.shared.values()] if plan.mode == "share" else [])
-        return count_distinct([p for name in owners for p in lora_parameters(self._layers[name], plan.adapter_name)])
+        count = count_distinct([p for name in owners for p in lora_parameters(self._layers[name], plan.adapter_name)])
+        if plan.mode == "truncate":
+            shapes = [lora_shape(self._layers[name], plan.adapter_name) for name in plan.dropped]
+            count += sum(plan.dropped_rank * (in_features + out_features) for in_features, _, out_features in shapes)
+        return count
 
     def _plan_extra(self) -> dict:
         """The run's facts that travel with the plan into its file, the exported adapter and its model card."""

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from .importance import AGGREGATES, SCORES
 
 SHARED_INITS = ("most_important", "fresh")
-MODES = ("share", "drop")
+MODES = ("share", "drop", "truncate")
 NORMALIZE = ("global", "kind", "layer")
 AUTO = "auto"
 
@@ -102,11 +102,21 @@ class LoraDropConfig:
             "B zero) and its optimizer state is reset."
         },
     )
-    mode: Literal["share", "drop"] = field(
+    mode: Literal["share", "drop", "truncate"] = field(
         default="share",
         metadata={
-            "help": "'share': dropped modules of a kind share one LoRA (the paper's method). 'drop': dropped modules "
-            "lose their LoRA entirely and stop computing it (the paper's ablation)."
+            "help": "What the dropped modules become. 'share': dropped modules of a kind share one LoRA (the paper's "
+            "method). 'drop': they lose their LoRA entirely and stop computing it (the paper's ablation). "
+            "'truncate': each keeps a LoRA of its own, cut by SVD to rank `dropped_rank` (its best approximation of "
+            "what it has learnt) and scaled as PEFT scales that rank, while kept modules stay at the adapter's r: "
+            "an importance-guided rank allocation, which exports as a plain PEFT adapter with a `rank_pattern`."
+        },
+    )
+    dropped_rank: int = field(
+        default=1,
+        metadata={
+            "help": "With mode='truncate': the rank each dropped module keeps, below the adapter's r. A module "
+            "truncated to rank k costs k / r of its LoRA parameters."
         },
     )
     score: Literal["output", "relative"] = field(
@@ -196,8 +206,20 @@ class LoraDropConfig:
             raise ValueError(f"shared_init must be one of {SHARED_INITS}, got {self.shared_init!r}.")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
-        if self.mode == "drop" and self.shared_init != "most_important":
-            raise ValueError("shared_init only applies to mode='share'; leave it at its default with mode='drop'.")
+        if self.mode != "share" and self.shared_init != "most_important":
+            raise ValueError(
+                f"shared_init only applies to mode='share'; leave it at its default with mode={self.mode!r}."
+            )
+        if not isinstance(self.dropped_rank, int) or isinstance(self.dropped_rank, bool) or self.dropped_rank < 1:
+            raise ValueError(
+                f"dropped_rank must be a positive integer (the rank dropped modules keep with mode='truncate'), got "
+                f"{self.dropped_rank!r}. For no LoRA at all on dropped modules use mode='drop'."
+            )
+        if self.mode == "truncate" and self.restart:
+            raise ValueError(
+                "restart=True draws every LoRA afresh at the switch, which would throw away what mode='truncate' "
+                "keeps of each dropped module. Use one or the other."
+            )
         if self.normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}.")
         if not isinstance(self.min_kept, int) or self.min_kept < 0:

@@ -27,8 +27,9 @@ class DropPlan:
 
     `kept` lists the modules that keep their own LoRA, most important first. `shared[kind]` lists the dropped modules
     of one kind, most important first: in mode "share" they all use the LoRA of `shared[kind][0]`; in mode "drop"
-    they have no LoRA at all. `importance` is normalised to sum to 1 over every module that took part. With
-    alpha="auto", `stability` holds one record per scoring window up to the switch (see `stability.py`).
+    they have no LoRA at all; in mode "truncate" each keeps its own LoRA at rank `dropped_rank`. `importance` is
+    normalised to sum to 1 over every module that took part. With alpha="auto", `stability` holds one record per
+    scoring window up to the switch (see `stability.py`).
     """
 
     importance: dict[str, float]
@@ -41,6 +42,7 @@ class DropPlan:
     step: int | None = None
     total: float | None = None
     stability: list[dict[str, Any]] | None = None
+    dropped_rank: int | None = None
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @property
@@ -48,25 +50,31 @@ class DropPlan:
         return [name for members in self.shared.values() for name in members]
 
     def source_of(self, name: str) -> str | None:
-        """The module whose LoRA `name` uses after the switch (itself if kept, None if its LoRA was dropped)."""
-        if name in self.kept or name not in self.kinds:
+        """The module whose LoRA `name` uses after the switch (itself if kept or truncated, None if its LoRA was
+        dropped)."""
+        if name in self.kept or name not in self.kinds or self.mode == "truncate":
             return name
         if self.mode == "drop":
             return None
         return self.shared[self.kinds[name]][0]
 
-    def kept_fraction(self, sizes: Mapping[str, int]) -> float:
-        """Fraction of the LoRA parameters left after the switch, given each module's LoRA parameter count."""
+    def kept_fraction(self, sizes: Mapping[str, int], ranks: Mapping[str, int] | None = None) -> float:
+        """Fraction of the LoRA parameters left after the switch, given each module's LoRA parameter count (and, in
+        mode "truncate", its rank r: a module truncated to rank k keeps k / r of them)."""
         after = sum(sizes[name] for name in self.kept)
         if self.mode == "share":
             after += sum(sizes[members[0]] for members in self.shared.values())
+        elif self.mode == "truncate":
+            if ranks is None:
+                raise ValueError("kept_fraction of a plan in mode 'truncate' needs each module's rank (ranks=...).")
+            after += sum(sizes[name] * self.dropped_rank // ranks[name] for name in self.dropped)
         return after / sum(sizes[name] for name in self.kinds)
 
     def summary(self) -> dict[str, dict[str, int]]:
         """`{kind: {"kept": n, "shared": n}}` in a stable order, for logs and model cards."""
         out: dict[str, dict[str, int]] = {}
         for name, kind in self.kinds.items():
-            row = out.setdefault(kind, {"kept": 0, "shared": 0})
+            row = out.setdefault(kind, {"kept": 0, "shared": 0})  # "shared": dropped, whatever the mode does with them
             row["kept" if name in self.kept else "shared"] += 1
         return out
 
@@ -83,6 +91,7 @@ class DropPlan:
             "kinds": dict(self.kinds),
             "importance": dict(self.importance),
             "stability": [dict(record) for record in self.stability] if self.stability is not None else None,
+            **({"dropped_rank": self.dropped_rank} if self.mode == "truncate" else {}),
         }
 
     @classmethod
@@ -107,6 +116,7 @@ class DropPlan:
             step=data.get("step"),
             total=data.get("total"),
             stability=[dict(record) for record in data["stability"]] if data.get("stability") else None,
+            dropped_rank=data.get("dropped_rank"),
         )
         plan.validate()
         return plan
@@ -116,6 +126,13 @@ class DropPlan:
         with a finite, non-negative importance, in a mode the re-parameterisation knows."""
         if self.mode not in MODES:
             raise ValueError(f"Drop plan mode {self.mode!r} is not one of {MODES}; the plan is corrupt.")
+        rank = self.dropped_rank
+        valid_rank = type(rank) is int and rank >= 1 if self.mode == "truncate" else rank is None
+        if not valid_rank:
+            raise ValueError(
+                f"Drop plan dropped_rank {rank!r} does not fit mode {self.mode!r} (a positive integer in mode "
+                "'truncate', absent otherwise); the plan is corrupt."
+            )
         if set(self.importance) != set(self.kinds) or not all(
             math.isfinite(value) and value >= 0 for value in self.importance.values()
         ):
@@ -136,6 +153,7 @@ def build_plan(
     min_kept: int = 0,
     normalize: str = "global",
     mode: str = "share",
+    dropped_rank: int | None = None,
     adapter_name: str = "default",
     step: int | None = None,
 ) -> DropPlan:
@@ -159,7 +177,16 @@ def build_plan(
         of_kind = [name for name in order if kinds[name] == kind]
         missing = min_kept - sum(name in kept_set for name in of_kind)
         kept_set.update([name for name in of_kind if name not in kept_set][: max(missing, 0)])
-    return plan_keeping(importance, kinds, kept_set, threshold, mode=mode, adapter_name=adapter_name, step=step)
+    return plan_keeping(
+        importance,
+        kinds,
+        kept_set,
+        threshold,
+        mode=mode,
+        dropped_rank=dropped_rank,
+        adapter_name=adapter_name,
+        step=step,
+    )
 
 
 def layer_of(name: str) -> str:
@@ -216,6 +243,7 @@ def plan_keeping(
     threshold: float,
     *,
     mode: str = "share",
+    dropped_rank: int | None = None,
     adapter_name: str = "default",
     step: int | None = None,
     stability: list[dict[str, Any]] | None = None,
@@ -246,6 +274,7 @@ def plan_keeping(
         step=step,
         total=total,
         stability=stability,
+        dropped_rank=dropped_rank if mode == "truncate" else None,
     )
 
 

@@ -7,7 +7,8 @@ optimizer surgery: autograd sums the gradients of every user of a shared Paramet
 modules used to own simply stop receiving gradients (torch optimizers skip them).
 
 Where they are sharded (FSDP2, ZeRO-3), tying in place cannot survive the engine's own handling of Parameters, and
-`reparameterise` ties their gradients instead (`grad_tying`). Mode "drop" only switches modules off, on any engine.
+`reparameterise` ties their gradients instead (`grad_tying`). Mode "drop" only switches modules off, and mode
+"truncate" only sets values and scalings (`truncate`), on any engine.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from .grad_tying import GradientTying, fresh_values, reset_sharded, shared_group
 from .lora_layers import lora_parameters
 from .plan import DropPlan
 from .sharding import parameter_engine
+from .truncate import set_truncated_scaling, truncated_dropped_values
 
 
 def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
-    """Tie (mode "share") or switch off (mode "drop") the dropped modules of `plan`, in place.
+    """Tie (mode "share"), switch off (mode "drop") or scale as their lower rank (mode "truncate") the dropped modules
+    of `plan`, in place. The values of truncated modules are the model's own (`truncate_dropped` sets them once).
 
     Idempotent: applying the plan to an already re-parameterised model changes nothing, which is what resuming from
     a checkpoint relies on.
@@ -36,6 +39,9 @@ def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
             "The LoRA Parameters are sharded (FSDP2 or DeepSpeed ZeRO-3): tying them in place would not survive the "
             "engine. Use reparameterise(..., optimizer), which ties their gradients instead."
         )
+    if plan.mode == "truncate":
+        set_truncated_scaling(layers, plan)
+        return
     adapter = plan.adapter_name
     for members in plan.shared.values():
         if plan.mode == "drop":
@@ -73,6 +79,12 @@ def reparameterise(
         The `GradientTying` that keeps sharded members equal (remove it when training ends), or None when the plan
         was applied in place.
     """
+    if plan.mode == "truncate":
+        _check_plan_matches(layers, plan)
+        if at_switch:
+            set_values(truncated_dropped_values(layers, plan), optimizer)
+        apply_plan(layers, plan)
+        return None
     if plan.mode == "drop":
         apply_plan(layers, plan)
         if at_switch:
@@ -175,7 +187,8 @@ def _is_deepspeed_optimizer(optimizer: object) -> bool:
 
 
 class UntiedLora:
-    """The LoRA Parameters and active adapters of layers as they are before `apply_plan`, to undo the plan later.
+    """The LoRA Parameters, active adapters and scalings of layers as they are before `apply_plan`, to undo the plan
+    later.
 
     The Trainer can put a model back to a checkpoint from before the switch (`load_best_model_at_end`); that
     checkpoint's weights only mean what they meant with every module holding its own LoRA again.
@@ -192,11 +205,13 @@ class UntiedLora:
             for name, layer in layers.items()
         }
         self._active = {name: list(layer.active_adapters) for name, layer in layers.items()}
+        self._scaling = {name: layer.scaling[adapter] for name, layer in layers.items()}
 
     def restore(self) -> None:
-        """Give every layer its own LoRA Parameters back and switch dropped LoRA on again."""
+        """Give every layer its own LoRA Parameters and scaling back and switch dropped LoRA on again."""
         for name, layer in self._layers.items():
             for part, parameters in self._parameters[name].items():
                 for pname, param in parameters.items():
                     setattr(getattr(layer, part)[self._adapter], pname, param)
             layer._active_adapter = list(self._active[name])
+            layer.scaling[self._adapter] = self._scaling[name]

@@ -19,12 +19,13 @@ PLAN_FILE = "loradrop_plan.json"
 PLOT_FILE = "loradrop_importance.png"
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+_DROPPED_AS = {"share": "shared", "drop": "dropped", "truncate": "truncated"}  # what a dropped module became
 
 
 def plan_table(plan: DropPlan) -> str:
     """Modules per kind, how many keep their own LoRA, and the kind's share of the importance, as a Markdown table
     whose columns line up, so it reads the same on a console and in a model card."""
-    verb = "shared" if plan.mode == "share" else "dropped"
+    verb = _DROPPED_AS[plan.mode]
     rows = [("kind", "modules", "kept", verb, "importance")]
     for kind, counts in plan.summary().items():
         weight = sum(value for name, value in plan.importance.items() if plan.kinds[name] == kind)
@@ -45,8 +46,13 @@ def summary_table(plan: DropPlan, params_before: int, params_after: int) -> str:
     ratio = params_after / params_before if params_before else 0.0
     return (
         f"{plan_table(plan)}\nLoRA parameters {params_before:,} -> {params_after:,} ({ratio:.1%}); "
-        f"{len(plan.kept)}/{len(plan.kinds)} modules keep their own LoRA (threshold {plan.threshold})"
+        f"{len(plan.kept)}/{len(plan.kinds)} modules keep their own LoRA{_at_rank(plan)} (threshold {plan.threshold})"
     )
+
+
+def _at_rank(plan: DropPlan) -> str:
+    """Mode "truncate": what the other modules kept."""
+    return f" and {len(plan.dropped)} a rank-{plan.dropped_rank} LoRA" if plan.mode == "truncate" else ""
 
 
 def write_plan(plan: DropPlan, directory: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -76,7 +82,7 @@ def plot_importance(plan: DropPlan, path: str | os.PathLike) -> Path:
         ax.set_ylabel(kind, rotation=0, ha="right", va="center")
         ax.grid(axis="y", alpha=0.3)
     axes[-1, 0].set_xlabel("layer")
-    verb = "shared" if plan.mode == "share" else "dropped"
+    verb = _DROPPED_AS[plan.mode]
     fig.suptitle(f"LoRA-drop importance (blue: kept, grey: {verb}; threshold {plan.threshold})")
     fig.tight_layout()
     png = io.BytesIO()

@@ -95,8 +95,7 @@ def lora_state_dict(model: nn.Module, adapter_name: str) -> tuple[dict[str, torc
         `(state dict, live)`: `live` is True when the tensors are the model's own (replicated Parameters).
     """
     named = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if "lora_" in name]
-    engine = parameter_engine(p for _, p in named)
-    if engine == "replicated":
+    if parameter_engine(p for _, p in named) == "replicated":
         # CheckpointWrapper's state_dict() drops the wrapper from its keys while PEFT matches them against the
         # wrapped module names; give PEFT the tensors under the names it looks for.
         own = None
@@ -104,16 +103,31 @@ def lora_state_dict(model: nn.Module, adapter_name: str) -> tuple[dict[str, torc
             own = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
         state, live = get_peft_model_state_dict(model, state_dict=own, adapter_name=adapter_name), True
     else:
-        if engine == "fsdp2":
-            gathered = {name: p.full_tensor().detach().cpu() for name, p in named}
-        else:
-            import deepspeed
-
-            params = list({id(p): p for _, p in named}.values())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                gathered = {name: p.detach().cpu().clone() for name, p in named}
+        gathered = dict(zip((name for name, _ in named), whole_tensors([p for _, p in named], cpu=True)))
         state, live = get_peft_model_state_dict(model, state_dict=gathered, adapter_name=adapter_name), False
     return {unwrapped_name(key): value for key, value in state.items()}, live
+
+
+def whole_tensors(params: list[torch.Tensor], *, cpu: bool = False) -> list[torch.Tensor]:
+    """The whole value of each Parameter, on any engine: itself (detached) when replicated, a gathered copy when FSDP2
+    or ZeRO-3 shards it (a collective then: every rank calls it with the same Parameters, in the same order).
+
+    Args:
+        params: Parameters all held the same way; a Parameter may appear more than once (tied members).
+        cpu: return CPU copies (what exporters write) rather than tensors on the Parameters' device.
+    """
+    engine = parameter_engine(params)
+    if engine == "replicated":
+        values = [p.detach() for p in params]
+    elif engine == "fsdp2":
+        values = [p.full_tensor().detach() for p in params]
+    else:
+        import deepspeed
+
+        distinct = list({id(p): p for p in params}.values())
+        with deepspeed.zero.GatheredParameters(distinct, modifier_rank=None):
+            values = [p.detach().clone() for p in params]
+    return [value.cpu() if cpu else value for value in values]
 
 
 def unwrapped_name(name: str) -> str:

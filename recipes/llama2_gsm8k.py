@@ -99,7 +99,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from datasets import Dataset, load_dataset
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -201,10 +201,14 @@ class RecipeArgs:
         default="most_important",
         metadata={"help": "Start of the shared LoRA: the most important dropped module's weights, or fresh."},
     )
-    mode: Literal["share", "drop"] = field(
+    mode: Literal["share", "drop", "truncate"] = field(
         default="share",
-        metadata={"help": "'share': dropped modules share one LoRA per kind (the paper); 'drop': they lose it."},
+        metadata={
+            "help": "'share': dropped modules share one LoRA per kind (the paper); 'drop': they lose it; 'truncate': "
+            "each keeps its own LoRA cut to --dropped_rank by SVD."
+        },
     )
+    dropped_rank: int = field(default=1, metadata={"help": "With --mode truncate: the rank dropped modules keep."})
     min_kept: int = field(default=0, metadata={"help": "Keep at least this many modules of every kind."})
     normalize: str = field(
         default="global",
@@ -479,6 +483,7 @@ def loradrop_callback(cfg: RecipeArgs) -> LoraDropCallback:
             threshold=cfg.threshold,
             shared_init=cfg.shared_init,
             mode=cfg.mode,
+            dropped_rank=cfg.dropped_rank,
             min_kept=cfg.min_kept,
             normalize=cfg.normalize,
         )
@@ -625,8 +630,15 @@ def parse_args(argv: list[str] | None = None) -> RecipeArgs:
     return cfg
 
 
-def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
-    """Run the recipe; returns what it writes to results.json (on every rank). `callbacks` join the Trainer's."""
+def main(argv: list[str] | None = None, callbacks: list | None = None, peft_config: PeftConfig | None = None) -> dict:
+    """Run the recipe; returns what it writes to results.json (on every rank).
+
+    Args:
+        argv: the command-line flags (None: `sys.argv`).
+        callbacks: join the Trainer's callbacks.
+        peft_config: another PEFT adapter (AdaLoRA, VeRA, ...) in place of the LoRA the flags describe; the
+            benchmarks compare methods this way.
+    """
     cfg = parse_args(argv)
     started = time.perf_counter()
     base_model = cfg.base_model or (None if cfg.toy else assets.hub_id(cfg.model))
@@ -651,7 +663,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     use_chat = cfg.chat_template and getattr(tokenizer, "chat_template", None) is not None
     if cfg.chat_template and not use_chat:
         logger.warning("--chat_template: the tokenizer has no chat template; using the plain 'Question:' prompt.")
-    model = add_lora(base, cfg)
+    model = add_lora(base, cfg) if peft_config is None else get_peft_model(base, peft_config)
     lora_params = lora_param_count(model)
     logger.info(f"LoRA on {cfg.target_modules}: {lora_params:,} trainable parameters.")
 

@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftConfig, get_peft_model
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -135,8 +136,21 @@ def classification_metrics(metric: evaluate.EvaluationModule) -> Callable[[EvalP
     return compute
 
 
-def train(args: argparse.Namespace, callback: LoraDropCallback | None) -> tuple[Trainer, dict[str, float]]:
-    """Fine-tune the classifier with LoRA (and `callback`, if any); return the Trainer and held-out metrics."""
+def train(
+    args: argparse.Namespace,
+    callback: TrainerCallback | None,
+    peft_config: PeftConfig | None = None,
+    extra_callbacks: list[TrainerCallback] | None = None,
+) -> tuple[Trainer, dict[str, float]]:
+    """Fine-tune the classifier with LoRA (and `callback`, if any); return the Trainer and held-out metrics.
+
+    Args:
+        args: the parsed flags.
+        callback: LoraDropCallback (or None for plain LoRA).
+        peft_config: another PEFT adapter (AdaLoRA, VeRA, ...) in place of the LoRA the flags describe; the
+            benchmarks compare methods this way.
+        extra_callbacks: more callbacks for the Trainer (the benchmarks' measurements).
+    """
     torch.manual_seed(args.seed)
     model_path = args.model or str(assets.minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -150,7 +164,7 @@ def train(args: argparse.Namespace, callback: LoraDropCallback | None) -> tuple[
         lora_dropout=0.05,
         task_type="SEQ_CLS",
     )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, peft_config or lora)
 
     training_args = TrainingArguments(
         output_dir=args.output_dir,
@@ -173,7 +187,7 @@ def train(args: argparse.Namespace, callback: LoraDropCallback | None) -> tuple[
         eval_dataset=encode(tokenizer, eval_rows, args.max_length),
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics(load_metric("classification")),
-        callbacks=[callback] if callback is not None else [],
+        callbacks=([callback] if callback is not None else []) + list(extra_callbacks or []),
     )
     start = time.perf_counter()
     trainer.train()

@@ -1,0 +1,118 @@
+"""Mode "truncate": each dropped module keeps a LoRA of its own, cut to a lower rank by SVD at the switch.
+
+Sharing one LoRA per kind (the paper's method) takes every dropped module's own adaptation away, and on the tasks we
+measured that costs more than lowering the rank of every module (README, Results). Truncation keeps each dropped
+module's best rank-k approximation of what it has learnt and lets it go on learning at rank k, while the modules the
+importance ranking keeps go on at the adapter's rank r: an importance-guided rank allocation, decided once.
+
+The Parameters keep their shapes, which the optimizer, DDP's reducer and DeepSpeed's flat buffers depend on: a
+truncated module's `lora_A` holds its k rows followed by zero rows, its `lora_B` its k columns followed by zero
+columns. That zero block stays exactly zero: its gradient is zero (each zero row of A only meets zero columns of B),
+and the module's optimizer state is reset at the switch, so Adam, AdamW, SGD and the like never move it. A module
+truncated to rank k then computes exactly what a rank-k LoRA computes, and exports as one (`rank_pattern`).
+
+Scaling follows PEFT: a rank-k LoRA is scaled by `lora_alpha / k` (`lora_alpha / sqrt(k)` with rsLoRA), so from the
+switch on a truncated module learns as a plain rank-k LoRA with the same `lora_alpha` does; its values are rescaled
+so that its output is unchanged at the switch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .plan import DropPlan
+from .sharding import parameter_engine, whole_tensors
+
+
+def rank_scaling(layer: LoraLayer, adapter: str, rank: int) -> float:
+    """The scaling PEFT gives `layer`'s LoRA at rank `rank`, with the layer's own `lora_alpha` and rsLoRA setting."""
+    alpha = layer.lora_alpha[adapter]
+    return alpha / math.sqrt(rank) if layer.use_rslora.get(adapter, False) else alpha / rank
+
+
+@torch.no_grad()
+def truncated_values(
+    a: torch.Tensor, b: torch.Tensor, rank: int, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` approximation of `b @ a`, as zero-padded float32 factors of the same shapes.
+
+    Returns `(a', b')` with `b' @ a' = scale * U_k S_k V_k^T`, where `U S V^T` is the SVD of `b @ a`: `a'`'s first
+    `rank` rows are the top right singular vectors, scaled to the root-mean-square row norm of `a` (so `a` keeps the
+    magnitude PEFT's initialisation gave it, and the learning signal `b` gets stays what it was), and the rest of
+    each factor is zero. Computed in float64 from the thin QR factors of `b` and `a^T`, so the cost is
+    O((in + out) r^2) and the full matrix `b @ a` is never formed.
+
+    Args:
+        a: `lora_A` weight, shape (r, in_features).
+        b: `lora_B` weight, shape (out_features, r).
+        rank: the rank to keep, 1 <= rank <= r.
+        scale: factor for the product (the ratio of the old scaling to the new one).
+    """
+    r = a.shape[0]
+    if not 1 <= rank <= r or b.shape[1] != r:
+        raise ValueError(f"Cannot truncate a rank-{r} LoRA (A {tuple(a.shape)}, B {tuple(b.shape)}) to rank {rank}.")
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    q_b, r_b = torch.linalg.qr(b64)
+    q_a, r_a = torch.linalg.qr(a64.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    left = q_b @ u[:, :rank]  # (out, rank)
+    right = q_a @ vh[:rank].T  # (in, rank)
+    row_norm = a64.norm() / math.sqrt(r)
+    row_norm = row_norm if row_norm > 0 else a64.new_tensor(1.0)
+    new_a, new_b = torch.zeros_like(a64), torch.zeros_like(b64)
+    new_a[:rank] = right.T * row_norm
+    new_b[:, :rank] = left * (s[:rank] * scale / row_norm)
+    return new_a.float(), new_b.float()
+
+
+def truncated_dropped_values(layers: dict[str, LoraLayer], plan: DropPlan) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """`(Parameter, new whole float32 value)` for the A and B of every dropped module, cut to `plan.dropped_rank` and
+    rescaled for the scaling `set_truncated_scaling` then gives it (`reparam.set_values` writes them on any engine).
+
+    Sharded weights are gathered to compute the SVD (every rank must call it). Replicated weights are truncated from
+    rank 0's values, broadcast, so every rank of a DDP or ZeRO-1/2 run ends with the very same numbers.
+    """
+    adapter, rank = plan.adapter_name, plan.dropped_rank
+    weights = [(layers[name].lora_A[adapter].weight, layers[name].lora_B[adapter].weight) for name in plan.dropped]
+    whole = whole_tensors([p for pair in weights for p in pair])
+    values: list[tuple[nn.Parameter, torch.Tensor]] = []
+    for index, (name, (a, b)) in enumerate(zip(plan.dropped, weights)):
+        layer = layers[name]
+        scale = layer.scaling[adapter] / rank_scaling(layer, adapter, rank)
+        new_a, new_b = truncated_values(whole[2 * index], whole[2 * index + 1], rank, scale)
+        values += [(a, new_a), (b, new_b)]
+    if parameter_engine(p for pair in weights for p in pair) == "replicated":
+        _broadcast_from_first_rank([value for _, value in values])
+    return values
+
+
+def set_truncated_scaling(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
+    """Give every dropped module the scaling of a rank-`plan.dropped_rank` LoRA (idempotent; resuming needs it)."""
+    adapter = plan.adapter_name
+    for name in plan.dropped:
+        layer = layers[name]
+        layer.scaling[adapter] = rank_scaling(layer, adapter, plan.dropped_rank)
+
+
+def check_truncatable(layers: dict[str, LoraLayer], adapter: str, rank: int) -> None:
+    """Refuse, before the first step, a `dropped_rank` that is not below every participating module's rank."""
+    too_small = {name: layer.r[adapter] for name, layer in layers.items() if layer.r[adapter] <= rank}
+    if too_small:
+        name, r = next(iter(too_small.items()))
+        raise ValueError(
+            f"LoraDropConfig(mode='truncate', dropped_rank={rank}) cuts dropped modules to rank {rank}, but "
+            f"{len(too_small)} LoRA modules have rank {rank} or less already (first: {name}, r={r}). Choose a "
+            "dropped_rank below the adapter's r (LoraConfig(r=...)), or exclude those modules."
+        )
+
+
+def _broadcast_from_first_rank(tensors: list[torch.Tensor]) -> None:
+    """Overwrite `tensors` (on their Parameters' device) with rank 0's values (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
