@@ -4,7 +4,9 @@
 re-parameterised model (every member of a shared group with its own copy of the same weights) and, next to it, the
 callback's ``loradrop_plan.json``. Saving untied the copies, so the tying cannot be read off a model as
 `save_compact` does; what can be checked is that each shared group's copies are still equal, which holds exactly
-when the adapter was saved from the model that plan re-parameterised.
+when the adapter was saved from the model that plan re-parameterised. In mode "drop" the callback zeroes every dropped
+module's LoRA B at the switch, so the plain adapter computes what the pruned model did; a dropped module whose saved B
+is not zero shows an adapter saved before the switch (or by another run), which dropping would change.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from transformers.utils import logging
 
+from loradrop_trainer import DropPlan
 from loradrop_trainer.report import PLAN_FILE
 
 from .atomic import atomic_directory, check_disjoint
 from .base_model import warn_if_local, with_base_model
 from .compact import COMPACT_LAYOUT, CompactAdapter, write_compact
-from .errors import CompactFileNotFoundError, CompactFormatError
+from .errors import CompactFileNotFoundError, CompactFormatError, PlanError
 from .files import has_member, read_member
 from .jsonfile import parse_json_object
 from .plans import PlanSource, read_plan
@@ -76,7 +79,9 @@ def compact_peft_adapter(
     config = parse_json_object(
         read_member(source, CONFIG_NAME), source / CONFIG_NAME, invalid=CompactFormatError, what="export it again."
     )
-    tying = group_by_plan(_read_weights(source), drop_plan, same=torch.equal, differs=_UNEQUAL)
+    weights = _read_weights(source)
+    _check_dropped_b_is_zero(weights, drop_plan)
+    tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)
     adapter = CompactAdapter(
         adapter_name=drop_plan.adapter_name,
         plan=drop_plan,
@@ -95,6 +100,29 @@ def compact_peft_adapter(
         f"{adapter.plain_bytes:,} bytes)."
     )
     return Path(out_dir)
+
+
+def _check_dropped_b_is_zero(weights: dict[str, torch.Tensor], plan: DropPlan) -> None:
+    """Mode "drop": refuse an adapter in which a module the plan drops has a LoRA B that is not zero.
+
+    The compact adapter stores nothing for dropped modules, which is exact only when their saved LoRA adds nothing:
+    the callback zeroes their B at the switch, and they get no update after it. A non-zero B means the adapter was
+    saved before the switch (a checkpoint from before it, `load_best_model_at_end` going back to one) or by another
+    run than the plan's; compacting it would silently change what it computes.
+    """
+    if plan.mode != "drop":
+        return
+    keys = [f"{name}.lora_B.weight" for name in plan.dropped]
+    moved = [key for key in keys if key in weights and weights[key].any()]
+    if moved:
+        raise PlanError(
+            f"The adapter does not match the plan (mode 'drop'): {moved[0]!r} is not zero, yet the plan "
+            f"drops that module ({len(moved)} of {len(plan.dropped)} dropped modules have a non-zero LoRA B). "
+            f"LoraDropCallback zeroes it at the switch (step {plan.step}), so the adapter was saved before the switch "
+            "(or by another run than the plan's) and dropping those modules would change what it computes. Compact "
+            "a checkpoint saved after the switch, with the plan of the same run; an adapter from before the switch "
+            "is a plain LoRA adapter, to use as it is."
+        )
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:

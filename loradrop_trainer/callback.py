@@ -277,10 +277,17 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             self._restore_untied(kwargs["model"], state.best_model_checkpoint)
 
     def _restore_untied(self, model, checkpoint: str) -> None:
-        """The Trainer loaded a checkpoint from before the switch into the tied model, where each shared group kept
-        whichever member's weights came last; give every module its own LoRA back and load the checkpoint again."""
+        """The Trainer loaded a checkpoint from before the switch into the re-parameterised model; make the model that
+        checkpoint's plain LoRA again.
+
+        Replicated LoRA (one process, DDP, ZeRO-1/2) was tied in place, so each shared group kept whichever member's
+        weights the load wrote last: every module gets its own LoRA back and PEFT loads the checkpoint again. Sharded
+        LoRA (ZeRO-3, FSDP2) was gradient-tied: every member kept its own Parameters, which the engine's own load of
+        the checkpoint already filled; only the dropped modules are switched on again.
+        """
         self._untied.restore()
-        model.load_adapter(checkpoint, adapter_name=self.config.adapter_name, is_trainable=True)
+        if self._untied.reload_needed:
+            model.load_adapter(checkpoint, adapter_name=self.config.adapter_name, is_trainable=True)
         detach_plan(model)
         logger.warning(
             f"LoRA-drop: the best checkpoint ({checkpoint}) predates the LoRA-drop switch (step {self.plan.step}); "

@@ -187,8 +187,8 @@ def _is_deepspeed_optimizer(optimizer: object) -> bool:
 
 
 class UntiedLora:
-    """The LoRA Parameters, active adapters and scalings of layers as they are before `apply_plan`, to undo the plan
-    later.
+    """The LoRA Parameters, active adapters, scalings and `requires_grad` of layers as they are before the plan is
+    applied, to undo the plan later.
 
     The Trainer can put a model back to a checkpoint from before the switch (`load_best_model_at_end`); that
     checkpoint's weights only mean what they meant with every module holding its own LoRA again.
@@ -204,14 +204,37 @@ class UntiedLora:
             }
             for name, layer in layers.items()
         }
+        self._requires_grad = {
+            param: param.requires_grad
+            for parts in self._parameters.values()
+            for params in parts.values()
+            for param in params.values()
+        }
         self._active = {name: list(layer.active_adapters) for name, layer in layers.items()}
         self._scaling = {name: layer.scaling[adapter] for name, layer in layers.items()}
+        self.engine = parameter_engine(self._requires_grad)
+
+    @property
+    def reload_needed(self) -> bool:
+        """Whether a checkpoint the Trainer loaded into the re-parameterised model must be loaded again once every
+        module has its own LoRA back.
+
+        Only where the LoRA is replicated: there members of a shared group were tied in place, so the load wrote all
+        of them into one Parameter (the last one wins), and PEFT can load the adapter again into whole Parameters.
+        Sharded members (FSDP2, ZeRO-3) keep their own Parameters, which the engine's own load of the checkpoint
+        filled one by one; PEFT cannot load into their shards or partitions (a size mismatch), nor need it.
+        """
+        return self.engine == "replicated"
 
     def restore(self) -> None:
-        """Give every layer its own LoRA Parameters and scaling back and switch dropped LoRA on again."""
+        """Give every layer its own LoRA Parameters and scaling back, switch dropped LoRA on again and let it train
+        again."""
         for name, layer in self._layers.items():
-            for part, parameters in self._parameters[name].items():
-                for pname, param in parameters.items():
-                    setattr(getattr(layer, part)[self._adapter], pname, param)
+            if self.engine == "replicated":  # sharded members were never tied in place: the engine owns their slots
+                for part, parameters in self._parameters[name].items():
+                    for pname, param in parameters.items():
+                        setattr(getattr(layer, part)[self._adapter], pname, param)
             layer._active_adapter = list(self._active[name])
             layer.scaling[self._adapter] = self._scaling[name]
+        for param, requires_grad in self._requires_grad.items():
+            param.requires_grad_(requires_grad)

@@ -21,6 +21,8 @@ Scenarios:
   resume from that first epoch's checkpoint.
 - `best` / `best-before`: save_strategy="best" with an evaluation every EPOCH_STEPS steps (the Trainer decides to
   save after evaluating), and the resume from the checkpoint of the first evaluation.
+- `load-best`: `load_best_model_at_end=True` with a metric that makes the first evaluation (step EPOCH_STEPS, before
+  the switch) the best: the Trainer loads that checkpoint at the end of `train()`, then the callback undoes the plan.
 
 Every rank writes what it saw to `<out>/<variant>/<scenario>.rank<r>.pt` (plan, LoRA tensors at the switch and at
 the end, the shared pair's fp32 master and Adam moments just after the switch, ...). gloo may abort at exit after a
@@ -45,12 +47,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import SHARING, TokenDataset, tiny_llama
+from helpers import SHARING, EarliestIsBest, TokenDataset, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hub_export import save_compact
 from loradrop_trainer import LoraDropCallback
 from loradrop_trainer.lora_layers import fresh_lora_a
+from loradrop_trainer.plan import attached_plan
 from loradrop_trainer.sharding import lora_state_dict
 
 MAX_STEPS = 12
@@ -67,6 +70,14 @@ SAVING = {
         "eval_strategy": "steps",
         "eval_steps": EPOCH_STEPS,
         "metric_for_best_model": "loss",
+    },
+    "load-best": {
+        "save_strategy": "best",
+        "eval_strategy": "steps",
+        "eval_steps": EPOCH_STEPS,
+        "metric_for_best_model": "earliness",  # helpers.EarliestIsBest: the first evaluation is the best
+        "greater_is_better": True,
+        "load_best_model_at_end": True,
     },
 }
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -121,9 +132,10 @@ class LocalTotals(TrainerCallback):
 class Probe(TrainerCallback):
     """Listed after LoraDropCallback: records what the switch left behind, on every rank."""
 
-    def __init__(self, drop: LoraDropCallback, deepspeed: bool):
+    def __init__(self, drop: LoraDropCallback, deepspeed: bool, snapshot_at: int | None = None):
         self.drop = drop
         self.deepspeed = deepspeed
+        self.snapshot_at = snapshot_at  # a step whose LoRA tensors to record (a checkpoint's, to compare with)
         self.before: dict[str, nn.Parameter] = {}
         self.record: dict = {"orphan_grads": [], "orphans_checked": 0}
 
@@ -142,6 +154,8 @@ class Probe(TrainerCallback):
         self.record["orphan_grads"] += [n for n in orphans if self.before[n].grad is not None]
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == self.snapshot_at:
+            self.record["snapshot_lora"] = lora_tensors(model)
         plan = self.drop.plan
         if plan is not None and state.global_step == plan.step and "switch_lora" not in self.record:
             self.record["switch_lora"] = lora_tensors(model)
@@ -243,7 +257,8 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
     else:
         drop = LoraDropCallback(shared_init=shared_init, save_plot=False, **SHARING, **settings)
     local = LocalTotals(drop)
-    probe = Probe(drop, deepspeed)
+    probe = Probe(drop, deepspeed, snapshot_at=EPOCH_STEPS if scenario == "load-best" else None)
+    saving = SAVING.get(scenario) or SAVING.get(scenario.split("-")[0]) or {"save_strategy": "no"}
     args = TrainingArguments(
         output_dir=str(out / scenario),
         per_device_train_batch_size=4,
@@ -254,7 +269,7 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
         lr_scheduler_type="linear",
         warmup_steps=0,  # importance is 0 while B is 0: step 1 must already move B
         logging_steps=4,
-        **SAVING.get(scenario.split("-")[0], {"save_strategy": "no"}),
+        **saving,
         report_to=[],
         use_cpu=True,
         seed=0,
@@ -270,8 +285,8 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
         model=tiny_llama(),
         args=args,
         train_dataset=TokenDataset(n=32 if scenario.startswith("epoch") else 64),
-        eval_dataset=TokenDataset(n=8, seed=1) if scenario.startswith("best") else None,
-        callbacks=[SaveAt(SAVE_AT if scenario == "full" else ()), local, drop, probe],
+        eval_dataset=TokenDataset(n=8, seed=1) if "eval_strategy" in saving else None,
+        callbacks=[SaveAt(SAVE_AT if scenario == "full" else ()), local, drop, probe, EarliestIsBest()],
     )
     resume = {
         "after": f"full/checkpoint-{SAVE_AT[1]}",
@@ -296,6 +311,8 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
         wrapped=type(trainer.model_wrapped).__name__,
         optimizer=type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
         lora_dtype=str(next(p.dtype for n, p in model.named_parameters() if "lora_" in n)),
+        best_model_checkpoint=trainer.state.best_model_checkpoint,
+        plan_on_model=attached_plan(model)[0] is not None,
     )
     if drop.plan is not None and "restart" in flags:
         record["expected_restart_a"] = restart_draws(model, args.seed + drop.plan.step)

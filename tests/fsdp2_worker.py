@@ -8,15 +8,18 @@ Trainer fires them (DESIGN.md §5): `on_train_begin`; per step `on_step_begin`, 
 synchronisation held back for all but the last, as accelerate's `no_sync` does), gradient clipping,
 `on_pre_optimizer_step`, `optimizer.step()`, `on_optimizer_step`, `zero_grad`, `on_step_end`, then a checkpoint when
 asked for. Checkpoints hold the full model and optimizer state dicts (`torch.distributed.checkpoint.state_dict`, as
-accelerate saves FSDP2 runs) and the callback's `state()`, which a resume hands back the way the Trainer does (in
-`TrainerState.stateful_callbacks`, trainer_state.json).
+accelerate saves FSDP2 runs), the PEFT adapter as `Trainer.save_model` writes it, and the callback's `state()`, which a
+resume hands back the way the Trainer does (in `TrainerState.stateful_callbacks`, trainer_state.json).
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/fsdp2_worker.py --out /tmp/run \
         --runs fsdp2/full,fsdp2/after,fsdp2/before,fsdp2-fresh/full,ddploop/full
 
 Variants: `fsdp2` (LoRA sharded, gradient-tied), `ddploop` (the same loop with torch DDP: LoRA tied in place, the
 reference for the FSDP2 run's export). Flags (`fresh`, `clip`) and scenarios (`full`, `after`, `before`) are those of
-distributed_worker.py, and records have the same fields.
+distributed_worker.py, and records have the same fields. Scenario `load-best` (FSDP2 only) ends the way the Trainer's
+`load_best_model_at_end` does with a best checkpoint from before the switch: after the last step the engine loads the
+model state of the checkpoint at step EPOCH_STEPS (as accelerate's `load_fsdp_model` does for FSDP2), then
+`on_train_end` fires with that checkpoint as `state.best_model_checkpoint`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -36,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_worker import (
     ALPHA,
     CLIPPING_NORM,
+    EPOCH_STEPS,
     MAX_STEPS,
     SAVE_AT,
     LocalTotals,
@@ -51,6 +60,7 @@ from transformers.trainer_callback import CallbackHandler
 
 from hub_export import save_compact
 from loradrop_trainer import LoraDropCallback
+from loradrop_trainer.plan import attached_plan
 
 GRADIENT_ACCUMULATION = 2
 BATCH = 4
@@ -87,6 +97,7 @@ def run(variant: str, scenario: str, out: Path) -> dict:
         seed=0,
         ddp_backend="gloo",
         save_strategy="no",
+        load_best_model_at_end=scenario == "load-best",
         disable_tqdm=True,
     )
     rank, world = args.process_index, args.world_size  # TrainingArguments set up the gloo process group
@@ -99,8 +110,10 @@ def run(variant: str, scenario: str, out: Path) -> dict:
     optimizer = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.01)
     init = "fresh" if "fresh" in flags else "most_important"
     drop = LoraDropCallback(alpha=ALPHA, shared_init=init, save_plot=False, **SHARING)
-    probe = Probe(drop, deepspeed=False)
+    probe = Probe(drop, deepspeed=False, snapshot_at=EPOCH_STEPS if scenario == "load-best" else None)
     saves = SAVE_AT if scenario == "full" and backend == "fsdp2" else ()  # the DDP loop is the reference run only
+    if scenario == "load-best":
+        saves = (EPOCH_STEPS,)
     callbacks = [DefaultFlowCallback(), SaveAt(saves), LocalTotals(drop), drop, probe]
     handler = CallbackHandler(callbacks, peft_model, None, optimizer, None)
     state, control = TrainerState(max_steps=MAX_STEPS), TrainerControl()
@@ -133,6 +146,8 @@ def run(variant: str, scenario: str, out: Path) -> dict:
         if control.should_save:
             save_checkpoint(out / scenario / f"checkpoint-{state.global_step}", peft_model, optimizer, state, drop)
             control.should_save = False
+    if scenario == "load-best":
+        load_best_model(out / scenario / f"checkpoint-{EPOCH_STEPS}", peft_model, state)
     handler.on_train_end(args, state, control)
 
     record = dict(probe.record)
@@ -145,6 +160,8 @@ def run(variant: str, scenario: str, out: Path) -> dict:
         wrapped=type(model).__name__,
         lora_dtype=str(next(p.dtype for n, p in peft_model.named_parameters() if "lora_" in n)),
         lora_class=type(next(p for n, p in peft_model.named_parameters() if "lora_" in n)).__name__,
+        best_model_checkpoint=state.best_model_checkpoint,
+        plan_on_model=attached_plan(peft_model)[0] is not None,
     )
     if scenario == "full" and drop.plan is not None:
         record["compact"] = str(save_compact(peft_model, out / "full-compact"))
@@ -154,14 +171,26 @@ def run(variant: str, scenario: str, out: Path) -> dict:
 
 
 def save_checkpoint(directory: Path, model, optimizer, state: TrainerState, drop: LoraDropCallback) -> None:
-    """Full (gathered) model and optimizer state and the callback's state, written by rank 0."""
+    """Full (gathered) model and optimizer state, the adapter (as `Trainer.save_model` writes it, from the full state
+    dict) and the callback's state, written by rank 0."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)  # a collective
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model_state, "optimizer": optimizer_state}, directory / STATE_FILE)
+        model.save_pretrained(str(directory), state_dict=model_state)
         state.stateful_callbacks = {type(drop).__name__: drop.state()}
         state.save_to_json(str(directory / TRAINER_STATE))
+    dist.barrier()
+
+
+def load_best_model(directory: Path, model, state: TrainerState) -> None:
+    """What `Trainer._load_best_model` does under FSDP2 at the end of training: the engine loads the checkpoint's model
+    state (not the optimizer's) into the sharded model, and `state` names the checkpoint for `on_train_end`."""
+    saved = torch.load(directory / STATE_FILE, weights_only=False)
+    set_model_state_dict(model, saved["model"], options=StateDictOptions(full_state_dict=True))
+    state.best_model_checkpoint = str(directory)
+    state.best_global_step = int(directory.name.rsplit("-", 1)[1])
     dist.barrier()
 
 

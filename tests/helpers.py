@@ -10,7 +10,14 @@ import os
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
@@ -120,6 +127,14 @@ def lora_and_frozen_norms(model, batch) -> tuple[dict[str, float], dict[str, flo
     for h in handles:
         h.remove()
     return lora, frozen
+
+
+class EarliestIsBest(TrainerCallback):
+    """Adds the metric `eval_earliness` (minus the step), so that with `metric_for_best_model="earliness"` and
+    `greater_is_better=True` the first evaluated checkpoint is the best one, whatever the losses do."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_earliness"] = -state.global_step
 
 
 def training_args(tmp_path, args_class: type[TrainingArguments] = TrainingArguments, **overrides) -> TrainingArguments:

@@ -1,16 +1,17 @@
 """What an unmodified training script leaves (trainer.save_model(), checkpoints) becomes a compact adapter with
-`loradrop compact`, and every count of kept modules and LoRA parameters agrees (issue 13)."""
+`loradrop compact`, and every count of kept modules and LoRA parameters agrees (issue 13); an adapter saved before the
+switch is refused in mode "drop" as in mode "share" (issue 21, item 2)."""
 
 import json
 import re
 
 import pytest
 import torch
-from helpers import SHARING, TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
+from helpers import SHARING, EarliestIsBest, TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
 from peft import PeftModel
 from transformers import Trainer
 
-from hub_export import PlanError, load_compact, read_compact
+from hub_export import PlanError, compact_peft_adapter, load_compact, read_compact
 from hub_export.cli import main as loradrop
 from hub_export.compact import MANIFEST_FILE
 from hub_export.model_card import CARD_FILE
@@ -67,10 +68,69 @@ def test_a_checkpoint_from_before_the_switch_is_refused_naming_the_module(tmp_pa
     assert "differs from" in error and "before the switch" in error
     assert any(f"{name}.lora_" in error for name in members), "the error names a module that should share"
     assert not (tmp_path / "compact").exists()
-    from hub_export import compact_peft_adapter
-
     with pytest.raises(PlanError, match="differs from"):
         compact_peft_adapter(before, tmp_path / "compact", plan=out / PLAN_FILE)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("loradrop: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_21_2_a_checkpoint_from_before_the_switch_is_refused_in_drop_mode(tmp_path, capsys):
+    """`--plan` of a drop-mode run on its checkpoint from before the switch: the dropped modules' saved B is not zero
+    yet (the switch zeroes it), so dropping them would change what the adapter computes. Refused through the CLI and
+    the Python API, naming a dropped module, and nothing is written."""
+    _, callback, out = _script(tmp_path, tiny_llama(), mode="drop")
+    before = out / "checkpoint-2"
+    assert callback.plan.mode == "drop" and callback.plan.dropped and callback.plan.step > 2
+    assert not (before / PLAN_FILE).exists()
+    code = loradrop(["compact", str(before), str(tmp_path / "compact"), "--plan", str(out / PLAN_FILE)])
+    assert code == 1
+    error = _one_line_error(capsys)
+    assert "is not zero" in error and "before the switch" in error and "checkpoint saved after the switch" in error
+    named = re.search(r"'([^']+)\.lora_B\.weight' is not zero", error)
+    assert named and named[1] in callback.plan.dropped, "the error names a module the plan drops"
+    assert not (tmp_path / "compact").exists()
+    with pytest.raises(PlanError, match=r"mode 'drop'.*lora_B\.weight' is not zero"):
+        compact_peft_adapter(before, tmp_path / "compact", plan=out / PLAN_FILE)
+    assert not (tmp_path / "compact").exists()
+    # The same run's checkpoint after the switch, with the same plan, compacts.
+    assert loradrop(["compact", str(out / "checkpoint-8"), str(tmp_path / "compact")]) == 0
+
+
+def test_21_2_load_best_model_at_end_then_save_model_then_compact_is_refused_in_drop_mode(tmp_path, capsys):
+    """The README's flow with the best checkpoint from before the switch: `save_model()` writes that checkpoint's plain
+    LoRA next to the run's drop-mode plan file, and `loradrop compact OUTPUT_DIR` must not drop modules from it."""
+    callback = LoraDropCallback(alpha=0.5, mode="drop", **SHARING)  # switch at step 6 of 12
+    args = training_args(
+        tmp_path,
+        max_steps=12,
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="earliness",
+        greater_is_better=True,
+    )
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=TokenDataset(n=40),
+        eval_dataset=TokenDataset(n=8, seed=9),
+        callbacks=[callback, EarliestIsBest()],
+    )
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert trainer.state.best_global_step < callback.plan.step and (out / PLAN_FILE).is_file()
+    assert loradrop(["compact", str(out), str(tmp_path / "compact")]) == 1
+    assert "is not zero" in _one_line_error(capsys)
+    with pytest.raises(PlanError, match="saved before the switch"):
+        compact_peft_adapter(out, tmp_path / "compact")
+    assert not (tmp_path / "compact").exists()
 
 
 def test_counts_agree_across_log_plan_file_card_and_inspect(tmp_path, capsys):

@@ -34,7 +34,7 @@ RESUMES = ["full", "after", "before"]
 # variant (see distributed_worker.py) -> its scenarios, grouped by launch
 LAUNCHES = {
     "ddp": {
-        "ddp": [*RESUMES, "ckpt", "drop", "epoch", "epoch-before", "best", "best-before"],
+        "ddp": [*RESUMES, "ckpt", "drop", "epoch", "epoch-before", "best", "best-before", "load-best"],
         "ddp-bf16-fresh": RESUMES,
         "ddp-restart-auto": RESUMES,
     },
@@ -42,13 +42,13 @@ LAUNCHES = {
         "zero2-fresh": RESUMES,
         "zero2-bf16-dsopt": [*RESUMES, "ckpt", "drop"],
         "zero1-bf16-fresh-dsopt": RESUMES,
-        "zero3": [*RESUMES, "drop"],
+        "zero3": [*RESUMES, "drop", "load-best"],
         "zero3-bf16-fresh-clip": RESUMES,
         "zero2-restart-auto": RESUMES,
         "zero3-restart-auto": RESUMES,
     },
     "fsdp2": {
-        "fsdp2": RESUMES,
+        "fsdp2": [*RESUMES, "load-best"],
         "fsdp2-fresh-clip": RESUMES,
         "ddploop": ["full"],
     },
@@ -208,6 +208,8 @@ def test_every_member_of_a_shared_group_equals_its_source_after_the_switch_and_a
             for when in ("switch_lora", "final_lora"):
                 if when not in record:  # resumed after the switch
                     continue
+                if when == "final_lora" and scenario == "load-best":  # back to a checkpoint from before the switch
+                    continue
                 lora = record[when]
                 for members in plan["shared"].values():
                     for part in ("lora_A", "lora_B"):
@@ -225,6 +227,23 @@ def test_dropped_modules_keep_lora_b_at_zero_to_the_end(case):
         assert dropped, "the plan should drop some modules"
         moved = [n for n in dropped if record["final_lora"][f"{n}.lora_B.weight"].any()]
         assert not moved, f"rank {rank}: the B of {len(moved)} dropped modules moved, first {moved[0]}"
+
+
+@variants("load-best")
+def test_21_1_best_checkpoint_before_the_switch_is_loaded_back_as_plain_lora_on_every_rank(case):
+    """Issue 21, item 1: `load_best_model_at_end` with the best checkpoint from before the switch. Under ZeRO-3 the
+    Trainer's DeepSpeed load, under FSDP2 the engine's state-dict load (the loop's stand-in for accelerate's
+    `load_fsdp_model`), already gave every member its own weights back: the callback must not reload them through PEFT
+    into the sharded Parameters (which failed with a size mismatch on every rank), and `train()` must end on every rank
+    with exactly the checkpoint's adapter. DDP (tied in place, reloaded through PEFT) is the control."""
+    for rank, record in enumerate(case["load-best"]):
+        assert record["global_step"] == MAX_STEPS, f"rank {rank}: train() did not finish"
+        best = Path(record["best_model_checkpoint"])
+        assert best.name == f"checkpoint-{EPOCH_STEPS}" and EPOCH_STEPS < record["plan"]["step"] == SWITCH_STEP
+        assert not record["plan_on_model"], f"rank {rank}: a model restored to before the switch carries no plan"
+        saved = load_file(best / "adapter_model.safetensors")
+        _assert_same_tensors(record["final_lora"], saved, f"rank {rank}: final LoRA vs the best checkpoint's adapter")
+        _assert_same_tensors(record["final_lora"], record["snapshot_lora"], f"rank {rank}: vs the LoRA at its step")
 
 
 @variants("full", flag="clip")

@@ -5,7 +5,15 @@ import math
 
 import pytest
 import torch
-from helpers import SHARING, TokenDataset, random_lora_b, tiny_llama, tiny_llama_base, training_args
+from helpers import (
+    SHARING,
+    EarliestIsBest,
+    TokenDataset,
+    random_lora_b,
+    tiny_llama,
+    tiny_llama_base,
+    training_args,
+)
 from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
@@ -146,13 +154,6 @@ def test_an_already_pruned_model_is_refused_for_a_fresh_run(tmp_path):
 
 
 # Item 14: load_best_model_at_end with a best checkpoint from before the switch.
-
-
-class EarliestIsBest(TrainerCallback):
-    """Adds a metric that makes the first evaluated checkpoint the best one."""
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        metrics["eval_earliness"] = -state.global_step
 
 
 def test_best_checkpoint_before_the_switch_is_restored_untied(tmp_path, warnings_log):
