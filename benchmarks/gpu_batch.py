@@ -10,6 +10,11 @@ time limit still returns everything that finished.
 
     python3 benchmarks/gpu_batch.py --part 1 --out "$OUT" --models /tmp/models --data .carry/run
     python3 benchmarks/gpu_batch.py --part 1 --out /tmp/toy --toy      # the same jobs at toy size, on a CPU
+
+Part "front" measures quality per parameter (benchmarks/quality.py's front report): plain LoRA at ranks 1-16, the
+LoRA-drop candidates, AdaLoRA and VeRA, on both decoder tasks and both encoder tasks. Its results accumulate in
+--results_dir, which outlasts a command while the GPU machine stays warm: a second command skips every job the first
+one finished and goes on down the queue, and each command copies what has accumulated to --out.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -34,6 +40,12 @@ SCORINGS = ["T0.9", "relative+kind", "kind", "relative", "layer", "rank", "T0.8"
 WITH_CANDIDATE = ["random:{c}", "{c}+restart", "{c}+auto", "{c}+drop"]
 # Expected minutes per job kind before any has finished (an H200 shared by a dozen processes).
 FIRST_GUESS_MIN = {"encoder": 1.0, "gsm": 3.0, "gsm_qv": 2.5, "contribution-encoder": 2.0, "contribution-gsm": 4.0}
+# Part "front": the tasks, the plain-LoRA ranks every point is compared with, and the rest in priority order.
+FRONT_TASKS = ["gsm", "gsm_qv", "sarcasm", "polarity"]
+FRONT_RANKS = ["lora@r1", "lora@r2", "lora@r4", "lora"]
+FRONT_CANDIDATES = ["kind+T0.5+trunc1", "T0.9+trunc1"]
+FRONT_MORE = ["kind+trunc1", "random:kind+T0.5+trunc1", "kind+T0.5", "adalora@r2", "vera", "lora@r16"]
+FRONT_ONE_SEED = ["lora@r1a2", "lora@r2a4", "lora@r4a8"]  # lora_alpha = 2r: the reference line, one seed
 
 
 @dataclass
@@ -87,6 +99,30 @@ def jobs_of_part(part: int, args: argparse.Namespace) -> list[Job]:
                 jobs.append(Job(f"{task}-{variant}-{seed}", kind, argv))
         if seed == 0:
             jobs += [contribution_job(task, args) for task in tasks]
+    return jobs
+
+
+def front_jobs(args: argparse.Namespace) -> list[Job]:
+    """Part "front", most decisive first: the ranks and the candidates at seed 0, then at seeds 1 and 2, then seed 0
+    of the rest, then their other seeds. Jobs whose result is already in --results_dir are left out."""
+    results = Path(args.results_dir) / "quality_runs.jsonl"
+    done = set()
+    if results.is_file():
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        done = {(row["task"], row["variant"], row["seed"]) for row in rows}
+    decisive = FRONT_RANKS + args.candidates
+    tiers = [(0, decisive), *((seed, decisive) for seed in SEEDS[1:]), (0, FRONT_MORE + FRONT_ONE_SEED)]
+    tiers += [(seed, FRONT_MORE) for seed in SEEDS[1:]]
+    jobs = []
+    for seed, variants in tiers:
+        for variant in variants:
+            for task in FRONT_TASKS:
+                if (task, variant, seed) in done:
+                    continue
+                argv = ["benchmarks/quality.py", "run", "--task", task, "--variants", variant, "--seeds", str(seed)]
+                argv += ["--out", str(results), *task_args(task, args)]
+                kind = task if task.startswith("gsm") else "encoder"
+                jobs.append(Job(f"{task}-{variant}-{seed}", kind, argv))
     return jobs
 
 
@@ -169,7 +205,13 @@ class Launcher:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", type=int, choices=[1, 2], required=True)
+    parser.add_argument("--part", choices=["1", "2", "front"], required=True)
+    parser.add_argument(
+        "--results_dir", default="/tmp/front", help="part front: where results accumulate from command to command"
+    )
+    parser.add_argument(
+        "--candidates", nargs="+", default=FRONT_CANDIDATES, help="part front: the LoRA-drop settings to decide by"
+    )
     parser.add_argument("--out", required=True, help="where the result files go ($OUT on the GPU machine)")
     parser.add_argument("--models", default="/tmp/models", help="minilm/ and smollm2/ (benchmarks/carry_models.py)")
     parser.add_argument("--data", default=".carry/run", help="sarcasm.jsonl, polarity.jsonl, gsm/{train,test}.jsonl")
@@ -195,15 +237,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only the jobs whose name contains one of these")
     parser.add_argument("--toy", action="store_true", help="tiny sizes, to test the whole pipeline on a CPU")
     args = parser.parse_args(argv)
-    args.jobs = args.jobs or (7 if args.part == 1 else 9)
+    args.jobs = args.jobs or {"1": 7, "2": 9, "front": 12}[args.part]
     if args.toy:
         args.encoder_steps, args.gsm_steps, args.gsm_batch, args.gsm_eval, args.gsm_new_tokens = 40, 30, 2, 4, 8
         args.points = 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = [j for j in jobs_of_part(args.part, args) if args.only is None or any(o in j.name for o in args.only)]
+    jobs = front_jobs(args) if args.part == "front" else jobs_of_part(int(args.part), args)
+    jobs = [j for j in jobs if args.only is None or any(o in j.name for o in args.only)]
     Path(args.out, "plan.json").write_text(json.dumps({"args": vars(args), "jobs": [j.name for j in jobs]}, indent=1))
     print(f"part {args.part}: {len(jobs)} jobs, {args.jobs} at a time, budget {args.budget_s:.0f} s", flush=True)
     Launcher(jobs, args).run()
+    if args.part == "front" and Path(args.results_dir, "quality_runs.jsonl").is_file():
+        shutil.copy(Path(args.results_dir, "quality_runs.jsonl"), Path(args.out, "front_runs.jsonl"))
     print(Path(args.out, "jobs.tsv").read_text(), flush=True)
 
 

@@ -24,7 +24,6 @@ from loradrop_trainer.sharding import lora_state_dict
 from .errors import PlanError
 from .plans import plan_layers
 
-PEFT_PREFIX = "base_model.model."  # what PEFT puts before the base model's own module names
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # the only tensors a LoRA-drop module has
 _LORA_KEY = re.compile(r"^(?P<module>.+?)(?P<suffix>\.lora_[AB]\.[^.]+)$")
 

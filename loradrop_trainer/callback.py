@@ -23,7 +23,7 @@ from .report import PLOT_FILE, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
 from .sharding import check_fsdp_version, parameter_engine
 from .stability import StabilityTracker
-from .truncate import check_truncatable
+from .truncate import check_truncatable, forget_truncation, record_truncation
 
 logger = logging.get_logger(__name__)
 
@@ -202,6 +202,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 "run to prune with the new settings."
             )
         self._tying = reparameterise(self._layers, self.plan, optimizer, at_switch=False)
+        self._record_in_config(model)
         self._schedule_restart = saved.get("schedule_restart")
         if self._schedule_restart is not None:
             restart_schedule(scheduler, args, **self._schedule_restart)
@@ -286,6 +287,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         the checkpoint already filled; only the dropped modules are switched on again.
         """
         self._untied.restore()
+        config = getattr(model, "peft_config", {}).get(self.plan.adapter_name)
+        if self.plan.mode == "truncate" and config is not None:
+            forget_truncation(config, self.plan)
         if self._untied.reload_needed:
             model.load_adapter(checkpoint, adapter_name=self.config.adapter_name, is_trainable=True)
         detach_plan(model)
@@ -340,11 +344,12 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             plan.stability = self._tracker.history
         fresh_seed = args.seed + state.global_step if cfg.shared_init == "fresh" and not cfg.restart else None
         self._tying = reparameterise(self._layers, plan, optimizer, at_switch=True, fresh_seed=fresh_seed)
+        self._outcome.plan = plan
+        self._record_in_config(model)
         if cfg.restart:
             restart_adapter(model, plan, optimizer, seed=args.seed + state.global_step)
             self._schedule_restart = {"offset": scheduler_step(scheduler), "remaining": state.max_steps - plan.step}
             restart_schedule(scheduler, args, **self._schedule_restart)
-        self._outcome.plan = plan
         self._plan_config = cfg.to_dict()
         self._outcome.lora_params_after = self._count_after()
         self._attach_plan(model)
@@ -366,6 +371,13 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         control.should_log = True
         if state.is_world_process_zero:
             self._write_outputs(Path(cfg.output_dir or args.output_dir or "."))
+
+    def _record_in_config(self, model) -> None:
+        """Mode "truncate": let the PEFT config say how the truncated modules are scaled (`save_pretrained` then
+        writes an adapter that computes what the model does)."""
+        config = getattr(model, "peft_config", {}).get(self.plan.adapter_name)
+        if self.plan.mode == "truncate" and config is not None:
+            record_truncation(config, self._layers, self.plan)
 
     def make_plan(self, importance: dict[str, float], kinds: dict[str, str], step: int) -> DropPlan:
         """Choose the kept modules from the summed importance. Subclasses may choose otherwise (ablations do).

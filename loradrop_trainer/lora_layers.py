@@ -12,6 +12,8 @@ from torch import nn
 
 from .sharding import full_numel, unwrapped_name
 
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before the base model's own module names
+
 
 def find_lora_layers(
     model: nn.Module,

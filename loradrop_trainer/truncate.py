@@ -13,18 +13,22 @@ truncated to rank k then computes exactly what a rank-k LoRA computes, and expor
 
 Scaling follows PEFT: a rank-k LoRA is scaled by `lora_alpha / k` (`lora_alpha / sqrt(k)` with rsLoRA), so from the
 switch on a truncated module learns as a plain rank-k LoRA with the same `lora_alpha` does; its values are rescaled
-so that its output is unchanged at the switch.
+so that its output is unchanged at the switch. The PEFT config records that scaling (`record_truncation`), so the
+adapter `save_pretrained` and the Trainer's checkpoints write computes what the model computes.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.distributed as dist
+from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .lora_layers import PEFT_PREFIX
 from .plan import DropPlan
 from .sharding import parameter_engine, whole_tensors
 
@@ -97,6 +101,37 @@ def set_truncated_scaling(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
     for name in plan.dropped:
         layer = layers[name]
         layer.scaling[adapter] = rank_scaling(layer, adapter, plan.dropped_rank)
+
+
+def pattern_key(name: str) -> str:
+    """The `rank_pattern` / `alpha_pattern` key that names exactly the module `name` (a PEFT module name): PEFT reads
+    the keys as regular expressions matched against the end of the base model's module names."""
+    return re.escape(name.removeprefix(PEFT_PREFIX))
+
+
+def truncated_alpha(layer: LoraLayer, adapter: str, rank: int) -> float:
+    """The `lora_alpha` that makes PEFT give a rank-r LoRA the scaling of a rank-`rank` one (`rank_scaling`): what a
+    plain PEFT adapter saved with every module at rank r (`save_pretrained`, the Trainer's checkpoints) needs in its
+    `alpha_pattern` to compute what the truncated module computes. Exact when r is a power of two."""
+    r = layer.r[adapter]
+    return rank_scaling(layer, adapter, rank) * (math.sqrt(r) if layer.use_rslora.get(adapter, False) else r)
+
+
+def record_truncation(config: LoraConfig, layers: dict[str, LoraLayer], plan: DropPlan) -> None:
+    """Put the truncated modules' scaling into the PEFT config, as `alpha_pattern` entries ahead of the user's own
+    (PEFT takes the first key that matches), so that `save_pretrained` writes an adapter that computes what the
+    model computes. Idempotent."""
+    ours = {
+        pattern_key(name): truncated_alpha(layers[name], plan.adapter_name, plan.dropped_rank) for name in plan.dropped
+    }
+    theirs = {key: value for key, value in config.alpha_pattern.items() if key not in ours}
+    config.alpha_pattern = {**ours, **theirs}
+
+
+def forget_truncation(config: LoraConfig, plan: DropPlan) -> None:
+    """Take `record_truncation`'s entries out of the PEFT config again (the user's own `alpha_pattern` stays)."""
+    ours = {pattern_key(name) for name in plan.dropped}
+    config.alpha_pattern = {key: value for key, value in config.alpha_pattern.items() if key not in ours}
 
 
 def check_truncatable(layers: dict[str, LoraLayer], adapter: str, rank: int) -> None:

@@ -1,0 +1,236 @@
+"""Quality per parameter: every method against plain LoRA's front, the baseline a user gets for free by lowering `r`.
+
+Reads the runs `benchmarks/quality.py run` appends (one JSON line per task, variant and seed; `gpu_batch.py --part
+front` makes them on a GPU) and writes, for each task:
+
+- the front: plain LoRA at ranks 1-16 with lora_alpha fixed at 16 (`lora@r<r>`, `lora` being r=8), and the same with
+  lora_alpha = 2r for reference (`lora@r<r>a<2r>`);
+- every other variant (LoRA-drop settings, AdaLoRA, VeRA) set against the front point it must beat: plain LoRA at the
+  largest rank with no more adapter parameters. The verdict is "above" when the variant is better by more than one
+  seed spread (the larger standard deviation over seeds of the two), "on" within it, "below" otherwise;
+- whether rank matters on the task: how far r=1 and r=2 fall behind r=8, in seed spreads;
+- a plot of quality against adapter parameters (log scale, seed spread as error bars).
+
+    python benchmarks/front.py                      # results/front.md, results/front.png, the README's section
+    python benchmarks/front.py --runs other.jsonl --no_readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS_FILE = RESULTS / "front_runs.jsonl"
+README = ROOT / "README.md"
+README_START, README_END = "<!-- front:start -->", "<!-- front:end -->"
+TASK_ORDER = ["gsm", "gsm_qv", "sarcasm", "polarity"]
+LOWER_IS_BETTER = {"eval_loss"}
+FRONT_ALPHA = 16
+_PLAIN = re.compile(r"^lora(?:@r(?P<r>\d+)(?:a(?P<alpha>\d+))?)?$")
+
+
+@dataclass
+class Point:
+    """One variant on one task: its mean quality and spread over seeds, and its adapter parameters."""
+
+    variant: str
+    seeds: int
+    params: float
+    mean: float
+    spread: float
+    rank: int | None = None  # plain LoRA only
+    alpha: int | None = None
+
+    @property
+    def on_front(self) -> bool:
+        return self.rank is not None and self.alpha == FRONT_ALPHA
+
+
+def metric_of(task: str) -> str:
+    return "eval_loss" if task.startswith("gsm") else "accuracy"
+
+
+def points(rows: list[dict]) -> dict[str, list[Point]]:
+    """`{task: [Point]}` from run rows; every row must carry `adapter_params`."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["task"], row["variant"])].append(row)
+    out: dict[str, list[Point]] = defaultdict(list)
+    for (task, variant), runs in groups.items():
+        values = [run[metric_of(task)] for run in runs]
+        plain = _PLAIN.match(variant)
+        point = Point(
+            variant=variant,
+            seeds=len(runs),
+            params=statistics.mean(run["adapter_params"] for run in runs),
+            mean=statistics.mean(values),
+            spread=statistics.stdev(values) if len(values) > 1 else 0.0,
+        )
+        if plain:
+            point.rank, point.alpha = int(plain["r"] or 8), int(plain["alpha"] or FRONT_ALPHA)
+        out[task].append(point)
+    return out
+
+
+def better(task: str, a: float, b: float) -> float:
+    """How much better `a` is than `b` (positive: better), whichever way the task's metric points."""
+    return b - a if metric_of(task) in LOWER_IS_BETTER else a - b
+
+
+def baseline_of(point: Point, front: list[Point]) -> Point | None:
+    """Plain LoRA at the largest rank with no more adapter parameters than `point` (None if even r=1 has more)."""
+    fitting = [p for p in front if p.params <= point.params * (1 + 1e-9)]
+    return max(fitting, key=lambda p: p.params) if fitting else None
+
+
+def verdict(task: str, point: Point, baseline: Point) -> tuple[float, float, str]:
+    """(difference, seed spread, "above" | "on" | "below") of `point` against `baseline`."""
+    difference = better(task, point.mean, baseline.mean)
+    spread = max(point.spread, baseline.spread)
+    if difference > spread:
+        return difference, spread, "above"
+    return difference, spread, "on" if difference >= -spread else "below"
+
+
+def rank_matters(task: str, front: list[Point]) -> str:
+    """How far r=1 and r=2 fall behind r=8 on `task`, in seed spreads (the larger of the two standard deviations)."""
+    by_rank = {p.rank: p for p in front}
+    if 8 not in by_rank:
+        return "no r=8 run"
+    parts = []
+    for r in (1, 2):
+        if r in by_rank:
+            low, top = by_rank[r], by_rank[8]
+            spread = max(low.spread, top.spread)
+            gap = better(task, top.mean, low.mean)
+            parts.append(f"r={r} is {gap:+.4g} behind r=8 ({gap / spread:.1f} seed spreads)" if spread else f"r={r}")
+    return "; ".join(parts)
+
+
+def markdown(by_task: dict[str, list[Point]]) -> str:
+    lines = []
+    for task in sorted(by_task, key=_task_order):
+        metric = metric_of(task)
+        task_points = by_task[task]
+        front = sorted((p for p in task_points if p.on_front), key=lambda p: p.params)
+        reference = max((p.params for p in front if p.rank == 8), default=None)
+        lines += [
+            f"**{task}** ({metric.replace('_', ' ')}, {'lower' if metric in LOWER_IS_BETTER else 'higher'} is better; "
+            f"{rank_matters(task, front)})",
+            "",
+            "| variant | seeds | adapter params | of r=8 | quality | plain LoRA with no more params | difference "
+            "| spread | verdict |",
+            "|---|---:|---:|---:|---|---|---:|---:|---|",
+        ]
+        for point in sorted(task_points, key=lambda p: (not p.on_front, p.params, p.variant)):
+            share = f"{point.params / reference:.1%}" if reference else ""
+            quality = f"{_fmt(metric, point.mean)} ± {_fmt(metric, point.spread)}"
+            cells = ["", "", "", "front" if point.on_front else ""]
+            baseline = None if point.on_front else baseline_of(point, front)
+            if baseline is not None:
+                difference, spread, word = verdict(task, point, baseline)
+                base = f"r={baseline.rank}: {_fmt(metric, baseline.mean)}"
+                cells = [base, f"{_fmt(metric, difference, signed=True)}", _fmt(metric, spread), f"**{word}**"]
+            elif not point.on_front:
+                cells = ["(fewer than r=1's)", "", "", ""]
+            lines.append(
+                f"| {point.variant} | {point.seeds} | {point.params:,.0f} | {share} | {quality} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        lines.append("")
+    lines.append(
+        "Mean ± standard deviation over seeds; adapter parameters are what the method trains and exports at the end "
+        "(LoRA's A and B; LoRA-drop's after the switch; AdaLoRA's unpruned triplets; VeRA's vectors; a classifier "
+        "head trained in full is left out). Verdict: against plain LoRA (lora_alpha 16) at the largest rank with no "
+        "more parameters; above/below means better/worse by more than the larger seed spread of the two. Made by "
+        "`python benchmarks/front.py` from `benchmarks/results/front_runs.jsonl`."
+    )
+    return "\n".join(lines)
+
+
+def plot(by_task: dict[str, list[Point]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(by_task, key=_task_order)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        task_points = by_task[task]
+        for alpha, style, label in ((FRONT_ALPHA, "-o", "plain LoRA, lora_alpha 16"), (None, "--s", "lora_alpha = 2r")):
+            line = sorted(
+                (p for p in task_points if p.rank is not None and (p.alpha == alpha or (alpha is None and
+                 p.alpha == 2 * p.rank))),
+                key=lambda p: p.params,
+            )  # fmt: skip
+            if line:
+                ax.errorbar(
+                    [p.params for p in line], [p.mean for p in line], yerr=[p.spread for p in line], fmt=style,
+                    color="black" if alpha else "gray", label=label, capsize=3, zorder=2,
+                )  # fmt: skip
+                for p in line:
+                    ax.annotate(f"r={p.rank}", (p.params, p.mean), textcoords="offset points", xytext=(4, -10),
+                                fontsize=7, color="black" if alpha else "gray")  # fmt: skip
+        others = [p for p in task_points if p.rank is None]
+        for index, p in enumerate(sorted(others, key=lambda p: p.variant)):
+            marker = {"adalora": "D", "vera": "v"}.get(p.variant.split("@")[0], "o")
+            ax.errorbar(
+                [p.params], [p.mean], yerr=[p.spread], fmt=marker, capsize=3, label=p.variant,
+                color=plt.cm.tab10(index % 10), zorder=3,
+            )  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("adapter parameters (log)")
+        metric = metric_of(task)
+        ax.set_ylabel(f"{metric.replace('_', ' ')} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(metric: str, value: float, signed: bool = False) -> str:
+    if metric in LOWER_IS_BETTER:
+        return f"{value:+.3f}" if signed else f"{value:.3f}"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def _task_order(task: str) -> tuple[int, str]:
+    return (TASK_ORDER.index(task), "") if task in TASK_ORDER else (len(TASK_ORDER), task)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=str(RUNS_FILE))
+    parser.add_argument("--results", default=str(RESULTS), help="where front.md and front.png go")
+    parser.add_argument("--no_readme", dest="readme", action="store_false", help="leave README.md as it is")
+    args = parser.parse_args(argv)
+    rows = [json.loads(line) for line in Path(args.runs).read_text().splitlines() if line.strip()]
+    by_task = points(rows)
+    table = markdown(by_task)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "front.md").write_text(table + "\n")
+    plot(by_task, results / "front.png")
+    text = README.read_text()
+    if args.readme and README_START in text and README_END in text:
+        head, rest = text.split(README_START, 1)
+        _, tail = rest.split(README_END, 1)
+        README.write_text(
+            f"{head}{README_START}\n{table}\n\n![front](benchmarks/results/front.png)\n{README_END}{tail}"
+        )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
