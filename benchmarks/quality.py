@@ -24,8 +24,8 @@ budget or share LoRA parameters), or LoRA-drop settings joined by "+" on top of 
              first alpha of the steps are the same run as V's, so the plan it matches is the one V makes)
 e.g. `T0.9`, `relative+kind`, `relative+restart`, `random:relative+kind`, `kind+trunc1`.
 
-Any variant may end in `@r<r>` or `@r<r>a<lora_alpha>` (default `@r8a16`): the LoRA rank and lora_alpha it trains
-with, so `lora@r2` is plain LoRA at rank 2 with lora_alpha 16 (the front a LoRA-drop setting must beat), `lora@r2a4`
+Any variant may end in `@r<r>` or `@r<r>a<lora_alpha>` (default `@r8a16`), and `x<f>` after them (`@x4`,
+`@r1x4`): the LoRA rank and lora_alpha it trains with and a factor on the task's learning rate, so `lora@r2` is plain LoRA at rank 2 with lora_alpha 16 (the front a LoRA-drop setting must beat), `lora@r2a4`
 the same with lora_alpha = 2r, `kind@r4` LoRA-drop on top of rank 4. For `adalora@r<k>` it is AdaLoRA's average
 target rank (it starts at rank 8, like LoRA-drop, and prunes to that budget; lora_alpha 16); for `vera@r<k>` VeRA's
 rank (256 by default; trained at 10x the task's learning rate, as the VeRA paper trains its vectors).
@@ -101,7 +101,7 @@ GSM_TARGETS = {
 }
 ENCODER_TARGETS = "query,key,value,dense"
 BASELINES = ("lora", "adalora", "vera")  # methods that are not LoRA-drop settings
-_RANK_SUFFIX = re.compile(r"@r(?P<r>\d+)(?:a(?P<alpha>\d+))?$")
+_RANK_SUFFIX = re.compile(r"@(?:r(?P<r>\d+))?(?:a(?P<alpha>\d+))?(?:x(?P<lr>\d+(?:\.\d+)?))?$")
 VERA_LR_FACTOR = 10
 
 
@@ -113,17 +113,19 @@ class Variant:
     settings: str  # "lora", "adalora", "vera", or LoRA-drop settings such as "kind+trunc1"
     r: int
     lora_alpha: int
+    lr_factor: float = 1.0
 
     @classmethod
     def parse(cls, name: str) -> Variant:
         match = _RANK_SUFFIX.search(name)
         settings = name[: match.start()] if match else name
         default_r = 256 if settings == "vera" else 8
-        r = int(match["r"]) if match else default_r
+        r = int(match["r"]) if match and match["r"] else default_r
         alpha = int(match["alpha"]) if match and match["alpha"] else 16
-        if r < 1 or alpha < 1:
-            raise ValueError(f"variant {name!r}: rank and lora_alpha must be positive")
-        return cls(name, settings, r, alpha)
+        lr_factor = float(match["lr"]) if match and match["lr"] else 1.0
+        if r < 1 or alpha < 1 or lr_factor <= 0:
+            raise ValueError(f"variant {name!r}: rank, lora_alpha and the learning-rate factor must be positive")
+        return cls(name, settings, r, alpha, lr_factor * (VERA_LR_FACTOR if settings == "vera" else 1))
 
     @property
     def is_loradrop(self) -> bool:
@@ -244,7 +246,7 @@ def make_callback(variant: str, seed: int) -> LoraDropCallback | None:
 def encoder_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path, variant: Variant) -> list[str]:
     """`recipes/quickstart.py` flags of an encoder task (the data sizes of the README's rows)."""
     sizes = {"sarcasm": (6000, 2000), "polarity": (3000, 1000)}[task]
-    learning_rate = 1e-3 * (VERA_LR_FACTOR if variant.settings == "vera" else 1)
+    learning_rate = 1e-3 * variant.lr_factor
     argv = [
         "--dataset", args.data.get(task, task), "--train_size", str(sizes[0]), "--eval_size", str(sizes[1]),
         "--max_steps", str(args.steps or 300), "--seed", str(seed), "--output_dir", str(output_dir),
@@ -274,7 +276,7 @@ def gsm_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path, v
     train_file, eval_file = args.data.get("gsm_train"), args.data.get("gsm_eval")
     if train_file is None or eval_file is None:
         train_file, eval_file = gsm8k_data.write_gsm_symbolic(Path(args.work_dir) / "gsm_symbolic", 2000, 200, 0)
-    learning_rate = 5e-4 * (VERA_LR_FACTOR if variant.settings == "vera" else 1)
+    learning_rate = 5e-4 * variant.lr_factor
     argv = [
         "--model", args.model or str(assets.smollm2_path()), "--chat_template",
         "--train_file", str(train_file), "--eval_file", str(eval_file),

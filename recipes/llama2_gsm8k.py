@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None, peft_conf
         "train_samples": len(train_tokens),
         "lora_params_before": lora_params,
         "lora_params_after": params_after,
-        "kept_fraction": params_after / lora_params,
+        "kept_fraction": params_after / lora_params if lora_params else None,  # None: not LoRA (VeRA, ...)
         "plan": None
         if plan is None
         else {
