@@ -33,7 +33,8 @@ README_START, README_END = "<!-- front:start -->", "<!-- front:end -->"
 TASK_ORDER = ["gsm", "gsm_qv", "sarcasm", "polarity"]
 LOWER_IS_BETTER = {"eval_loss"}
 FRONT_ALPHA = 16
-_PLAIN = re.compile(r"^lora(?:@r(?P<r>\d+)(?:a(?P<alpha>\d+))?)?$")
+_PLAIN = re.compile(r"^lora(?:@(?:r(?P<r>\d+))?(?:a(?P<alpha>\d+))?(?:x[\d.]+)?)?$")
+_LR = re.compile(r"@.*x(?P<lr>\d+(?:\.\d+)?)$")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Point:
     params: float
     mean: float
     spread: float
+    lr: float = 1.0  # factor on the task's learning rate
     rank: int | None = None  # plain LoRA only
     alpha: int | None = None
 
@@ -65,13 +67,14 @@ def points(rows: list[dict]) -> dict[str, list[Point]]:
     out: dict[str, list[Point]] = defaultdict(list)
     for (task, variant), runs in groups.items():
         values = [run[metric_of(task)] for run in runs]
-        plain = _PLAIN.match(variant)
+        plain, lr = _PLAIN.match(variant), _LR.search(variant)
         point = Point(
             variant=variant,
             seeds=len(runs),
             params=statistics.mean(run["adapter_params"] for run in runs),
             mean=statistics.mean(values),
             spread=statistics.stdev(values) if len(values) > 1 else 0.0,
+            lr=float(lr["lr"]) if lr else 1.0,
         )
         if plain:
             point.rank, point.alpha = int(plain["r"] or 8), int(plain["alpha"] or FRONT_ALPHA)
@@ -85,8 +88,9 @@ def better(task: str, a: float, b: float) -> float:
 
 
 def baseline_of(point: Point, front: list[Point]) -> Point | None:
-    """Plain LoRA at the largest rank with no more adapter parameters than `point` (None if even r=1 has more)."""
-    fitting = [p for p in front if p.params <= point.params * (1 + 1e-9)]
+    """Plain LoRA at the largest rank with no more adapter parameters than `point`, trained at the same learning rate
+    (None if even r=1 has more, or the front was not run at that learning rate)."""
+    fitting = [p for p in front if p.lr == point.lr and p.params <= point.params * (1 + 1e-9)]
     return max(fitting, key=lambda p: p.params) if fitting else None
 
 
@@ -100,18 +104,22 @@ def verdict(task: str, point: Point, baseline: Point) -> tuple[float, float, str
 
 
 def rank_matters(task: str, front: list[Point]) -> str:
-    """How far r=1 and r=2 fall behind r=8 on `task`, in seed spreads (the larger of the two standard deviations)."""
-    by_rank = {p.rank: p for p in front}
-    if 8 not in by_rank:
-        return "no r=8 run"
+    """How far r=1 and r=2 fall behind r=8 on `task`, in seed spreads (the larger of the two standard deviations), at
+    each learning rate the front was run at."""
     parts = []
-    for r in (1, 2):
-        if r in by_rank:
-            low, top = by_rank[r], by_rank[8]
-            spread = max(low.spread, top.spread)
-            gap = better(task, top.mean, low.mean)
-            parts.append(f"r={r} is {gap:+.4g} behind r=8 ({gap / spread:.1f} seed spreads)" if spread else f"r={r}")
-    return "; ".join(parts)
+    for lr in sorted({p.lr for p in front}):
+        by_rank = {p.rank: p for p in front if p.lr == lr}
+        if 8 not in by_rank:
+            continue
+        at = "" if lr == 1 else f" at {lr:g}x the learning rate"
+        for r in (1, 2):
+            if r in by_rank:
+                low, top = by_rank[r], by_rank[8]
+                spread = max(low.spread, top.spread)
+                gap = better(task, top.mean, low.mean)
+                ratio = f" ({gap / spread:.1f} seed spreads)" if spread else ""
+                parts.append(f"r={r} is {_fmt(metric_of(task), gap, signed=True)} behind r=8{ratio}{at}")
+    return "; ".join(parts) or "no r=8 run"
 
 
 def markdown(by_task: dict[str, list[Point]]) -> str:
@@ -129,7 +137,7 @@ def markdown(by_task: dict[str, list[Point]]) -> str:
             "| spread | verdict |",
             "|---|---:|---:|---:|---|---|---:|---:|---|",
         ]
-        for point in sorted(task_points, key=lambda p: (not p.on_front, p.params, p.variant)):
+        for point in sorted(task_points, key=lambda p: (p.lr, not p.on_front, p.params, p.variant)):
             share = f"{point.params / reference:.1%}" if reference else ""
             quality = f"{_fmt(metric, point.mean)} ± {_fmt(metric, point.spread)}"
             cells = ["", "", "", "front" if point.on_front else ""]
@@ -139,7 +147,7 @@ def markdown(by_task: dict[str, list[Point]]) -> str:
                 base = f"r={baseline.rank}: {_fmt(metric, baseline.mean)}"
                 cells = [base, f"{_fmt(metric, difference, signed=True)}", _fmt(metric, spread), f"**{word}**"]
             elif not point.on_front:
-                cells = ["(fewer than r=1's)", "", "", ""]
+                cells = ["(none: fewer params than r=1, or no front at its learning rate)", "", "", ""]
             lines.append(
                 f"| {point.variant} | {point.seeds} | {point.params:,.0f} | {share} | {quality} | "
                 + " | ".join(cells)
@@ -166,10 +174,14 @@ def plot(by_task: dict[str, list[Point]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         task_points = by_task[task]
-        for alpha, style, label in ((FRONT_ALPHA, "-o", "plain LoRA, lora_alpha 16"), (None, "--s", "lora_alpha = 2r")):
+        lines = [(1.0, FRONT_ALPHA, "-o", "plain LoRA, lora_alpha 16"), (1.0, None, "--s", "lora_alpha = 2r")]
+        lines += [
+            (lr, FRONT_ALPHA, ":o", f"plain LoRA, {lr:g}x lr") for lr in sorted({p.lr for p in task_points} - {1.0})
+        ]
+        for lr, alpha, style, label in lines:
             line = sorted(
-                (p for p in task_points if p.rank is not None and (p.alpha == alpha or (alpha is None and
-                 p.alpha == 2 * p.rank))),
+                (p for p in task_points if p.rank is not None and p.lr == lr and (p.alpha == alpha or (alpha is None
+                 and p.alpha == 2 * p.rank and p.rank != 8))),
                 key=lambda p: p.params,
             )  # fmt: skip
             if line:

@@ -31,7 +31,11 @@ def _assert_identical(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("config", [{}, {"shared_init": "fresh"}, {"mode": "drop"}], ids=["share", "fresh", "drop"])
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"shared_init": "fresh"}, {"mode": "drop"}, {"mode": "truncate"}],
+    ids=["share", "fresh", "drop", "truncate"],
+)
 def test_resume_after_switch_is_bit_identical(tmp_path, config):
     full, full_lora, _ = _run(tmp_path / "full", save_steps=6, **config)
     assert full.plan.step == 3
@@ -40,7 +44,7 @@ def test_resume_after_switch_is_bit_identical(tmp_path, config):
     )
     assert resumed.plan == full.plan
     _assert_identical(resumed_lora, full_lora)
-    if config.get("mode") != "drop":
+    if config.get("mode", "share") == "share":
         layers = find_lora_layers(model)
         members = next(iter(resumed.plan.shared.values()))
         assert len({id(layers[n].lora_A["default"].weight) for n in members}) == 1, "resume must re-tie"
