@@ -33,6 +33,7 @@ README_START, README_END = "<!-- front:start -->", "<!-- front:end -->"
 TASK_ORDER = ["gsm", "gsm_qv", "sarcasm", "polarity"]
 LOWER_IS_BETTER = {"eval_loss"}
 FRONT_ALPHA = 16
+DEFAULT = "kind+T0.5+trunc1"  # LoraDropConfig()'s settings, in benchmarks/quality.py's variant names
 _PLAIN = re.compile(r"^lora(?:@(?:r(?P<r>\d+))?(?:a(?P<alpha>\d+))?(?:x[\d.]+)?)?$")
 _LR = re.compile(r"@.*x(?P<lr>\d+(?:\.\d+)?)$")
 
@@ -164,51 +165,88 @@ def markdown(by_task: dict[str, list[Point]]) -> str:
     return "\n".join(lines)
 
 
-def plot(by_task: dict[str, list[Point]], path: Path) -> None:
+def plot(by_task: dict[str, list[Point]], path: Path, default: str) -> None:
+    """One panel per task and learning rate: plain LoRA's front as a line (lora_alpha = 2r dashed), the other variants
+    as points with their seed spread, the default as a star. The y range follows the front; points far off it are
+    listed in the panel's corner instead of squashing the rest."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted(by_task, key=_task_order)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        task_points = by_task[task]
-        lines = [(1.0, FRONT_ALPHA, "-o", "plain LoRA, lora_alpha 16"), (1.0, None, "--s", "lora_alpha = 2r")]
-        lines += [
-            (lr, FRONT_ALPHA, ":o", f"plain LoRA, {lr:g}x lr") for lr in sorted({p.lr for p in task_points} - {1.0})
-        ]
-        for lr, alpha, style, label in lines:
-            line = sorted(
-                (p for p in task_points if p.rank is not None and p.lr == lr and (p.alpha == alpha or (alpha is None
-                 and p.alpha == 2 * p.rank and p.rank != 8))),
-                key=lambda p: p.params,
-            )  # fmt: skip
-            if line:
-                ax.errorbar(
-                    [p.params for p in line], [p.mean for p in line], yerr=[p.spread for p in line], fmt=style,
-                    color="black" if alpha else "gray", label=label, capsize=3, zorder=2,
-                )  # fmt: skip
-                for p in line:
-                    ax.annotate(f"r={p.rank}", (p.params, p.mean), textcoords="offset points", xytext=(4, -10),
-                                fontsize=7, color="black" if alpha else "gray")  # fmt: skip
-        others = [p for p in task_points if p.rank is None]
-        for index, p in enumerate(sorted(others, key=lambda p: p.variant)):
-            marker = {"adalora": "D", "vera": "v"}.get(p.variant.split("@")[0], "o")
+    panels = [
+        (task, lr)
+        for task in sorted(by_task, key=_task_order)
+        for lr in sorted({p.lr for p in by_task[task]})
+        if sum(p.on_front and p.lr == lr for p in by_task[task]) >= 2  # a front needs two ranks
+    ]
+    columns = 3
+    rows = -(-(len(panels) + 1) // columns)  # one more panel for the legend
+    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 4.8 * rows), squeeze=False)
+    others = sorted({p.variant for points_ in by_task.values() for p in points_ if p.rank is None and p.lr == 1.0})
+    colours = {variant: plt.cm.tab10(i % 10) for i, variant in enumerate(v.split("@")[0] for v in others)}
+    for ax, (task, lr) in zip(axes.flat, panels):
+        task_points = [p for p in by_task[task] if p.lr == lr]
+        front = sorted((p for p in task_points if p.on_front), key=lambda p: p.params)
+        reference = sorted(
+            (p for p in task_points if p.rank and p.alpha == 2 * p.rank != FRONT_ALPHA), key=lambda p: p.params
+        )
+        low, high = _y_range(task, front, task_points)
+        off_chart = []
+        for line, style, colour, label in ((front, "-o", "black", "plain LoRA, lora_alpha 16"),
+                                           (reference, "--s", "gray", "plain LoRA, lora_alpha = 2r")):  # fmt: skip
+            shown = [p for p in line if low <= p.mean <= high]
+            off_chart += [p for p in line if p not in shown]
+            if shown:
+                ax.errorbar([p.params for p in shown], [p.mean for p in shown], yerr=[p.spread for p in shown],
+                            fmt=style, color=colour, label=label, capsize=3, zorder=2)  # fmt: skip
+                for p in shown:
+                    ax.annotate(f"r={p.rank}", (p.params, p.mean), textcoords="offset points", xytext=(4, -11),
+                                fontsize=8, color=colour)  # fmt: skip
+        for p in sorted((p for p in task_points if p.rank is None), key=lambda p: p.variant):
+            if not low <= p.mean <= high:
+                off_chart.append(p)
+                continue
+            base = p.variant.split("@")[0]
+            is_default = base == default
             ax.errorbar(
-                [p.params], [p.mean], yerr=[p.spread], fmt=marker, capsize=3, label=p.variant,
-                color=plt.cm.tab10(index % 10), zorder=3,
+                [p.params], [p.mean], yerr=[p.spread], capsize=3, zorder=4 if is_default else 3,
+                fmt="*" if is_default else {"adalora": "D", "vera": "v"}.get(base, "o"),
+                markersize=15 if is_default else 6, color="crimson" if is_default else colours.get(base, "tab:gray"),
+                label=f"{p.variant} (default)" if is_default else p.variant,
             )  # fmt: skip
+        if off_chart:
+            text = "off the chart:\n" + "\n".join(f"{p.variant}: {_fmt(metric_of(task), p.mean)}" for p in off_chart)
+            ax.text(0.99, 0.99 if metric_of(task) in LOWER_IS_BETTER else 0.02, text, transform=ax.transAxes,
+                    fontsize=7, ha="right", va="top" if metric_of(task) in LOWER_IS_BETTER else "bottom",
+                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "lightgray"})  # fmt: skip
+        ax.set_ylim(low, high)
         ax.set_xscale("log")
         ax.set_xlabel("adapter parameters (log)")
         metric = metric_of(task)
         ax.set_ylabel(f"{metric.replace('_', ' ')} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
-        ax.set_title(task)
+        ax.set_title(task if lr == 1 else f"{task}, {lr:g}x the learning rate")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    legend: dict[str, object] = {}
+    for ax in list(axes.flat)[: len(panels)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    list(axes.flat)[len(panels)].legend(legend.values(), legend.keys(), loc="center", fontsize=9, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _y_range(task: str, front: list[Point], points_: list[Point]) -> tuple[float, float]:
+    """A y range that holds the front and the points near it (within three times the front's span, at least 2% of
+    its level), with a margin; farther points are listed, not drawn."""
+    level = [p.mean for p in front] or [p.mean for p in points_]
+    span = max(max(level) - min(level), 0.02 * abs(statistics.mean(level)))
+    near = [p.mean for p in points_ if min(level) - 3 * span <= p.mean <= max(level) + 3 * span] + level
+    margin = 0.15 * (max(near) - min(near) or span)
+    return min(near) - margin, max(near) + margin
 
 
 def _fmt(metric: str, value: float, signed: bool = False) -> str:
@@ -226,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default=str(RUNS_FILE))
     parser.add_argument("--results", default=str(RESULTS), help="where front.md and front.png go")
     parser.add_argument("--no_readme", dest="readme", action="store_false", help="leave README.md as it is")
+    parser.add_argument("--default", default=DEFAULT, help="the variant that stands for the library's defaults")
     args = parser.parse_args(argv)
     rows = [json.loads(line) for line in Path(args.runs).read_text().splitlines() if line.strip()]
     by_task = points(rows)
@@ -233,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "front.md").write_text(table + "\n")
-    plot(by_task, results / "front.png")
+    plot(by_task, results / "front.png", args.default)
     text = README.read_text()
     if args.readme and README_START in text and README_END in text:
         head, rest = text.split(README_START, 1)

@@ -25,10 +25,12 @@ budget or share LoRA parameters), or LoRA-drop settings joined by "+" on top of 
 e.g. `T0.9`, `relative+kind`, `relative+restart`, `random:relative+kind`, `kind+trunc1`.
 
 Any variant may end in `@r<r>` or `@r<r>a<lora_alpha>` (default `@r8a16`), and `x<f>` after them (`@x4`,
-`@r1x4`): the LoRA rank and lora_alpha it trains with and a factor on the task's learning rate, so `lora@r2` is plain LoRA at rank 2 with lora_alpha 16 (the front a LoRA-drop setting must beat), `lora@r2a4`
-the same with lora_alpha = 2r, `kind@r4` LoRA-drop on top of rank 4. For `adalora@r<k>` it is AdaLoRA's average
-target rank (it starts at rank 8, like LoRA-drop, and prunes to that budget; lora_alpha 16); for `vera@r<k>` VeRA's
-rank (256 by default; trained at 10x the task's learning rate, as the VeRA paper trains its vectors).
+`@r1x4`): the LoRA rank and lora_alpha it trains with and a factor on the task's learning rate. So `lora@r2` is plain
+LoRA at rank 2 with lora_alpha 16 (the front a LoRA-drop setting must beat), `lora@r2a4` the same with lora_alpha =
+2r, `kind@r4` LoRA-drop on top of rank 4, `lora@x4` plain LoRA at 4x the learning rate. For `adalora@r<k>` the rank is
+AdaLoRA's average target rank (it starts at rank 8, like LoRA-drop, and prunes to that budget; lora_alpha 16); for
+`vera@r<k>` VeRA's rank (256 by default; trained at 10x the task's learning rate, as the VeRA paper trains its
+vectors).
 
 Every run appends one JSON line to benchmarks/results/quality_runs.jsonl (or --out) as soon as it ends, so rows can
 be (re)made one at a time and a batch killed half-way keeps every finished run:

@@ -1,8 +1,9 @@
 """Recipe: fine-tune Llama-2-7B on GSM8K with LoRA + LoRA-drop, evaluate, and export the compact adapter.
 
 LoRA-drop (arXiv 2402.07721) trains plain LoRA for the first ``--alpha`` fraction of the optimizer steps while it
-measures how much each LoRA module adds to its layer's output; then the modules carrying ``--threshold`` of that
-importance keep their own LoRA and the rest share one LoRA per kind (every dropped ``v_proj`` one pair, ...), and
+measures how much each LoRA module adds to its layer's output; then in every kind the modules carrying
+``--threshold`` of that kind's importance keep their rank-r LoRA and every other module keeps a LoRA of its own cut by
+SVD to ``--dropped_rank`` (``--mode share``: they share one LoRA per kind, as in the paper), and
 training goes on in the same run with fewer LoRA parameters. ``--no_loradrop`` runs the very same recipe with plain
 LoRA, for the comparison.
 
@@ -19,8 +20,9 @@ Features:
   right-padded, generation batches left-padded.
 - PEFT LoRA on ``q_proj,v_proj`` with r=8, alpha=16, dropout 0.05 (the original LoRA paper's Llama-style setting; the
   LoRA-drop paper's exact GSM8K hyper-parameters are not at hand, so change them freely), plus ``LoraDropCallback``
-  with the paper's alpha=0.1 and threshold=0.9. Importance is zero while LoRA's B is still zero, so the switch must
-  come after optimizer steps that moved B (the LR warm-up starts at 0); the recipe warns when nothing was pruned.
+  with the library's defaults (alpha=0.1, threshold 0.5 per kind, mode truncate to rank 1). Importance is zero while
+  LoRA's B is still zero, so the switch must come after optimizer steps that moved B (the LR warm-up starts at 0); the
+  recipe warns when nothing was pruned.
 - Distributed: ``torchrun``/``deepspeed`` launches with DeepSpeed ZeRO-2 (``--deepspeed recipes/ds_zero2.json``) or,
   without it, plain DDP. bf16, activation checkpointing (non-reentrant), gradient accumulation, checkpoints and
   ``--resume_from_checkpoint`` (the LoRA-drop plan is restored from the checkpoint).
@@ -53,8 +55,7 @@ Launch (from the repository root):
         --output_dir runs/llama2_gsm8k_qlora
 
     # offline, CPU, seconds: tiny random Llama on 64 made-up problems (3 epochs = 48 steps, switch at step 5); a
-    # random model's importance is flat, so a lower threshold than the paper's shows the pruning better
-    python recipes/llama2_gsm8k.py --toy --threshold 0.5 --output_dir runs/toy
+    python recipes/llama2_gsm8k.py --toy --output_dir runs/toy
 
     # offline, real problems and a real model, both from PyPI: GSM8K-format GSM-Symbolic problems (reasoning-gym)
     # and SmolLM2-135M-Instruct (any local model directory works the same)
@@ -70,7 +71,7 @@ Flags (every one has a default; ``--help`` lists them with their help text), gro
                    --max_train_samples --max_eval_samples --max_length --chat_template --attn_implementation
                    --load_in_4bit
     LoRA           --lora_r --lora_alpha --lora_dropout --target_modules
-    LoRA-drop      --no_loradrop --alpha --threshold --shared_init --mode --min_kept --normalize
+    LoRA-drop      --no_loradrop --alpha --threshold --mode --dropped_rank --shared_init --min_kept --normalize
     training       --output_dir --learning_rate --num_train_epochs --max_steps --per_device_train_batch_size
                    --gradient_accumulation_steps --warmup_ratio --lr_scheduler_type --weight_decay --max_grad_norm
                    --bf16 --activation_checkpointing --seed --logging_steps --save_steps --save_total_limit
@@ -195,26 +196,28 @@ class RecipeArgs:
         default=0.1, metadata={"help": "Fraction of the optimizer steps spent measuring importance (paper: 0.1)."}
     )
     threshold: float = field(
-        default=0.9, metadata={"help": "Cumulative importance the kept LoRA modules must cover (paper: 0.9)."}
+        default=0.5,
+        metadata={"help": "Importance share the kept LoRA modules must cover, per kind (the paper: 0.9, globally)."},
     )
     shared_init: Literal["most_important", "fresh"] = field(
         default="most_important",
         metadata={"help": "Start of the shared LoRA: the most important dropped module's weights, or fresh."},
     )
-    mode: Literal["share", "drop", "truncate"] = field(
-        default="share",
+    mode: Literal["truncate", "share", "drop"] = field(
+        default="truncate",
         metadata={
-            "help": "'share': dropped modules share one LoRA per kind (the paper); 'drop': they lose it; 'truncate': "
-            "each keeps its own LoRA cut to --dropped_rank by SVD."
+            "help": "'truncate': every other module keeps its own LoRA cut to --dropped_rank by SVD; 'share': they "
+            "share one LoRA per kind (the paper); 'drop': they lose it."
         },
     )
     dropped_rank: int = field(default=1, metadata={"help": "With --mode truncate: the rank dropped modules keep."})
     min_kept: int = field(default=0, metadata={"help": "Keep at least this many modules of every kind."})
     normalize: str = field(
-        default="global",
+        default="kind",
         metadata={
-            "help": "'global' ranks all modules together (the paper); 'kind' applies --threshold within each kind.",
-            "choices": ["global", "kind"],
+            "help": "'kind' applies --threshold within each kind; 'global' ranks all modules together (the paper); "
+            "'layer' within each layer.",
+            "choices": ["kind", "global", "layer"],
         },
     )
 

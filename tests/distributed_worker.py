@@ -253,7 +253,7 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
     shared_init = "fresh" if "fresh" in flags else "most_important"
     settings = {"restart": "restart" in flags, **(AUTO if "auto" in flags else {"alpha": ALPHA})}
     if scenario == "drop":
-        drop = LoraDropCallback(mode="drop", save_plot=False, **SHARING, **settings)
+        drop = LoraDropCallback(save_plot=False, **{**SHARING, "mode": "drop"}, **settings)
     else:
         drop = LoraDropCallback(shared_init=shared_init, save_plot=False, **SHARING, **settings)
     local = LocalTotals(drop)

@@ -103,7 +103,7 @@ def test_21_2_a_checkpoint_from_before_the_switch_is_refused_in_drop_mode(tmp_pa
 def test_21_2_load_best_model_at_end_then_save_model_then_compact_is_refused_in_drop_mode(tmp_path, capsys):
     """The README's flow with the best checkpoint from before the switch: `save_model()` writes that checkpoint's plain
     LoRA next to the run's drop-mode plan file, and `loradrop compact OUTPUT_DIR` must not drop modules from it."""
-    callback = LoraDropCallback(alpha=0.5, mode="drop", **SHARING)  # switch at step 6 of 12
+    callback = LoraDropCallback(alpha=0.5, **{**SHARING, "mode": "drop"})  # switch at step 6 of 12
     args = training_args(
         tmp_path,
         max_steps=12,

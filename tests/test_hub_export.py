@@ -76,7 +76,7 @@ class Run:
 
 def _train(root: Path, mode: str) -> Run:
     model = tiny_llama()
-    callback = LoraDropCallback(alpha=0.2, mode=mode, **SHARING)
+    callback = LoraDropCallback(alpha=0.2, **{**SHARING, "mode": mode})
     args = training_args(root)
     Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
     compact = save_compact(model, root / "compact", plan=args.output_dir)

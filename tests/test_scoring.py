@@ -154,7 +154,7 @@ def test_coverage_warning_names_the_dominating_modules():
 
 
 def test_switch_logs_the_coverage_warning(tmp_path, caplog):
-    callback = LoraDropCallback(alpha=0.25, threshold=0.05, **SHARING)
+    callback = LoraDropCallback(alpha=0.25, **{**SHARING, "threshold": 0.05})
     args = training_args(tmp_path, max_steps=8)
     with caplog.at_level(logging.WARNING, logger="loradrop_trainer"):
         Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(n=32), callbacks=[callback]).train()
