@@ -25,13 +25,14 @@ from torch import nn
 from transformers.utils import logging
 
 from loradrop_trainer import apply_plan
+from loradrop_trainer.lora_layers import PEFT_PREFIX
 from loradrop_trainer.plan import attach_plan
 
 from .compact import CompactAdapter, read_compact
 from .errors import BaseModelMismatchError
 from .expand import expanded_state_dict
 from .plans import plan_layers
-from .tying import LORA_SUFFIXES, PEFT_PREFIX
+from .tying import LORA_SUFFIXES
 from .validate import lora_config, lora_module, targets
 
 logger = logging.get_logger(__name__)

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from loradrop_trainer.lora_layers import PEFT_PREFIX
 from loradrop_trainer.report import plan_table
 
 from .base_model import is_hub_id, recorded_base
-from .tying import PEFT_PREFIX
 
 if TYPE_CHECKING:
     from .compact import CompactAdapter

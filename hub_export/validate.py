@@ -29,8 +29,10 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
+from loradrop_trainer.lora_layers import PEFT_PREFIX
+
 from .errors import CompactFormatError
-from .tying import LORA_SUFFIXES, PEFT_PREFIX, split_key
+from .tying import LORA_SUFFIXES, split_key
 
 if TYPE_CHECKING:
     from loradrop_trainer import DropPlan
