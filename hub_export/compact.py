@@ -280,7 +280,9 @@ def config_text(peft_config: dict[str, Any]) -> str:
 
 
 def adapter_config_dict(model: nn.Module, adapter_name: str) -> dict[str, Any]:
-    """The adapter's PEFT config as `PeftModel.save_pretrained` writes it, with sets sorted so files are stable."""
+    """The adapter's PEFT config as `PeftModel.save_pretrained` writes it, with sets sorted so files are stable, and
+    `modules_to_save` listing each module once: PEFT's classification models append their head's names to the list
+    of the config they are built from, so a model loaded from an adapter lists them twice."""
     config = copy.deepcopy(model.peft_config[adapter_name])
     if config.base_model_name_or_path is None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -290,6 +292,8 @@ def adapter_config_dict(model: nn.Module, adapter_name: str) -> dict[str, Any]:
     if config.task_type is None and hasattr(model, "_get_base_model_class"):
         base_class = model._get_base_model_class(is_prompt_tuning=False)
         data["auto_mapping"] = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+    if isinstance(data.get("modules_to_save"), list):
+        data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
     return {key: sorted(value) if isinstance(value, set) else value for key, value in data.items()}
 
 
