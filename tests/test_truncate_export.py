@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARING, TokenDataset, tiny_bert, tiny_bert_base, tiny_llama, tiny_llama_base, training_args
+from helpers import (
+    SHARING,
+    TokenDataset,
+    random_lora_b,
+    tiny_bert,
+    tiny_bert_base,
+    tiny_llama,
+    tiny_llama_base,
+    training_args,
+)
 from hub_server import DEFAULT_USER
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -41,10 +50,11 @@ from hub_export.cli import main as loradrop
 from hub_export.compact import MANIFEST_FILE, WEIGHTS_FILE
 from hub_export.hub import PEFT_SUBFOLDER
 from hub_export.model_card import CARD_FILE
-from loradrop_trainer import LoraDropCallback, find_lora_layers
+from loradrop_trainer import LoraDropCallback, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.lora_layers import lora_parameters
+from loradrop_trainer.reparam import reparameterise
 from loradrop_trainer.report import PLAN_FILE
-from loradrop_trainer.truncate import pattern_key, rank_scaling
+from loradrop_trainer.truncate import pattern_key, rank_scaling, record_truncation
 
 INPUTS = torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(7))
 CONFIG_FILE = "adapter_config.json"
@@ -272,6 +282,49 @@ def test_expansion_is_a_plain_peft_adapter_at_the_reduced_size(run, tmp_path):
     assert relative < EXPANSION_RTOL
     torch.testing.assert_close(logits, run.logits, rtol=0, atol=EXPANSION_RTOL * float(run.logits.abs().max()))
     assert _files(expand_to_peft(run.compact, tmp_path / "peft2")) == _files(out), "expansion is deterministic"
+
+
+def test_a_user_alpha_pattern_key_that_sorts_first_does_not_change_what_the_compact_adapter_computes(tmp_path):
+    """PEFT's save_pretrained writes alpha_pattern sorted, so a user key that matches a truncated module and sorts
+    before loradrop's (here one naming layer 0's k_proj) comes first in the saved config, and PEFT would scale that
+    module with it. The compact adapter puts loradrop's entries first again: it loads with the trained logits exactly
+    and expands to the same logits as for any other adapter."""
+    user_key = r"layers\.0\.self_attn\.k_proj"
+    model = tiny_llama(alpha_pattern={user_key: 8})
+    callback = LoraDropCallback(alpha=0.25, mode="truncate", dropped_rank=1, **SHARING)
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback])
+    trainer.train()
+    trainer.save_model()
+    name = "base_model.model.model.layers.0.self_attn.k_proj"
+    assert name in callback.plan.dropped
+    saved = json.loads((tmp_path / "out" / CONFIG_FILE).read_text())["alpha_pattern"]
+    assert next(iter(saved)) == user_key, "PEFT sorted the keys: the user's comes first"
+    compact = compact_peft_adapter(tmp_path / "out", tmp_path / "compact")
+    assert next(iter(read_compact(compact).peft_config["alpha_pattern"])) == pattern_key(name)
+    trained = _logits(model)
+    torch.testing.assert_close(_logits(load_compact(tiny_llama_base(), compact)), trained, rtol=0, atol=0)
+    plain = PeftModel.from_pretrained(tiny_llama_base(), str(expand_to_peft(compact, tmp_path / "peft")))
+    assert _relative_difference(_logits(plain), trained)[1] < EXPANSION_RTOL
+
+
+def test_rslora_truncation_exports_with_its_own_scaling(tmp_path):
+    """With rsLoRA a rank-k LoRA is scaled by lora_alpha / sqrt(k): the recorded alpha_pattern, load_compact and the
+    expansion's rank_pattern all follow it (a model truncated without a Trainer, k=2 of r=4)."""
+    model = random_lora_b(tiny_llama(use_rslora=True))
+    layers = find_lora_layers(model)
+    importance = {name: 1.0 + (i * 7919 % 13) for i, name in enumerate(layers)}
+    plan = build_plan(importance, lora_kinds(layers), 0.6, mode="truncate", dropped_rank=2)
+    reparameterise(layers, plan, None, at_switch=True)
+    record_truncation(model.peft_config["default"], layers, plan)
+    name = plan.dropped[0]
+    assert layers[name].scaling["default"] == 8 / math.sqrt(2)
+    assert model.peft_config["default"].alpha_pattern[pattern_key(name)] == pytest.approx(8 / math.sqrt(2) * 2)
+    trained = _logits(model)
+    compact = save_compact(model, tmp_path / "compact", plan=plan)
+    torch.testing.assert_close(_logits(load_compact(tiny_llama_base(), compact)), trained, rtol=0, atol=0)
+    plain = PeftModel.from_pretrained(tiny_llama_base(), str(expand_to_peft(compact, tmp_path / "peft")))
+    assert find_lora_layers(plain)[name].scaling["default"] == 8 / math.sqrt(2)
+    assert _relative_difference(_logits(plain), trained)[1] < EXPANSION_RTOL
 
 
 # ---------------------------------------------------------------------------------------------- training on
