@@ -25,6 +25,7 @@ What needs the base model (do the modules exist, are the widths theirs) is check
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +118,14 @@ def _patterned(config: LoraConfig, field: str, pattern: str, where: str) -> list
     values = getattr(config, pattern)
     if not isinstance(values, dict):
         raise CompactFormatError(f"{where} gives {pattern}={values!r}; it must map module names to values.")
+    for key in values:  # PEFT (and `module_rank`, `check_truncation`) match them as regular expressions
+        try:
+            re.compile(key)
+        except (re.error, TypeError) as err:
+            raise CompactFormatError(
+                f"{where} gives {pattern} the key {key!r}, which is no regular expression ({err}); PEFT matches these "
+                "keys against module names."
+            ) from err
     return [getattr(config, field), *values.values()]
 
 

@@ -432,6 +432,7 @@ def _user_key_first(config: dict) -> None:
             },
             "but its PEFT config gives that module rank 1",
         ),
+        (lambda key: {"config": lambda c: c["alpha_pattern"].__setitem__("(", 8)}, "no regular expression"),
     ],
     ids=[
         "rank-r-tensor",
@@ -443,6 +444,7 @@ def _user_key_first(config: dict) -> None:
         "wrong-alpha",
         "user-key-first",
         "rank_pattern-k",
+        "not-a-regex",
     ],
 )
 def test_crafted_truncate_adapters_are_refused(llama, tmp_path, capsys, craft, message):
