@@ -97,7 +97,8 @@ def _intro(adapter: CompactAdapter) -> str:
         "drop": "have their LoRA removed",
         "truncate": f"are truncated to rank {plan.dropped_rank}, each keeping its own LoRA cut by SVD at the switch",
     }[plan.mode]
-    own = f" at rank {adapter.peft_config.get('r')}" if plan.mode == "truncate" else ""
+    patterned = ", or their rank_pattern entry" if adapter.peft_config.get("rank_pattern") else ""
+    own = f" at their full rank (r={adapter.peft_config.get('r')}{patterned})" if plan.mode == "truncate" else ""
     return (
         f"A LoRA adapter pruned with [LoRA-drop](https://arxiv.org/abs/2402.07721): {len(plan.kept)} of "
         f"{len(plan.kinds)} LoRA modules keep their own weights{own}, the other {len(plan.dropped)} {rest} "

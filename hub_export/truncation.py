@@ -102,9 +102,8 @@ def check_zero_block(state: Mapping[str, torch.Tensor], plan: DropPlan) -> None:
             f"the plan truncates that module to rank {rank} ({len(modules)} of {len(plan.dropped)} truncated modules "
             f"hold such weights). LoraDropCallback cuts them to rank {rank} at the switch (step {plan.step}) and that "
             "part stays zero, so the adapter was saved before the switch (or by another run than the plan's) and "
-            "keeping rank "
-            f"{rank} would change what it computes. Compact a checkpoint saved after the switch, with the plan of the "
-            "same run; an adapter from before the switch is a plain LoRA adapter, to use as it is."
+            f"keeping rank {rank} of it would change what it computes. Compact a checkpoint saved after the switch, "
+            "with the plan of the same run; an adapter from before the switch is a plain LoRA adapter, to use as it is."
         )
 
 
