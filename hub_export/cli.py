@@ -147,14 +147,18 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"{args.source}: LoRA-drop compact adapter, format version {adapter.format_version}")
     print(f"adapter {adapter.adapter_name!r}, mode {plan.mode}, threshold {plan.threshold}, switch at step {plan.step}")
     print(f"base model: {config.get('base_model_name_or_path') or 'unknown'}")
-    print(f"LoRA r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, targets: {targets}")
+    truncated = f"; {len(plan.dropped)} truncated to rank {plan.dropped_rank}" if plan.mode == "truncate" else ""
+    print(f"LoRA r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, targets: {targets}{truncated}")
     print(summary_table(plan, adapter.plain_params, adapter.stored_params))
     if adapter.other_params:
         print(f"plus {adapter.other_params:,} parameters of modules trained in full (modules_to_save)")
+    plain = "the unpruned adapter" if plan.mode == "truncate" else "a plain PEFT adapter"
     print(
-        f"weights: {adapter.stored_bytes:,} bytes instead of {adapter.plain_bytes:,} for a plain PEFT adapter "
+        f"weights: {adapter.stored_bytes:,} bytes instead of {adapter.plain_bytes:,} for {plain} "
         f"({ratio:.1%}); {on_disk:,} bytes of files in all"
     )
+    if plan.mode == "truncate":
+        print("loradrop expand writes a plain PEFT adapter of this size (truncated modules through rank_pattern)")
 
 
 def _expand(args: argparse.Namespace) -> None:

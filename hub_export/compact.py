@@ -2,13 +2,15 @@
 
 A compact adapter is a directory (format version 1):
 
-- ``adapter_compact.safetensors``: each kept LoRA once and one A/B pair per shared kind, under PEFT's own state-dict
-  keys (``base_model.model.<module>.lora_A.weight``); the safetensors metadata repeats the format version.
+- ``adapter_compact.safetensors``: each kept LoRA once and one A/B pair per shared kind (mode "share"), or each
+  truncated module's LoRA at its rank k, ``lora_A[:k]`` and ``lora_B[:, :k]`` (mode "truncate"), under PEFT's own
+  state-dict keys (``base_model.model.<module>.lora_A.weight``); the safetensors metadata repeats the format version.
 - ``loradrop_compact.json``: format name and version, adapter name, the plan with importances (plus the extra fields
   of the run's plan file: LoRA-drop settings, parameter counts, licence), ``tensors`` = stored key -> every PEFT key
   that takes it (itself first), ``dropped`` = PEFT key -> shape/dtype for modules whose LoRA is switched off (mode
   "drop"), and the SHA-256 of the weights file. Written last.
-- ``adapter_config.json``: the PEFT config of the run, as PEFT writes it (inference_mode true).
+- ``adapter_config.json``: the PEFT config of the run, as PEFT writes it (inference_mode true); in mode "truncate"
+  that is every module at rank r, with the ``alpha_pattern`` entries that scale truncated modules as rank k.
 - ``README.md`` (model card) and ``loradrop_importance.png`` (importance chart).
 
 On disk it is about the kept fraction of a plain PEFT adapter of the same model. Reading one checks everything
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +49,9 @@ from .files import has_member, read_member
 from .jsonfile import parse_json_object
 from .model_card import CARD_FILE, model_card
 from .plans import PlanSource, resolve_plan, split_payload
+from .truncation import full_numel, recorded_alpha_first, truncated_keys
 from .tying import TensorSpec, read_tying, split_key
-from .validate import check_adapter
+from .validate import check_adapter, lora_config, module_rank
 
 logger = logging.get_logger(__name__)
 
@@ -79,8 +83,9 @@ class CompactAdapter:
 
     @property
     def plain_bytes(self) -> int:
-        """Bytes of tensor data a plain PEFT adapter of the same model holds (every member and dropped key)."""
-        shared = sum(t.numel() * t.element_size() * len(self.members[k]) for k, t in self.tensors.items())
+        """Bytes of tensor data the unpruned adapter holds: a plain PEFT adapter of the same model (every member and
+        dropped key), with truncated modules at their full rank r."""
+        shared = sum(self._plain_numel(k, t) * t.element_size() * len(self.members[k]) for k, t in self.tensors.items())
         return shared + sum(spec.nbytes for spec in self.dropped.values())
 
     @property
@@ -90,9 +95,24 @@ class CompactAdapter:
 
     @property
     def plain_params(self) -> int:
-        """LoRA parameters of the unpruned adapter (lora_A and lora_B only): what the model had before the switch."""
-        shared = sum(t.numel() * len(self.members[k]) for k, t in self.tensors.items() if split_key(k))
+        """LoRA parameters of the unpruned adapter (lora_A and lora_B only): what the model had before the switch,
+        truncated modules at their full rank r."""
+        shared = sum(self._plain_numel(k, t) * len(self.members[k]) for k, t in self.tensors.items() if split_key(k))
         return shared + sum(torch.Size(spec.shape).numel() for spec in self.dropped.values())
+
+    @cached_property
+    def full_ranks(self) -> dict[str, int]:
+        """`{stored key: rank r}` of the LoRA weights of truncated modules (mode "truncate"), which are stored at the
+        plan's `dropped_rank` but have rank r in the trained model (r or `rank_pattern` of the PEFT config)."""
+        keys = truncated_keys(self.plan)
+        if not keys:
+            return {}
+        config = lora_config(self.peft_config, "The PEFT config of the compact adapter")
+        return {key: module_rank(config, name) for key, name in keys.items()}
+
+    def _plain_numel(self, key: str, tensor: torch.Tensor) -> int:
+        rank = self.full_ranks.get(key)
+        return tensor.numel() if rank is None else full_numel(key, tensor, rank)
 
     @property
     def other_params(self) -> int:
@@ -136,7 +156,9 @@ def save_compact(
         adapter_name=drop_plan.adapter_name,
         plan=drop_plan,
         plan_extra=extra,
-        peft_config=with_base_model(adapter_config_dict(model, drop_plan.adapter_name), base_model),
+        peft_config=recorded_alpha_first(
+            with_base_model(adapter_config_dict(model, drop_plan.adapter_name), base_model), drop_plan
+        ),
         tensors=tying.tensors,
         members=tying.members,
         dropped=tying.dropped,
@@ -251,12 +273,16 @@ def with_base(adapter: CompactAdapter, base_model: str | None) -> CompactAdapter
 
 
 def config_text(peft_config: dict[str, Any]) -> str:
-    """`adapter_config.json` as this package writes it (sorted keys, so the bytes are reproducible)."""
-    return json.dumps(peft_config, indent=2, sort_keys=True)
+    """`adapter_config.json` as this package writes it: its fields sorted, so the bytes are reproducible, but the
+    entries of `rank_pattern` and `alpha_pattern` in their own order, which is meaning to PEFT (it takes the first key
+    that matches a module, and loradrop's entries for truncated modules come before the user's)."""
+    return json.dumps({key: peft_config[key] for key in sorted(peft_config)}, indent=2)
 
 
 def adapter_config_dict(model: nn.Module, adapter_name: str) -> dict[str, Any]:
-    """The adapter's PEFT config as `PeftModel.save_pretrained` writes it, with sets sorted so files are stable."""
+    """The adapter's PEFT config as `PeftModel.save_pretrained` writes it, with sets sorted so files are stable, and
+    `modules_to_save` listing each module once: PEFT's classification models append their head's names to the list
+    of the config they are built from, so a model loaded from an adapter lists them twice."""
     config = copy.deepcopy(model.peft_config[adapter_name])
     if config.base_model_name_or_path is None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -266,6 +292,8 @@ def adapter_config_dict(model: nn.Module, adapter_name: str) -> dict[str, Any]:
     if config.task_type is None and hasattr(model, "_get_base_model_class"):
         base_class = model._get_base_model_class(is_prompt_tuning=False)
         data["auto_mapping"] = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+    if isinstance(data.get("modules_to_save"), list):
+        data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
     return {key: sorted(value) if isinstance(value, set) else value for key, value in data.items()}
 
 

@@ -6,7 +6,9 @@ callback's ``loradrop_plan.json``. Saving untied the copies, so the tying cannot
 `save_compact` does; what can be checked is that each shared group's copies are still equal, which holds exactly
 when the adapter was saved from the model that plan re-parameterised. In mode "drop" the callback zeroes every dropped
 module's LoRA B at the switch, so the plain adapter computes what the pruned model did; a dropped module whose saved B
-is not zero shows an adapter saved before the switch (or by another run), which dropping would change.
+is not zero shows an adapter saved before the switch (or by another run), which dropping would change. In mode
+"truncate" the callback cuts every truncated module to rank k and records its scaling in the PEFT config's
+`alpha_pattern`: a truncated module that is not zero past rank k, or a config without that entry, shows the same.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from .errors import CompactFileNotFoundError, CompactFormatError, PlanError
 from .files import has_member, read_member
 from .jsonfile import parse_json_object
 from .plans import PlanSource, read_plan
+from .truncation import recorded_alpha_first
 from .tying import group_by_plan
-from .validate import check_adapter
+from .validate import check_adapter, check_truncation, lora_config
 
 logger = logging.get_logger(__name__)
 
@@ -81,12 +84,15 @@ def compact_peft_adapter(
     )
     weights = _read_weights(source)
     _check_dropped_b_is_zero(weights, drop_plan)
-    tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)
+    tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
+    peft_config = recorded_alpha_first(with_base_model({**config, "inference_mode": True}, base_model), drop_plan)
+    where = f"the adapter at {source}"
+    check_truncation(lora_config(peft_config, f"The PEFT config of {where}"), drop_plan, where, PlanError)
     adapter = CompactAdapter(
         adapter_name=drop_plan.adapter_name,
         plan=drop_plan,
         plan_extra=extra,
-        peft_config=with_base_model({**config, "inference_mode": True}, base_model),
+        peft_config=peft_config,
         tensors=tying.tensors,
         members=tying.members,
         dropped=tying.dropped,

@@ -6,6 +6,12 @@ re-ties the shared modules (or switches the dropped ones off), so the result com
 did and, with `is_trainable=True`, trains on with the same tying. The plan is attached to the model, so
 `save_compact(model, dir)` needs no plan argument.
 
+Mode "truncate" rebuilds the trained model as it was: every module at the config's rank r, truncated modules' stored
+rank-k weights zero-padded back to r, and the model built from the config without loradrop's `alpha_pattern` entries,
+so each layer holds the user's `lora_alpha` and `apply_plan` sets the rank-k scaling from it, as the callback did; the
+entries are then recorded in the model's config again (`save_pretrained` needs them). The zero blocks stay zero when
+it trains on: their gradients are zero and the optimizer state starts empty.
+
 PEFT modifies the base model in place, so everything is checked first: the adapter against itself (`read_compact`),
 then against the base model (every module the adapter names exists with its widths, and the config puts LoRA on no
 module the adapter has no weights for). Should PEFT still fail, the base model is put back as it was, so a retry
@@ -27,11 +33,13 @@ from transformers.utils import logging
 from loradrop_trainer import apply_plan
 from loradrop_trainer.lora_layers import PEFT_PREFIX
 from loradrop_trainer.plan import attach_plan
+from loradrop_trainer.truncate import record_truncation
 
 from .compact import CompactAdapter, read_compact
 from .errors import BaseModelMismatchError
 from .expand import expanded_state_dict
 from .plans import plan_layers
+from .truncation import without_recorded_alpha
 from .tying import LORA_SUFFIXES
 from .validate import lora_config, lora_module, targets
 
@@ -52,16 +60,20 @@ def load_compact(
     for a Hub repo.
     """
     adapter = read_compact(path)
-    config = lora_config(adapter.peft_config, str(path))
+    config = lora_config(without_recorded_alpha(adapter.peft_config, adapter.plan), str(path))
     _check_base_model(base_model, adapter, config, str(path))
-    state = expanded_state_dict(adapter)  # allocated only now that every shape is known to be the base model's
+    # allocated only now that every shape is known to be the base model's
+    state = expanded_state_dict(adapter, padded=True)
     config.inference_mode = not is_trainable
     peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
     with _undone_on_failure(base_model):
         model = peft_class(base_model, config, adapter_name)
         _load_state(model, state, adapter_name, str(path))
         plan = dataclasses.replace(adapter.plan, adapter_name=adapter_name)
-        apply_plan(plan_layers(model, plan), plan)
+        layers = plan_layers(model, plan)
+        apply_plan(layers, plan)
+        if plan.mode == "truncate":
+            record_truncation(model.peft_config[adapter_name], layers, plan)
     if not is_trainable:
         model.eval()
     attach_plan(model, plan, adapter.plan_extra)

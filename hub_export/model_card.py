@@ -92,24 +92,36 @@ def model_card(adapter: CompactAdapter, chart_file: str) -> ModelCard:
 
 def _intro(adapter: CompactAdapter) -> str:
     plan = adapter.plan
-    rest = "share one LoRA per kind" if plan.mode == "share" else "have their LoRA removed"
+    rest = {
+        "share": "share one LoRA per kind",
+        "drop": "have their LoRA removed",
+        "truncate": f"are truncated to rank {plan.dropped_rank}, each keeping its own LoRA cut by SVD at the switch",
+    }[plan.mode]
+    patterned = ", or their rank_pattern entry" if adapter.peft_config.get("rank_pattern") else ""
+    own = f" at their full rank (r={adapter.peft_config.get('r')}{patterned})" if plan.mode == "truncate" else ""
     return (
         f"A LoRA adapter pruned with [LoRA-drop](https://arxiv.org/abs/2402.07721): {len(plan.kept)} of "
-        f"{len(plan.kinds)} LoRA modules keep their own weights, the other {len(plan.dropped)} {rest} "
+        f"{len(plan.kinds)} LoRA modules keep their own weights{own}, the other {len(plan.dropped)} {rest} "
         f"(mode `{plan.mode}`). It is stored in the `loradrop` compact format, version {adapter.format_version}."
     )
 
 
 def _size_table(adapter: CompactAdapter) -> str:
     ratio = adapter.stored_bytes / adapter.plain_bytes if adapter.plain_bytes else 0.0
+    truncate = adapter.plan.mode == "truncate"
     table = (
         "| | LoRA parameters | weight bytes |\n|---|---:|---:|\n"
-        f"| plain PEFT adapter | {adapter.plain_params:,} | {adapter.plain_bytes:,} |\n"
+        f"| {'unpruned' if truncate else 'plain'} PEFT adapter | {adapter.plain_params:,} | {adapter.plain_bytes:,} |\n"
         f"| this compact adapter | {adapter.stored_params:,} | {adapter.stored_bytes:,} ({ratio:.1%}) |"
     )
     if adapter.other_params:
         table += (
             f"\n\nBoth also hold {adapter.other_params:,} parameters of modules trained in full (`modules_to_save`)."
+        )
+    if truncate:
+        table += (
+            f"\n\nThe plain PEFT adapter `loradrop expand` writes is as small as this one: it gives the truncated "
+            f"modules rank {adapter.plan.dropped_rank} through `rank_pattern`."
         )
     return table
 
@@ -122,6 +134,8 @@ def _plan_tables(adapter: CompactAdapter) -> str:
             status = "own"
         elif plan.mode == "drop":
             status = "dropped"
+        elif plan.mode == "truncate":
+            status = f"truncated to rank {plan.dropped_rank}"
         else:
             status = f"shared: `{_short(plan.source_of(name))}`"
         modules.append(f"| `{_short(name)}` | {kind} | {plan.importance[name]:.4f} | {status} |")
@@ -145,6 +159,8 @@ def _settings_table(adapter: CompactAdapter) -> str:
     ]
     if "threshold" not in config:
         rows.append(f"| LoRA-drop threshold T | {plan.threshold} |")
+    if plan.mode == "truncate":
+        rows.append(f"| LoRA-drop dropped_rank (rank of truncated modules) | `{plan.dropped_rank}` |")
     if plan.step is not None:
         rows.append(f"| switch at optimizer step | {plan.step} |")
     rows += [f"| {key} | {_value(adapter.peft_config[key])} |" for key in _LORA_SETTINGS if key in adapter.peft_config]
@@ -154,17 +170,28 @@ def _settings_table(adapter: CompactAdapter) -> str:
 def _how_to_load(adapter: CompactAdapter, base: str | None) -> str:
     auto = _AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
     base_id = base or "<base model id>"
+    again = (
+        f"the model as trained, truncated modules at rank r with zeros past rank {adapter.plan.dropped_rank}; "
+        "`is_trainable=True` continues training at the same ranks"
+        if adapter.plan.mode == "truncate"
+        else "ties the shared modules again; `is_trainable=True` continues training with the same tying"
+    )
+    plain = (
+        " (truncated modules at their rank through `rank_pattern`; its logits agree with the trained model's up to "
+        "float32 rounding)"
+        if adapter.plan.mode == "truncate"
+        else ""
+    )
     return (
-        "With `loradrop` (ties the shared modules again; `is_trainable=True` continues training with the same "
-        "tying):\n\n"
+        f"With `loradrop` ({again}):\n\n"
         "```python\n"
         f"from transformers import {auto}\n"
         "from hub_export import load_from_hub\n\n"
         f'base = {auto}.from_pretrained("{base_id}")\n'
         'model = load_from_hub(base, "<this repo id>")  # or load_compact(base, "<local directory>")\n'
         "```\n\n"
-        "With plain PEFT, expand the adapter first (`loradrop expand hf://<this repo id> <output directory>`), or "
-        "load the `peft` subfolder if the repo was pushed with `--expanded`:\n\n"
+        f"With plain PEFT, expand the adapter first (`loradrop expand hf://<this repo id> <output directory>`{plain}), "
+        "or load the `peft` subfolder if the repo was pushed with `--expanded`:\n\n"
         "```python\n"
         "from peft import PeftModel\n"
         f"from transformers import {auto}\n\n"

@@ -2,7 +2,8 @@
 
 The model is the truth, not the plan: in mode "share" the members of a shared group hold the very same Parameters
 (same storage), or, when FSDP2 or ZeRO-3 sharded them and their gradients were tied instead, bit-identical copies
-(gathered from the shards first); in mode "drop" the dropped layers have the adapter switched off. The plan says what
+(gathered from the shards first); in mode "drop" the dropped layers have the adapter switched off; in mode "truncate"
+the truncated layers' LoRA is zero past rank k, and only its first k ranks are stored. The plan says what
 the model should look like; anything else (a plan from another run, a model that was never re-parameterised) is
 refused rather than exported wrongly. Keys are PEFT's own state-dict keys (`get_peft_model_state_dict`: adapter name
 removed), so a compact adapter expands to a plain one by copying each stored tensor to its members' keys.
@@ -23,8 +24,9 @@ from loradrop_trainer.sharding import lora_state_dict
 
 from .errors import PlanError
 from .plans import plan_layers
+from .truncation import PARTS, check_zero_block, stored_part, truncated_keys
 
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # the only tensors a LoRA-drop module has
+LORA_SUFFIXES = PARTS  # the only tensors a LoRA-drop module has
 _LORA_KEY = re.compile(r"^(?P<module>.+?)(?P<suffix>\.lora_[AB]\.[^.]+)$")
 
 
@@ -122,6 +124,10 @@ def group_by_plan(
 ) -> Tying:
     """Group a PEFT state dict's tensors as `plan` ties them, checking that each member holds its source's weights.
 
+    In mode "truncate" every module is its own source, and a truncated module's weights are stored at its rank k
+    (`truncation.stored_part`) once `truncation.check_zero_block` has found the rest exactly zero (`PlanError`
+    otherwise, naming the module).
+
     Args:
         state: PEFT state-dict keys (adapter name removed) to tensors.
         plan: says which module's LoRA each module uses (`DropPlan.source_of`).
@@ -143,7 +149,14 @@ def group_by_plan(
         for key in keys:
             if not same(state[key], state[source]):
                 raise PlanError(differs.format(key=key, source=source))
-    tensors = {source: state[source].detach().to("cpu", copy=True).contiguous() for source in members}
+    check_zero_block(state, plan)
+    truncated = truncated_keys(plan)
+    tensors = {}
+    for source in members:
+        tensor = state[source].detach()
+        if source in truncated:
+            tensor = stored_part(source, tensor, plan.dropped_rank)
+        tensors[source] = tensor.to("cpu", copy=True).contiguous()
     return Tying(tensors, members, dropped)
 
 

@@ -12,8 +12,12 @@ parsed as PEFT parses it:
   every module of the plan is targeted;
 - mapping: every module of the plan stores, shares or drops its LoRA exactly as `DropPlan.source_of` says, and any
   other module stands alone;
-- shapes: matrices whose rank is the one the config gives the module (``r`` or ``rank_pattern``), one shape per
-  kind, widths bounded by `MAX_WIDTH`; dtypes floating point; weights finite.
+- shapes: matrices whose rank is the one the config gives the module (``r`` or ``rank_pattern``), or the plan's
+  ``dropped_rank`` k for a module it truncates (mode "truncate"), one shape per kind and rank, widths bounded by
+  `MAX_WIDTH`; dtypes floating point; weights finite;
+- truncation (mode "truncate"): k is below every truncated module's rank r, and the config's ``alpha_pattern`` has,
+  first among the keys that match the module, the entry LoraDropCallback records for it, with the ``lora_alpha``
+  that scales it as a rank-k LoRA (`check_truncation`).
 
 What needs the base model (do the modules exist, are the widths theirs) is checked by `hub_export.loader`.
 """
@@ -21,6 +25,7 @@ What needs the base model (do the modules exist, are the widths theirs) is check
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +35,10 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
 from loradrop_trainer.lora_layers import PEFT_PREFIX
+from loradrop_trainer.truncate import alpha_at_rank
 
 from .errors import CompactFormatError
+from .truncation import recorded_alpha_keys, truncated_keys
 from .tying import LORA_SUFFIXES, split_key
 
 if TYPE_CHECKING:
@@ -72,6 +79,7 @@ def check_adapter(adapter: CompactAdapter, where: str) -> LoraConfig:
     config = lora_config(adapter.peft_config, f"The PEFT config of {where}")
     _check_keys(adapter, config, where)
     _check_mapping(adapter, where)
+    check_truncation(config, adapter.plan, where)
     _check_shapes(adapter, config, where)
     _check_values(adapter, where)
     return config
@@ -110,6 +118,14 @@ def _patterned(config: LoraConfig, field: str, pattern: str, where: str) -> list
     values = getattr(config, pattern)
     if not isinstance(values, dict):
         raise CompactFormatError(f"{where} gives {pattern}={values!r}; it must map module names to values.")
+    for key in values:  # PEFT (and `module_rank`, `check_truncation`) match them as regular expressions
+        try:
+            re.compile(key)
+        except (re.error, TypeError) as err:
+            raise CompactFormatError(
+                f"{where} gives {pattern} the key {key!r}, which is no regular expression ({err}); PEFT matches these "
+                "keys against module names."
+            ) from err
     return [getattr(config, field), *values.values()]
 
 
@@ -208,6 +224,8 @@ def _found(key: str, holder: Mapping[str, str], dropped: Mapping[str, Any]) -> s
 def _plan_says(plan: DropPlan, name: str) -> str:
     if name in plan.kept:
         return f"the plan gives {name!r} its own LoRA"
+    if plan.mode == "truncate":
+        return f"the plan gives {name!r} its own LoRA, truncated to rank {plan.dropped_rank}"
     source = plan.source_of(name)
     return f"the plan drops the LoRA of {name!r}" if source is None else f"the plan ties {name!r} to {source!r}"
 
@@ -218,7 +236,8 @@ def _check_shapes(adapter: CompactAdapter, config: LoraConfig, where: str) -> No
             raise CompactFormatError(f"{where} gives dropped {key!r} dtype {spec.dtype!r}; LoRA weights are floats.")
     shapes = {key: tuple(adapter.tensors[source].shape) for source, keys in adapter.members.items() for key in keys}
     shapes.update({key: spec.shape for key, spec in adapter.dropped.items()})
-    first_of_kind: dict[tuple[str, str], tuple[str, tuple]] = {}
+    truncated = truncated_keys(adapter.plan)
+    first_of_kind: dict[tuple[str, str, int], tuple[str, tuple]] = {}
     for key, shape in shapes.items():
         module = lora_module(key, config)
         if module is None:
@@ -228,20 +247,69 @@ def _check_shapes(adapter: CompactAdapter, config: LoraConfig, where: str) -> No
                 f"{where} gives {key!r} the shape {list(shape)}; a LoRA weight is a matrix of widths 1 to "
                 f"{MAX_WIDTH:,}. Export the adapter again."
             )
-        rank, found = module_rank(config, module), shape[0] if key.endswith(LORA_SUFFIXES[0]) else shape[1]
+        found = shape[0] if key.endswith(LORA_SUFFIXES[0]) else shape[1]
+        if key in truncated:
+            rank = adapter.plan.dropped_rank
+            says = f"its plan truncates {module!r} to rank {rank} (dropped_rank), all a compact adapter stores of it"
+        else:
+            rank = module_rank(config, module)
+            says = f"its PEFT config gives {module!r} rank {rank} (r or rank_pattern)"
         if found != rank:
             raise CompactFormatError(
-                f"{where}: {key!r} has rank {found}, but its PEFT config gives {module!r} rank {rank} (r or "
-                "rank_pattern); the config and the weights come from different adapters. Export it again."
+                f"{where}: {key!r} has rank {found}, but {says}; the plan, the config and the weights come from "
+                "different adapters. Export it again."
             )
         kind = adapter.plan.kinds.get(module)
         if kind is not None:
-            other, other_shape = first_of_kind.setdefault((kind, key.removeprefix(module)), (key, shape))
+            other, other_shape = first_of_kind.setdefault((kind, key.removeprefix(module), rank), (key, shape))
             if other_shape != shape:
                 raise CompactFormatError(
-                    f"{where}: {key!r} has shape {list(shape)}, but {other!r} of the same kind ({kind}) has "
+                    f"{where}: {key!r} has shape {list(shape)}, but {other!r} of the same kind ({kind}) and rank has "
                     f"{list(other_shape)}; the modules of one kind have one shape. Export the adapter again."
                 )
+
+
+def check_truncation(
+    config: LoraConfig, plan: DropPlan, where: str, error: type[ValueError] = CompactFormatError
+) -> None:
+    """Mode "truncate": refuse a plan whose `dropped_rank` k is not below a truncated module's rank r, and a config
+    that does not scale every truncated module as a rank-k LoRA.
+
+    The adapter's config is the model's, at rank r everywhere: what PEFT builds from it computes the truncated
+    modules' LoRA only with the `alpha_pattern` entry LoraDropCallback records for each of them, the `lora_alpha`
+    that makes PEFT's rank-r scaling the rank-k one. It must be the first key PEFT finds for the module, and its
+    value the one the user's own `lora_alpha` (or `alpha_pattern`) gives.
+    """
+    if plan.mode != "truncate":
+        return
+    k, ours = plan.dropped_rank, recorded_alpha_keys(plan)
+    theirs = {key: value for key, value in config.alpha_pattern.items() if key not in ours}
+    for key, name in ours.items():
+        r, short = module_rank(config, name), name.removeprefix(PEFT_PREFIX)
+        if k >= r:
+            raise error(
+                f"{where}: its plan truncates {name!r} to rank {k} (dropped_rank), but its PEFT config gives that "
+                f"module rank {r}; truncation keeps fewer ranks than r. The plan and the config come from different "
+                "adapters: export the adapter again."
+            )
+        alpha = theirs.get(get_pattern_key(theirs.keys(), short), config.lora_alpha)
+        wanted = alpha_at_rank(alpha, r, k, config.use_rslora)
+        first = get_pattern_key(config.alpha_pattern.keys(), short)
+        if first != key or config.alpha_pattern[key] != wanted:
+            found = (
+                f"has {first!r} first among the keys that match it"
+                if key in config.alpha_pattern and first != key
+                else f"maps it to lora_alpha {config.alpha_pattern[key]!r}"
+                if key in config.alpha_pattern
+                else "has no entry for it"
+            )
+            raise error(
+                f"{where}: its plan truncates {name!r} to rank {k}, but the alpha_pattern of its PEFT config {found}; "
+                f"LoraDropCallback records {key!r}: {wanted!r} there at the switch, so that PEFT scales the rank-{r} "
+                f"module as a rank-{k} LoRA. The config was saved before the switch or by another run than the plan's: "
+                "export the adapter again from the model (or a checkpoint) saved after the switch, with the plan of "
+                "the same run."
+            )
 
 
 def _check_values(adapter: CompactAdapter, where: str) -> None:

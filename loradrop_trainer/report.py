@@ -82,7 +82,7 @@ def plot_importance(plan: DropPlan, path: str | os.PathLike) -> Path:
         ax.set_ylabel(kind, rotation=0, ha="right", va="center")
         ax.grid(axis="y", alpha=0.3)
     axes[-1, 0].set_xlabel("layer")
-    verb = _DROPPED_AS[plan.mode]
+    verb = _DROPPED_AS[plan.mode] + (f" to rank {plan.dropped_rank}" if plan.mode == "truncate" else "")
     fig.suptitle(f"LoRA-drop importance (blue: kept, grey: {verb}; threshold {plan.threshold})")
     fig.tight_layout()
     png = io.BytesIO()

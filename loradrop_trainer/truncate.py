@@ -35,8 +35,12 @@ from .sharding import parameter_engine, whole_tensors
 
 def rank_scaling(layer: LoraLayer, adapter: str, rank: int) -> float:
     """The scaling PEFT gives `layer`'s LoRA at rank `rank`, with the layer's own `lora_alpha` and rsLoRA setting."""
-    alpha = layer.lora_alpha[adapter]
-    return alpha / math.sqrt(rank) if layer.use_rslora.get(adapter, False) else alpha / rank
+    return scaling_at_rank(layer.lora_alpha[adapter], rank, layer.use_rslora.get(adapter, False))
+
+
+def scaling_at_rank(lora_alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling of a rank-`rank` LoRA: `lora_alpha / rank`, or `lora_alpha / sqrt(rank)` with rsLoRA."""
+    return lora_alpha / math.sqrt(rank) if use_rslora else lora_alpha / rank
 
 
 @torch.no_grad()
@@ -113,8 +117,13 @@ def truncated_alpha(layer: LoraLayer, adapter: str, rank: int) -> float:
     """The `lora_alpha` that makes PEFT give a rank-r LoRA the scaling of a rank-`rank` one (`rank_scaling`): what a
     plain PEFT adapter saved with every module at rank r (`save_pretrained`, the Trainer's checkpoints) needs in its
     `alpha_pattern` to compute what the truncated module computes. Exact when r is a power of two."""
-    r = layer.r[adapter]
-    return rank_scaling(layer, adapter, rank) * (math.sqrt(r) if layer.use_rslora.get(adapter, False) else r)
+    return alpha_at_rank(layer.lora_alpha[adapter], layer.r[adapter], rank, layer.use_rslora.get(adapter, False))
+
+
+def alpha_at_rank(lora_alpha: float, r: int, rank: int, use_rslora: bool) -> float:
+    """`truncated_alpha` from plain numbers: the `lora_alpha` with which PEFT scales a rank-`r` LoRA as it scales a
+    rank-`rank` one with `lora_alpha` (exporters check a saved config's `alpha_pattern` with it)."""
+    return scaling_at_rank(lora_alpha, rank, use_rslora) * (math.sqrt(r) if use_rslora else r)
 
 
 def record_truncation(config: LoraConfig, layers: dict[str, LoraLayer], plan: DropPlan) -> None:

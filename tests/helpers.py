@@ -65,7 +65,15 @@ def tiny_llama_base(seed: int = 0, layers: int = 4, hidden: int = 32) -> LlamaFo
     return LlamaForCausalLM(config)
 
 
-def tiny_bert(seed: int = 0, layers: int = 3):
+def tiny_bert(seed: int = 0, layers: int = 3, **lora_kwargs):
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS", **lora_kwargs
+    )
+    return get_peft_model(tiny_bert_base(seed, layers), lora)
+
+
+def tiny_bert_base(seed: int = 0, layers: int = 3) -> BertForSequenceClassification:
+    """The frozen model under `tiny_bert(seed)`: same seed, same weights (the classifier head included)."""
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=VOCAB,
@@ -76,9 +84,7 @@ def tiny_bert(seed: int = 0, layers: int = 3):
         max_position_embeddings=64,
         num_labels=2,
     )
-    model = BertForSequenceClassification(config)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
-    return get_peft_model(model, lora)
+    return BertForSequenceClassification(config)
 
 
 class TokenDataset(Dataset):

@@ -1,0 +1,502 @@
+"""Mode "truncate" through hub_export: the compact adapter stores truncated modules at rank k and loads back to the
+trained model exactly, the expansion is a plain PEFT adapter at the reduced size (`rank_pattern`), what does not come
+from the plan's run after its switch is refused, and the model card, `loradrop inspect` and the Hub say what happened.
+
+Two runs per module, read afterwards: a tiny Llama (r=4, truncated to rank 1) saving checkpoints around the switch,
+and a tiny BERT classifier (r=4 with `rank_pattern` r=8 for `query`, a user `alpha_pattern` for `value`, truncated to
+rank 2) whose classifier is saved in full (`modules_to_save`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    SHARING,
+    TokenDataset,
+    random_lora_b,
+    tiny_bert,
+    tiny_bert_base,
+    tiny_llama,
+    tiny_llama_base,
+    training_args,
+)
+from hub_server import DEFAULT_USER
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from hub_export import (
+    CompactFormatError,
+    PlanError,
+    compact_peft_adapter,
+    expand_to_peft,
+    load_compact,
+    load_from_hub,
+    push_to_hub,
+    read_compact,
+    save_compact,
+)
+from hub_export.cli import main as loradrop
+from hub_export.compact import MANIFEST_FILE, WEIGHTS_FILE
+from hub_export.hub import PEFT_SUBFOLDER
+from hub_export.model_card import CARD_FILE
+from loradrop_trainer import LoraDropCallback, build_plan, find_lora_layers, lora_kinds
+from loradrop_trainer.lora_layers import lora_parameters
+from loradrop_trainer.reparam import reparameterise
+from loradrop_trainer.report import PLAN_FILE
+from loradrop_trainer.truncate import pattern_key, rank_scaling, record_truncation
+
+INPUTS = torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(7))
+CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+REPO = f"{DEFAULT_USER}/tiny-truncate"
+# Expanded logits against the trained ones, relative to the largest logit: a rank-k product in place of a zero-padded
+# rank-r one sums in another float32 order (measured ~3e-7 on the tiny Llama); a wrong scaling or rank is >= 1e-2.
+EXPANSION_RTOL = 1e-5
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished truncate-mode run: the trained model, its callback, the Trainer output dir and the compact export."""
+
+    model: PeftModel
+    callback: LoraDropCallback
+    output_dir: Path
+    compact: Path
+    logits: torch.Tensor
+    base: Callable[[], torch.nn.Module]
+
+
+def _train(root: Path, model: PeftModel, base: Callable[[], torch.nn.Module], task: str, rank: int) -> Run:
+    callback = LoraDropCallback(alpha=0.25, mode="truncate", dropped_rank=rank, **SHARING)  # switch at step 3
+    args = training_args(root, save_strategy="steps", save_steps=2, max_steps=12)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(task=task), callbacks=[callback])
+    trainer.train()
+    trainer.save_model()
+    assert callback.plan.mode == "truncate" and callback.plan.dropped and callback.plan.kept
+    compact = save_compact(model, root / "compact")
+    return Run(model, callback, Path(args.output_dir), compact, _logits(model), base)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Run:
+    return _train(tmp_path_factory.mktemp("llama"), tiny_llama(), tiny_llama_base, "causal", rank=1)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Run:
+    model = tiny_bert(rank_pattern={"query": 8}, alpha_pattern={"value": 16})
+    return _train(tmp_path_factory.mktemp("bert"), model, tiny_bert_base, "classify", rank=2)
+
+
+@pytest.fixture(params=["llama", "bert"])
+def run(request) -> Run:
+    return request.getfixturevalue(request.param)
+
+
+def _logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=INPUTS).logits
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("loradrop: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _relative_difference(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(largest absolute difference, that over the largest absolute logit)."""
+    diff = float((logits - reference).abs().max())
+    return diff, diff / float(reference.abs().max())
+
+
+def _assert_zero_blocks(model, plan) -> None:
+    """Every truncated module holds rank r with zeros past rank k; every module's leading part is not all zero."""
+    layers, k = find_lora_layers(model), plan.dropped_rank
+    for name in plan.dropped:
+        a, b = layers[name].lora_A["default"].weight, layers[name].lora_B["default"].weight
+        assert a.shape[0] == b.shape[1] == layers[name].r["default"] > k
+        assert not a[k:].any() and not b[:, k:].any(), name
+        assert a[:k].any() and b[:, :k].any(), name
+
+
+# ---------------------------------------------------------------------------------------------- the compact adapter
+
+
+def test_compact_round_trip_gives_the_trained_model_exactly(run, tmp_path):
+    """Truncated modules are stored at rank k; load_compact rebuilds rank r with zero blocks, the trained scaling and
+    the recorded alpha_pattern, so the logits are the trained ones bit for bit and saving again changes no byte."""
+    plan, k = run.callback.plan, run.callback.plan.dropped_rank
+    adapter = read_compact(run.compact)
+    for name in plan.dropped:
+        assert adapter.tensors[f"{name}.lora_A.weight"].shape[0] == k
+        assert adapter.tensors[f"{name}.lora_B.weight"].shape[1] == k
+    trained = find_lora_layers(run.model)
+    for name in plan.kept:
+        assert adapter.tensors[f"{name}.lora_A.weight"].shape[0] == trained[name].r["default"]
+    alpha_pattern = adapter.peft_config["alpha_pattern"]
+    assert list(alpha_pattern)[: len(plan.dropped)] == [pattern_key(name) for name in plan.dropped], "ours first"
+
+    loaded = load_compact(run.base(), run.compact)
+    torch.testing.assert_close(_logits(loaded), run.logits, rtol=0, atol=0)
+    layers = find_lora_layers(loaded)
+    _assert_zero_blocks(loaded, plan)
+    for name in plan.kinds:
+        assert layers[name].scaling["default"] == trained[name].scaling["default"], name
+    for name in plan.dropped:
+        assert layers[name].scaling["default"] == rank_scaling(layers[name], "default", k)
+        assert layers[name].lora_alpha["default"] == trained[name].lora_alpha["default"], "the user's lora_alpha"
+    assert loaded.peft_config["default"].alpha_pattern == run.model.peft_config["default"].alpha_pattern
+    assert loaded.loradrop_plan == plan
+    assert _files(save_compact(loaded, tmp_path / "again")) == _files(run.compact)
+
+
+def test_compact_size_is_the_kept_fraction(run, tmp_path):
+    """Stored parameters are the callback's count after the switch, plain ones (truncated modules at rank r) its count
+    before; the compact file leaves out of the plain PEFT adapter the trained model saves exactly the LoRA bytes past
+    rank k. (On models this small the safetensors header, one entry per tensor in both files, is a good part of the
+    files, so the ratio of whole files sits above the kept fraction.)"""
+    callback, adapter = run.callback, read_compact(run.compact)
+    assert adapter.stored_params == callback.lora_params_after < adapter.plain_params == callback.lora_params_before
+    layers = find_lora_layers(run.model)
+    sizes = {name: sum(p.numel() for p in lora_parameters(layer, "default")) for name, layer in layers.items()}
+    fraction = callback.plan.kept_fraction(sizes, {name: layer.r["default"] for name, layer in layers.items()})
+    assert fraction == callback.lora_params_after / callback.lora_params_before
+    other = 4 * adapter.other_params  # the classifier the BERT run trains in full is in both
+    assert (adapter.stored_bytes - other) / (adapter.plain_bytes - other) == pytest.approx(fraction, rel=1e-12)
+    run.model.save_pretrained(tmp_path / "plain")
+    plain = (tmp_path / "plain" / PEFT_WEIGHTS).stat().st_size
+    compact = (run.compact / WEIGHTS_FILE).stat().st_size
+    assert plain - compact == pytest.approx(adapter.plain_bytes - adapter.stored_bytes, rel=0.02)
+    print(
+        f"\n{type(run.model.get_base_model()).__name__}: LoRA bytes {adapter.stored_bytes - other:,} / "
+        f"{adapter.plain_bytes - other:,} = {fraction:.4f} (kept fraction); weights files {compact:,} / {plain:,} = "
+        f"{compact / plain:.4f}"
+    )
+
+
+def test_save_model_output_and_a_checkpoint_after_the_switch_compact(llama, tmp_path, capsys):
+    """`loradrop compact` of what the unmodified script saved: trainer.save_model()'s output loads with the trained
+    logits exactly, and a checkpoint after the switch with that checkpoint's own (plain PEFT) logits."""
+    assert loradrop(["compact", str(llama.output_dir), str(tmp_path / "final")]) == 0
+    final = read_compact(tmp_path / "final")
+    assert final.plan == llama.callback.plan
+    from_model = read_compact(llama.compact)
+    assert final.tensors.keys() == from_model.tensors.keys()
+    assert all(torch.equal(final.tensors[key], from_model.tensors[key]) for key in final.tensors)
+    torch.testing.assert_close(_logits(load_compact(llama.base(), tmp_path / "final")), llama.logits, rtol=0, atol=0)
+
+    checkpoint = llama.output_dir / "checkpoint-4"
+    assert llama.callback.plan.step < 4 and (checkpoint / PLAN_FILE).is_file()
+    compact = compact_peft_adapter(checkpoint, tmp_path / "checkpoint-4")
+    plain = PeftModel.from_pretrained(llama.base(), str(checkpoint))
+    torch.testing.assert_close(_logits(load_compact(llama.base(), compact)), _logits(plain), rtol=0, atol=0)
+    _assert_zero_blocks(load_compact(llama.base(), compact), llama.callback.plan)
+
+
+def test_a_checkpoint_from_before_the_switch_is_refused_naming_a_truncated_module(llama, tmp_path, capsys):
+    """checkpoint-2 holds full-rank LoRA everywhere (the switch is at step 3): storing rank k of it would change it.
+    Refused by the CLI in one line (exit 1) and by the Python API, naming a truncated module; nothing is written."""
+    before, plan = llama.output_dir / "checkpoint-2", llama.callback.plan
+    assert not (before / PLAN_FILE).exists()
+    argv = ["compact", str(before), str(tmp_path / "compact"), "--plan", str(llama.output_dir / PLAN_FILE)]
+    assert loradrop(argv) == 1
+    error = _one_line_error(capsys)
+    assert "mode 'truncate'" in error and "is not zero past rank 1" in error and "before the switch" in error
+    named = re.search(r"'([^']+)\.lora_[AB]\.weight' is not zero", error)
+    assert named and named[1] in plan.dropped, "the error names a module the plan truncates"
+    assert not (tmp_path / "compact").exists()
+    with pytest.raises(PlanError, match=r"mode 'truncate'.*is not zero past rank 1"):
+        compact_peft_adapter(before, tmp_path / "compact", plan=llama.output_dir / PLAN_FILE)
+    assert not (tmp_path / "compact").exists()
+
+
+def test_a_model_that_was_not_truncated_is_refused(llama, tmp_path):
+    with pytest.raises(PlanError, match=r"mode 'truncate'.*is not zero past rank 1"):
+        save_compact(tiny_llama(), tmp_path / "untruncated", plan=llama.callback.plan)
+    assert not (tmp_path / "untruncated").exists()
+
+
+def test_a_saved_adapter_without_the_recorded_scaling_is_refused(llama, tmp_path, capsys):
+    """The zero blocks fit, but the config lacks the alpha_pattern entry that scales a truncated module as rank k (an
+    adapter saved by other means than the run's): PEFT would compute something else than the trained model."""
+    source = Path(shutil.copytree(llama.output_dir / "checkpoint-4", tmp_path / "checkpoint"))
+    config = json.loads((source / CONFIG_FILE).read_text())
+    name = llama.callback.plan.dropped[-1]
+    del config["alpha_pattern"][pattern_key(name)]
+    (source / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(PlanError, match=rf"{re.escape(repr(name))} to rank 1, but the alpha_pattern .* has no entry"):
+        compact_peft_adapter(source, tmp_path / "compact")
+    assert loradrop(["compact", str(source), str(tmp_path / "compact")]) == 1
+    assert "has no entry for it" in _one_line_error(capsys)
+    assert not (tmp_path / "compact").exists()
+
+
+# ---------------------------------------------------------------------------------------------- expansion
+
+
+def test_expansion_is_a_plain_peft_adapter_at_the_reduced_size(run, tmp_path):
+    """rank_pattern gives truncated modules rank k ahead of the user's entries, loradrop's alpha_pattern entries are
+    gone (the user's stay), and vanilla PEFT computes the trained logits up to float32 summation order."""
+    plan, k = run.callback.plan, run.callback.plan.dropped_rank
+    out = expand_to_peft(run.compact, tmp_path / "peft")
+    config = json.loads((out / CONFIG_FILE).read_text())
+    ours = [pattern_key(name) for name in plan.dropped]
+    assert list(config["rank_pattern"])[: len(ours)] == ours and all(config["rank_pattern"][key] == k for key in ours)
+    user = run.model.peft_config["default"]
+    assert {key: v for key, v in config["rank_pattern"].items() if key not in ours} == dict(user.rank_pattern or {})
+    assert not set(ours) & set(config["alpha_pattern"])
+    assert config["alpha_pattern"] == {key: v for key, v in user.alpha_pattern.items() if key not in ours}
+    weights = load_file(out / PEFT_WEIGHTS)
+    compact = read_compact(run.compact)
+    assert weights.keys() == {key for keys in compact.members.values() for key in keys}
+    assert all(torch.equal(weights[key], compact.tensors[key]) for key in compact.tensors), "the stored tensors"
+    assert (out / PEFT_WEIGHTS).stat().st_size == pytest.approx((run.compact / WEIGHTS_FILE).stat().st_size, rel=0.01)
+
+    plain = PeftModel.from_pretrained(run.base(), str(out))
+    layers, trained = find_lora_layers(plain), find_lora_layers(run.model)
+    for name in plan.dropped:
+        assert layers[name].r["default"] == k and layers[name].scaling["default"] == trained[name].scaling["default"]
+    for name in plan.kept:
+        assert layers[name].r["default"] == trained[name].r["default"]
+        assert layers[name].scaling["default"] == trained[name].scaling["default"]
+    logits = _logits(plain)
+    diff, relative = _relative_difference(logits, run.logits)
+    print(f"\nexpanded vs trained logits: max abs {diff:.3e}, relative to the largest logit {relative:.3e}")
+    assert relative < EXPANSION_RTOL
+    torch.testing.assert_close(logits, run.logits, rtol=0, atol=EXPANSION_RTOL * float(run.logits.abs().max()))
+    assert _files(expand_to_peft(run.compact, tmp_path / "peft2")) == _files(out), "expansion is deterministic"
+
+
+def test_a_user_alpha_pattern_key_that_sorts_first_does_not_change_what_the_compact_adapter_computes(tmp_path):
+    """PEFT's save_pretrained writes alpha_pattern sorted, so a user key that matches a truncated module and sorts
+    before loradrop's (here one naming layer 0's k_proj) comes first in the saved config, and PEFT would scale that
+    module with it. The compact adapter puts loradrop's entries first again: it loads with the trained logits exactly
+    and expands to the same logits as for any other adapter."""
+    user_key = r"layers\.0\.self_attn\.k_proj"
+    model = tiny_llama(alpha_pattern={user_key: 8})
+    callback = LoraDropCallback(alpha=0.25, mode="truncate", dropped_rank=1, **SHARING)
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback])
+    trainer.train()
+    trainer.save_model()
+    name = "base_model.model.model.layers.0.self_attn.k_proj"
+    assert name in callback.plan.dropped
+    saved = json.loads((tmp_path / "out" / CONFIG_FILE).read_text())["alpha_pattern"]
+    assert next(iter(saved)) == user_key, "PEFT sorted the keys: the user's comes first"
+    compact = compact_peft_adapter(tmp_path / "out", tmp_path / "compact")
+    assert next(iter(read_compact(compact).peft_config["alpha_pattern"])) == pattern_key(name)
+    trained = _logits(model)
+    torch.testing.assert_close(_logits(load_compact(tiny_llama_base(), compact)), trained, rtol=0, atol=0)
+    plain = PeftModel.from_pretrained(tiny_llama_base(), str(expand_to_peft(compact, tmp_path / "peft")))
+    assert _relative_difference(_logits(plain), trained)[1] < EXPANSION_RTOL
+
+
+def test_rslora_truncation_exports_with_its_own_scaling(tmp_path):
+    """With rsLoRA a rank-k LoRA is scaled by lora_alpha / sqrt(k): the recorded alpha_pattern, load_compact and the
+    expansion's rank_pattern all follow it (a model truncated without a Trainer, k=2 of r=4)."""
+    model = random_lora_b(tiny_llama(use_rslora=True))
+    layers = find_lora_layers(model)
+    importance = {name: 1.0 + (i * 7919 % 13) for i, name in enumerate(layers)}
+    plan = build_plan(importance, lora_kinds(layers), 0.6, mode="truncate", dropped_rank=2)
+    reparameterise(layers, plan, None, at_switch=True)
+    record_truncation(model.peft_config["default"], layers, plan)
+    name = plan.dropped[0]
+    assert layers[name].scaling["default"] == 8 / math.sqrt(2)
+    assert model.peft_config["default"].alpha_pattern[pattern_key(name)] == pytest.approx(8 / math.sqrt(2) * 2)
+    trained = _logits(model)
+    compact = save_compact(model, tmp_path / "compact", plan=plan)
+    torch.testing.assert_close(_logits(load_compact(tiny_llama_base(), compact)), trained, rtol=0, atol=0)
+    plain = PeftModel.from_pretrained(tiny_llama_base(), str(expand_to_peft(compact, tmp_path / "peft")))
+    assert find_lora_layers(plain)[name].scaling["default"] == 8 / math.sqrt(2)
+    assert _relative_difference(_logits(plain), trained)[1] < EXPANSION_RTOL
+
+
+# ---------------------------------------------------------------------------------------------- training on
+
+
+def test_trainable_load_trains_on_with_the_zero_blocks_zero(llama, tmp_path):
+    """load_compact(is_trainable=True) continues at the same ranks: the leading parts train, the zero blocks get zero
+    gradients and stay exactly zero, and the result compacts and loads again with its own logits."""
+    loaded = load_compact(llama.base(), llama.compact, is_trainable=True)
+    plan, layers = llama.callback.plan, find_lora_layers(loaded)
+    before = {name: layers[name].lora_B["default"].weight.detach().clone() for name in plan.kinds}
+    Trainer(model=loaded, args=training_args(tmp_path, max_steps=4), train_dataset=TokenDataset()).train()
+    assert all(not torch.equal(layers[name].lora_B["default"].weight, before[name]) for name in plan.dropped)
+    _assert_zero_blocks(loaded, plan)
+    for name in plan.dropped:
+        assert layers[name].scaling["default"] == rank_scaling(layers[name], "default", plan.dropped_rank)
+    logits = _logits(loaded)
+    again = save_compact(loaded, tmp_path / "again")
+    torch.testing.assert_close(_logits(load_compact(llama.base(), again)), logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- untrusted input
+
+
+def _craft(
+    src: Path,
+    dst: Path,
+    *,
+    manifest: Callable[[dict], None] | None = None,
+    config: Callable[[dict], None] | None = None,
+    tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> Path:
+    """A copy of the adapter `src` with its manifest, PEFT config or weights edited (checksum kept consistent)."""
+    out = Path(shutil.copytree(src, dst))
+    data = json.loads((out / MANIFEST_FILE).read_text())
+    if tensors is not None:
+        weights = load_file(out / WEIGHTS_FILE)
+        tensors(weights)
+        save_file(weights, out / WEIGHTS_FILE, metadata={"loradrop_compact_version": "1"})
+        data["weights_sha256"] = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
+    if manifest is not None:
+        manifest(data)
+    (out / MANIFEST_FILE).write_text(json.dumps(data))
+    if config is not None:
+        peft_config = json.loads((out / CONFIG_FILE).read_text())
+        config(peft_config)
+        (out / CONFIG_FILE).write_text(json.dumps(peft_config))
+    return out
+
+
+def _truncated_key(run: Run, part: str = "A") -> str:
+    return f"{run.callback.plan.dropped[0]}.lora_{part}.weight"
+
+
+def _full_rank(weights: dict[str, torch.Tensor], key: str) -> None:
+    """The truncated module's weight at rank r (k leading rows, zeros after): what the trained model holds."""
+    value = weights[key]
+    weights[key] = torch.cat([value, torch.zeros(3, value.shape[1])]) if ".lora_A." in key else value
+
+
+def _alpha_key(key: str) -> str:
+    """The alpha_pattern (and rank_pattern) key of the module of the weight `key`."""
+    return pattern_key(key.rsplit(".lora_", 1)[0])
+
+
+def _user_key_first(config: dict) -> None:
+    """A user entry that matches every k_proj put ahead of loradrop's (PEFT would take it for them)."""
+    config["alpha_pattern"] = {r".*k_proj": 8, **config["alpha_pattern"]}
+
+
+@pytest.mark.parametrize(
+    ("craft", "message"),
+    [
+        (lambda key: {"tensors": lambda w: _full_rank(w, key)}, r"has rank 4, but its plan truncates .* to rank 1"),
+        (
+            lambda key: {"tensors": lambda w: w.__setitem__(key, w[key].masked_fill(w[key] != 0, math.nan))},
+            "NaN or infinite",
+        ),
+        (
+            lambda key: {"tensors": lambda w: w.__setitem__(key, torch.full_like(w[key], math.inf))},
+            "NaN or infinite",
+        ),
+        (
+            lambda key: {"manifest": lambda m: m["plan"].__setitem__("dropped_rank", 8)},
+            r"to rank 8 \(dropped_rank\), but its PEFT config gives that module rank 4",
+        ),
+        (
+            lambda key: {"manifest": lambda m: m["plan"].__setitem__("dropped_rank", 4)},
+            r"to rank 4 \(dropped_rank\), but its PEFT config gives that module rank 4",
+        ),
+        (
+            lambda key: {"config": lambda c: c["alpha_pattern"].pop(_alpha_key(key))},
+            "has no entry for it",
+        ),
+        (
+            lambda key: {
+                "config": lambda c: c["alpha_pattern"].__setitem__(pattern_key(key.rsplit(".lora_", 1)[0]), 8)
+            },
+            "maps it to lora_alpha 8",
+        ),
+        (lambda key: {"config": _user_key_first}, r"has '\.\*k_proj' first among the keys that match it"),
+        (
+            lambda key: {
+                "config": lambda c: c.__setitem__("rank_pattern", {pattern_key(key.rsplit(".lora_", 1)[0]): 1})
+            },
+            "but its PEFT config gives that module rank 1",
+        ),
+        (lambda key: {"config": lambda c: c["alpha_pattern"].__setitem__("(", 8)}, "no regular expression"),
+    ],
+    ids=[
+        "rank-r-tensor",
+        "nan",
+        "inf",
+        "dropped_rank-above-r",
+        "dropped_rank-equal-r",
+        "missing-alpha",
+        "wrong-alpha",
+        "user-key-first",
+        "rank_pattern-k",
+        "not-a-regex",
+    ],
+)
+def test_crafted_truncate_adapters_are_refused(llama, tmp_path, capsys, craft, message):
+    """Each edit of a truncate-mode compact adapter is refused by read_compact, load_compact (leaving the base model
+    as it was) and `loradrop expand` (one line, nothing written)."""
+    plan = llama.callback.plan
+    key = (
+        _truncated_key(llama)
+        if "k_proj" not in message
+        else next(f"{name}.lora_A.weight" for name in plan.dropped if name.endswith("k_proj"))
+    )
+    crafted = _craft(llama.compact, tmp_path / "crafted", **craft(key))
+    with pytest.raises(CompactFormatError, match=message):
+        read_compact(crafted)
+    base = llama.base()
+    state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    with pytest.raises(CompactFormatError, match=message):
+        load_compact(base, crafted)
+    assert all(torch.equal(tensor, state[name]) for name, tensor in base.state_dict().items())
+    assert loradrop(["expand", str(crafted), str(tmp_path / "peft")]) == 1
+    _one_line_error(capsys)
+    assert not (tmp_path / "peft").exists()
+
+
+# ---------------------------------------------------------------------------------------------- card, inspect, Hub
+
+
+def test_card_and_inspect_say_truncated_to_rank_k(bert, capsys):
+    plan, adapter = bert.callback.plan, read_compact(bert.compact)
+    card = (bert.compact / CARD_FILE).read_text()
+    assert f"the other {len(plan.dropped)} are truncated to rank 2" in card and "(mode `truncate`)" in card
+    name = plan.dropped[0].removeprefix("base_model.model.")
+    assert re.search(rf"^\| `{re.escape(name)}` \| .* \| truncated to rank 2 \|$", card, re.M)
+    assert "shared:" not in card and "| dropped |" not in card
+    assert f"| unpruned PEFT adapter | {adapter.plain_params:,} | {adapter.plain_bytes:,} |" in card
+    assert "| LoRA-drop dropped_rank (rank of truncated modules) | `2` |" in card
+    assert loradrop(["inspect", str(bert.compact)]) == 0
+    out = capsys.readouterr().out
+    assert "mode truncate" in out and f"{len(plan.dropped)} truncated to rank 2" in out
+    assert re.search(r"^\| kind +\| modules \| kept \| truncated \| importance \|$", out, re.M)
+    before, after = bert.callback.lora_params_before, bert.callback.lora_params_after
+    assert f"LoRA parameters {before:,} -> {after:,}" in out and f"and {len(plan.dropped)} a rank-2 LoRA" in out
+    assert "for the unpruned adapter" in out
+
+
+def test_push_and_load_from_hub(hub, llama):
+    """Through the test Hub: load_from_hub gives the trained logits exactly, the expanded peft/ subfolder loads in
+    vanilla PEFT at rank k."""
+    push_to_hub(llama.compact, REPO, expanded=True)
+    loaded = load_from_hub(llama.base(), REPO)
+    torch.testing.assert_close(_logits(loaded), llama.logits, rtol=0, atol=0)
+    _assert_zero_blocks(loaded, llama.callback.plan)
+    plain = PeftModel.from_pretrained(llama.base(), REPO, subfolder=PEFT_SUBFOLDER)
+    assert all(find_lora_layers(plain)[name].r["default"] == 1 for name in llama.callback.plan.dropped)
+    assert _relative_difference(_logits(plain), llama.logits)[1] < EXPANSION_RTOL
