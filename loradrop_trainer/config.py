@@ -219,8 +219,9 @@ class LoraDropConfig:
             )
         if self.mode == "truncate" and self.restart:
             raise ValueError(
-                "restart=True draws every LoRA afresh at the switch, which would throw away what mode='truncate' "
-                "keeps of each dropped module. Use one or the other."
+                "restart=True draws every LoRA afresh at the switch, which would throw away what mode='truncate' (the "
+                "default) keeps of each dropped module. For the paper's two stages set mode='share' with it (its "
+                "method), or leave restart=False."
             )
         if self.normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}.")

@@ -107,10 +107,17 @@ def set_truncated_scaling(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
         layer.scaling[adapter] = rank_scaling(layer, adapter, plan.dropped_rank)
 
 
+PATTERN_MARK = "(?#loradrop)"  # a regular-expression comment: matches nothing, sorts before any usual key
+
+
 def pattern_key(name: str) -> str:
-    """The `rank_pattern` / `alpha_pattern` key that names exactly the module `name` (a PEFT module name): PEFT reads
-    the keys as regular expressions matched against the end of the base model's module names."""
-    return re.escape(name.removeprefix(PEFT_PREFIX))
+    """The `rank_pattern` / `alpha_pattern` key that names exactly the module `name` (a PEFT module name).
+
+    PEFT reads the keys as regular expressions matched against the end of the base model's module names and takes the
+    first key that matches; `save_pretrained` writes them sorted. The leading comment makes these keys sort before any
+    key a user writes (a module name, `.*`, `(q|k)_proj`, ...), so a saved adapter still reaches them first.
+    """
+    return PATTERN_MARK + re.escape(name.removeprefix(PEFT_PREFIX))
 
 
 def truncated_alpha(layer: LoraLayer, adapter: str, rank: int) -> float:

@@ -709,7 +709,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None, peft_conf
     metrics = evaluate(model, tokenizer, eval_rows, eval_tokens, cfg, use_chat)
     predictions = metrics.pop("predictions")
     plan = callback.plan if callback is not None else None
-    params_after = lora_param_count(model)
+    # LoRA-drop's own count: a truncated module's Parameters keep their rank-r shapes, but hold a rank-k LoRA.
+    params_after = callback.lora_params_after if plan is not None else lora_param_count(model)
     results: dict[str, Any] = {
         "model": "toy" if cfg.toy else cfg.model,
         "method": "lora" if cfg.no_loradrop else "loradrop",

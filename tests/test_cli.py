@@ -42,7 +42,7 @@ def _one_line_error(capsys) -> str:
 def test_inspect_prints_plan_sizes_and_version(compact, capsys):
     assert main(["inspect", str(compact)]) == 0
     out = capsys.readouterr().out
-    assert "format version 1" in out and "mode share, threshold 0.9" in out
+    assert "format version 1" in out and "mode truncate" in out and "threshold 0.5" in out
     assert "q_proj" in out and "down_proj" in out and "modules keep their own LoRA" in out
     assert "bytes instead of" in out
 

@@ -35,7 +35,7 @@ class AtSwitch(TrainerCallback):
 
 
 def _train(tmp_path, model, data, resume_from=None, save_steps=None, **config):
-    callback = LoraDropCallback(LoraDropConfig(alpha=SWITCH / MAX_STEPS, restart=True, **config))
+    callback = LoraDropCallback(LoraDropConfig(alpha=SWITCH / MAX_STEPS, restart=True, **{"mode": "share", **config}))
     probe = AtSwitch()
     args = training_args(
         tmp_path,
@@ -129,7 +129,7 @@ def test_restart_refuses_what_it_cannot_make_fresh(tmp_path):
         model=tiny_llama(init_lora_weights="pissa"),
         args=training_args(tmp_path, max_steps=8),
         train_dataset=TokenDataset(n=16),
-        callbacks=[LoraDropCallback(restart=True)],
+        callbacks=[LoraDropCallback(restart=True, mode="share")],
     )
     with pytest.raises(ValueError, match="init_lora_weights"):
         trainer.train()

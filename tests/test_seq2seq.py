@@ -51,7 +51,7 @@ def test_kinds_never_mix_encoder_and_decoder(make_model):
 
 def test_seq2seq_trainer_run_shares_within_each_stack(tmp_path):
     model = tiny_t5()
-    callback = LoraDropCallback(alpha=0.25, threshold=0.6)
+    callback = LoraDropCallback(alpha=0.25, threshold=0.6, mode="share")
     args = training_args(tmp_path, Seq2SeqTrainingArguments)
     Seq2SeqTrainer(model=model, args=args, train_dataset=TokenDataset(task="causal"), callbacks=[callback]).train()
     plan = callback.plan
