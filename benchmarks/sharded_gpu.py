@@ -276,7 +276,12 @@ def train(
         deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = get_peft_model(load_base(opts, base_dir), LORA)
-    drop = LoraDropCallback(alpha=ALPHA, threshold=THRESHOLDS[opts.size], save_plot=False) if loradrop else None
+    # mode "share": what this script checks is the gradient tying of shared groups on sharded engines
+    drop = (
+        LoraDropCallback(alpha=ALPHA, threshold=THRESHOLDS[opts.size], mode="share", save_plot=False)
+        if loradrop
+        else None
+    )
     probe = Probe(drop, baseline)
     data = RandomTokens(rows=MAX_STEPS * 4 * opts.batch_size * 2, length=opts.seq_len, vocab=model.config.vocab_size)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[c for c in (drop, probe) if c is not None])

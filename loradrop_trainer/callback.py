@@ -49,10 +49,10 @@ class LoraDropCallback(TrainerCallback, ExportableState):
     """Prune a PEFT LoRA adapter with LoRA-drop (arXiv 2402.07721) while the Trainer trains it.
 
     During the first `alpha` fraction of the optimizer steps, hooks measure how much each LoRA module changes its
-    layer's output. At the end of step `ceil(alpha * max_steps)` the most important modules keep their own LoRA and
-    the others share one LoRA per kind (same target name and shape); training then continues in the same run with
-    fewer LoRA parameters. The plan is logged, written to the output directory with a bar chart, saved in every
-    checkpoint, and re-applied when training resumes.
+    layer's output. At the end of step `ceil(alpha * max_steps)` the most important modules keep their LoRA and the
+    others are cut to a lower rank by SVD (the default, `mode="truncate"`) or share one LoRA per kind (`mode="share"`,
+    the paper's); training then continues in the same run with fewer LoRA parameters. The plan is logged, written to
+    the output directory with a bar chart, saved in every checkpoint, and re-applied when training resumes.
 
     ```python
     trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[LoraDropCallback(alpha=0.1)])

@@ -45,14 +45,17 @@ def summary_table(plan: DropPlan, params_before: int, params_after: int) -> str:
     """`plan_table` and a line with the LoRA parameter count before and after the switch."""
     ratio = params_after / params_before if params_before else 0.0
     return (
-        f"{plan_table(plan)}\nLoRA parameters {params_before:,} -> {params_after:,} ({ratio:.1%}); "
-        f"{len(plan.kept)}/{len(plan.kinds)} modules keep their own LoRA{_at_rank(plan)} (threshold {plan.threshold})"
+        f"{plan_table(plan)}\nLoRA parameters {params_before:,} -> {params_after:,} ({ratio:.1%}); {kept_line(plan)} "
+        f"(threshold {plan.threshold})"
     )
 
 
-def _at_rank(plan: DropPlan) -> str:
-    """Mode "truncate": what the other modules kept."""
-    return f" and {len(plan.dropped)} a rank-{plan.dropped_rank} LoRA" if plan.mode == "truncate" else ""
+def kept_line(plan: DropPlan) -> str:
+    """How many modules kept what: in mode "truncate" every module has a LoRA of its own, at one of two ranks."""
+    kept = f"{len(plan.kept)}/{len(plan.kinds)} modules keep"
+    if plan.mode == "truncate":
+        return f"{kept} their full-rank LoRA, {len(plan.dropped)} are truncated to rank {plan.dropped_rank}"
+    return f"{kept} their own LoRA"
 
 
 def write_plan(plan: DropPlan, directory: str | os.PathLike, extra: dict | None = None) -> Path:

@@ -43,7 +43,7 @@ def test_inspect_prints_plan_sizes_and_version(compact, capsys):
     assert main(["inspect", str(compact)]) == 0
     out = capsys.readouterr().out
     assert "format version 1" in out and "mode truncate" in out and "threshold 0.5" in out
-    assert "q_proj" in out and "down_proj" in out and "modules keep their own LoRA" in out
+    assert "q_proj" in out and "down_proj" in out and "modules keep their full-rank LoRA" in out
     assert "bytes instead of" in out
 
 
