@@ -25,11 +25,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from readme import replace_section  # benchmarks/ is on the path of a script run from it
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS_FILE = RESULTS / "front_runs.jsonl"
-README = ROOT / "README.md"
-README_START, README_END = "<!-- front:start -->", "<!-- front:end -->"
 TASK_ORDER = ["gsm", "gsm_qv", "sarcasm", "polarity"]
 LOWER_IS_BETTER = {"eval_loss"}
 FRONT_ALPHA = 16
@@ -273,13 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "front.md").write_text(table + "\n")
     plot(by_task, results / "front.png", args.default)
-    text = README.read_text()
-    if args.readme and README_START in text and README_END in text:
-        head, rest = text.split(README_START, 1)
-        _, tail = rest.split(README_END, 1)
-        README.write_text(
-            f"{head}{README_START}\n{table}\n\n![front](benchmarks/results/front.png)\n{README_END}{tail}"
-        )
+    if args.readme:
+        replace_section("front", f"{table}\n\n![front](benchmarks/results/front.png)")
     print(table)
 
 

@@ -62,6 +62,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from peft import AdaLoraConfig, PeftConfig, VeraConfig  # noqa: E402
+from readme import replace_section  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 from transformers import TrainerCallback  # noqa: E402
 
 from loradrop_trainer import DropPlan, LoraDropCallback, LoraDropConfig, find_lora_layers, plan_keeping  # noqa: E402
@@ -69,8 +70,6 @@ from loradrop_trainer.lora_layers import lora_parameters  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS_FILE = RESULTS / "quality_runs.jsonl"
-README = ROOT / "README.md"
-README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
 VARIANTS = [
     "lora",
     "T0.8",
@@ -455,13 +454,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "quality.md").write_text(table + "\n")
     plot(summary, results / "quality.png")
-    text = README.read_text()
-    if args.readme and README_START in text and README_END in text:
-        head, rest = text.split(README_START, 1)
-        _, tail = rest.split(README_END, 1)
-        README.write_text(
-            f"{head}{README_START}\n{table}\n\n![quality](benchmarks/results/quality.png)\n{README_END}{tail}"
-        )
+    if args.readme:
+        replace_section("quality", f"{table}\n\n![quality](benchmarks/results/quality.png)")
     print(table)
 
 

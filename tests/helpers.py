@@ -160,3 +160,26 @@ def training_args(tmp_path, args_class: type[TrainingArguments] = TrainingArgume
     )
     defaults.update(overrides)
     return args_class(**defaults)
+
+
+# A fixed batch of token ids for comparing a model's logits with another's.
+INPUTS = torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+def model_logits(model, input_ids: torch.Tensor = INPUTS) -> torch.Tensor:
+    """The model's logits on `input_ids`, in eval mode and without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def tree_bytes(root) -> dict[str, bytes]:
+    """Every file below `root` by relative path, with its bytes: two trees are the same files when these are equal."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys) -> str:
+    """What the `loradrop` command printed on stderr, checked to be its one-line error (no traceback)."""
+    err = capsys.readouterr().err
+    assert err.startswith("loradrop: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err

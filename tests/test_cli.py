@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TokenDataset, tiny_llama, tiny_llama_base, training_args
+from helpers import TokenDataset, one_line_error, tiny_llama, tiny_llama_base, training_args, tree_bytes
 from hub_server import DEFAULT_USER
 from peft import PeftModel
 from transformers import Trainer
@@ -29,16 +29,6 @@ def compact(tmp_path_factory) -> Path:
     return save_compact(model, root / "compact", plan=args.output_dir)
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("loradrop: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
-
-
 def test_inspect_prints_plan_sizes_and_version(compact, capsys):
     assert main(["inspect", str(compact)]) == 0
     out = capsys.readouterr().out
@@ -49,10 +39,10 @@ def test_inspect_prints_plan_sizes_and_version(compact, capsys):
 
 def test_inspect_bad_path_fails_with_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 1
-    assert "does not exist" in _one_line_error(capsys)
+    assert "does not exist" in one_line_error(capsys)
     (tmp_path / "empty").mkdir()
     assert main(["inspect", str(tmp_path / "empty")]) == 1
-    assert "not a LoRA-drop compact adapter" in _one_line_error(capsys)
+    assert "not a LoRA-drop compact adapter" in one_line_error(capsys)
 
 
 def test_expand_writes_a_plain_peft_adapter(compact, tmp_path, capsys):
@@ -66,7 +56,7 @@ def test_expand_refuses_a_directory_of_other_files(compact, tmp_path, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep")
     assert main(["expand", str(compact), str(tmp_path / "busy")]) == 1
-    assert "holds notes.txt" in _one_line_error(capsys)
+    assert "holds notes.txt" in one_line_error(capsys)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep"
 
 
@@ -79,19 +69,19 @@ def test_push_then_pull(hub, compact, tmp_path, capsys):
 
     assert main(["pull", REPO, str(tmp_path / "pulled"), "--revision", "dev"]) == 0
     assert "pulled into" in capsys.readouterr().out
-    assert _files(tmp_path / "pulled").items() >= _files(compact).items()
+    assert tree_bytes(tmp_path / "pulled").items() >= tree_bytes(compact).items()
     assert main(["inspect", f"hf://{REPO}", "--revision", "dev"]) == 0
     assert "format version 1" in capsys.readouterr().out
 
 
 def test_push_failures(hub, compact, tmp_path, monkeypatch, capsys):
     assert main(["push", str(tmp_path / "missing"), REPO]) == 1
-    assert "is not a directory" in _one_line_error(capsys)
+    assert "is not a directory" in one_line_error(capsys)
     local = Path(shutil.copytree(compact, tmp_path / "local"))
     monkeypatch.setenv("HF_TOKEN", "hf_invalid")
     assert main(["push", str(local), REPO]) == 1
-    assert "authentication failed" in _one_line_error(capsys)
-    assert _files(local) == _files(compact)
+    assert "authentication failed" in one_line_error(capsys)
+    assert tree_bytes(local) == tree_bytes(compact)
 
 
 def test_push_and_expand_name_the_base_model_by_its_hub_id(hub, compact, tmp_path, capsys):
@@ -99,7 +89,7 @@ def test_push_and_expand_name_the_base_model_by_its_hub_id(hub, compact, tmp_pat
     config = json.loads((local / "adapter_config.json").read_text())
     (local / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path)}))
     assert main(["push", str(local), REPO]) == 1
-    assert "--base_model org/name" in _one_line_error(capsys)
+    assert "--base_model org/name" in one_line_error(capsys)
     assert main(["push", str(local), REPO, "--base_model", "org/tiny-llama", "--expanded"]) == 0
     for name in ("adapter_config.json", "peft/adapter_config.json"):
         assert json.loads(hub.files_at(REPO)[name])["base_model_name_or_path"] == "org/tiny-llama"
@@ -109,12 +99,12 @@ def test_push_and_expand_name_the_base_model_by_its_hub_id(hub, compact, tmp_pat
         "org/tiny-llama"
     )
     assert main(["expand", str(local), str(tmp_path / "peft2"), "--base_model", str(tmp_path)]) == 1
-    assert "not a Hub model id" in _one_line_error(capsys)
+    assert "not a Hub model id" in one_line_error(capsys)
 
 
 def test_pull_of_a_missing_repo_leaves_no_directory(hub, tmp_path, capsys):
     assert main(["pull", f"{DEFAULT_USER}/missing", str(tmp_path / "dst")]) == 1
-    assert "does not exist" in _one_line_error(capsys)
+    assert "does not exist" in one_line_error(capsys)
     assert list(tmp_path.glob("*dst*")) == []
 
 

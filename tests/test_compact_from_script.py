@@ -7,7 +7,16 @@ import re
 
 import pytest
 import torch
-from helpers import SHARING, EarliestIsBest, TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
+from helpers import (
+    SHARING,
+    EarliestIsBest,
+    TokenDataset,
+    one_line_error,
+    tiny_bert,
+    tiny_llama,
+    tiny_llama_base,
+    training_args,
+)
 from peft import PeftModel
 from transformers import Trainer
 
@@ -72,12 +81,6 @@ def test_a_checkpoint_from_before_the_switch_is_refused_naming_the_module(tmp_pa
         compact_peft_adapter(before, tmp_path / "compact", plan=out / PLAN_FILE)
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("loradrop: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_21_2_a_checkpoint_from_before_the_switch_is_refused_in_drop_mode(tmp_path, capsys):
     """`--plan` of a drop-mode run on its checkpoint from before the switch: the dropped modules' saved B is not zero
     yet (the switch zeroes it), so dropping them would change what the adapter computes. Refused through the CLI and
@@ -88,7 +91,7 @@ def test_21_2_a_checkpoint_from_before_the_switch_is_refused_in_drop_mode(tmp_pa
     assert not (before / PLAN_FILE).exists()
     code = loradrop(["compact", str(before), str(tmp_path / "compact"), "--plan", str(out / PLAN_FILE)])
     assert code == 1
-    error = _one_line_error(capsys)
+    error = one_line_error(capsys)
     assert "is not zero" in error and "before the switch" in error and "checkpoint saved after the switch" in error
     named = re.search(r"'([^']+)\.lora_B\.weight' is not zero", error)
     assert named and named[1] in callback.plan.dropped, "the error names a module the plan drops"
@@ -127,7 +130,7 @@ def test_21_2_load_best_model_at_end_then_save_model_then_compact_is_refused_in_
     out = tmp_path / "out"
     assert trainer.state.best_global_step < callback.plan.step and (out / PLAN_FILE).is_file()
     assert loradrop(["compact", str(out), str(tmp_path / "compact")]) == 1
-    assert "is not zero" in _one_line_error(capsys)
+    assert "is not zero" in one_line_error(capsys)
     with pytest.raises(PlanError, match="saved before the switch"):
         compact_peft_adapter(out, tmp_path / "compact")
     assert not (tmp_path / "compact").exists()

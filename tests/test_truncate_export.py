@@ -23,12 +23,15 @@ import torch
 from helpers import (
     SHARING,
     TokenDataset,
+    model_logits,
+    one_line_error,
     random_lora_b,
     tiny_bert,
     tiny_bert_base,
     tiny_llama,
     tiny_llama_base,
     training_args,
+    tree_bytes,
 )
 from hub_server import DEFAULT_USER
 from peft import PeftModel
@@ -56,7 +59,6 @@ from loradrop_trainer.reparam import reparameterise
 from loradrop_trainer.report import PLAN_FILE
 from loradrop_trainer.truncate import pattern_key, rank_scaling, record_truncation
 
-INPUTS = torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(7))
 CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 REPO = f"{DEFAULT_USER}/tiny-truncate"
@@ -85,7 +87,7 @@ def _train(root: Path, model: PeftModel, base: Callable[[], torch.nn.Module], ta
     trainer.save_model()
     assert callback.plan.mode == "truncate" and callback.plan.dropped and callback.plan.kept
     compact = save_compact(model, root / "compact")
-    return Run(model, callback, Path(args.output_dir), compact, _logits(model), base)
+    return Run(model, callback, Path(args.output_dir), compact, model_logits(model), base)
 
 
 @pytest.fixture(scope="module")
@@ -102,22 +104,6 @@ def bert(tmp_path_factory) -> Run:
 @pytest.fixture(params=["llama", "bert"])
 def run(request) -> Run:
     return request.getfixturevalue(request.param)
-
-
-def _logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=INPUTS).logits
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("loradrop: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def _relative_difference(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -154,7 +140,7 @@ def test_compact_round_trip_gives_the_trained_model_exactly(run, tmp_path):
     assert list(alpha_pattern)[: len(plan.dropped)] == [pattern_key(name) for name in plan.dropped], "ours first"
 
     loaded = load_compact(run.base(), run.compact)
-    torch.testing.assert_close(_logits(loaded), run.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(loaded), run.logits, rtol=0, atol=0)
     layers = find_lora_layers(loaded)
     _assert_zero_blocks(loaded, plan)
     for name in plan.kinds:
@@ -164,7 +150,7 @@ def test_compact_round_trip_gives_the_trained_model_exactly(run, tmp_path):
         assert layers[name].lora_alpha["default"] == trained[name].lora_alpha["default"], "the user's lora_alpha"
     assert loaded.peft_config["default"].alpha_pattern == run.model.peft_config["default"].alpha_pattern
     assert loaded.loradrop_plan == plan
-    assert _files(save_compact(loaded, tmp_path / "again")) == _files(run.compact)
+    assert tree_bytes(save_compact(loaded, tmp_path / "again")) == tree_bytes(run.compact)
 
 
 def test_compact_size_is_the_kept_fraction(run, tmp_path):
@@ -200,13 +186,15 @@ def test_save_model_output_and_a_checkpoint_after_the_switch_compact(llama, tmp_
     from_model = read_compact(llama.compact)
     assert final.tensors.keys() == from_model.tensors.keys()
     assert all(torch.equal(final.tensors[key], from_model.tensors[key]) for key in final.tensors)
-    torch.testing.assert_close(_logits(load_compact(llama.base(), tmp_path / "final")), llama.logits, rtol=0, atol=0)
+    torch.testing.assert_close(
+        model_logits(load_compact(llama.base(), tmp_path / "final")), llama.logits, rtol=0, atol=0
+    )
 
     checkpoint = llama.output_dir / "checkpoint-4"
     assert llama.callback.plan.step < 4 and (checkpoint / PLAN_FILE).is_file()
     compact = compact_peft_adapter(checkpoint, tmp_path / "checkpoint-4")
     plain = PeftModel.from_pretrained(llama.base(), str(checkpoint))
-    torch.testing.assert_close(_logits(load_compact(llama.base(), compact)), _logits(plain), rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(load_compact(llama.base(), compact)), model_logits(plain), rtol=0, atol=0)
     _assert_zero_blocks(load_compact(llama.base(), compact), llama.callback.plan)
 
 
@@ -217,7 +205,7 @@ def test_a_checkpoint_from_before_the_switch_is_refused_naming_a_truncated_modul
     assert not (before / PLAN_FILE).exists()
     argv = ["compact", str(before), str(tmp_path / "compact"), "--plan", str(llama.output_dir / PLAN_FILE)]
     assert loradrop(argv) == 1
-    error = _one_line_error(capsys)
+    error = one_line_error(capsys)
     assert "mode 'truncate'" in error and "is not zero past rank 1" in error and "before the switch" in error
     named = re.search(r"'([^']+)\.lora_[AB]\.weight' is not zero", error)
     assert named and named[1] in plan.dropped, "the error names a module the plan truncates"
@@ -244,7 +232,7 @@ def test_a_saved_adapter_without_the_recorded_scaling_is_refused(llama, tmp_path
     with pytest.raises(PlanError, match=rf"{re.escape(repr(name))} to rank 1, but the alpha_pattern .* has no entry"):
         compact_peft_adapter(source, tmp_path / "compact")
     assert loradrop(["compact", str(source), str(tmp_path / "compact")]) == 1
-    assert "has no entry for it" in _one_line_error(capsys)
+    assert "has no entry for it" in one_line_error(capsys)
     assert not (tmp_path / "compact").exists()
 
 
@@ -276,12 +264,12 @@ def test_expansion_is_a_plain_peft_adapter_at_the_reduced_size(run, tmp_path):
     for name in plan.kept:
         assert layers[name].r["default"] == trained[name].r["default"]
         assert layers[name].scaling["default"] == trained[name].scaling["default"]
-    logits = _logits(plain)
+    logits = model_logits(plain)
     diff, relative = _relative_difference(logits, run.logits)
     print(f"\nexpanded vs trained logits: max abs {diff:.3e}, relative to the largest logit {relative:.3e}")
     assert relative < EXPANSION_RTOL
     torch.testing.assert_close(logits, run.logits, rtol=0, atol=EXPANSION_RTOL * float(run.logits.abs().max()))
-    assert _files(expand_to_peft(run.compact, tmp_path / "peft2")) == _files(out), "expansion is deterministic"
+    assert tree_bytes(expand_to_peft(run.compact, tmp_path / "peft2")) == tree_bytes(out), "expansion is deterministic"
 
 
 def test_a_user_alpha_pattern_key_matching_a_truncated_module_does_not_change_what_any_export_computes(tmp_path):
@@ -300,12 +288,12 @@ def test_a_user_alpha_pattern_key_matching_a_truncated_module_does_not_change_wh
     assert list(saved)[-1] == user_key, "PEFT sorted the keys: loradrop's come first"
     compact = compact_peft_adapter(tmp_path / "out", tmp_path / "compact")
     assert next(iter(read_compact(compact).peft_config["alpha_pattern"])) == pattern_key(name)
-    trained = _logits(model)
+    trained = model_logits(model)
     saved_by_trainer = PeftModel.from_pretrained(tiny_llama_base(), str(tmp_path / "out"))
-    torch.testing.assert_close(_logits(saved_by_trainer), trained, rtol=0, atol=0)
-    torch.testing.assert_close(_logits(load_compact(tiny_llama_base(), compact)), trained, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(saved_by_trainer), trained, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(load_compact(tiny_llama_base(), compact)), trained, rtol=0, atol=0)
     plain = PeftModel.from_pretrained(tiny_llama_base(), str(expand_to_peft(compact, tmp_path / "peft")))
-    assert _relative_difference(_logits(plain), trained)[1] < EXPANSION_RTOL
+    assert _relative_difference(model_logits(plain), trained)[1] < EXPANSION_RTOL
 
 
 def test_rslora_truncation_exports_with_its_own_scaling(tmp_path):
@@ -320,12 +308,12 @@ def test_rslora_truncation_exports_with_its_own_scaling(tmp_path):
     name = plan.dropped[0]
     assert layers[name].scaling["default"] == 8 / math.sqrt(2)
     assert model.peft_config["default"].alpha_pattern[pattern_key(name)] == pytest.approx(8 / math.sqrt(2) * 2)
-    trained = _logits(model)
+    trained = model_logits(model)
     compact = save_compact(model, tmp_path / "compact", plan=plan)
-    torch.testing.assert_close(_logits(load_compact(tiny_llama_base(), compact)), trained, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(load_compact(tiny_llama_base(), compact)), trained, rtol=0, atol=0)
     plain = PeftModel.from_pretrained(tiny_llama_base(), str(expand_to_peft(compact, tmp_path / "peft")))
     assert find_lora_layers(plain)[name].scaling["default"] == 8 / math.sqrt(2)
-    assert _relative_difference(_logits(plain), trained)[1] < EXPANSION_RTOL
+    assert _relative_difference(model_logits(plain), trained)[1] < EXPANSION_RTOL
 
 
 # ---------------------------------------------------------------------------------------------- training on
@@ -342,9 +330,9 @@ def test_trainable_load_trains_on_with_the_zero_blocks_zero(llama, tmp_path):
     _assert_zero_blocks(loaded, plan)
     for name in plan.dropped:
         assert layers[name].scaling["default"] == rank_scaling(layers[name], "default", plan.dropped_rank)
-    logits = _logits(loaded)
+    logits = model_logits(loaded)
     again = save_compact(loaded, tmp_path / "again")
-    torch.testing.assert_close(_logits(load_compact(llama.base(), again)), logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(load_compact(llama.base(), again)), logits, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- untrusted input
@@ -466,7 +454,7 @@ def test_crafted_truncate_adapters_are_refused(llama, tmp_path, capsys, craft, m
         load_compact(base, crafted)
     assert all(torch.equal(tensor, state[name]) for name, tensor in base.state_dict().items())
     assert loradrop(["expand", str(crafted), str(tmp_path / "peft")]) == 1
-    _one_line_error(capsys)
+    one_line_error(capsys)
     assert not (tmp_path / "peft").exists()
 
 
@@ -487,7 +475,7 @@ def test_card_and_inspect_say_truncated_to_rank_k(bert, capsys):
     assert "mode truncate" in out and f"{len(plan.dropped)} truncated to rank 2" in out
     assert re.search(r"^\| kind +\| modules \| kept \| truncated \| importance \|$", out, re.M)
     before, after = bert.callback.lora_params_before, bert.callback.lora_params_after
-    assert f"LoRA parameters {before:,} -> {after:,}" in out and f"and {len(plan.dropped)} a rank-2 LoRA" in out
+    assert f"LoRA parameters {before:,} -> {after:,}" in out and f"{len(plan.dropped)} are truncated to rank 2" in out
     assert "for the unpruned adapter" in out
 
 
@@ -496,8 +484,8 @@ def test_push_and_load_from_hub(hub, llama):
     vanilla PEFT at rank k."""
     push_to_hub(llama.compact, REPO, expanded=True)
     loaded = load_from_hub(llama.base(), REPO)
-    torch.testing.assert_close(_logits(loaded), llama.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(loaded), llama.logits, rtol=0, atol=0)
     _assert_zero_blocks(loaded, llama.callback.plan)
     plain = PeftModel.from_pretrained(llama.base(), REPO, subfolder=PEFT_SUBFOLDER)
     assert all(find_lora_layers(plain)[name].r["default"] == 1 for name in llama.callback.plan.dropped)
-    assert _relative_difference(_logits(plain), llama.logits)[1] < EXPANSION_RTOL
+    assert _relative_difference(model_logits(plain), llama.logits)[1] < EXPANSION_RTOL

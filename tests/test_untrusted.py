@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_lora_b, tiny_llama, tiny_llama_base
+from helpers import model_logits, one_line_error, random_lora_b, tiny_llama, tiny_llama_base, tree_bytes
 from hub_server import DEFAULT_USER
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -43,7 +43,6 @@ from hub_export.cli import main
 from hub_export.compact import MANIFEST_FILE, WEIGHTS_FILE
 from loradrop_trainer import DropPlan, apply_plan, build_plan, find_lora_layers, lora_kinds
 
-INPUTS = torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(7))
 REPO = f"{DEFAULT_USER}/untrusted"
 CONFIG_FILE = "adapter_config.json"
 COMPACT_FILES = {MANIFEST_FILE, WEIGHTS_FILE, CONFIG_FILE, "README.md", "loradrop_importance.png"}
@@ -62,7 +61,7 @@ def _tied(mode: str, layers: int = 4) -> tuple[PeftModel, DropPlan]:
 
 def _export(root: Path, mode: str, layers: int = 4) -> tuple[Path, torch.Tensor]:
     model, plan = _tied(mode, layers)
-    return save_compact(model, root / f"compact-{mode}-{layers}", plan=plan), _logits(model)
+    return save_compact(model, root / f"compact-{mode}-{layers}", plan=plan), model_logits(model)
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +77,6 @@ def drop(tmp_path_factory) -> tuple[Path, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_layers(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     return _export(tmp_path_factory.mktemp("two"), "share", layers=2)
-
-
-def _logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=INPUTS).logits
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("loradrop: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def _fingerprint(model: torch.nn.Module) -> tuple:
@@ -161,10 +144,10 @@ def _trainer_output(root: Path) -> Path:
 def test_1_save_compact_never_replaces_a_trainer_output_dir(tmp_path):
     model, plan = _tied("share")
     out = _trainer_output(tmp_path / "out")
-    before = _files(out)
+    before = tree_bytes(out)
     with pytest.raises(TargetExistsError, match=r"adapter_model\.safetensors, checkpoint-5/, .*training_args\.bin"):
         save_compact(model, out, plan=plan)
-    assert _files(out) == before
+    assert tree_bytes(out) == before
 
 
 def test_1_cli_expand_never_replaces_a_checkpoint(share, tmp_path, capsys):
@@ -172,17 +155,17 @@ def test_1_cli_expand_never_replaces_a_checkpoint(share, tmp_path, capsys):
     checkpoint.mkdir(parents=True)
     for name in (CONFIG_FILE, "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
         (checkpoint / name).write_text(f"user's {name}")
-    before = _files(checkpoint)
+    before = tree_bytes(checkpoint)
     assert main(["expand", str(share[0]), str(checkpoint)]) == 1
-    assert "optimizer.pt, rng_state.pth, scheduler.pt" in _one_line_error(capsys)
-    assert _files(checkpoint) == before
+    assert "optimizer.pt, rng_state.pth, scheduler.pt" in one_line_error(capsys)
+    assert tree_bytes(checkpoint) == before
 
 
 def test_1_each_writer_replaces_only_what_it_writes(share, tmp_path):
     compact = Path(shutil.copytree(share[0], tmp_path / "compact"))
     with pytest.raises(TargetExistsError, match=r"loradrop_compact\.json"):  # a compact adapter is not a PEFT one
         expand_to_peft(share[0], compact)
-    assert _files(compact) == _files(share[0])
+    assert tree_bytes(compact) == tree_bytes(share[0])
 
     user_peft = expand_to_peft(share[0], tmp_path / "user-peft")
     (user_peft / "README.md").write_text("PEFT's save_pretrained writes a model card; this is the user's adapter")
@@ -200,10 +183,10 @@ def test_1_each_writer_replaces_only_what_it_writes(share, tmp_path):
 def test_1_pull_never_replaces_foreign_files(hub, share, tmp_path):
     push_to_hub(share[0], REPO)
     target = _trainer_output(tmp_path / "out")
-    before = _files(target)
+    before = tree_bytes(target)
     with pytest.raises(TargetExistsError, match=r"training_args\.bin"):
         pull(REPO, target)
-    assert _files(target) == before
+    assert tree_bytes(target) == before
     pulled = pull(REPO, tmp_path / "pulled")
     assert pull(REPO, pulled) == pulled, "an earlier pull is replaced"
 
@@ -214,13 +197,13 @@ def test_1_pull_never_replaces_foreign_files(hub, share, tmp_path):
 @pytest.mark.parametrize("where", ["same", "inside", "parent"])
 def test_2_expand_into_its_own_source_is_refused(share, tmp_path, where, capsys):
     compact = Path(shutil.copytree(share[0], tmp_path / "a" / "compact"))
-    before = _files(tmp_path)
+    before = tree_bytes(tmp_path)
     out = {"same": compact, "inside": compact / "peft", "parent": compact.parent}[where]
     with pytest.raises(TargetExistsError, match="source"):
         expand_to_peft(compact, out)
     assert main(["expand", str(compact), str(out)]) == 1
-    assert "source" in _one_line_error(capsys)
-    assert _files(tmp_path) == before
+    assert "source" in one_line_error(capsys)
+    assert tree_bytes(tmp_path) == before
 
 
 # ------------------------------------------------------------------------------------ 3. only LoRA keys
@@ -329,7 +312,7 @@ def test_5_dropped_shapes_and_dtypes_are_checked(drop, tmp_path, spec, capsys):
     with pytest.raises(CompactFormatError, match=re.escape(key)):
         read_compact(crafted)
     assert main(["expand", str(crafted), str(tmp_path / "peft")]) == 1
-    _one_line_error(capsys)
+    one_line_error(capsys)
 
 
 @pytest.mark.parametrize("damage", ["nan", "inf", "int", "rank", "vector", "width"])
@@ -409,7 +392,7 @@ def test_7_a_base_model_with_more_layers_is_refused_untouched_and_a_retry_works(
     with pytest.raises(BaseModelMismatchError, match=r"no weights for.*'model\.layers\.[23]\."):
         load_compact(base, two_layers[0])
     _assert_unchanged(base, before)
-    torch.testing.assert_close(_logits(load_compact(base, share[0])), share[1], rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(load_compact(base, share[0])), share[1], rtol=0, atol=0)
 
 
 def _remove_module_from_plan(manifest: dict) -> None:
@@ -441,7 +424,7 @@ def test_7_an_inconsistent_adapter_is_refused_before_touching_the_model(share, t
     with pytest.raises(CompactFormatError):
         load_compact(base, crafted)
     _assert_unchanged(base, before)
-    torch.testing.assert_close(_logits(load_compact(base, share[0])), share[1], rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(load_compact(base, share[0])), share[1], rtol=0, atol=0)
 
 
 def test_7_a_failure_after_peft_injected_its_layers_is_undone(share, monkeypatch):
@@ -456,7 +439,7 @@ def test_7_a_failure_after_peft_injected_its_layers_is_undone(share, monkeypatch
         load_compact(base, share[0])
     _assert_unchanged(base, before)
     monkeypatch.undo()
-    torch.testing.assert_close(_logits(load_compact(base, share[0])), share[1], rtol=0, atol=0)
+    torch.testing.assert_close(model_logits(load_compact(base, share[0])), share[1], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------ 8. the Hub only when asked
@@ -464,7 +447,7 @@ def test_7_a_failure_after_peft_injected_its_layers_is_undone(share, monkeypatch
 
 def test_8_a_missing_local_path_is_an_error_not_a_download(hub, share, tmp_path, monkeypatch, capsys):
     hub.create_repo("out/compact")
-    hub.commit("out/compact", _files(share[0]))  # someone owns the namespace "out" on the Hub
+    hub.commit("out/compact", tree_bytes(share[0]))  # someone owns the namespace "out" on the Hub
     monkeypatch.chdir(tmp_path)
     hub.clear_requests()
     with pytest.raises(CompactFileNotFoundError, match=r"out/compact does not exist.*load_from_hub"):
@@ -473,13 +456,13 @@ def test_8_a_missing_local_path_is_an_error_not_a_download(hub, share, tmp_path,
         expand_to_peft("out/compact", tmp_path / "peft")
     for command in (["inspect", "out/compact"], ["expand", "out/compact", "peft"]):
         assert main(command) == 1
-        assert "hf://out/compact" in _one_line_error(capsys)
+        assert "hf://out/compact" in one_line_error(capsys)
     assert hub.requests == [], "nothing may reach the Hub without an explicit hf:// or a Hub function"
 
     assert main(["inspect", "hf://out/compact"]) == 0
     assert "format version 1" in capsys.readouterr().out
     assert main(["expand", "hf://out/compact", "peft"]) == 0
-    assert sorted(_files(tmp_path / "peft")) == sorted(PEFT_FILES)
+    assert sorted(tree_bytes(tmp_path / "peft")) == sorted(PEFT_FILES)
 
 
 def test_8_revision_with_a_local_directory_is_a_usage_error(share, tmp_path, capsys):
@@ -527,7 +510,7 @@ def test_9_an_adapter_file_that_is_a_symlink_is_not_pushed(hub, share, tmp_path)
 
 def test_small_inspect_of_a_file_says_it_is_not_a_directory(share, capsys):
     assert main(["inspect", str(share[0] / MANIFEST_FILE)]) == 1
-    assert "not a directory" in _one_line_error(capsys)
+    assert "not a directory" in one_line_error(capsys)
 
 
 def test_small_format_version_true_is_refused(share, tmp_path):
