@@ -437,7 +437,8 @@ def _show(args: TrainingArguments, text: str) -> None:
 
 
 def _check_adapter_trains(model, layers: dict, adapter_name: str) -> None:
-    """Refuse an adapter that the run does not train: its importance would stay zero and nothing could be pruned."""
+    """Refuse an adapter that the run does not train (its importance would stay zero and nothing could be pruned), or
+    trains more than LoRA-drop can export."""
     active = getattr(model, "active_adapters", None)
     active = [active] if isinstance(active, str) else list(active or [])
     if active and adapter_name not in active:
@@ -445,6 +446,14 @@ def _check_adapter_trains(model, layers: dict, adapter_name: str) -> None:
             f"LoraDropCallback(adapter_name={adapter_name!r}): adapter {adapter_name!r} is not active (the model "
             f"trains {active}), so its LoRA would never change and LoRA-drop would have nothing to measure. Call "
             f"model.set_adapter({adapter_name!r}) before building the Trainer, or set adapter_name to {active[0]!r}."
+        )
+    bias = getattr(getattr(model, "peft_config", {}).get(adapter_name), "bias", "none")
+    if bias != "none":
+        raise ValueError(
+            f"Adapter {adapter_name!r} trains the base layers' biases too (LoraConfig(bias={bias!r})), which LoRA-drop "
+            "neither prunes nor exports (the compact adapter and its expansion hold LoRA weights and modules_to_save "
+            "only). Train with bias='none' (PEFT's default), or name the layers whose bias must train in "
+            "modules_to_save."
         )
     frozen = [name for name, layer in layers.items() if not layer.lora_A[adapter_name].weight.requires_grad]
     if frozen:

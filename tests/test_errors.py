@@ -43,6 +43,14 @@ def test_wrong_adapter_name(tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_21_8_trained_biases_are_refused_before_the_first_step(tmp_path, bias):
+    """Issue 21, item 8: bias="lora_only" used to train to the end, then both exports refused it as a crafted file."""
+    model = get_peft_model(tiny_llama_base(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias=bias))
+    with pytest.raises(ValueError, match=rf"bias={bias!r}.*Train with bias='none'"):
+        _train(tmp_path, model)
+
+
 def test_dora_is_refused(tmp_path):
     model = get_peft_model(tiny_llama_base(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
