@@ -29,6 +29,8 @@ logger = logging.get_logger(__name__)
 
 # Settings that do not change what the plan is or how it is applied: a resume may change them without a warning.
 _OUTPUT_SETTINGS = ("output_dir", "save_plot")
+# Settings that say what collected importance measures: totals collected under others cannot be added to.
+_MEASURE_SETTINGS = ("score", "aggregate")
 
 
 @dataclass
@@ -149,6 +151,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
 
         # At step 0 the Trainer's record of this callback is this instance's own state (of a previous run, if any).
         saved = self._saved_state(state) if state.global_step > 0 else {}
+        if saved.get("plan") is None:
+            saved = self._drop_other_measure(saved, state)
         if saved.get("plan") is not None:
             self._resume_after_switch(saved, model, args, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
             return
@@ -313,11 +317,36 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         return {"args": self.config.to_dict(), "attributes": {"_checkpoint": checkpoint}}
 
     def _saved_state(self, state: TrainerState) -> dict:
-        """What the checkpoint being resumed holds for this callback (empty for a fresh run)."""
+        """What the checkpoint being resumed holds for this callback (empty for a fresh run), with the settings it
+        was saved under as `"settings"`."""
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             saved = saved[-1] if saved else None
-        return ((saved or {}).get("attributes") or {}).get("_checkpoint") or {}
+        checkpoint = dict(((saved or {}).get("attributes") or {}).get("_checkpoint") or {})
+        return {**checkpoint, "settings": (saved or {}).get("args") or {}} if checkpoint else {}
+
+    def _drop_other_measure(self, saved: dict, state: TrainerState) -> dict:
+        """Before the switch, importance collected under another `score` or `aggregate` measures something else: it
+        is left out (the collection starts again at the resumed step), never added to this run's."""
+        changed = [
+            f"{key}={saved['settings'][key]!r} (now {getattr(self.config, key)!r})"
+            for key in _MEASURE_SETTINGS
+            if key in saved.get("settings", {}) and saved["settings"][key] != getattr(self.config, key)
+        ]
+        if not saved.get("totals") or not changed:
+            return saved
+        if state.global_step >= self._switch_step:
+            raise ValueError(
+                f"Resuming at step {state.global_step}, at or past the switch (step {self._switch_step}), from a "
+                f"checkpoint whose importance was measured with {', '.join(changed)}: the plan would rest on another "
+                "measure than this run's, and there are no steps left to measure again. Resume with the checkpoint's "
+                "settings, or from a checkpoint before the switch."
+            )
+        logger.warning(
+            f"LoRA-drop: the checkpoint's importance was measured with {', '.join(changed)}; it is left out and the "
+            f"collection starts again at step {state.global_step} (the switch stays at step {self._switch_step})."
+        )
+        return {key: value for key, value in saved.items() if key not in ("totals", "skipped", "stability")}
 
     def _switch(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model, optimizer, scheduler

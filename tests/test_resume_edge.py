@@ -89,6 +89,30 @@ def test_resume_past_the_switch_without_collected_importance_is_refused(tmp_path
         trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "out" / "checkpoint-4"))
 
 
+# Issue 21, item 9: importance collected under another score or aggregate is never added to this run's.
+
+
+def test_21_9_resume_before_switch_with_another_score_collects_again(tmp_path, warnings_log):
+    checkpoint = "out/checkpoint-3"
+    for score in ("output", "relative"):  # score does not change training: both checkpoints hold the same weights
+        _trainer(tmp_path / score, _callback(alpha=0.25, score=score), save_steps=3).train()  # switch at step 5
+    continued = _callback(alpha=0.25, score="relative")
+    _trainer(tmp_path / "continued", continued).train(resume_from_checkpoint=str(tmp_path / "relative" / checkpoint))
+    assert "measured with" not in warnings_log.text
+    switched = _callback(alpha=0.25, score="relative")
+    _trainer(tmp_path / "switched", switched).train(resume_from_checkpoint=str(tmp_path / "output" / checkpoint))
+    assert (
+        "measured with score='output' (now 'relative')" in warnings_log.text
+        and "starts again at step 3" in warnings_log.text
+    )
+    # Steps 4-5 only, on the same weights: less than steps 1-5 of the same measure (the output norms of steps 1-3,
+    # orders of magnitude larger than the relative ones, would have made it far more).
+    assert 0 < switched.plan.total < continued.plan.total
+    past = _callback(alpha=0.1, score="relative")  # the switch (step 2) is behind the checkpoint: nothing to measure
+    with pytest.raises(ValueError, match=r"measured with score='output'.*no steps left"):
+        _trainer(tmp_path / "past", past).train(resume_from_checkpoint=str(tmp_path / "output" / checkpoint))
+
+
 # Item 11: resuming after the switch with other settings re-applies the saved plan and records ITS settings.
 
 
