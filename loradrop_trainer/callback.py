@@ -205,6 +205,15 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 f"run's: {listed}. The saved plan is re-applied and its settings are the ones recorded; start a new "
                 "run to prune with the new settings."
             )
+        if any(key in changed for key in ("target", "exclude")):  # the plan's modules, as its settings chose them
+            planned = self._plan_config
+            self._layers = find_lora_layers(
+                model, self.plan.adapter_name, planned.get("target"), planned.get("exclude")
+            )
+            self._outcome.lora_params_before = count_distinct(
+                [p for layer in self._layers.values() for p in lora_parameters(layer, self.plan.adapter_name)]
+            )
+            self._untied = UntiedLora(self._layers, self.plan.adapter_name)
         self._tying = reparameterise(self._layers, self.plan, optimizer, at_switch=False)
         self._record_in_config(model)
         self._schedule_restart = saved.get("schedule_restart")

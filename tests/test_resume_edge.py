@@ -116,6 +116,22 @@ def test_21_9_resume_before_switch_with_another_score_collects_again(tmp_path, w
 # Item 11: resuming after the switch with other settings re-applies the saved plan and records ITS settings.
 
 
+def test_21_19_resume_after_switch_with_another_target_re_applies_the_plan_to_its_own_modules(tmp_path, warnings_log):
+    """Issue 21, item 19: a new `target` used to give a warning that the plan is re-applied, then a bare KeyError."""
+    full = _callback(alpha=0.25)
+    full_trainer = _trainer(tmp_path / "full", full, save_steps=8)
+    full_trainer.train()
+    resumed = _callback(alpha=0.25, target=["self_attn"])
+    trainer = _trainer(tmp_path / "resumed", resumed)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-8"))
+    assert "target=['self_attn'] (plan: None)" in warnings_log.text
+    assert resumed.plan == full.plan
+    assert (resumed.lora_params_before, resumed.lora_params_after) == (full.lora_params_before, full.lora_params_after)
+    assert _tied(trainer.model, resumed.plan)
+    final, expected = _lora(trainer.model), _lora(full_trainer.model)
+    assert final.keys() == expected.keys() and all(torch.equal(final[n], expected[n]) for n in final)
+
+
 def test_resume_after_switch_with_other_settings_warns_and_records_the_plans_settings(tmp_path, warnings_log):
     full = _callback(alpha=0.25, threshold=0.9)
     _trainer(tmp_path / "full", full, save_steps=8).train()
