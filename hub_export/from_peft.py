@@ -34,7 +34,7 @@ from .jsonfile import parse_json_object
 from .plans import PlanSource, read_plan
 from .truncation import recorded_alpha_first
 from .tying import group_by_plan
-from .validate import check_adapter, check_truncation, lora_config
+from .validate import check_adapter, check_truncation, check_weights, lora_config
 
 logger = logging.get_logger(__name__)
 
@@ -83,6 +83,7 @@ def compact_peft_adapter(
         read_member(source, CONFIG_NAME), source / CONFIG_NAME, invalid=CompactFormatError, what="export it again."
     )
     weights = _read_weights(source)
+    check_weights(weights, f"the adapter at {source}")  # before comparing copies: NaN differs even from itself
     _check_dropped_b_is_zero(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
     peft_config = recorded_alpha_first(with_base_model({**config, "inference_mode": True}, base_model), drop_plan)

@@ -313,12 +313,25 @@ def check_truncation(
 
 
 def _check_values(adapter: CompactAdapter, where: str) -> None:
-    for key, tensor in adapter.tensors.items():
-        if not tensor.is_floating_point():
-            raise CompactFormatError(f"{where} stores {key!r} as {tensor.dtype}; LoRA weights are floats.")
+    check_weights(adapter.tensors, where)
+
+
+# The dtypes adapter weights are trained and saved in; others (float8, integers) are refused before any arithmetic,
+# since torch implements neither comparison nor isfinite for some of them.
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_weights(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise `CompactFormatError` for the first tensor of an unsupported dtype or with NaN or infinite values."""
+    for key, tensor in tensors.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise CompactFormatError(
+                f"{where} stores {key!r} as {tensor.dtype}; adapter weights are float32, bfloat16, float16 or float64. "
+                "Save the adapter in one of those."
+            )
         if not bool(torch.isfinite(tensor).all()):
             raise CompactFormatError(
-                f"{where} stores NaN or infinite values in {key!r}; the model it came from had diverged."
+                f"{where} stores NaN or infinite values in {key!r} (not finite); the model it came from had diverged."
             )
 
 

@@ -18,6 +18,7 @@ from helpers import (
     training_args,
 )
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from hub_export import PlanError, compact_peft_adapter, load_compact, read_compact
@@ -154,3 +155,23 @@ def test_counts_agree_across_log_plan_file_card_and_inspect(tmp_path, capsys):
     assert f"| plain PEFT adapter | {before:,} |" in card and f"| this compact adapter | {after:,} |" in card
     manifest = json.loads((tmp_path / "compact" / MANIFEST_FILE).read_text())
     assert manifest["plan"]["lora_params_after"] == after
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda t: t.fill_(float("nan")), "not finite"),  # issue 21, item 17: it read "X differs from X"
+        (lambda t: t.to(torch.float8_e4m3fn), "float8_e4m3fn; adapter weights are float32"),  # item 20: a traceback
+    ],
+    ids=["21_17_nan", "21_20_float8"],
+)
+def test_21_17_and_20_unusable_weights_in_a_compact_source_are_named_in_one_line(tmp_path, capsys, spoil, message):
+    _, callback, out = _script(tmp_path, tiny_llama())
+    weights = load_file(out / "adapter_model.safetensors")
+    key = callback.plan.dropped[0] + ".lora_A.weight"  # a shared member: compared with its source
+    weights[key] = spoil(weights[key].clone())
+    save_file(weights, out / "adapter_model.safetensors")
+    assert loradrop(["compact", str(out), str(tmp_path / "compact")]) == 1
+    error = one_line_error(capsys)
+    assert message in error and key in error and "differs" not in error
+    assert not (tmp_path / "compact").exists()
