@@ -113,9 +113,10 @@ def _source_dir(source: str, revision: str | None) -> Path:
     """The directory of a SOURCE: the local one as given, or the cached snapshot of an hf:// repo."""
     if not source.startswith(HUB_PREFIX):
         if not os.path.lexists(source):
-            raise FileNotFoundError(
-                f"{source} does not exist. For the Hub repo of that name, write {HUB_PREFIX}{source}."
-            )
+            from .base_model import is_hub_id
+
+            hint = f" For the Hub repo of that name, write {HUB_PREFIX}{source}." if is_hub_id(source) else ""
+            raise FileNotFoundError(f"{source} does not exist.{hint}")
         return Path(source)
     from .compact import COMPACT_LAYOUT
     from .remote import fetch

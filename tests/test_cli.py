@@ -39,7 +39,10 @@ def test_inspect_prints_plan_sizes_and_version(compact, capsys):
 
 def test_inspect_bad_path_fails_with_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 1
-    assert "does not exist" in one_line_error(capsys)
+    error = one_line_error(capsys)
+    assert "does not exist" in error and "hf://" not in error, "issue 21, item 14: no hf:// for an absolute path"
+    assert main(["inspect", "someone/adapter"]) == 1  # reads as a repo id: the hint says how to ask for the Hub
+    assert "write hf://someone/adapter" in one_line_error(capsys)
     (tmp_path / "empty").mkdir()
     assert main(["inspect", str(tmp_path / "empty")]) == 1
     assert "not a LoRA-drop compact adapter" in one_line_error(capsys)
