@@ -20,7 +20,7 @@ from torch import nn
 
 from loradrop_trainer import DropPlan
 from loradrop_trainer.lora_layers import named_modules
-from loradrop_trainer.plan import attached_plan
+from loradrop_trainer.plan import attached_plan, restored_checkpoint
 from loradrop_trainer.report import PLAN_FILE
 
 from .errors import PlanError
@@ -32,6 +32,14 @@ PlanSource = DropPlan | Mapping[str, Any] | str | os.PathLike | None
 def resolve_plan(model: nn.Module, plan: PlanSource) -> tuple[DropPlan, dict[str, Any]]:
     """Return the plan for `model` and the extra fields that go with it (see the module docstring)."""
     attached, extra = attached_plan(model)  # set by LoraDropCallback at the switch and by `load_compact`
+    restored = restored_checkpoint(model)
+    if attached is None and restored is not None:
+        raise PlanError(
+            f"This model was put back to {restored}, a checkpoint from before the LoRA-drop switch "
+            "(load_best_model_at_end): it holds plain LoRA, which no plan fits, so there is no compact adapter to "
+            "write. Save it as a plain PEFT adapter (trainer.save_model(), model.save_pretrained(...)), or train "
+            "without load_best_model_at_end to keep the pruned model."
+        )
     if plan is None:
         if attached is None:
             raise PlanError(

@@ -305,7 +305,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             forget_truncation(config, self.plan)
         if self._untied.reload_needed:
             model.load_adapter(checkpoint, adapter_name=self.config.adapter_name, is_trainable=True)
-        detach_plan(model)
+        detach_plan(model, restored_from=checkpoint)
         logger.warning(
             f"LoRA-drop: the best checkpoint ({checkpoint}) predates the LoRA-drop switch (step {self.plan.step}); "
             "the model is back to plain LoRA with that checkpoint's weights, and carries no plan. Export it with "

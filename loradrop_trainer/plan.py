@@ -15,6 +15,7 @@ PLAN_FORMAT_VERSION = 1
 # model can be exported without the callback at hand: see `attach_plan`.
 MODEL_PLAN_ATTR = "loradrop_plan"
 MODEL_PLAN_EXTRA_ATTR = "loradrop_plan_extra"
+MODEL_RESTORED_ATTR = "loradrop_restored_from"
 
 
 class NoImportanceError(ValueError):
@@ -304,8 +305,17 @@ def attached_plan(model: Any) -> tuple[DropPlan | None, dict[str, Any]]:
     return getattr(model, MODEL_PLAN_ATTR, None), dict(getattr(model, MODEL_PLAN_EXTRA_ATTR, None) or {})
 
 
-def detach_plan(model: Any) -> None:
-    """Forget the plan recorded on `model` (it is plain LoRA again)."""
+def detach_plan(model: Any, restored_from: str | None = None) -> None:
+    """Forget the plan recorded on `model` (it is plain LoRA again); `restored_from` names the checkpoint from before
+    the switch it was put back to, which `restored_checkpoint` then reports (exporters say so instead of asking for a
+    plan that no longer fits the model)."""
     for attribute in (MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR):
         if hasattr(model, attribute):
             delattr(model, attribute)
+    if restored_from is not None:
+        setattr(model, MODEL_RESTORED_ATTR, str(restored_from))
+
+
+def restored_checkpoint(model: Any) -> str | None:
+    """The checkpoint from before the switch that `model` was put back to (`load_best_model_at_end`), if any."""
+    return getattr(model, MODEL_RESTORED_ATTR, None)

@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from hub_export import PlanError, save_compact
 from loradrop_trainer import LoraDropCallback, find_lora_layers
 from loradrop_trainer.importance import ImportanceCollector
 from loradrop_trainer.plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR
@@ -226,6 +227,11 @@ def test_best_checkpoint_before_the_switch_is_restored_untied(tmp_path, warnings
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, expected(**inputs).logits, rtol=0, atol=0)
     assert "predates the LoRA-drop switch" in warnings_log.text
+    # Issue 21, item 21: the exporters say what the model is, rather than ask for a plan that then fails.
+    for plan in (None, callback.plan):
+        with pytest.raises(PlanError, match=r"checkpoint from before the LoRA-drop switch.*trainer\.save_model\(\)"):
+            save_compact(model, tmp_path / "compact", plan=plan)
+    assert not (tmp_path / "compact").exists()
 
 
 # Item 15: an adapter that is not the one being trained; one non-finite micro-batch.
