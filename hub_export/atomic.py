@@ -24,10 +24,12 @@ _SHOWN = 6  # foreign entries named in an error message
 
 @dataclass(frozen=True)
 class Layout:
-    """The files one kind of output consists of: `what` names it in messages, `files` are paths relative to it."""
+    """The files one kind of output consists of: `what` names it in messages, `files` are paths relative to it, and
+    `marker` is the one file every such output has (a README.md or a config alone may be the user's own)."""
 
     what: str
     files: frozenset[str]
+    marker: str
 
 
 @contextmanager
@@ -50,6 +52,8 @@ def check_replaceable(target: Path, layout: Layout) -> None:
     if target.is_symlink() or not target.is_dir():
         raise TargetExistsError(f"{target} exists and is not a directory; choose another output path.")
     foreign = _foreign_entries(target, layout.files)
+    if not foreign and any(os.scandir(target)) and not (target / layout.marker).is_file():
+        foreign = [entry.name for entry in sorted(os.scandir(target), key=lambda e: e.name)]  # no output of ours
     if foreign:
         shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else "")
         raise TargetExistsError(

@@ -60,7 +60,9 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "loradrop_compact.json"
 WEIGHTS_FILE = "adapter_compact.safetensors"
 METADATA_VERSION_KEY = "loradrop_compact_version"
-COMPACT_LAYOUT = Layout("compact adapter", frozenset({MANIFEST_FILE, WEIGHTS_FILE, CONFIG_NAME, CARD_FILE, PLOT_FILE}))
+COMPACT_LAYOUT = Layout(
+    "compact adapter", frozenset({MANIFEST_FILE, WEIGHTS_FILE, CONFIG_NAME, CARD_FILE, PLOT_FILE}), marker=MANIFEST_FILE
+)
 
 
 @dataclass

@@ -38,7 +38,9 @@ from .truncation import pad_to_rank, reduced_config
 logger = logging.get_logger(__name__)
 
 DROPPED_A_SEED = 0
-PEFT_LAYOUT = Layout("plain PEFT adapter", frozenset({CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME}))
+PEFT_LAYOUT = Layout(
+    "plain PEFT adapter", frozenset({CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME}), marker=SAFETENSORS_WEIGHTS_NAME
+)
 
 
 def expand_to_peft(

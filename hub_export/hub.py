@@ -31,7 +31,9 @@ logger = logging.get_logger(__name__)
 
 # What a pull writes: the compact adapter, and the plain PEFT copy in peft/ when the repo was pushed with it.
 PULLED_LAYOUT = Layout(
-    "pulled compact adapter", COMPACT_LAYOUT.files | {f"{PEFT_SUBFOLDER}/{name}" for name in PEFT_LAYOUT.files}
+    "pulled compact adapter",
+    COMPACT_LAYOUT.files | {f"{PEFT_SUBFOLDER}/{name}" for name in PEFT_LAYOUT.files},
+    marker=COMPACT_LAYOUT.marker,
 )
 
 

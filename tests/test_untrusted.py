@@ -559,3 +559,22 @@ def test_small_version_and_help_import_no_ml_library(argv):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("loradrop " if argv == ["--version"] else "usage: loradrop")
+
+
+def test_21_18_a_directory_of_the_users_own_readme_or_config_is_not_replaced(share, tmp_path):
+    """Issue 21, item 18: a README.md (or an adapter_config.json) alone is no output of this library's."""
+    compact, _ = share
+    readme = tmp_path / "notes"
+    readme.mkdir()
+    (readme / "README.md").write_text("my notes")
+    with pytest.raises(TargetExistsError, match=r"holds README\.md, which are no files of a compact adapter"):
+        save_compact(load_compact(tiny_llama_base(), compact), readme)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "adapter_config.json").write_text("{}")
+    with pytest.raises(TargetExistsError, match=r"holds adapter_config\.json"):
+        expand_to_peft(compact, config)
+    assert (readme / "README.md").read_text() == "my notes" and (config / "adapter_config.json").read_text() == "{}"
+    assert expand_to_peft(compact, tmp_path / "peft") and expand_to_peft(compact, tmp_path / "peft"), (
+        "its own: replaced"
+    )
