@@ -125,8 +125,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         previous, _ = attached_plan(model)
         if state.global_step == 0 and previous is not None:
             raise ValueError(
-                f"This model was already re-parameterised by LoRA-drop (plan of step {previous.step}); its dropped "
-                "modules share weights. Start the new run from a freshly wrapped PEFT model."
+                f"This model was already re-parameterised by LoRA-drop (plan of step {previous.step}, mode "
+                f"{previous.mode!r}). Start the new run from a freshly wrapped PEFT model."
             )
         cfg = self.config
         self._layers = find_lora_layers(model, cfg.adapter_name, cfg.target, cfg.exclude)
@@ -151,6 +151,13 @@ class LoraDropCallback(TrainerCallback, ExportableState):
 
         # At step 0 the Trainer's record of this callback is this instance's own state (of a previous run, if any).
         saved = self._saved_state(state) if state.global_step > 0 else {}
+        if saved.get("plan") is None and previous is not None and state.global_step > 0:
+            raise ValueError(
+                f"Resuming at step {state.global_step} from a checkpoint saved before the LoRA-drop switch, into a "
+                f"model that an earlier train() in this process already re-parameterised (plan of step {previous.step}, mode "
+                f"{previous.mode!r}): the checkpoint's weights would not mean what they meant. Build the PEFT model "
+                "afresh (get_peft_model on a freshly loaded base model) and resume with it."
+            )
         if saved.get("plan") is None:
             saved = self._drop_other_measure(saved, state)
         if saved.get("plan") is not None:

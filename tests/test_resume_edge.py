@@ -114,6 +114,19 @@ def test_21_9_resume_before_switch_with_another_score_collects_again(tmp_path, w
         _trainer(tmp_path / "past", past).train(resume_from_checkpoint=str(tmp_path / "output" / checkpoint))
 
 
+# Issue 21, item 5: a notebook resumes, in the same process, from before the switch into the re-parameterised model.
+
+
+def test_21_5_resuming_from_before_the_switch_into_a_model_pruned_in_this_process_is_refused(tmp_path):
+    callback = _callback(alpha=0.25)  # switch at step 5, checkpoints at 3 (before) and 6 (after)
+    trainer = _trainer(tmp_path, callback, save_steps=3)
+    trainer.train()
+    with pytest.raises(ValueError, match=r"step 3 from a checkpoint saved before the LoRA-drop switch.*afresh"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))  # after the switch: the plan fits
+    assert callback.plan.step == 5
+
+
 # Item 11: resuming after the switch with other settings re-applies the saved plan and records ITS settings.
 
 
