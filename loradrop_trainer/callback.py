@@ -154,9 +154,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if saved.get("plan") is None and previous is not None and state.global_step > 0:
             raise ValueError(
                 f"Resuming at step {state.global_step} from a checkpoint saved before the LoRA-drop switch, into a "
-                f"model that an earlier train() in this process already re-parameterised (plan of step {previous.step}, mode "
-                f"{previous.mode!r}): the checkpoint's weights would not mean what they meant. Build the PEFT model "
-                "afresh (get_peft_model on a freshly loaded base model) and resume with it."
+                "model that an earlier train() in this process already re-parameterised (plan of step "
+                f"{previous.step}, mode {previous.mode!r}): the checkpoint's weights would not mean what they meant. "
+                "Build the PEFT model afresh (get_peft_model on a freshly loaded base model) and resume with it."
             )
         if saved.get("plan") is None:
             saved = self._drop_other_measure(saved, state)
