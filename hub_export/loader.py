@@ -36,7 +36,7 @@ from loradrop_trainer.plan import attach_plan
 from loradrop_trainer.truncate import record_truncation
 
 from .compact import CompactAdapter, read_compact
-from .errors import BaseModelMismatchError
+from .errors import BaseModelMismatchError, CompactFormatError
 from .expand import expanded_state_dict
 from .plans import plan_layers
 from .truncation import without_recorded_alpha
@@ -142,6 +142,15 @@ def _check_base_model(base_model: nn.Module, adapter: CompactAdapter, config: Lo
             problem = _module_problem(modules, module.removeprefix(PEFT_PREFIX), key.removeprefix(module), shape)
             if problem:
                 problems[module] = problem
+    for name, module in modules.items():  # every module PEFT will copy for modules_to_save needs its weights
+        if name and any(name.endswith(entry) for entry in config.modules_to_save or ()):
+            missing = [f"{PEFT_PREFIX}{name}.{pname}" for pname, _ in module.named_parameters()]
+            missing = [key for key in missing if key not in shapes]
+            if missing:
+                raise CompactFormatError(
+                    f"The adapter at {source} lists {name!r} in modules_to_save but does not store {missing[0]!r}; "
+                    "PEFT would fail to load it. Export the adapter again."
+                )
     lacking = [name for name in modules if name and name not in with_lora and targets(config, PEFT_PREFIX + name)]
     base = adapter.peft_config.get("base_model_name_or_path") or "the base model it was trained on"
     if problems:

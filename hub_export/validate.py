@@ -46,6 +46,13 @@ if TYPE_CHECKING:
 
     from .compact import CompactAdapter
 
+# The heads PEFT adds to modules_to_save by itself for a task type, whether or not the model has them (BERT has a
+# `classifier`, Llama a `score`): a name of these without stored weights is PEFT's doing, not an inconsistency.
+_AUTOMATIC_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 # Wider than any layer of any released model; bounds what expanding a crafted "dropped" entry may allocate.
 MAX_WIDTH = 2**20
 # PEFT features that change what a LoRA layer holds or computes; LoRA-drop trains and stores plain LoRA only.
@@ -146,6 +153,12 @@ def lora_module(key: str, config: LoraConfig) -> str | None:
     return parts[0] if parts is not None and parts[1] in LORA_SUFFIXES and targets(config, parts[0]) else None
 
 
+def _saved_under(key: str, name: str) -> bool:
+    """Whether the weight `key` belongs to a module whose name ends with the modules_to_save entry `name`."""
+    path = key.removeprefix(PEFT_PREFIX).split(".")[:-1]
+    return any(".".join(path[:i]).endswith(name) for i in range(1, len(path) + 1))
+
+
 def is_saved_module_weight(key: str, config: LoraConfig) -> bool:
     """Whether `key` is a weight of a module `config` lists in modules_to_save (matched as PEFT matches them)."""
     if not config.modules_to_save or not key.startswith(PEFT_PREFIX):
@@ -163,6 +176,14 @@ def _check_keys(adapter: CompactAdapter, config: LoraConfig, where: str) -> None
                 "come from different adapters. Export the adapter again."
             )
     stored = [key for keys in adapter.members.values() for key in keys]
+    heads = _AUTOMATIC_HEADS.get(str(config.task_type), ())
+    for name in config.modules_to_save or ():
+        saved = any(_saved_under(key, name) for key in stored)
+        if not saved and name not in heads:
+            raise CompactFormatError(
+                f"{where} lists {name!r} in modules_to_save but stores no weight of it; PEFT would look for them when "
+                "loading (and fail). Export the adapter again."
+            )
     for key in [*stored, *adapter.dropped]:
         dropped = key in adapter.dropped
         if lora_module(key, config) is None and (dropped or not is_saved_module_weight(key, config)):

@@ -578,3 +578,32 @@ def test_21_18_a_directory_of_the_users_own_readme_or_config_is_not_replaced(sha
     assert expand_to_peft(compact, tmp_path / "peft") and expand_to_peft(compact, tmp_path / "peft"), (
         "its own: replaced"
     )
+
+
+def test_21_16_modules_to_save_without_their_weights_are_refused(share, tmp_path, capsys):
+    """Issue 21, item 16: a modules_to_save entry whose weights the adapter lacks gave a raw KeyError from
+    load_compact, and an expansion PEFT could not load."""
+    compact, _ = share
+    listed = _craft(compact, tmp_path / "listed", config=lambda c: c.__setitem__("modules_to_save", ["lm_head"]))
+    base = tiny_llama_base()
+    before = _fingerprint(base)
+    with pytest.raises(CompactFormatError, match=r"lists 'lm_head' in modules_to_save but stores no weight"):
+        load_compact(base, listed)
+    _assert_unchanged(base, before)
+    assert main(["expand", str(listed), str(tmp_path / "peft")]) == 1
+    assert "lists 'lm_head' in modules_to_save" in one_line_error(capsys) and not (tmp_path / "peft").exists()
+
+    def one_of_four(weights: dict, manifest: dict) -> None:  # the entry matches four layers; only one is stored
+        key = "base_model.model.model.layers.0.input_layernorm.weight"
+        weights[key] = torch.ones(32)
+        manifest["tensors"][key] = [key]
+
+    partial = _craft(
+        compact,
+        tmp_path / "partial",
+        tensors=one_of_four,
+        config=lambda c: c.__setitem__("modules_to_save", ["input_layernorm"]),
+    )
+    with pytest.raises(CompactFormatError, match=r"'model\.layers\.1\.input_layernorm'.*does not store"):
+        load_compact(base, partial)
+    _assert_unchanged(base, before)
