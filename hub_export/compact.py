@@ -33,7 +33,6 @@ import torch
 from peft.utils import CONFIG_NAME
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
 
@@ -45,7 +44,7 @@ from loradrop_trainer.sharding import barrier, is_writing_rank
 from .atomic import Layout, atomic_directory
 from .base_model import warn_if_local, with_base_model
 from .errors import CompactFileNotFoundError, CompactFormatError, PlanError, UnsupportedFormatVersionError
-from .files import has_member, read_member
+from .files import has_member, read_member, write_tensors
 from .jsonfile import parse_json_object
 from .model_card import CARD_FILE, model_card
 from .plans import PlanSource, resolve_plan, split_payload
@@ -182,7 +181,7 @@ def write_compact(adapter: CompactAdapter, directory: Path) -> None:
     """Write the files of `adapter` into an existing, empty `directory` (the manifest last)."""
     weights = directory / WEIGHTS_FILE
     # One metadata entry only: safetensors writes several in a random order, and the bytes must be reproducible.
-    save_file(adapter.tensors, weights, metadata={METADATA_VERSION_KEY: str(adapter.format_version)})
+    write_tensors(adapter.tensors, weights, metadata={METADATA_VERSION_KEY: str(adapter.format_version)})
     (directory / CONFIG_NAME).write_text(config_text(adapter.peft_config), encoding="utf-8")
     plot_importance(adapter.plan, directory / PLOT_FILE)
     model_card(adapter, PLOT_FILE).save(directory / CARD_FILE)

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
 
 from .atomic import Layout, atomic_directory, check_disjoint
 from .base_model import warn_if_local
 from .compact import CompactAdapter, config_text, read_compact, with_base
+from .files import write_tensors
 from .truncation import pad_to_rank, reduced_config
 
 logger = logging.get_logger(__name__)
@@ -72,7 +72,7 @@ def expand_to_peft(
 def write_peft(adapter: CompactAdapter, directory: Path) -> None:
     """Write the plain PEFT adapter of `adapter` into the existing, empty `directory`."""
     state = expanded_state_dict(adapter, padded=False)
-    save_file(state, directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+    write_tensors(state, directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(config_text(reduced_config(adapter.peft_config, adapter.plan)), "utf-8")
 
 

@@ -13,6 +13,9 @@ import os
 import stat
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
 from .errors import CompactFileNotFoundError, CompactFormatError
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block
@@ -63,3 +66,12 @@ def _cache_blob(directory: Path, link: Path) -> Path:
         f"{link} is a symbolic link; an adapter's files must be regular files inside its directory (links are "
         "followed only in a huggingface_hub cache snapshot, into its blob store). Replace the link with the file."
     )
+
+
+def write_tensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, whose failures to write (a full disk, a lost mount) become an `OSError` that
+    says which file: safetensors reports them as its own error type, with Rust's debug text."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as err:
+        raise OSError(f"Could not write {path} ({err}); nothing was replaced. Free some space and try again.") from err

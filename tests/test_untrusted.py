@@ -23,6 +23,7 @@ import torch
 from helpers import model_logits, one_line_error, random_lora_b, tiny_llama, tiny_llama_base, tree_bytes
 from hub_server import DEFAULT_USER
 from peft import PeftModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import hub_export.loader
@@ -607,3 +608,21 @@ def test_21_16_modules_to_save_without_their_weights_are_refused(share, tmp_path
     with pytest.raises(CompactFormatError, match=r"'model\.layers\.1\.input_layernorm'.*does not store"):
         load_compact(base, partial)
     _assert_unchanged(base, before)
+
+
+def test_21_13_a_full_disk_while_writing_is_one_line_and_replaces_nothing(share, tmp_path, monkeypatch, capsys):
+    """Issue 21, item 13: safetensors reports a full disk as its own error type, which came out as a traceback."""
+    compact, _ = share
+    expand_to_peft(compact, tmp_path / "peft")
+    before = tree_bytes(tmp_path / "peft")
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })'
+        )
+
+    monkeypatch.setattr("hub_export.files.save_file", full_disk)
+    assert main(["expand", str(compact), str(tmp_path / "peft")]) == 1
+    error = one_line_error(capsys)
+    assert "Could not write" in error and "No space" in error and "nothing was replaced" in error
+    assert tree_bytes(tmp_path / "peft") == before
