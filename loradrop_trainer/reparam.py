@@ -158,6 +158,8 @@ def _reset_parameters(values: dict[nn.Parameter, torch.Tensor], optimizer: torch
 
     DeepSpeed keeps an fp32 master copy and the moments in flat partitions the module never sees, so writing into
     the module's (bf16) weight would be overwritten at the next step; its `safe_set_*` setters write the partitions.
+    Its step count belongs to a whole partition, though: the moments are zeroed and Adam's bias correction goes on from
+    the run's step, where a torch optimizer, forgetting the Parameter's state, starts it again at step 1.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
     if is_deepspeed_optimizer(inner):
