@@ -20,7 +20,7 @@ from torch import nn
 from .grad_tying import GradientTying, fresh_values, reset_sharded, shared_groups
 from .lora_layers import lora_parameters
 from .plan import DropPlan
-from .sharding import parameter_engine
+from .sharding import is_deepspeed_optimizer, parameter_engine
 from .truncate import set_truncated_scaling, truncated_dropped_values
 
 
@@ -82,7 +82,7 @@ def reparameterise(
     if plan.mode == "truncate":
         _check_plan_matches(layers, plan)
         if at_switch:
-            set_values(truncated_dropped_values(layers, plan), optimizer)
+            set_values(truncated_dropped_values(layers, plan, optimizer), optimizer)
         apply_plan(layers, plan)
         return None
     if plan.mode == "drop":
@@ -158,9 +158,11 @@ def _reset_parameters(values: dict[nn.Parameter, torch.Tensor], optimizer: torch
 
     DeepSpeed keeps an fp32 master copy and the moments in flat partitions the module never sees, so writing into
     the module's (bf16) weight would be overwritten at the next step; its `safe_set_*` setters write the partitions.
+    Its step count belongs to a whole partition, though: the moments are zeroed and Adam's bias correction goes on from
+    the run's step, where a torch optimizer, forgetting the Parameter's state, starts it again at step 1.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
-    if _is_deepspeed_optimizer(inner):
+    if is_deepspeed_optimizer(inner):
         from deepspeed.utils import (
             safe_get_full_optimizer_state,
             safe_set_full_fp32_param,
@@ -180,10 +182,6 @@ def _reset_parameters(values: dict[nn.Parameter, torch.Tensor], optimizer: torch
             param.copy_(value)
             if inner is not None:
                 inner.state.pop(param, None)
-
-
-def _is_deepspeed_optimizer(optimizer: object) -> bool:
-    return type(optimizer).__module__.startswith("deepspeed.")
 
 
 class UntiedLora:

@@ -48,6 +48,12 @@ def parameter_engine(params: Iterable[torch.Tensor]) -> Engine:
     return engines.pop() if engines else "replicated"
 
 
+def is_deepspeed_optimizer(optimizer: object) -> bool:
+    """Whether `optimizer` (looked through accelerate's wrapper by the caller) is DeepSpeed's ZeRO optimizer, which
+    keeps fp32 masters and moments in flat partitions that only its `safe_get/set_*` utilities reach."""
+    return type(optimizer).__module__.startswith("deepspeed.")
+
+
 def full_numel(param: torch.Tensor) -> int:
     """Elements of the whole Parameter on any engine (a ZeRO-3 Parameter's `numel()` is its empty placeholder's)."""
     return getattr(param, "ds_numel", None) or param.numel()

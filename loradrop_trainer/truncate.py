@@ -30,7 +30,7 @@ from torch import nn
 
 from .lora_layers import PEFT_PREFIX
 from .plan import DropPlan
-from .sharding import parameter_engine, whole_tensors
+from .sharding import is_deepspeed_optimizer, parameter_engine, whole_tensors
 
 
 def rank_scaling(layer: LoraLayer, adapter: str, rank: int) -> float:
@@ -78,16 +78,25 @@ def truncated_values(
     return new_a.float(), new_b.float()
 
 
-def truncated_dropped_values(layers: dict[str, LoraLayer], plan: DropPlan) -> list[tuple[nn.Parameter, torch.Tensor]]:
+def truncated_dropped_values(
+    layers: dict[str, LoraLayer], plan: DropPlan, optimizer: object = None
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """`(Parameter, new whole float32 value)` for the A and B of every dropped module, cut to `plan.dropped_rank` and
     rescaled for the scaling `set_truncated_scaling` then gives it (`reparam.set_values` writes them on any engine).
 
-    Sharded weights are gathered to compute the SVD (every rank must call it). Replicated weights are truncated from
-    rank 0's values, broadcast, so every rank of a DDP or ZeRO-1/2 run ends with the very same numbers.
+    The SVD is taken of what the optimizer trains: under DeepSpeed its fp32 master weights (the module's bf16 or fp16
+    weights are their rounding, and the truncated values become the new masters), otherwise the Parameters. Sharded
+    weights are gathered to compute it (every rank must call it). Replicated weights are truncated from rank 0's
+    values, broadcast, so every rank of a DDP or ZeRO-1/2 run ends with the very same numbers.
+
+    Args:
+        layers: `{module name: LoRA layer}` of the plan's modules.
+        plan: a plan in mode "truncate".
+        optimizer: the optimizer as the Trainer holds it (None: the Parameters' own values).
     """
     adapter, rank = plan.adapter_name, plan.dropped_rank
     weights = [(layers[name].lora_A[adapter].weight, layers[name].lora_B[adapter].weight) for name in plan.dropped]
-    whole = whole_tensors([p for pair in weights for p in pair])
+    whole = trained_values([p for pair in weights for p in pair], optimizer)
     values: list[tuple[nn.Parameter, torch.Tensor]] = []
     for index, (name, (a, b)) in enumerate(zip(plan.dropped, weights)):
         layer = layers[name]
@@ -97,6 +106,19 @@ def truncated_dropped_values(layers: dict[str, LoraLayer], plan: DropPlan) -> li
     if parameter_engine(p for pair in weights for p in pair) == "replicated":
         _broadcast_from_first_rank([value for _, value in values])
     return values
+
+
+def trained_values(params: list[nn.Parameter], optimizer: object = None) -> list[torch.Tensor]:
+    """The whole values the optimizer trains for `params`: DeepSpeed's fp32 masters when `optimizer` is DeepSpeed's
+    (a collective under every ZeRO stage), else the Parameters (gathered when sharded: `whole_tensors`)."""
+    if not is_deepspeed_optimizer(getattr(optimizer, "optimizer", optimizer)):
+        return whole_tensors(params)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    values = [safe_get_full_fp32_param(param) for param in params]
+    if any(value is None for value in values):  # Parameters DeepSpeed does not optimise (not expected here)
+        return whole_tensors(params)
+    return [value.detach() for value in values]
 
 
 def set_truncated_scaling(layers: dict[str, LoraLayer], plan: DropPlan) -> None:

@@ -8,8 +8,9 @@ Launch with torchrun (gloo; DeepSpeed picks up torchrun's environment):
 Each run is `variant/scenario`; runs go one after another in the same processes (imports and the process group are
 paid for once). A variant is dash-separated: the backend (`ddp`, `zero1`, `zero2`, `zero3`) then any of `bf16`, `fresh`
 (shared_init="fresh"), `clip` (max_grad_norm=CLIPPING_NORM: gradient clipping acts at every step), `dsopt`
-(DeepSpeed's own AdamW section rather than the Trainer's torch optimizer), `restart` (restart=True) and `auto`
-(alpha="auto", switching between steps AUTO_EARLIEST and AUTO_LATEST).
+(DeepSpeed's own AdamW section rather than the Trainer's torch optimizer), `restart` (restart=True), `auto`
+(alpha="auto", switching between steps AUTO_EARLIEST and AUTO_LATEST) and `trunc` (mode "truncate" with
+dropped_rank 1, SHARING's other settings: dropped modules keep their own LoRA, cut to rank 1 at the switch).
 Scenarios:
 
 - `full`: train MAX_STEPS steps, switching at the end of step SWITCH_STEP, with checkpoints at the steps in SAVE_AT
@@ -25,7 +26,8 @@ Scenarios:
   the switch) the best: the Trainer loads that checkpoint at the end of `train()`, then the callback undoes the plan.
 
 Every rank writes what it saw to `<out>/<variant>/<scenario>.rank<r>.pt` (plan, LoRA tensors at the switch and at
-the end, the shared pair's fp32 master and Adam moments just after the switch, ...). gloo may abort at exit after a
+the end, the shared pair's or the truncated modules' fp32 master and Adam moments just after the switch, in mode
+"truncate" the LoRA, fp32 masters and scalings just before it, ...). gloo may abort at exit after a
 successful run, so the test judges the run by these files, not by the exit code. After a run fails, its rank writes
 the traceback and the launch stops (the other rank may then wait in a collective until torchrun ends it).
 """
@@ -82,6 +84,12 @@ SAVING = {
 }
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CLIPPING_NORM = 0.05  # the `clip` flag: gradient norms here are about 0.2, so clipping acts at every step
+TRUNCATING = {**SHARING, "mode": "truncate", "dropped_rank": 1}  # the `trunc` flag
+
+
+def drop_settings(flags: list[str]) -> dict:
+    """The LoraDropConfig fields a variant's flags choose (besides alpha, restart and shared_init)."""
+    return TRUNCATING if "trunc" in flags else SHARING
 
 
 def deepspeed_config(stage: int, ds_optimizer: bool) -> dict:
@@ -129,6 +137,33 @@ class LocalTotals(TrainerCallback):
             self.totals = collector.totals()
 
 
+class BeforeSwitch(TrainerCallback):
+    """Listed before LoraDropCallback, in mode "truncate": at the step the switch comes at, records every LoRA tensor,
+    its fp32 master under DeepSpeed and every module's scaling, as the switch finds them (collectives: every rank)."""
+
+    def __init__(self, drop: LoraDropCallback, deepspeed: bool):
+        self.drop = drop
+        self.deepspeed = deepspeed
+        self.record: dict = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.drop.config.mode != "truncate" or self.drop._collector is None:
+            return
+        if state.global_step != self.drop._switch_step:
+            return
+        layers, adapter = self.drop._layers, self.drop.config.adapter_name
+        self.record["lora"] = lora_tensors(model)
+        self.record["scaling"] = {name: layer.scaling[adapter] for name, layer in layers.items()}
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            self.record["masters"] = {
+                f"{name}.{part}.weight": safe_get_full_fp32_param(getattr(layer, part)[adapter].weight).clone()
+                for name, layer in layers.items()
+                for part in ("lora_A", "lora_B")
+            }
+
+
 class Probe(TrainerCallback):
     """Listed after LoraDropCallback: records what the switch left behind, on every rank."""
 
@@ -162,33 +197,56 @@ class Probe(TrainerCallback):
             self.record["lr_after_switch"] = optimizer.param_groups[0]["lr"]
             if plan.mode == "share":
                 self.record["shared_state"] = self._shared_state(optimizer, plan)
+            if plan.mode == "truncate":
+                self.record["truncated_state"] = self._truncated_state(optimizer, plan)
+                self.record["switch_scaling"] = {
+                    n: layer.scaling[plan.adapter_name] for n, layer in self.layers.items()
+                }
+
+    @property
+    def layers(self) -> dict:
+        return self.drop._layers
 
     def _shared_state(self, optimizer, plan) -> dict:
         """Module weight, fp32 master and Adam moments of every shared pair, right after the switch."""
-        layers = self.drop._layers
         out = {}
         for kind, members in plan.shared.items():
-            source = layers[members[0]]
             for part in ("lora_A", "lora_B"):
-                param = getattr(source, part)[plan.adapter_name].weight
-                entry = {"weight": whole(param)}
-                if self.deepspeed:
-                    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-                    # Collectives: every rank runs this, in the same order.
-                    entry["master"] = safe_get_full_fp32_param(param).clone()
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        entry[key] = safe_get_full_optimizer_state(param, key).clone()
-                    entry["fragments_live"] = _fragments_are_live(param, optimizer)
-                else:
-                    inner = getattr(optimizer, "optimizer", optimizer)
-                    state = inner.state.get(param) or {}
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        if key in state:
-                            entry[key] = whole(state[key])
-                entry["tied"] = all(getattr(layers[n], part)[plan.adapter_name].weight is param for n in members)
+                param = getattr(self.layers[members[0]], part)[plan.adapter_name].weight
+                entry = self._optimizer_state(param, optimizer)
+                entry["tied"] = all(getattr(self.layers[n], part)[plan.adapter_name].weight is param for n in members)
                 out[f"{kind}.{part}"] = entry
         return out
+
+    def _truncated_state(self, optimizer, plan) -> dict:
+        """Module weight, fp32 master and Adam moments of every truncated module's A and B, right after the switch."""
+        return {
+            f"{name}.{part}.weight": self._optimizer_state(
+                getattr(self.layers[name], part)[plan.adapter_name].weight, optimizer
+            )
+            for name in plan.dropped
+            for part in ("lora_A", "lora_B")
+        }
+
+    def _optimizer_state(self, param, optimizer) -> dict:
+        """`param`'s whole weight, and its fp32 master and Adam moments (DeepSpeed) or the moments the torch optimizer
+        holds for it (absent when it holds none). Collectives where sharded: every rank runs this, in the same order."""
+        entry = {"weight": whole(param)}
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+            entry["master"] = safe_get_full_fp32_param(param).clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                entry[key] = safe_get_full_optimizer_state(param, key).clone()
+            entry["fragments_live"] = _fragments_are_live(param, optimizer)
+        else:
+            inner = getattr(optimizer, "optimizer", optimizer)
+            state = inner.state.get(param) or {}
+            entry["state_keys"] = sorted(state)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    entry[key] = whole(state[key])
+        return entry
 
 
 def _fragments_are_live(param, optimizer) -> bool:
@@ -255,8 +313,9 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
     if scenario == "drop":
         drop = LoraDropCallback(save_plot=False, **{**SHARING, "mode": "drop"}, **settings)
     else:
-        drop = LoraDropCallback(shared_init=shared_init, save_plot=False, **SHARING, **settings)
+        drop = LoraDropCallback(shared_init=shared_init, save_plot=False, **drop_settings(flags), **settings)
     local = LocalTotals(drop)
+    before_switch = BeforeSwitch(drop, deepspeed)
     probe = Probe(drop, deepspeed, snapshot_at=EPOCH_STEPS if scenario == "load-best" else None)
     saving = SAVING.get(scenario) or SAVING.get(scenario.split("-")[0]) or {"save_strategy": "no"}
     args = TrainingArguments(
@@ -286,7 +345,7 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
         args=args,
         train_dataset=TokenDataset(n=32 if scenario.startswith("epoch") else 64),
         eval_dataset=TokenDataset(n=8, seed=1) if "eval_strategy" in saving else None,
-        callbacks=[SaveAt(SAVE_AT if scenario == "full" else ()), local, drop, probe, EarliestIsBest()],
+        callbacks=[SaveAt(SAVE_AT if scenario == "full" else ()), local, before_switch, drop, probe, EarliestIsBest()],
     )
     resume = {
         "after": f"full/checkpoint-{SAVE_AT[1]}",
@@ -296,7 +355,7 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
     }.get(scenario)
     trainer.train(resume_from_checkpoint=str(out / resume) if resume else None)
     model = trainer.model
-    record = dict(probe.record)
+    record = {**probe.record, **({"before_switch": before_switch.record} if before_switch.record else {})}
     if scenario == "full" and drop.plan is not None:
         # Every rank calls it, as after trainer.save_model(); rank 0 writes.
         record["compact"] = str(save_compact(model, out / "full-compact"))
@@ -313,6 +372,7 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
         lora_dtype=str(next(p.dtype for n, p in model.named_parameters() if "lora_" in n)),
         best_model_checkpoint=trainer.state.best_model_checkpoint,
         plan_on_model=attached_plan(model)[0] is not None,
+        lora_params=(drop.lora_params_before, drop.lora_params_after),
     )
     if drop.plan is not None and "restart" in flags:
         record["expected_restart_a"] = restart_draws(model, args.seed + drop.plan.step)

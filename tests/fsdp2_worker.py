@@ -15,10 +15,10 @@ resume hands back the way the Trainer does (in `TrainerState.stateful_callbacks`
         --runs fsdp2/full,fsdp2/after,fsdp2/before,fsdp2-fresh/full,ddploop/full
 
 Variants: `fsdp2` (LoRA sharded, gradient-tied), `ddploop` (the same loop with torch DDP: LoRA tied in place, the
-reference for the FSDP2 run's export). Flags (`fresh`, `clip`) and scenarios (`full`, `after`, `before`) are those of
-distributed_worker.py, and records have the same fields. Scenario `load-best` (FSDP2 only) ends the way the Trainer's
-`load_best_model_at_end` does with a best checkpoint from before the switch: after the last step the engine loads the
-model state of the checkpoint at step EPOCH_STEPS (as accelerate's `load_fsdp_model` does for FSDP2), then
+reference for the FSDP2 run's export). Flags (`fresh`, `clip`, `trunc`) and scenarios (`full`, `after`, `before`) are
+those of distributed_worker.py, and records have the same fields. Scenario `load-best` (FSDP2 only) ends the way the
+Trainer's `load_best_model_at_end` does with a best checkpoint from before the switch: after the last step the engine
+loads the model state of the checkpoint at step EPOCH_STEPS (as accelerate's `load_fsdp_model` does for FSDP2), then
 `on_train_end` fires with that checkpoint as `state.best_model_checkpoint`.
 """
 
@@ -47,14 +47,16 @@ from distributed_worker import (
     EPOCH_STEPS,
     MAX_STEPS,
     SAVE_AT,
+    BeforeSwitch,
     LocalTotals,
     Probe,
     SaveAt,
+    drop_settings,
     expected_fresh_a,
     lora_tensors,
     run_all,
 )
-from helpers import SHARING, TokenDataset, tiny_llama
+from helpers import TokenDataset, tiny_llama
 from transformers import DefaultFlowCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 
@@ -109,12 +111,13 @@ def run(variant: str, scenario: str, out: Path) -> dict:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.01)
     init = "fresh" if "fresh" in flags else "most_important"
-    drop = LoraDropCallback(alpha=ALPHA, shared_init=init, save_plot=False, **SHARING)
+    drop = LoraDropCallback(alpha=ALPHA, shared_init=init, save_plot=False, **drop_settings(flags))
     probe = Probe(drop, deepspeed=False, snapshot_at=EPOCH_STEPS if scenario == "load-best" else None)
     saves = SAVE_AT if scenario == "full" and backend == "fsdp2" else ()  # the DDP loop is the reference run only
     if scenario == "load-best":
         saves = (EPOCH_STEPS,)
-    callbacks = [DefaultFlowCallback(), SaveAt(saves), LocalTotals(drop), drop, probe]
+    before_switch = BeforeSwitch(drop, deepspeed=False)
+    callbacks = [DefaultFlowCallback(), SaveAt(saves), LocalTotals(drop), before_switch, drop, probe]
     handler = CallbackHandler(callbacks, peft_model, None, optimizer, None)
     state, control = TrainerState(max_steps=MAX_STEPS), TrainerControl()
     resume = {"after": SAVE_AT[1], "before": SAVE_AT[0]}.get(scenario)
@@ -150,7 +153,7 @@ def run(variant: str, scenario: str, out: Path) -> dict:
         load_best_model(out / scenario / f"checkpoint-{EPOCH_STEPS}", peft_model, state)
     handler.on_train_end(args, state, control)
 
-    record = dict(probe.record)
+    record = {**probe.record, **({"before_switch": before_switch.record} if before_switch.record else {})}
     record.update(
         plan=drop.plan.to_dict() if drop.plan is not None else None,
         local_totals=callbacks[2].totals,
@@ -162,6 +165,7 @@ def run(variant: str, scenario: str, out: Path) -> dict:
         lora_class=type(next(p for n, p in peft_model.named_parameters() if "lora_" in n)).__name__,
         best_model_checkpoint=state.best_model_checkpoint,
         plan_on_model=attached_plan(peft_model)[0] is not None,
+        lora_params=(drop.lora_params_before, drop.lora_params_after),
     )
     if scenario == "full" and drop.plan is not None:
         record["compact"] = str(save_compact(peft_model, out / "full-compact"))

@@ -4,8 +4,9 @@ Three torchrun launches (DDP and DeepSpeed run tests/distributed_worker.py, FSDP
 Trainer applies no FSDP on a CPU) each run every scenario of several variants in the same processes: a full run
 saving checkpoints before and after the switch and exporting the compact adapter, the resumes from both, and a few
 more. Every rank writes what it saw; the tests compare the ranks with each other, the resumed runs with the full one,
-and the sharded runs' exports with the same run's under DDP. gloo may abort at exit after a successful run, so a
-launch is judged by the files its ranks wrote, not by its exit code.
+and the sharded runs' exports with the same run's on a replicated engine. Variants run mode "share" (the paper's
+method, tests' SHARING), except those with the `trunc` flag: mode "truncate" with dropped_rank 1. gloo may abort at
+exit after a successful run, so a launch is judged by the files its ranks wrote, not by its exit code.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from loradrop_trainer.truncate import truncated_values
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_worker import AUTO_EARLIEST, AUTO_LATEST, CLIPPING_NORM, EPOCH_STEPS, MAX_STEPS, SAVE_AT, SWITCH_STEP
 
@@ -37,6 +40,7 @@ LAUNCHES = {
         "ddp": [*RESUMES, "ckpt", "drop", "epoch", "epoch-before", "best", "best-before", "load-best"],
         "ddp-bf16-fresh": RESUMES,
         "ddp-restart-auto": RESUMES,
+        "ddp-trunc": RESUMES,
     },
     "deepspeed": {
         "zero2-fresh": RESUMES,
@@ -46,11 +50,16 @@ LAUNCHES = {
         "zero3-bf16-fresh-clip": RESUMES,
         "zero2-restart-auto": RESUMES,
         "zero3-restart-auto": RESUMES,
+        "zero2-bf16-trunc": RESUMES,
+        "zero3-trunc": RESUMES,
+        "zero2-trunc": ["full"],  # zero3-trunc's reference, see TRUNCATED_REFERENCES
     },
     "fsdp2": {
         "fsdp2": [*RESUMES, "load-best"],
         "fsdp2-fresh-clip": RESUMES,
+        "fsdp2-trunc": RESUMES,
         "ddploop": ["full"],
+        "ddploop-trunc": ["full"],
     },
 }
 WORKERS = {"ddp": "distributed_worker.py", "deepspeed": "distributed_worker.py", "fsdp2": "fsdp2_worker.py"}
@@ -64,6 +73,12 @@ WRAPPERS = {
 }
 # A sharded run and the run it must export the same adapter as, tied in place under DDP (same data, same steps).
 REFERENCES = {"zero3": "ddp", "fsdp2": "ddploop"}
+# The same for mode "truncate": a sharded run, the replicated run that must export the same adapter (same data, same
+# steps, same optimizer arithmetic), and the DDP run whose LoRA it must hold at the switch. DeepSpeed cannot drop one
+# Parameter's optimizer state as torch does: its Adam step count belongs to a whole flat partition, so the reset at
+# the switch zeroes the truncated modules' moments while the bias correction goes on counting from step 1, and from
+# the first step after the switch ZeRO-3 trains them as ZeRO-1/2 do, not as DDP does.
+TRUNCATED_REFERENCES = {"zero3-trunc": ("zero2-trunc", "ddp-trunc"), "fsdp2-trunc": ("ddploop-trunc", "ddploop-trunc")}
 VARIANTS = {variant: group for group, variants in LAUNCHES.items() for variant in variants}
 
 
@@ -110,6 +125,7 @@ class Case:
         self.fresh = "fresh" in flags
         self.auto = "auto" in flags
         self.clip = "clip" in flags
+        self.trunc = "trunc" in flags  # mode "truncate", dropped_rank 1
         self.out = launch.out / variant
 
     def __getitem__(self, scenario: str) -> list[dict]:
@@ -135,12 +151,15 @@ def case(request, launches) -> Case:
     return Case(launches(VARIANTS[request.param]), request.param)
 
 
-def variants(*scenarios: str, flag: str | None = None):
-    """Parametrize `case` over the variants that run all these scenarios (and have this flag, if given)."""
+def variants(*scenarios: str, flag: str | None = None, without: str | None = None):
+    """Parametrize `case` over the variants that run all these scenarios (and have the flag `flag`, and not the flag
+    `without`, if given: tests of sharing say `without="trunc"`)."""
     chosen = [
         v
         for v, group in VARIANTS.items()
-        if set(scenarios) <= set(LAUNCHES[group][v]) and (flag is None or flag in v.split("-"))
+        if set(scenarios) <= set(LAUNCHES[group][v])
+        and (flag is None or flag in v.split("-"))
+        and (without is None or without not in v.split("-"))
     ]
     return pytest.mark.parametrize("case", chosen, indirect=True)
 
@@ -190,7 +209,7 @@ def test_ranks_hold_identical_lora_after_the_switch_and_at_the_end(case):
     assert case["full"][0]["wrapped"] == WRAPPERS[case.backend]
 
 
-@variants("full")
+@variants("full", without="trunc")
 def test_shared_modules_are_tied_in_place_or_by_gradient_on_every_rank(case):
     for rank in case["full"]:
         assert rank["shared_state"], "the plan should tie at least one kind"
@@ -198,7 +217,7 @@ def test_shared_modules_are_tied_in_place_or_by_gradient_on_every_rank(case):
         assert all(entry["tied"] != case.sharded for entry in rank["shared_state"].values())
 
 
-@variants()
+@variants(without="trunc")
 def test_every_member_of_a_shared_group_equals_its_source_after_the_switch_and_at_the_end(case):
     for scenario in case.scenarios:
         for rank, record in enumerate(case[scenario]):
@@ -335,7 +354,7 @@ def test_restart_gives_every_rank_a_fresh_adapter_optimizer_state_and_schedule(c
             assert record["lr_after_switch"] == pytest.approx(5e-3), "the schedule starts again (no warm-up)"
 
 
-@variants("full", flag="ddp")
+@variants("full", flag="ddp", without="trunc")
 def test_ddp_finds_unused_parameters_and_orphans_get_no_gradient(case):
     for rank in case["full"]:
         # Trainer's default for a PeftModel (not a PreTrainedModel) is find_unused_parameters=True.
@@ -374,3 +393,129 @@ def test_resume_from_an_epoch_or_best_checkpoint_before_the_switch(case, strateg
         assert b["resumed_from_step"] == EPOCH_STEPS
         assert b["plan"] == f["plan"]
         _assert_same_tensors(b["final_lora"], f["final_lora"], f"rank {rank}: resumed from {strategy} checkpoint")
+
+
+# Mode "truncate" (variants with the `trunc` flag): each dropped module keeps its own LoRA, cut to rank 1 at the switch.
+
+
+def _truncation(record: dict) -> tuple[list[str], int]:
+    """The modules the record's plan truncates, and their rank."""
+    plan = record["plan"]
+    assert plan["mode"] == "truncate" and plan["dropped_rank"] == 1, plan["mode"]
+    dropped = [name for members in plan["shared"].values() for name in members]
+    assert dropped and plan["kept"], "the plan should truncate some modules and keep others"
+    return dropped, plan["dropped_rank"]
+
+
+def _lora_term(tensors: dict, name: str, scaling: float) -> torch.Tensor:
+    """`scaling * B @ A` of module `name`, in float64."""
+    return scaling * tensors[f"{name}.lora_B.weight"].double() @ tensors[f"{name}.lora_A.weight"].double()
+
+
+@variants(flag="trunc")
+def test_truncated_modules_hold_an_exact_zero_block_and_a_live_rank_k_part_on_every_rank(case):
+    """After the switch and at the end (resumes included), rows k.. of every truncated module's A and columns k.. of
+    its B are exactly zero on every rank, its rank-k part is not; its scaling is PEFT's at rank k; and the callback
+    counts what is left: the kept modules' LoRA and the truncated modules' rank-k parts."""
+    for scenario in case.scenarios:
+        for rank, record in enumerate(case[scenario]):
+            dropped, k = _truncation(record)
+            for when in ("switch_lora", "final_lora"):
+                if when not in record:  # resumed after the switch
+                    continue
+                lora = record[when]
+                for name in dropped:
+                    a, b = lora[f"{name}.lora_A.weight"], lora[f"{name}.lora_B.weight"]
+                    where = f"{scenario}, rank {rank}, {when}, {name}"
+                    assert not a[k:].any() and not b[:, k:].any(), f"{where}: the zero block is not zero"
+                    assert a[:k].any(dim=1).all() and b[:, :k].any(dim=0).all(), f"{where}: the rank-k part is zero"
+            if "switch_scaling" in record:
+                kept = set(record["plan"]["kept"])
+                expected = {name: 8 / 4 if name in kept else 8 / k for name in record["switch_scaling"]}
+                assert record["switch_scaling"] == expected, f"{scenario}, rank {rank}: lora_alpha / rank"
+            lora = record["final_lora"]
+            before = sum(t.numel() for t in lora.values())
+            after = sum(lora[f"{n}.{p}.weight"].numel() for n in record["plan"]["kept"] for p in ("lora_A", "lora_B"))
+            after += sum(
+                k * sum(lora[f"{n}.lora_A.weight"].shape[1:] + lora[f"{n}.lora_B.weight"].shape[:1]) for n in dropped
+            )
+            assert record["lora_params"] == (before, after), f"{scenario}, rank {rank}: parameter counts"
+
+
+@variants("full", "before", flag="trunc")
+def test_truncation_at_the_switch_is_the_best_rank_k_approximation_of_what_the_optimizer_held(case):
+    """At the switch each truncated module's LoRA term `scaling * B @ A` becomes the best rank-1 approximation of its
+    term just before it (what the optimizer trains: DeepSpeed's fp32 masters, whatever the module's dtype), and its
+    values are `truncated_values` of those weights; kept modules are untouched."""
+    for scenario in ("full", "before"):
+        for rank, record in enumerate(case[scenario]):
+            dropped, k = _truncation(record)
+            before, after = record["before_switch"], record["truncated_state"]
+            held = before["masters"] if case.deepspeed else before["lora"]
+            now = {key: entry["master"] if case.deepspeed else entry["weight"] for key, entry in after.items()}
+            for name in dropped:
+                where = f"{scenario}, rank {rank}, {name}"
+                u, s, vh = torch.linalg.svd(_lora_term(held, name, before["scaling"][name]))
+                best = (u[:, :k] * s[:k]) @ vh[:k]
+                term = _lora_term(now, name, record["switch_scaling"][name])
+                assert float((term - best).norm() / best.norm()) < 1e-6, where
+                scale = before["scaling"][name] / record["switch_scaling"][name]
+                a, b = (held[f"{name}.{part}.weight"] for part in ("lora_A", "lora_B"))
+                for part, value in zip(("lora_A", "lora_B"), truncated_values(a, b, k, scale)):
+                    torch.testing.assert_close(now[f"{name}.{part}.weight"], value, rtol=1e-5, atol=1e-7, msg=where)
+            for name in record["plan"]["kept"]:
+                for part in ("lora_A", "lora_B"):
+                    key = f"{name}.{part}.weight"
+                    assert torch.equal(record["switch_lora"][key], before["lora"][key]), f"{scenario}, {key}"
+
+
+@variants("full", "before", flag="trunc")
+def test_truncated_modules_start_with_fresh_optimizer_state_at_the_switch(case):
+    """Torch optimizers (DDP, FSDP2) hold no state for a truncated module after the switch. DeepSpeed (fp32 masters in
+    its flat partitions, through its safe setters) holds zero moments and an fp32 master equal to the module's new
+    value, written into the partitions its optimizer steps (also after a resume, which loads them anew)."""
+    for scenario in ("full", "before"):
+        for rank, record in enumerate(case[scenario]):
+            for key, entry in record["truncated_state"].items():
+                where = f"{scenario}, rank {rank}, {key}"
+                if not case.deepspeed:
+                    assert entry["state_keys"] == [], f"{where}: the torch optimizer state should be dropped"
+                    continue
+                weight = entry["master"].to(torch.bfloat16).float() if case.bf16 else entry["master"]
+                assert torch.equal(entry["weight"], weight), f"{where}: the module's weight is not the fp32 master's"
+                assert entry["fragments_live"], f"{where}: DeepSpeed's setters wrote stale fragments"
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    assert not entry[moment].any(), f"{where}: {moment}"
+
+
+@pytest.mark.parametrize("sharded", sorted(TRUNCATED_REFERENCES))
+def test_compact_export_of_a_sharded_truncated_run_equals_the_same_run_on_a_replicated_engine(launches, sharded):
+    """FSDP2 against the same loop under DDP; ZeRO-3 against ZeRO-2 (DeepSpeed's optimizer arithmetic after the switch,
+    see TRUNCATED_REFERENCES) and, at the switch, against DDP. The export stores kept modules at rank r and truncated
+    ones at rank 1, one tensor per key, and counts the same parameters as the reference."""
+    ours, theirs, at_switch = (
+        Case(launches(VARIANTS[v]), v)["full"] for v in (sharded, *TRUNCATED_REFERENCES[sharded])
+    )
+    for other in (theirs, at_switch):  # the same plan; importances equal up to the engines' reduction orders
+        assert (ours[0]["plan"]["kept"], ours[0]["plan"]["shared"]) == (
+            other[0]["plan"]["kept"],
+            other[0]["plan"]["shared"],
+        )
+    assert max(ours[0]["grad_norms"] + theirs[0]["grad_norms"]) < 1.0, "clipping should not act"
+    for key, tensor in ours[0]["switch_lora"].items():
+        torch.testing.assert_close(tensor, at_switch[0]["switch_lora"][key], rtol=1e-4, atol=1e-6, msg=key)
+    compact = [load_file(Path(r["compact"]) / "adapter_compact.safetensors") for r in (ours[0], theirs[0])]
+    assert compact[0].keys() == compact[1].keys()
+    for key, tensor in compact[0].items():
+        torch.testing.assert_close(tensor, compact[1][key], rtol=1e-4, atol=1e-6, msg=key)
+    dropped, k = _truncation(ours[0])
+    plan, final = ours[0]["plan"], ours[0]["final_lora"]
+    assert len(compact[0]) == 2 * len(plan["kinds"]) == len(final)
+    for name in plan["kinds"]:
+        rank = k if name in dropped else 4
+        a, b = compact[0][f"{name}.lora_A.weight"], compact[0][f"{name}.lora_B.weight"]
+        assert a.shape == (rank, final[f"{name}.lora_A.weight"].shape[1]), name
+        assert b.shape == (final[f"{name}.lora_B.weight"].shape[0], rank), name
+    assert sum(t.numel() for t in compact[0].values()) == ours[0]["lora_params"][1] == theirs[0]["lora_params"][1]
+    manifest = json.loads((Path(ours[0]["compact"]) / "loradrop_compact.json").read_text())
+    assert all(members == [key] for key, members in manifest["tensors"].items())
