@@ -183,3 +183,32 @@ def one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("loradrop: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     return err
+
+
+def craft_compact(src, dst, *, manifest=None, config=None, tensors=None):
+    """A copy of the compact adapter `src` at `dst` with its manifest, PEFT config or weights edited in place by the
+    given functions (`tensors(weights, manifest)`), the checksum kept consistent: crafted input for the refusals."""
+    import hashlib
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from hub_export.compact import MANIFEST_FILE, METADATA_VERSION_KEY, WEIGHTS_FILE
+
+    out = Path(shutil.copytree(src, dst))
+    data = json.loads((out / MANIFEST_FILE).read_text())
+    if tensors is not None:
+        weights = load_file(out / WEIGHTS_FILE)
+        tensors(weights, data)
+        save_file(weights, out / WEIGHTS_FILE, metadata={METADATA_VERSION_KEY: "1"})
+        data["weights_sha256"] = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
+    if manifest is not None:
+        manifest(data)
+    (out / MANIFEST_FILE).write_text(json.dumps(data))
+    if config is not None:
+        peft_config = json.loads((out / "adapter_config.json").read_text())
+        config(peft_config)
+        (out / "adapter_config.json").write_text(json.dumps(peft_config))
+    return out

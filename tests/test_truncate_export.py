@@ -10,7 +10,6 @@ rank 2) whose classifier is saved in full (`modules_to_save`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -23,6 +22,7 @@ import torch
 from helpers import (
     SHARING,
     TokenDataset,
+    craft_compact,
     model_logits,
     one_line_error,
     random_lora_b,
@@ -35,7 +35,7 @@ from helpers import (
 )
 from hub_server import DEFAULT_USER
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import Trainer
 
 from hub_export import (
@@ -50,7 +50,7 @@ from hub_export import (
     save_compact,
 )
 from hub_export.cli import main as loradrop
-from hub_export.compact import MANIFEST_FILE, WEIGHTS_FILE
+from hub_export.compact import WEIGHTS_FILE
 from hub_export.hub import PEFT_SUBFOLDER
 from hub_export.model_card import CARD_FILE
 from loradrop_trainer import LoraDropCallback, build_plan, find_lora_layers, lora_kinds
@@ -338,32 +338,6 @@ def test_trainable_load_trains_on_with_the_zero_blocks_zero(llama, tmp_path):
 # ---------------------------------------------------------------------------------------------- untrusted input
 
 
-def _craft(
-    src: Path,
-    dst: Path,
-    *,
-    manifest: Callable[[dict], None] | None = None,
-    config: Callable[[dict], None] | None = None,
-    tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
-) -> Path:
-    """A copy of the adapter `src` with its manifest, PEFT config or weights edited (checksum kept consistent)."""
-    out = Path(shutil.copytree(src, dst))
-    data = json.loads((out / MANIFEST_FILE).read_text())
-    if tensors is not None:
-        weights = load_file(out / WEIGHTS_FILE)
-        tensors(weights)
-        save_file(weights, out / WEIGHTS_FILE, metadata={"loradrop_compact_version": "1"})
-        data["weights_sha256"] = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
-    if manifest is not None:
-        manifest(data)
-    (out / MANIFEST_FILE).write_text(json.dumps(data))
-    if config is not None:
-        peft_config = json.loads((out / CONFIG_FILE).read_text())
-        config(peft_config)
-        (out / CONFIG_FILE).write_text(json.dumps(peft_config))
-    return out
-
-
 def _truncated_key(run: Run, part: str = "A") -> str:
     return f"{run.callback.plan.dropped[0]}.lora_{part}.weight"
 
@@ -387,13 +361,13 @@ def _user_key_first(config: dict) -> None:
 @pytest.mark.parametrize(
     ("craft", "message"),
     [
-        (lambda key: {"tensors": lambda w: _full_rank(w, key)}, r"has rank 4, but its plan truncates .* to rank 1"),
+        (lambda key: {"tensors": lambda w, _: _full_rank(w, key)}, r"has rank 4, but its plan truncates .* to rank 1"),
         (
-            lambda key: {"tensors": lambda w: w.__setitem__(key, w[key].masked_fill(w[key] != 0, math.nan))},
+            lambda key: {"tensors": lambda w, _: w.__setitem__(key, w[key].masked_fill(w[key] != 0, math.nan))},
             "NaN or infinite",
         ),
         (
-            lambda key: {"tensors": lambda w: w.__setitem__(key, torch.full_like(w[key], math.inf))},
+            lambda key: {"tensors": lambda w, _: w.__setitem__(key, torch.full_like(w[key], math.inf))},
             "NaN or infinite",
         ),
         (
@@ -445,7 +419,7 @@ def test_crafted_truncate_adapters_are_refused(llama, tmp_path, capsys, craft, m
         if "k_proj" not in message
         else next(f"{name}.lora_A.weight" for name in plan.dropped if name.endswith("k_proj"))
     )
-    crafted = _craft(llama.compact, tmp_path / "crafted", **craft(key))
+    crafted = craft_compact(llama.compact, tmp_path / "crafted", **craft(key))
     with pytest.raises(CompactFormatError, match=message):
         read_compact(crafted)
     base = llama.base()

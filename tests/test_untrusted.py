@@ -7,7 +7,6 @@ crafted by editing their files the way a hostile uploader could.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -15,16 +14,14 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import model_logits, one_line_error, random_lora_b, tiny_llama, tiny_llama_base, tree_bytes
+from helpers import craft_compact, model_logits, one_line_error, random_lora_b, tiny_llama, tiny_llama_base, tree_bytes
 from hub_server import DEFAULT_USER
 from peft import PeftModel
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 import hub_export.loader
 from hub_export import (
@@ -95,32 +92,6 @@ def _assert_unchanged(model: torch.nn.Module, before: tuple) -> None:
     assert types == before[1] and grads == before[2] and attrs == before[3]
     assert state.keys() == before[0].keys()
     assert all(torch.equal(state[name], before[0][name]) for name in state)
-
-
-def _craft(
-    src: Path,
-    dst: Path,
-    *,
-    manifest: Callable[[dict], None] | None = None,
-    config: Callable[[dict], None] | None = None,
-    tensors: Callable[[dict[str, torch.Tensor], dict], None] | None = None,
-) -> Path:
-    """A copy of the adapter `src` with its manifest, PEFT config or weights edited (checksum kept consistent)."""
-    out = Path(shutil.copytree(src, dst))
-    data = json.loads((out / MANIFEST_FILE).read_text())
-    if tensors is not None:
-        weights = load_file(out / WEIGHTS_FILE)
-        tensors(weights, data)
-        save_file(weights, out / WEIGHTS_FILE, metadata={"loradrop_compact_version": "1"})
-        data["weights_sha256"] = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
-    if manifest is not None:
-        manifest(data)
-    (out / MANIFEST_FILE).write_text(json.dumps(data))
-    if config is not None:
-        peft_config = json.loads((out / CONFIG_FILE).read_text())
-        config(peft_config)
-        (out / CONFIG_FILE).write_text(json.dumps(peft_config))
-    return out
 
 
 def _shared_group(directory: Path) -> tuple[str, list[str]]:
@@ -222,11 +193,11 @@ def _add_stored(key: str, value: torch.Tensor):
 def test_3_keys_of_base_weights_are_refused(share, drop, tmp_path, how):
     base = tiny_llama_base(seed=0)
     if how == "stored":  # a new tensor that would replace the output head
-        crafted = _craft(
+        crafted = craft_compact(
             share[0], tmp_path / "c", tensors=_add_stored("base_model.model.lm_head.weight", torch.zeros(96, 32))
         )
     elif how == "dropped":  # a manifest-only entry that would zero the final norm
-        crafted = _craft(
+        crafted = craft_compact(
             drop[0],
             tmp_path / "c",
             manifest=lambda m: m["dropped"].update(
@@ -235,7 +206,7 @@ def test_3_keys_of_base_weights_are_refused(share, drop, tmp_path, how):
         )
     else:  # an existing LoRA tensor copied onto a base weight of the same shape
         key, _ = _shared_group(share[0])
-        crafted = _craft(
+        crafted = craft_compact(
             share[0],
             tmp_path / "c",
             manifest=lambda m: m["tensors"][key].append(
@@ -258,7 +229,7 @@ def test_4_weights_file_must_be_the_formats_own_file_and_the_error_tells_nothing
     names = ["../outside.safetensors", str(tmp_path / "outside.safetensors"), "other.safetensors", "../nowhere"]
     messages = set()
     for i, name in enumerate(names):
-        crafted = _craft(share[0], tmp_path / f"c{i}", manifest=lambda m, name=name: m.update(weights_file=name))
+        crafted = craft_compact(share[0], tmp_path / f"c{i}", manifest=lambda m, name=name: m.update(weights_file=name))
         shutil.copyfile(share[0] / WEIGHTS_FILE, crafted / "other.safetensors")
         with pytest.raises(CompactFormatError, match="weights_file") as err:
             read_compact(crafted)
@@ -309,7 +280,7 @@ def _first_dropped(directory: Path, part: str) -> str:
 def test_5_dropped_shapes_and_dtypes_are_checked(drop, tmp_path, spec, capsys):
     key = _first_dropped(drop[0], "A")
     r, n = json.loads((drop[0] / MANIFEST_FILE).read_text())["dropped"][key]["shape"]
-    crafted = _craft(drop[0], tmp_path / "c", manifest=lambda m: m["dropped"].__setitem__(key, spec(r, n)))
+    crafted = craft_compact(drop[0], tmp_path / "c", manifest=lambda m: m["dropped"].__setitem__(key, spec(r, n)))
     with pytest.raises(CompactFormatError, match=re.escape(key)):
         read_compact(crafted)
     assert main(["expand", str(crafted), str(tmp_path / "peft")]) == 1
@@ -334,7 +305,7 @@ def test_5_stored_tensors_are_checked(share, tmp_path, damage):
             "width": torch.zeros(value.shape[0], value.shape[1] + 1),
         }[damage]
 
-    crafted = _craft(share[0], tmp_path / "c", tensors=edit)
+    crafted = craft_compact(share[0], tmp_path / "c", tensors=edit)
     with pytest.raises(CompactFormatError, match=re.escape(key)):
         read_compact(crafted)
 
@@ -351,7 +322,7 @@ def test_6_tensors_stored_apart_from_what_the_plan_ties_are_refused(share, tmp_p
         manifest["tensors"][loner] = [loner]
         weights[loner] = torch.randn(weights[key].shape)
 
-    crafted = _craft(share[0], tmp_path / "c", tensors=untie)
+    crafted = craft_compact(share[0], tmp_path / "c", tensors=untie)
     with pytest.raises(CompactFormatError, match=rf"{re.escape(loner)}.*plan"):
         read_compact(crafted)
 
@@ -366,7 +337,7 @@ def test_6_a_kept_module_tied_to_another_is_refused(share, tmp_path):
         del manifest["tensors"][kept]
         manifest["tensors"][key].append(kept)
 
-    crafted = _craft(share[0], tmp_path / "c", tensors=tie)
+    crafted = craft_compact(share[0], tmp_path / "c", tensors=tie)
     with pytest.raises(CompactFormatError, match=re.escape(kept)):
         read_compact(crafted)
 
@@ -379,7 +350,7 @@ def test_6_a_dropped_module_with_stored_weights_is_refused(drop, tmp_path):
         weights[key] = torch.randn(shape)
         manifest["tensors"][key] = [key]
 
-    crafted = _craft(drop[0], tmp_path / "c", tensors=store)
+    crafted = craft_compact(drop[0], tmp_path / "c", tensors=store)
     with pytest.raises(CompactFormatError, match=re.escape(key)):
         read_compact(crafted)
 
@@ -421,7 +392,7 @@ def _remove_module_from_plan(manifest: dict) -> None:
 def test_7_an_inconsistent_adapter_is_refused_before_touching_the_model(share, tmp_path, edit):
     base = tiny_llama_base(seed=0)
     before = _fingerprint(base)
-    crafted = _craft(share[0], tmp_path / "c", **edit)
+    crafted = craft_compact(share[0], tmp_path / "c", **edit)
     with pytest.raises(CompactFormatError):
         load_compact(base, crafted)
     _assert_unchanged(base, before)
@@ -515,7 +486,7 @@ def test_small_inspect_of_a_file_says_it_is_not_a_directory(share, capsys):
 
 
 def test_small_format_version_true_is_refused(share, tmp_path):
-    crafted = _craft(share[0], tmp_path / "c", manifest=lambda m: m.update(format_version=True))
+    crafted = craft_compact(share[0], tmp_path / "c", manifest=lambda m: m.update(format_version=True))
     with pytest.raises(UnsupportedFormatVersionError, match="version True"):
         read_compact(crafted)
 
@@ -535,7 +506,7 @@ def test_small_bad_plans_are_refused(share, tmp_path, edit):
     edit(payload)
     with pytest.raises(ValueError):
         DropPlan.from_dict(payload)
-    crafted = _craft(share[0], tmp_path / "c", manifest=lambda m: edit(m["plan"]))
+    crafted = craft_compact(share[0], tmp_path / "c", manifest=lambda m: edit(m["plan"]))
     with pytest.raises(CompactFormatError, match="plan"):
         read_compact(crafted)
 
@@ -585,7 +556,7 @@ def test_21_16_modules_to_save_without_their_weights_are_refused(share, tmp_path
     """Issue 21, item 16: a modules_to_save entry whose weights the adapter lacks gave a raw KeyError from
     load_compact, and an expansion PEFT could not load."""
     compact, _ = share
-    listed = _craft(compact, tmp_path / "listed", config=lambda c: c.__setitem__("modules_to_save", ["lm_head"]))
+    listed = craft_compact(compact, tmp_path / "listed", config=lambda c: c.__setitem__("modules_to_save", ["lm_head"]))
     base = tiny_llama_base()
     before = _fingerprint(base)
     with pytest.raises(CompactFormatError, match=r"lists 'lm_head' in modules_to_save but stores no weight"):
@@ -599,7 +570,7 @@ def test_21_16_modules_to_save_without_their_weights_are_refused(share, tmp_path
         weights[key] = torch.ones(32)
         manifest["tensors"][key] = [key]
 
-    partial = _craft(
+    partial = craft_compact(
         compact,
         tmp_path / "partial",
         tensors=one_of_four,
