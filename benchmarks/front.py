@@ -19,23 +19,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from readme import replace_section  # benchmarks/ is on the path of a script run from it
+from variants import DEFAULT_ALPHA, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS_FILE = RESULTS / "front_runs.jsonl"
 TASK_ORDER = ["gsm", "gsm_qv", "sarcasm", "polarity"]
 LOWER_IS_BETTER = {"eval_loss"}
-FRONT_ALPHA = 16
+FRONT_ALPHA = DEFAULT_ALPHA  # the front: plain LoRA with lora_alpha fixed, whatever the rank
 DEFAULT = "kind+T0.5+trunc1"  # LoraDropConfig()'s settings, in benchmarks/quality.py's variant names
-_PLAIN = re.compile(r"^lora(?:@(?:r(?P<r>\d+))?(?:a(?P<alpha>\d+))?(?:x[\d.]+)?)?$")
-_LR = re.compile(r"@.*x(?P<lr>\d+(?:\.\d+)?)$")
 
 
 @dataclass
@@ -47,9 +46,25 @@ class Point:
     params: float
     mean: float
     spread: float
-    lr: float = 1.0  # factor on the task's learning rate
-    rank: int | None = None  # plain LoRA only
-    alpha: int | None = None
+
+    @cached_property
+    def parsed(self) -> Variant:
+        return Variant.parse(self.variant)
+
+    @property
+    def lr(self) -> float:
+        """The factor on the task's learning rate its name asks for."""
+        return self.parsed.lr_factor
+
+    @property
+    def rank(self) -> int | None:
+        """Plain LoRA's rank (None for every other method)."""
+        return self.parsed.r if self.parsed.is_plain_lora else None
+
+    @property
+    def alpha(self) -> int | None:
+        """Plain LoRA's lora_alpha (None for every other method)."""
+        return self.parsed.lora_alpha if self.parsed.is_plain_lora else None
 
     @property
     def on_front(self) -> bool:
@@ -68,18 +83,15 @@ def points(rows: list[dict]) -> dict[str, list[Point]]:
     out: dict[str, list[Point]] = defaultdict(list)
     for (task, variant), runs in groups.items():
         values = [run[metric_of(task)] for run in runs]
-        plain, lr = _PLAIN.match(variant), _LR.search(variant)
-        point = Point(
-            variant=variant,
-            seeds=len(runs),
-            params=statistics.mean(run["adapter_params"] for run in runs),
-            mean=statistics.mean(values),
-            spread=statistics.stdev(values) if len(values) > 1 else 0.0,
-            lr=float(lr["lr"]) if lr else 1.0,
+        out[task].append(
+            Point(
+                variant=variant,
+                seeds=len(runs),
+                params=statistics.mean(run["adapter_params"] for run in runs),
+                mean=statistics.mean(values),
+                spread=statistics.stdev(values) if len(values) > 1 else 0.0,
+            )
         )
-        if plain:
-            point.rank, point.alpha = int(plain["r"] or 8), int(plain["alpha"] or FRONT_ALPHA)
-        out[task].append(point)
     return out
 
 
@@ -184,7 +196,7 @@ def plot(by_task: dict[str, list[Point]], path: Path, default: str) -> None:
     rows = -(-(len(panels) + 1) // columns)  # one more panel for the legend
     fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 4.8 * rows), squeeze=False)
     others = sorted({p.variant for points_ in by_task.values() for p in points_ if p.rank is None and p.lr == 1.0})
-    colours = {variant: plt.cm.tab10(i % 10) for i, variant in enumerate(v.split("@")[0] for v in others)}
+    colours = {variant: plt.cm.tab10(i % 10) for i, variant in enumerate(Variant.parse(v).settings for v in others)}
     for ax, (task, lr) in zip(axes.flat, panels):
         task_points = [p for p in by_task[task] if p.lr == lr]
         front = sorted((p for p in task_points if p.on_front), key=lambda p: p.params)
@@ -207,7 +219,7 @@ def plot(by_task: dict[str, list[Point]], path: Path, default: str) -> None:
             if not low <= p.mean <= high:
                 off_chart.append(p)
                 continue
-            base = p.variant.split("@")[0]
+            base = p.parsed.settings
             is_default = base == default
             ax.errorbar(
                 [p.params], [p.mean], yerr=[p.spread], capsize=3, zorder=4 if is_default else 3,

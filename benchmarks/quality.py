@@ -64,6 +64,7 @@ if str(ROOT) not in sys.path:
 from peft import AdaLoraConfig, PeftConfig, VeraConfig  # noqa: E402
 from readme import replace_section  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 from transformers import TrainerCallback  # noqa: E402
+from variants import BASELINES, Variant  # noqa: E402
 
 from loradrop_trainer import DropPlan, LoraDropCallback, LoraDropConfig, find_lora_layers, plan_keeping  # noqa: E402
 from loradrop_trainer.lora_layers import lora_parameters  # noqa: E402
@@ -101,36 +102,8 @@ GSM_TARGETS = {
     "gsm_qv": "q_proj,v_proj",
 }
 ENCODER_TARGETS = "query,key,value,dense"
-BASELINES = ("lora", "adalora", "vera")  # methods that are not LoRA-drop settings
-_RANK_SUFFIX = re.compile(r"@(?:r(?P<r>\d+))?(?:a(?P<alpha>\d+))?(?:x(?P<lr>\d+(?:\.\d+)?))?$")
-VERA_LR_FACTOR = 10
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A variant name taken apart: the method or LoRA-drop settings, and the rank and lora_alpha it trains with."""
-
-    name: str
-    settings: str  # "lora", "adalora", "vera", or LoRA-drop settings such as "kind+trunc1"
-    r: int
-    lora_alpha: int
-    lr_factor: float = 1.0
-
-    @classmethod
-    def parse(cls, name: str) -> Variant:
-        match = _RANK_SUFFIX.search(name)
-        settings = name[: match.start()] if match else name
-        default_r = 256 if settings == "vera" else 8
-        r = int(match["r"]) if match and match["r"] else default_r
-        alpha = int(match["alpha"]) if match and match["alpha"] else 16
-        lr_factor = float(match["lr"]) if match and match["lr"] else 1.0
-        if r < 1 or alpha < 1 or lr_factor <= 0:
-            raise ValueError(f"variant {name!r}: rank, lora_alpha and the learning-rate factor must be positive")
-        return cls(name, settings, r, alpha, lr_factor * (VERA_LR_FACTOR if settings == "vera" else 1))
-
-    @property
-    def is_loradrop(self) -> bool:
-        return self.settings not in BASELINES
+VERA_LR_FACTOR = 10  # VeRA trains its vectors at a larger learning rate (the VeRA paper)
+PLAIN_LORA = Variant.parse("lora")
 
 
 def variant_config(variant: str) -> LoraDropConfig | None:
@@ -218,6 +191,7 @@ class RandomSelectionCallback(LoraDropCallback):
         super().__init__(config)
         self.seed = seed
         self._sizes: dict[str, int] = {}
+        self._ranks: dict[str, int] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         cfg = self.config
@@ -244,10 +218,55 @@ def make_callback(variant: str, seed: int) -> LoraDropCallback | None:
     return LoraDropCallback(config)
 
 
-def encoder_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path, variant: Variant) -> list[str]:
+@dataclass
+class Method:
+    """What a variant brings to a recipe's run: its LoRA-drop callback (None for the baselines), the PEFT config that
+    replaces the recipe's LoRA (AdaLoRA, VeRA), and the callbacks that count its parameters and drive AdaLoRA."""
+
+    variant: Variant
+    loradrop: LoraDropCallback | None
+    peft_config: PeftConfig | None
+    size: AdapterSize
+
+    @classmethod
+    def of(cls, variant: str, task: str, seed: int, steps: int) -> Method:
+        parsed = Variant.parse(variant)
+        return cls(parsed, make_callback(variant, seed), baseline_peft_config(variant, task, steps), AdapterSize())
+
+    @property
+    def callbacks(self) -> list[TrainerCallback]:
+        budget = [AdaLoraBudget()] if self.variant.settings == "adalora" else []
+        return [*([self.loradrop] if self.loradrop is not None else []), self.size, *budget]
+
+    def params(self) -> dict:
+        """The adapter parameters the run ends with (`adapter_params`), and LoRA-drop's plan facts."""
+        out = {"adapter_params": self.size.params}
+        callback = self.loradrop
+        if callback is None:
+            return out
+        out.update(lora_params_before=callback.lora_params_before, lora_params_after=callback.lora_params_after)
+        if callback.plan is not None:
+            plan = callback.plan
+            out.update(
+                adapter_params=callback.lora_params_after,
+                kept_modules=len(plan.kept),
+                lora_modules=len(plan.kinds),
+                switch_step=plan.step,
+            )
+        return out
+
+
+def learning_rate_factor(variant: Variant) -> float:
+    """The factor on the task's learning rate a variant trains at: its name's, and VeRA's own on top."""
+    return variant.lr_factor * (VERA_LR_FACTOR if variant.settings == "vera" else 1)
+
+
+def encoder_argv(
+    task: str, seed: int, args: argparse.Namespace, output_dir: Path, variant: Variant = PLAIN_LORA
+) -> list[str]:
     """`recipes/quickstart.py` flags of an encoder task (the data sizes of the README's rows)."""
     sizes = {"sarcasm": (6000, 2000), "polarity": (3000, 1000)}[task]
-    learning_rate = 1e-3 * variant.lr_factor
+    learning_rate = 1e-3 * learning_rate_factor(variant)
     argv = [
         "--dataset", args.data.get(task, task), "--train_size", str(sizes[0]), "--eval_size", str(sizes[1]),
         "--max_steps", str(args.steps or 300), "--seed", str(seed), "--output_dir", str(output_dir),
@@ -260,16 +279,15 @@ def encoder_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Pat
 def run_encoder(task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     from recipes import quickstart
 
-    parsed, steps = Variant.parse(variant), args.steps or 300
-    callback, size = make_callback(variant, seed), AdapterSize()
-    argv = encoder_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}", parsed)
-    extra = [size, *([AdaLoraBudget()] if parsed.settings == "adalora" else [])]
-    peft_config = baseline_peft_config(variant, task, steps)
-    _, metrics = quickstart.train(quickstart.parse_args(argv), callback, peft_config, extra)
-    return {**metrics, **_params(callback, size)}
+    method = Method.of(variant, task, seed, args.steps or 300)
+    argv = encoder_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}", method.variant)
+    _, metrics = quickstart.train(quickstart.parse_args(argv), None, method.peft_config, method.callbacks)
+    return {**metrics, **method.params()}
 
 
-def gsm_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path, variant: Variant) -> list[str]:
+def gsm_argv(
+    task: str, seed: int, args: argparse.Namespace, output_dir: Path, variant: Variant = PLAIN_LORA
+) -> list[str]:
     """`recipes/llama2_gsm8k.py` flags of a GSM task: SmolLM2-135M-Instruct, chat template, answer-only loss, plain
     LoRA (a LoRA-drop variant comes in as a callback, AdaLoRA and VeRA as the PEFT config)."""
     from recipes import assets, gsm8k_data
@@ -277,7 +295,7 @@ def gsm_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path, v
     train_file, eval_file = args.data.get("gsm_train"), args.data.get("gsm_eval")
     if train_file is None or eval_file is None:
         train_file, eval_file = gsm8k_data.write_gsm_symbolic(Path(args.work_dir) / "gsm_symbolic", 2000, 200, 0)
-    learning_rate = 5e-4 * variant.lr_factor
+    learning_rate = 5e-4 * learning_rate_factor(variant)
     argv = [
         "--model", args.model or str(assets.smollm2_path()), "--chat_template",
         "--train_file", str(train_file), "--eval_file", str(eval_file),
@@ -296,31 +314,11 @@ def gsm_argv(task: str, seed: int, args: argparse.Namespace, output_dir: Path, v
 def run_gsm(task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     from recipes import llama2_gsm8k
 
-    parsed, steps = Variant.parse(variant), args.steps or 300
-    callback, size = make_callback(variant, seed), AdapterSize()
-    argv = gsm_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}", parsed)
-    callbacks = [*([callback] if callback is not None else []), size]
-    callbacks += [AdaLoraBudget()] if parsed.settings == "adalora" else []
-    results = llama2_gsm8k.main(argv, callbacks=callbacks, peft_config=baseline_peft_config(variant, task, steps))
-    metrics = {"eval_loss": results["eval_loss"], "eval_examples": results["eval_samples"], **_params(callback, size)}
+    method = Method.of(variant, task, seed, args.steps or 300)
+    argv = gsm_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}", method.variant)
+    results = llama2_gsm8k.main(argv, callbacks=method.callbacks, peft_config=method.peft_config)
+    metrics = {"eval_loss": results["eval_loss"], "eval_examples": results["eval_samples"], **method.params()}
     return {**metrics, "exact_match": results["accuracy"]} if args.exact_match else metrics
-
-
-def _params(callback: LoraDropCallback | None, size: AdapterSize) -> dict:
-    """The adapter parameters the run ends with (`adapter_params`), and LoRA-drop's plan facts."""
-    out = {"adapter_params": size.params}
-    if callback is None:
-        return out
-    out.update(lora_params_before=callback.lora_params_before, lora_params_after=callback.lora_params_after)
-    if callback.plan is not None:
-        plan = callback.plan
-        out.update(
-            adapter_params=callback.lora_params_after,
-            kept_modules=len(plan.kept),
-            lora_modules=len(plan.kinds),
-            switch_step=plan.step,
-        )
-    return out
 
 
 def hardware() -> str:

@@ -48,7 +48,7 @@ from .files import has_member, read_member, write_tensors
 from .jsonfile import parse_json_object
 from .model_card import CARD_FILE, model_card
 from .plans import PlanSource, resolve_plan, split_payload
-from .truncation import full_numel, recorded_alpha_first, truncated_keys
+from .truncation import numel_at_rank, recorded_alpha_first, truncated_keys
 from .tying import TensorSpec, read_tying, split_key
 from .validate import check_adapter, lora_config, module_rank
 
@@ -113,7 +113,7 @@ class CompactAdapter:
 
     def _plain_numel(self, key: str, tensor: torch.Tensor) -> int:
         rank = self.full_ranks.get(key)
-        return tensor.numel() if rank is None else full_numel(key, tensor, rank)
+        return tensor.numel() if rank is None else numel_at_rank(key, tensor, rank)
 
     @property
     def other_params(self) -> int:

@@ -82,12 +82,12 @@ def compact_peft_adapter(
     config = parse_json_object(
         read_member(source, CONFIG_NAME), source / CONFIG_NAME, invalid=CompactFormatError, what="export it again."
     )
+    where = f"the adapter at {source}"
     weights = _read_weights(source)
-    check_weights(weights, f"the adapter at {source}")  # before comparing copies: NaN differs even from itself
+    check_weights(weights, where)  # before comparing copies: NaN differs even from itself
     _check_dropped_b_is_zero(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
     peft_config = recorded_alpha_first(with_base_model({**config, "inference_mode": True}, base_model), drop_plan)
-    where = f"the adapter at {source}"
     check_truncation(lora_config(peft_config, f"The PEFT config of {where}"), drop_plan, where, PlanError)
     adapter = CompactAdapter(
         adapter_name=drop_plan.adapter_name,
@@ -98,7 +98,7 @@ def compact_peft_adapter(
         members=tying.members,
         dropped=tying.dropped,
     )
-    check_adapter(adapter, f"the adapter at {source}")
+    check_adapter(adapter, where)
     warn_if_local(adapter.peft_config, f"The compact adapter in {out_dir}")
     with atomic_directory(out_dir, COMPACT_LAYOUT) as staging:
         write_compact(adapter, staging)

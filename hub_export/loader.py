@@ -31,7 +31,7 @@ from torch import nn
 from transformers.utils import logging
 
 from loradrop_trainer import apply_plan
-from loradrop_trainer.lora_layers import PEFT_PREFIX
+from loradrop_trainer.lora_layers import LORA_SUFFIXES, PEFT_PREFIX
 from loradrop_trainer.plan import attach_plan
 from loradrop_trainer.truncate import record_truncation
 
@@ -40,7 +40,6 @@ from .errors import BaseModelMismatchError, CompactFormatError
 from .expand import expanded_state_dict
 from .plans import plan_layers
 from .truncation import without_recorded_alpha
-from .tying import LORA_SUFFIXES
 from .validate import lora_config, lora_module, targets
 
 logger = logging.get_logger(__name__)

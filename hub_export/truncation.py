@@ -16,7 +16,9 @@ rows then zero rows, `lora_B` its k columns then zero columns, and the PEFT conf
   (`reduced_config`), so PEFT's own scaling, `lora_alpha / k`, is the trained one.
 
 PEFT reads pattern keys as regular expressions and takes the first key that matches a module, so loradrop's entries
-go first; PEFT's `save_pretrained` writes them in sorted order, which `recorded_alpha_first` undoes.
+go first. PEFT's `save_pretrained` writes the keys sorted; loradrop's begin with a regular-expression comment that
+sorts before the keys users write (`pattern_key`), and `recorded_alpha_first` puts them first again where one
+does not (a key beginning `(.`).
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from typing import Any
 import torch
 
 from loradrop_trainer import DropPlan
+from loradrop_trainer.lora_layers import LORA_SUFFIXES
 from loradrop_trainer.truncate import pattern_key
 
 from .errors import PlanError
-
-PARTS = (".lora_A.weight", ".lora_B.weight")  # the weights of a LoRA module (`tying.LORA_SUFFIXES`)
 
 
 def truncated_modules(plan: DropPlan) -> list[str]:
@@ -41,12 +42,12 @@ def truncated_modules(plan: DropPlan) -> list[str]:
 
 def truncated_keys(plan: DropPlan) -> dict[str, str]:
     """`{PEFT key: module name}` of the LoRA A and B weights of every module `plan` truncates."""
-    return {name + suffix: name for name in truncated_modules(plan) for suffix in PARTS}
+    return {name + suffix: name for name in truncated_modules(plan) for suffix in LORA_SUFFIXES}
 
 
 def rank_axis(key: str) -> int:
     """The axis of a LoRA weight that runs over the rank: rows of A (r, in), columns of B (out, r)."""
-    return 0 if key.endswith(PARTS[0]) else 1
+    return 0 if key.endswith(LORA_SUFFIXES[0]) else 1
 
 
 def stored_part(key: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
@@ -69,7 +70,7 @@ def pad_to_rank(key: str, tensor: torch.Tensor, r: int) -> torch.Tensor:
     return out
 
 
-def full_numel(key: str, tensor: torch.Tensor, r: int) -> int:
+def numel_at_rank(key: str, tensor: torch.Tensor, r: int) -> int:
     """Elements of a stored rank-k weight at rank `r` (its size in the unpruned adapter)."""
     return tensor.numel() // tensor.shape[rank_axis(key)] * r
 

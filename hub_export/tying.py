@@ -24,9 +24,8 @@ from loradrop_trainer.sharding import lora_state_dict
 
 from .errors import PlanError
 from .plans import plan_layers
-from .truncation import PARTS, check_zero_block, stored_part, truncated_keys
+from .truncation import check_zero_block, stored_part, truncated_keys
 
-LORA_SUFFIXES = PARTS  # the only tensors a LoRA-drop module has
 _LORA_KEY = re.compile(r"^(?P<module>.+?)(?P<suffix>\.lora_[AB]\.[^.]+)$")
 
 

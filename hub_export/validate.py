@@ -34,12 +34,12 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
-from loradrop_trainer.lora_layers import PEFT_PREFIX
+from loradrop_trainer.lora_layers import LORA_SUFFIXES, PEFT_PREFIX
 from loradrop_trainer.truncate import alpha_at_rank
 
 from .errors import CompactFormatError
 from .truncation import recorded_alpha_keys, truncated_keys
-from .tying import LORA_SUFFIXES, split_key
+from .tying import split_key
 
 if TYPE_CHECKING:
     from loradrop_trainer import DropPlan
@@ -88,7 +88,7 @@ def check_adapter(adapter: CompactAdapter, where: str) -> LoraConfig:
     _check_mapping(adapter, where)
     check_truncation(config, adapter.plan, where)
     _check_shapes(adapter, config, where)
-    _check_values(adapter, where)
+    check_weights(adapter.tensors, where)
     return config
 
 
@@ -161,11 +161,7 @@ def _saved_under(key: str, name: str) -> bool:
 
 def is_saved_module_weight(key: str, config: LoraConfig) -> bool:
     """Whether `key` is a weight of a module `config` lists in modules_to_save (matched as PEFT matches them)."""
-    if not config.modules_to_save or not key.startswith(PEFT_PREFIX):
-        return False
-    path = key.removeprefix(PEFT_PREFIX).split(".")[:-1]
-    prefixes = [".".join(path[:i]) for i in range(1, len(path) + 1)]
-    return any(prefix.endswith(name) for prefix in prefixes for name in config.modules_to_save)
+    return key.startswith(PEFT_PREFIX) and any(_saved_under(key, name) for name in config.modules_to_save or ())
 
 
 def _check_keys(adapter: CompactAdapter, config: LoraConfig, where: str) -> None:
@@ -316,25 +312,21 @@ def check_truncation(
         alpha = theirs.get(get_pattern_key(theirs.keys(), short), config.lora_alpha)
         wanted = alpha_at_rank(alpha, r, k, config.use_rslora)
         first = get_pattern_key(config.alpha_pattern.keys(), short)
-        if first != key or config.alpha_pattern[key] != wanted:
-            found = (
-                f"has {first!r} first among the keys that match it"
-                if key in config.alpha_pattern and first != key
-                else f"maps it to lora_alpha {config.alpha_pattern[key]!r}"
-                if key in config.alpha_pattern
-                else "has no entry for it"
-            )
-            raise error(
-                f"{where}: its plan truncates {name!r} to rank {k}, but the alpha_pattern of its PEFT config {found}; "
-                f"LoraDropCallback records {key!r}: {wanted!r} there at the switch, so that PEFT scales the rank-{r} "
-                f"module as a rank-{k} LoRA. The config was saved before the switch or by another run than the plan's: "
-                "export the adapter again from the model (or a checkpoint) saved after the switch, with the plan of "
-                "the same run."
-            )
-
-
-def _check_values(adapter: CompactAdapter, where: str) -> None:
-    check_weights(adapter.tensors, where)
+        if key not in config.alpha_pattern:
+            found = "has no entry for it"
+        elif first != key:
+            found = f"has {first!r} first among the keys that match it"
+        elif config.alpha_pattern[key] != wanted:
+            found = f"maps it to lora_alpha {config.alpha_pattern[key]!r}"
+        else:
+            continue
+        raise error(
+            f"{where}: its plan truncates {name!r} to rank {k}, but the alpha_pattern of its PEFT config {found}; "
+            f"LoraDropCallback records {key!r}: {wanted!r} there at the switch, so that PEFT scales the rank-{r} "
+            f"module as a rank-{k} LoRA. The config was saved before the switch or by another run than the plan's: "
+            "export the adapter again from the model (or a checkpoint) saved after the switch, with the plan of "
+            "the same run."
+        )
 
 
 # The dtypes adapter weights are trained and saved in; others (float8, integers) are refused before any arithmetic,

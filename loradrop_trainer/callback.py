@@ -129,7 +129,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 f"{previous.mode!r}). Start the new run from a freshly wrapped PEFT model."
             )
         cfg = self.config
-        self._layers = find_lora_layers(model, cfg.adapter_name, cfg.target, cfg.exclude)
+        self._select_layers(model, cfg.adapter_name, cfg.target, cfg.exclude)
         _check_adapter_trains(model, self._layers, cfg.adapter_name)
         if cfg.mode == "truncate":
             check_truncatable(self._layers, cfg.adapter_name, cfg.dropped_rank)
@@ -144,10 +144,6 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 f"alpha={cfg.alpha} puts the switch at step {self._switch_step} of {state.max_steps}: no training "
                 "would be left after it. Lower alpha or train for more steps."
             )
-        self._outcome.lora_params_before = count_distinct(
-            [p for layer in self._layers.values() for p in lora_parameters(layer, cfg.adapter_name)]
-        )
-        self._untied = UntiedLora(self._layers, cfg.adapter_name)
 
         # At step 0 the Trainer's record of this callback is this instance's own state (of a previous run, if any).
         saved = self._saved_state(state) if state.global_step > 0 else {}
@@ -196,6 +192,15 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             f"of {state.max_steps}."
         )
 
+    def _select_layers(self, model, adapter_name: str, target: list[str] | None, exclude: list[str] | None) -> None:
+        """Take the LoRA layers that `target` and `exclude` choose: what the run prunes, its parameter count before
+        the switch, and their state before any plan (to undo one)."""
+        self._layers = find_lora_layers(model, adapter_name, target, exclude)
+        self._outcome.lora_params_before = count_distinct(
+            [p for layer in self._layers.values() for p in lora_parameters(layer, adapter_name)]
+        )
+        self._untied = UntiedLora(self._layers, adapter_name)
+
     def _resume_after_switch(self, saved: dict, model, args: TrainingArguments, optimizer, scheduler) -> None:
         """Re-apply the checkpoint's plan, under the settings it was made with, whatever the settings are now."""
         self._outcome.plan = DropPlan.from_dict(saved["plan"])
@@ -214,13 +219,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             )
         if any(key in changed for key in ("target", "exclude")):  # the plan's modules, as its settings chose them
             planned = self._plan_config
-            self._layers = find_lora_layers(
-                model, self.plan.adapter_name, planned.get("target"), planned.get("exclude")
-            )
-            self._outcome.lora_params_before = count_distinct(
-                [p for layer in self._layers.values() for p in lora_parameters(layer, self.plan.adapter_name)]
-            )
-            self._untied = UntiedLora(self._layers, self.plan.adapter_name)
+            self._select_layers(model, self.plan.adapter_name, planned.get("target"), planned.get("exclude"))
         self._tying = reparameterise(self._layers, self.plan, optimizer, at_switch=False)
         self._record_in_config(model)
         self._schedule_restart = saved.get("schedule_restart")
@@ -307,7 +306,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         the checkpoint already filled; only the dropped modules are switched on again.
         """
         self._untied.restore()
-        config = getattr(model, "peft_config", {}).get(self.plan.adapter_name)
+        config = _peft_config(model, self.plan.adapter_name)
         if self.plan.mode == "truncate" and config is not None:
             forget_truncation(config, self.plan)
         if self._untied.reload_needed:
@@ -420,7 +419,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
     def _record_in_config(self, model) -> None:
         """Mode "truncate": let the PEFT config say how the truncated modules are scaled (`save_pretrained` then
         writes an adapter that computes what the model does)."""
-        config = getattr(model, "peft_config", {}).get(self.plan.adapter_name)
+        config = _peft_config(model, self.plan.adapter_name)
         if self.plan.mode == "truncate" and config is not None:
             record_truncation(config, self._layers, self.plan)
 
@@ -472,6 +471,11 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             logger.info(f"LoRA-drop: importance chart written to {plot_importance(self.plan, directory / PLOT_FILE)}")
 
 
+def _peft_config(model, adapter_name: str) -> object | None:
+    """The PEFT config of `adapter_name` on `model` (None for a model PEFT did not wrap)."""
+    return getattr(model, "peft_config", {}).get(adapter_name)
+
+
 def _show(args: TrainingArguments, text: str) -> None:
     """Put `text` on the console the way the Trainer shows its logs: above the progress bar, or printed when the bar
     is off. Logging would hide it, since scripts run the `transformers` loggers at WARNING or INFO on other names."""
@@ -492,7 +496,7 @@ def _check_adapter_trains(model, layers: dict, adapter_name: str) -> None:
             f"trains {active}), so its LoRA would never change and LoRA-drop would have nothing to measure. Call "
             f"model.set_adapter({adapter_name!r}) before building the Trainer, or set adapter_name to {active[0]!r}."
         )
-    bias = getattr(getattr(model, "peft_config", {}).get(adapter_name), "bias", "none")
+    bias = getattr(_peft_config(model, adapter_name), "bias", "none")
     if bias != "none":
         raise ValueError(
             f"Adapter {adapter_name!r} trains the base layers' biases too (LoraConfig(bias={bias!r})), which LoRA-drop "

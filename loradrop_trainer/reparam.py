@@ -26,7 +26,8 @@ from .truncate import set_truncated_scaling, truncated_dropped_values
 
 def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
     """Tie (mode "share"), switch off (mode "drop") or scale as their lower rank (mode "truncate") the dropped modules
-    of `plan`, in place. The values of truncated modules are the model's own (`truncate_dropped` sets them once).
+    of `plan`, in place. The values of truncated modules are the model's own (`reparameterise` sets them at the
+    switch).
 
     Idempotent: applying the plan to an already re-parameterised model changes nothing, which is what resuming from
     a checkpoint relies on.

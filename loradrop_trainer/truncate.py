@@ -136,8 +136,9 @@ def pattern_key(name: str) -> str:
     """The `rank_pattern` / `alpha_pattern` key that names exactly the module `name` (a PEFT module name).
 
     PEFT reads the keys as regular expressions matched against the end of the base model's module names and takes the
-    first key that matches; `save_pretrained` writes them sorted. The leading comment makes these keys sort before any
-    key a user writes (a module name, `.*`, `(q|k)_proj`, ...), so a saved adapter still reaches them first.
+    first key that matches; `save_pretrained` writes them sorted. The leading comment makes these keys sort before the
+    keys users write (a module name, `.*`, `(q|k)_proj`, ...), so a saved adapter still reaches them first; a key
+    beginning `(.` sorts earlier, and the compact export puts loradrop's entries first again.
     """
     return PATTERN_MARK + re.escape(name.removeprefix(PEFT_PREFIX))
 

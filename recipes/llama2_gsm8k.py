@@ -54,7 +54,7 @@ Launch (from the repository root):
     python recipes/llama2_gsm8k.py --load_in_4bit --bf16 --activation_checkpointing --gradient_accumulation_steps 8 \\
         --output_dir runs/llama2_gsm8k_qlora
 
-    # offline, CPU, seconds: tiny random Llama on 64 made-up problems (3 epochs = 48 steps, switch at step 5); a
+    # offline, CPU, seconds: tiny random Llama on 64 made-up problems (3 epochs = 48 steps, switch at step 5)
     python recipes/llama2_gsm8k.py --toy --output_dir runs/toy
 
     # offline, real problems and a real model, both from PyPI: GSM8K-format GSM-Symbolic problems (reasoning-gym)

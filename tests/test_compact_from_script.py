@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from helpers import (
+    EARLIEST_IS_BEST,
     SHARING,
     EarliestIsBest,
     TokenDataset,
@@ -113,11 +114,7 @@ def test_21_2_load_best_model_at_end_then_save_model_then_compact_is_refused_in_
         max_steps=12,
         save_strategy="steps",
         save_steps=2,
-        eval_strategy="steps",
-        eval_steps=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="earliness",
-        greater_is_better=True,
+        **EARLIEST_IS_BEST,
     )
     trainer = Trainer(
         model=tiny_llama(),

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from helpers import (
+    EARLIEST_IS_BEST,
     SHARING,
     EarliestIsBest,
     TokenDataset,
@@ -218,12 +219,8 @@ def test_best_checkpoint_before_the_switch_is_restored_untied(tmp_path, warnings
         model=random_lora_b(tiny_llama()),
         max_steps=12,
         save_steps=2,
-        eval_strategy="steps",
-        eval_steps=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="earliness",
-        greater_is_better=True,
         eval_dataset=TokenDataset(n=8, seed=9),
+        **EARLIEST_IS_BEST,
     )
     trainer.add_callback(EarliestIsBest())
     trainer.train()
