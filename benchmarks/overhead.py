@@ -1,27 +1,41 @@
-"""Step time (and GPU memory) of plain LoRA vs LoRA-drop, measured side by side in one process.
+"""Step time (and GPU memory) of plain LoRA vs LoRA-drop, measured side by side in one process, with a 95% interval.
 
-Three identical copies of a Llama-architecture model (random weights) train on the same batch, interleaved so that
-machine noise hits them alike:
+Copies of a Llama-architecture model (random weights) train on the same batch, one optimizer step each in turn, round
+after round, so that machine noise hits them alike:
 
 - `lora`: plain PEFT LoRA, the baseline;
-- `collect`: the same with LoRA-drop's importance hooks installed (the first `alpha` of a run);
-- `tied`: after the switch, with the plan of a real collection applied (half of each kind, by default, shares one
-  LoRA; `--threshold` sets it from the collected importance instead).
+- `collect`: the very same model with LoRA-drop's importance hooks attached for its step (the first `alpha` of a run),
+  at the default scoring; `collect_rank` with `aggregate="rank"`, `collect_relative` with `score="relative"`. Being
+  the same model as `lora` (the hooks come and go between steps), these differ from it by the hooks alone;
+- `lora_twin`: a second, identical plain-LoRA model: how far two copies of one model differ (their memory layout),
+  the floor for the variants below, which are other copies;
+- `truncate`: after the switch at the default settings (`LoraDropConfig()`: in each kind the modules holding half its
+  collected importance keep rank r, the others are cut to rank 1), the plan of a real collection;
+- `share`: after the switch in the paper's mode (one LoRA per kind for the dropped modules, threshold 0.9 global).
 
-Each ratio is the median over rounds of a variant's step time divided by `lora`'s in the same round, which cancels
-slow drifts of a shared machine. The whole-run ratio is `alpha * collect + (1 - alpha) * tied`.
+Each variant's step is timed on the GPU with CUDA events (from an empty queue: the stream is synchronised before
+each step, so a variant's host-side cost shows whenever it delays the GPU), and the order of the variants rotates
+from round to round. A variant's figure is the geometric mean over rounds of its step time divided by `lora`'s in
+the same round, with the 95% interval of that mean (normal approximation of the mean log-ratio), and the median
+ratio with its distribution-free 95% interval (order statistics); warm-up rounds are discarded, rounds run until
+`--seconds` have passed, and the process runs pinned to `--cpus` cores with the garbage collector held off while
+timing. The whole-run ratio is `alpha * collect + (1 - alpha) * truncate`.
 
-    python benchmarks/overhead.py --preset cpu-40m                                   # CPU, ~40M parameters
-    python benchmarks/overhead.py --preset llama2-7b --targets all --device cuda    # H200, Llama-2-7B width
-    python benchmarks/overhead.py --preset llama2-7b --targets all --score relative --aggregate rank
+    python benchmarks/overhead.py --preset cpu-40m --seconds 60                      # CPU, ~40M parameters
+    python benchmarks/overhead.py --preset llama2-7b --targets all --seconds 240    # H200, Llama-2-7B width
+    python benchmarks/overhead.py --preset llama2-7b --targets qv --seconds 120
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
+import os
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -29,8 +43,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loradrop_trainer import DropPlan, apply_plan, build_plan, find_lora_layers, lora_kinds
-from loradrop_trainer.importance import AGGREGATES, SCORES, ImportanceCollector
+from loradrop_trainer import LoraDropConfig, build_plan, find_lora_layers, lora_kinds
+from loradrop_trainer.importance import ImportanceCollector
+from loradrop_trainer.reparam import reparameterise
 
 PRESETS = {
     "cpu-40m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
@@ -38,18 +53,35 @@ PRESETS = {
 }
 ALL_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": ALL_KINDS}
+VARIANTS = ("lora", "collect", "collect_rank", "collect_relative", "lora_twin", "truncate", "share")
+# The collector settings of each collecting variant (hooks on the `lora` model itself).
+COLLECTING = {"collect": {}, "collect_rank": {"aggregate": "rank"}, "collect_relative": {"score": "relative"}}
+# The plan settings of each variant after the switch: the library's defaults, and the paper's sharing.
+DEFAULTS = LoraDropConfig()
+SWITCHED = {
+    "truncate": dict(
+        threshold=DEFAULTS.threshold,
+        normalize=DEFAULTS.normalize,
+        mode=DEFAULTS.mode,
+        dropped_rank=DEFAULTS.dropped_rank,
+    ),
+    "share": dict(threshold=0.9, normalize="global", mode="share"),
+}
+Z95 = 1.959963984540054
 
 
 def build(preset: str, targets: str, device: str, dtype: torch.dtype, seed: int = 0):
+    """A random-weight Llama with PEFT LoRA (r=8) and B drawn non-zero, as after some training, and its AdamW."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **PRESETS[preset])
     with torch.device(device):
-        base = LlamaForCausalLM(config).to(dtype)
+        base = LlamaForCausalLM._from_config(config, dtype=dtype)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS[targets], lora_dropout=0.05))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.01)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
     return model, optimizer
 
 
@@ -62,127 +94,198 @@ def train_steps(model, optimizer, batch, steps: int, autocast) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-def collected_plan(model, collector: ImportanceCollector, threshold: float | None) -> DropPlan:
-    """The plan of the collected importance: at `threshold`, or keeping the top half of each kind."""
-    kinds = lora_kinds(find_lora_layers(model))
-    importance = collector.totals()
-    if threshold is not None:
-        return build_plan(importance, kinds, threshold)
-    total = sum(importance.values())
-    kept, shared = [], {}
-    for kind in dict.fromkeys(kinds.values()):
-        members = sorted((n for n in kinds if kinds[n] == kind), key=lambda n: -importance[n])
-        kept += members[: len(members) // 2]
-        shared[kind] = members[len(members) // 2 :]
-    return DropPlan({n: v / total for n, v in importance.items()}, kept, shared, kinds, threshold=0.5)
+def switch(model, optimizer, batch, autocast, settings: dict) -> tuple[int, int]:
+    """Collect importance for two steps, then re-parameterise `model` in place as the callback does at the switch.
+    Returns (kept modules, all modules)."""
+    layers = find_lora_layers(model)
+    collector = ImportanceCollector(model, layers)
+    train_steps(model, optimizer, batch, 2, autocast)
+    plan = build_plan(collector.totals(), lora_kinds(layers), **settings)
+    collector.remove()
+    reparameterise(layers, plan, optimizer, at_switch=True)
+    return len(plan.kept), len(plan.kinds)
+
+
+def interval(log_ratios: list[float]) -> dict:
+    """Geometric mean of the ratios with its 95% interval (normal approximation of the mean of the logs), and the
+    median ratio with its distribution-free 95% interval (the order statistics around the middle)."""
+    n = len(log_ratios)
+    mean = statistics.fmean(log_ratios)
+    half = Z95 * statistics.stdev(log_ratios) / math.sqrt(n)
+    ordered = sorted(log_ratios)
+    spread = math.ceil(Z95 * math.sqrt(n) / 2)
+    low, high = max(n // 2 - spread, 0), min((n + 1) // 2 + spread, n - 1)
+    return {
+        "ratio": math.exp(mean),
+        "ci95": [math.exp(mean - half), math.exp(mean + half)],
+        "ci95_width": math.exp(mean + half) - math.exp(mean - half),
+        "median": math.exp(statistics.median(log_ratios)),
+        "median_ci95": [math.exp(ordered[low]), math.exp(ordered[high])],
+        "rounds": n,
+    }
+
+
+class Timer:
+    """One step's duration on the device: CUDA events on a GPU (read after the round), the wall clock on a CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self._pending: list[tuple[str, object, object]] = []
+
+    def time(self, name: str, run: Callable[[], None]) -> float:
+        """Run `run` from an empty queue; return the host time it took to issue its work (seconds)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            began = time.perf_counter()
+            run()
+            issued = time.perf_counter() - began
+            end.record()
+            self._pending.append((name, start, end))
+            return issued
+        began = time.perf_counter()
+        run()
+        issued = time.perf_counter() - began
+        self._pending.append((name, began, began + issued))
+        return issued
+
+    def read(self) -> dict[str, float]:
+        """The durations (seconds) of the steps timed since the last read."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            out = {name: start.elapsed_time(end) / 1000 for name, start, end in self._pending}
+        else:
+            out = {name: end - start for name, start, end in self._pending}
+        self._pending.clear()
+        return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="cpu-40m")
-    parser.add_argument("--targets", choices=TARGETS, default="qv")
+    parser.add_argument("--targets", choices=TARGETS, default="all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: 512 on GPU, 128 on CPU)")
-    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds; the median is reported")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per variant per round")
-    parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--threshold", type=float, default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
+    parser.add_argument("--seconds", type=float, default=120.0, help="time the rounds for this long")
+    parser.add_argument("--warmup", type=int, default=5, help="rounds discarded at the start")
+    parser.add_argument("--cpus", type=int, default=4, help="pin the process to this many cores (0: leave as is)")
+    parser.add_argument("--alpha", type=float, default=DEFAULTS.alpha)
     parser.add_argument("--out", default="benchmarks/results/overhead")
-    parser.add_argument("--score_every", type=int, default=1, help="LoraDropConfig.score_every for the hooks")
-    parser.add_argument("--score", choices=SCORES, default="output", help="LoraDropConfig.score for the hooks")
-    parser.add_argument("--aggregate", choices=AGGREGATES, default="sum", help="LoraDropConfig.aggregate")
-    parser.add_argument("--profile", action="store_true", help="print a profile of one step with the hooks on")
+    parser.add_argument("--profile", action="store_true", help="print a profile of one `collect` and one `lora` step")
     args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if variants[0] != "lora" or not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants must start with lora and name only {VARIANTS}")
+    if args.cpus and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))[: args.cpus]
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
     cuda = args.device.startswith("cuda")
     seq = args.seq or (512 if cuda else 128)
     dtype = torch.bfloat16 if cuda else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
-
-    plain, plain_opt = build(args.preset, args.targets, args.device, dtype)
-    hooked, hooked_opt = build(args.preset, args.targets, args.device, dtype)
-    tied, tied_opt = build(args.preset, args.targets, args.device, dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 32000, (args.batch, seq), generator=g).to(args.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    for model in (plain, hooked, tied):
-        model.train()
-    # Installed once, as in a real run: building the collector (and its index tensors, on the first forward) is
-    # set-up, not per-step cost.
-    collecting = ImportanceCollector(
-        hooked, find_lora_layers(hooked), score_every=args.score_every, score=args.score, aggregate=args.aggregate
-    )
 
-    collector = ImportanceCollector(tied, find_lora_layers(tied))
-    train_steps(tied, tied_opt, batch, 2, autocast)
-    plan = collected_plan(tied, collector, args.threshold)
-    collector.remove()
-    apply_plan(find_lora_layers(tied), plan)
+    models, plans, collectors = {}, {}, {}
+    for name in variants:
+        if name in COLLECTING:  # installed once, as in a real run: building the collector is set-up, not step cost
+            model = models["lora"][0]
+            collectors[name] = ImportanceCollector(model, find_lora_layers(model), **COLLECTING[name])
+            collectors[name].remove()  # attached only for its own steps
+            continue
+        models[name] = build(args.preset, args.targets, args.device, dtype)
+        if name in SWITCHED:
+            plans[name] = switch(*models[name], batch, autocast, SWITCHED[name])
 
-    variants = {
-        "lora": lambda: train_steps(plain, plain_opt, batch, args.steps, autocast),
-        "collect": lambda: train_steps(hooked, hooked_opt, batch, args.steps, autocast),
-        "tied": lambda: train_steps(tied, tied_opt, batch, args.steps, autocast),
-    }
-    for run in variants.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    def step(name: str) -> Callable[[], None]:
+        model, optimizer = models.get(name) or models["lora"]
+        return lambda: train_steps(model, optimizer, batch, 1, autocast)
+
+    runs = {name: step(name) for name in variants}
+    timer = Timer(cuda)
+    durations: dict[str, list[float]] = {name: [] for name in variants}
+    issued: dict[str, list[float]] = {name: [] for name in variants}
     peak: dict[str, int] = {}
-    for _ in range(args.reps):
-        for name, run in variants.items():
+    gc.collect()
+    gc.freeze()
+    started, rounds = time.perf_counter(), 0
+    while rounds < args.warmup + 3 or time.perf_counter() - started < args.seconds:
+        order = variants[rounds % len(variants) :] + variants[: rounds % len(variants)]
+        gc.disable()
+        for name in order:
             if cuda:
-                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            run()
+            if name in collectors:
+                collectors[name].attach()
+            host = timer.time(name, runs[name])
+            if name in collectors:
+                collectors[name].remove()
             if cuda:
-                torch.cuda.synchronize()
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
-            times[name].append((time.perf_counter() - start) / args.steps)
+            if rounds >= args.warmup:
+                issued[name].append(host)
+        measured = timer.read()
+        gc.enable()
+        if rounds >= args.warmup:
+            for name in variants:
+                durations[name].append(measured[name])
+        rounds += 1
 
-    median = {name: statistics.median(t) for name, t in times.items()}
-    paired = {name: [t / base for t, base in zip(times[name], times["lora"])] for name in variants}
-    ratios = {name: statistics.median(paired[name]) for name in variants}
+    ratios = {
+        name: interval([math.log(t / base) for t, base in zip(durations[name], durations["lora"])])
+        for name in variants[1:]
+    }
     result = {
         "preset": args.preset,
         "targets": args.targets,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "batch": [args.batch, seq],
-        "lora_modules": len(plan.kinds),
-        "kept_modules": len(plan.kept),
-        "step_seconds": median,
-        "ratio_collect": ratios["collect"],
-        "ratio_tied": ratios["tied"],
-        "ratio_whole_run": args.alpha * ratios["collect"] + (1 - args.alpha) * ratios["tied"],
+        "lora_modules": len(find_lora_layers(models["lora"][0])),
+        "plans": {name: {"kept": kept, "modules": total} for name, (kept, total) in plans.items()},
+        "switched_settings": {name: SWITCHED[name] for name in plans},
+        "timing": "CUDA events from an empty queue" if cuda else "wall clock",
+        "warmup_rounds": args.warmup,
+        "step_seconds_median": {name: statistics.median(t) for name, t in durations.items()},
+        "step_seconds": durations,
+        "host_issue_seconds_median": {name: statistics.median(t) for name, t in issued.items()},
+        "ratios": ratios,
         "alpha": args.alpha,
-        "score_every": args.score_every,
-        "score": args.score,
-        "aggregate": args.aggregate,
-        "paired_ratio_quartiles": {name: statistics.quantiles(r, n=4) for name, r in paired.items() if name != "lora"},
-        "scored_modules": sum(total > 0 for total in collecting.totals().values()),
+        "scored_modules": {name: sum(v > 0 for v in c.totals().values()) for name, c in collectors.items()},
     }
+    if "collect" in ratios and "truncate" in ratios:
+        result["ratio_whole_run"] = (
+            args.alpha * ratios["collect"]["ratio"] + (1 - args.alpha) * ratios["truncate"]["ratio"]
+        )
     if cuda:
         result["peak_gib"] = {name: value / 2**30 for name, value in peak.items()}
     if args.profile:
-        with torch.profiler.profile() as prof:
-            train_steps(hooked, hooked_opt, batch, 1, autocast)
-            if cuda:
-                torch.cuda.synchronize()
-        for key in ("self_cpu_time_total", "self_device_time_total") if cuda else ("self_cpu_time_total",):
-            print(prof.key_averages().table(sort_by=key, row_limit=20))
+        for name in ("collect", "lora"):
+            if name in collectors:
+                collectors[name].attach()
+            with torch.profiler.profile() as prof:
+                runs[name]()
+                if cuda:
+                    torch.cuda.synchronize()
+            if name in collectors:
+                collectors[name].remove()
+            print(f"--- {name}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = f"_every{args.score_every}" if args.score_every > 1 else ""
-    suffix += f"_{args.score}" if args.score != "output" else ""
-    suffix += f"_{args.aggregate}" if args.aggregate != "sum" else ""
-    (out / f"overhead_{args.preset}_{args.targets}_{args.device.split(':')[0]}{suffix}.json").write_text(
-        json.dumps(result, indent=2)
-    )
-    print(
-        f"{args.preset} {args.targets} ({len(plan.kinds)} LoRA modules, {len(plan.kept)} kept) on {result['device']}: "
-        f"collect {ratios['collect']:.3f}x, after switch {ratios['tied']:.3f}x, "
-        f"whole run (alpha={args.alpha}) {result['ratio_whole_run']:.3f}x of plain LoRA step time"
-    )
+    path = out / f"overhead_{args.preset}_{args.targets}_{args.device.split(':')[0]}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"{args.preset} {args.targets} on {result['device']}, {len(durations['lora'])} rounds:")
+    for name, r in ratios.items():
+        (low, high), (m_low, m_high) = r["ci95"], r["median_ci95"]
+        print(
+            f"  {name:<17} {r['ratio']:.4f}x of plain LoRA's step time (95% interval {low:.4f}-{high:.4f}); "
+            f"median {r['median']:.4f}x ({m_low:.4f}-{m_high:.4f})"
+        )
     return result
 
 

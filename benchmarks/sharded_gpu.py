@@ -6,14 +6,19 @@ processes it runs
 
 1. plain LoRA (no callback), for the step time and memory to compare with, and as the control of the logit check
    below: its gathered weights, put into a plain PEFT model on rank 0, show how far the engine's own forward is from
-   an unsharded one with the very same weights;
+   an unsharded one with the very same weights; the same comparison with the copy's LoRA weights cast to bf16
+   (what FSDP2's mixed precision computes with) shows how much of that gap is the compute precision;
 2. LoRA-drop, with a checkpoint after the switch (step 12); at the switch and at the end it gathers the LoRA weights
    and checks that every member of a shared group equals its source; at the end it takes the trained model's logits
    on a fixed batch, exports the compact adapter (`save_compact` on every rank) and, on rank 0, loads it onto a fresh
    base loaded the same way and compares the logits;
 3. LoRA-drop resumed from the step-12 checkpoint, which must end with the same LoRA weights (SHA-256) as run 2, and
-   plain LoRA resumed likewise, which shows whether the engine itself resumes exactly (on one H200 neither did: the
-   largest weight difference to the uninterrupted run is recorded for both);
+   plain LoRA resumed likewise, which shows whether the engine itself resumes exactly. For both, the largest weight
+   difference to the uninterrupted run is recorded, and whether the weights the resumed run starts from are the
+   ones the uninterrupted run saved (SHA-256 at step 12 in both): if they are, any difference comes from the
+   training steps after it, not from the checkpoint. `--deterministic` runs everything under
+   `transformers.enable_full_determinism` (deterministic algorithms, cuBLAS workspace) in warn-only mode, and
+   records the operations PyTorch warned are not deterministic;
 4. `--repeats` - 1 more plain/LoRA-drop pairs, interleaved, for the spread of the step-time ratio.
 
 Every rank's plan is gathered and compared. Per-step wall time and peak GPU memory are recorded per rank. Results go
@@ -59,6 +64,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,6 +83,7 @@ from transformers import (  # noqa: E402
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_utils import enable_full_determinism  # noqa: E402
 
 from hub_export import load_compact, save_compact  # noqa: E402
 from loradrop_trainer import LoraDropCallback  # noqa: E402
@@ -127,7 +134,9 @@ class Probe(TrainerCallback):
         self.lora: dict[str, torch.Tensor] = {}
         self._start = 0.0
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == SAVE_STEP and not self.steps:  # a run resumed from the step-12 checkpoint
+            self.checks["lora_sha256_at_resume"] = sha256(lora_state_dict(model, "default")[0])
         _synchronize()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -138,6 +147,8 @@ class Probe(TrainerCallback):
         seconds = time.perf_counter() - self._start
         peak = torch.cuda.max_memory_allocated() - self.baseline if torch.cuda.is_available() else 0
         self.steps.append({"step": state.global_step, "seconds": seconds, "peak_bytes": peak})
+        if state.global_step == SAVE_STEP:  # what the checkpoint of this step holds
+            self.checks["lora_sha256_at_save"] = sha256(lora_state_dict(model, "default")[0])
         plan = self.drop.plan if self.drop is not None else None
         if plan is not None and state.global_step == plan.step:
             self.checks["members_equal_at_switch"] = members_equal(lora_state_dict(model, "default")[0], plan)
@@ -286,7 +297,9 @@ def train(
     data = RandomTokens(rows=MAX_STEPS * 4 * opts.batch_size * 2, length=opts.seq_len, vocab=model.config.vocab_size)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[c for c in (drop, probe) if c is not None])
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     record = {
         "run": name,
         "engine": opts.engine,
@@ -297,6 +310,10 @@ def train(
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         **probe.checks,
     }
+    if opts.deterministic:
+        record["nondeterministic_ops"] = sorted(
+            {str(w.message).splitlines()[0] for w in caught if "deterministic" in str(w.message)}
+        )
     if drop is not None and drop.plan is not None:
         plans = _gather(drop.plan.to_dict())
         record.update(
@@ -353,9 +370,14 @@ def check_reload(opts, base_dir: Path, model, trained_lora: dict[str, torch.Tens
         )
         with torch.no_grad():
             logits = copy(input_ids=ids.to(device)).logits.float().cpu()
+            for name, param in copy.named_parameters():  # FSDP2's bf16 mixed precision computes with these
+                if "lora_" in name:
+                    param.data = param.data.to(torch.bfloat16)
+            logits_bf16_lora = copy(input_ids=ids.to(device)).logits.float().cpu()
         result.update(
             reload_max_abs_logit_diff=(logits - trained).abs().max().item(),
             reload_logits_close=bool(torch.allclose(logits, trained, rtol=2e-2, atol=2e-2)),
+            reload_bf16_lora_max_abs_logit_diff=(logits_bf16_lora - trained).abs().max().item(),
             logit_scale=trained.abs().max().item(),
         )
         del copy, base
@@ -381,6 +403,9 @@ def phase_stats(steps: list[dict], switch: int, after: bool) -> dict | None:
 
 
 def main(opts) -> None:
+    if opts.deterministic:
+        enable_full_determinism(0, warn_only=True)
+        os.environ.pop("CUDA_LAUNCH_BLOCKING")  # it sets this too, which only slows every launch down
     base_dir = write_base(opts)
     switch = math.ceil(ALPHA * MAX_STEPS)
     runs, weights = [], {}
@@ -392,6 +417,8 @@ def main(opts) -> None:
         checkpoint = Path(opts.runs_dir) / opts.engine / f"{name}_0" / f"checkpoint-{SAVE_STEP}"
         record, resumed = train(opts, base_dir, f"{name}_resumed", loradrop=loradrop, resume_from=checkpoint)
         record["resume_max_abs_diff"] = max((resumed[k] - weights[f"{name}_0"][k]).abs().max().item() for k in resumed)
+        saved = next(r for r in runs if r["run"] == f"{name}_0").get("lora_sha256_at_save")
+        record["resumed_from_the_saved_weights"] = saved is not None and record.get("lora_sha256_at_resume") == saved
         runs.append(record)
     per_rank = _gather({r["run"]: r["steps"] for r in runs})
     by_name = {r["run"]: r for r in runs}
@@ -404,6 +431,7 @@ def main(opts) -> None:
         "size": opts.size,
         "world_size": runs[0]["world_size"],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "deterministic": opts.deterministic,
         "resume_sha256_identical": resumed_exactly("loradrop"),
         "plain_lora_resume_sha256_identical": resumed_exactly("lora"),
         "runs": runs,
@@ -427,7 +455,8 @@ def main(opts) -> None:
     if _rank() == 0:
         out = Path(opts.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{opts.engine}.json").write_text(json.dumps(summary, indent=2))
+        name = f"{opts.engine}_deterministic" if opts.deterministic else opts.engine
+        (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
         for line in summary_lines(summary):
             print(line, flush=True)
     _barrier()
@@ -447,9 +476,12 @@ def summary_lines(summary: dict) -> list[str]:
                 "members_equal_at_end",
                 "kept_modules",
                 "resume_max_abs_diff",
+                "resumed_from_the_saved_weights",
+                "nondeterministic_ops",
                 "reload_lora_identical",
                 "reload_logits_close",
                 "reload_max_abs_logit_diff",
+                "reload_bf16_lora_max_abs_logit_diff",
             )
             if k in run
         }
@@ -475,6 +507,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=2, help="Sequences per GPU and micro-batch (2 a step).")
     parser.add_argument("--repeats", type=int, default=1, help="Plain/LoRA-drop pairs, for the step-time spread.")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="Deterministic algorithms (transformers.enable_full_determinism, warn-only); <engine>_deterministic.json.",
+    )
     return parser.parse_args(argv)
 
 

@@ -99,14 +99,23 @@ class ImportanceCollector:
         self._base_norms: list[tuple[int, torch.Tensor]] = []
         self._masks: dict[torch.Size, torch.Tensor] = {}
         self._indices: dict[tuple[int, ...], tuple[torch.Tensor, list[tuple[torch.Tensor, list[int]]]]] = {}
-        self._handles: list[RemovableHandle] = [
-            model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
-            model.register_forward_hook(self._end_forward, always_call=True),
+        self._model = model
+        self._base_layers = [layer.base_layer for layer in layers.values()]
+        self._handles: list[RemovableHandle] = []
+        self.attach()
+
+    def attach(self) -> None:
+        """Install the hooks (done on construction; again after `remove`, the totals so far kept)."""
+        if self._handles:
+            return
+        self._handles = [
+            self._model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
+            self._model.register_forward_hook(self._end_forward, always_call=True),
         ]
-        for index, (lora_b, layer) in enumerate(zip(self._lora_b, layers.values())):
+        for index, (lora_b, base_layer) in enumerate(zip(self._lora_b, self._base_layers)):
             self._handles.append(lora_b.register_forward_pre_hook(self._recorder(index)))
             if self._relative:
-                self._handles.append(layer.base_layer.register_forward_hook(self._base_recorder(index)))
+                self._handles.append(base_layer.register_forward_hook(self._base_recorder(index)))
 
     def skip_forwards(self, count: int) -> None:
         """Continue `score_every`'s count after `count` training forwards (resuming), so the same ones are scored."""
@@ -244,6 +253,7 @@ class ImportanceCollector:
         self._skipped.zero_()
 
     def remove(self) -> None:
+        """Take the hooks off the model (the totals stay readable; `attach` puts the hooks back)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
