@@ -404,7 +404,7 @@ def phase_stats(steps: list[dict], switch: int, after: bool) -> dict | None:
 
 def main(opts) -> None:
     if opts.deterministic:
-        enable_full_determinism(0, warn_only=True)
+        enable_full_determinism(0)  # strict: a non-deterministic op raises, naming itself
         os.environ.pop("CUDA_LAUNCH_BLOCKING")  # it sets this too, which only slows every launch down
     base_dir = write_base(opts)
     switch = math.ceil(ALPHA * MAX_STEPS)
