@@ -38,7 +38,8 @@ from hub_export import (
     save_compact,
 )
 from hub_export.cli import main
-from hub_export.compact import MANIFEST_FILE, WEIGHTS_FILE
+from hub_export.compact import COMPACT_LAYOUT, MANIFEST_FILE, WEIGHTS_FILE
+from hub_export.remote import fetch
 from loradrop_trainer import DropPlan, apply_plan, build_plan, find_lora_layers, lora_kinds
 
 REPO = f"{DEFAULT_USER}/untrusted"
@@ -249,6 +250,32 @@ def test_4_symlinked_files_are_refused(share, tmp_path, name):
     os.mkfifo(crafted / name)  # would block a reader that opens it
     with pytest.raises(CompactFormatError, match="not a regular file"):
         read_compact(crafted)
+
+
+def test_21_4_links_are_followed_only_in_huggingface_hubs_own_cache(hub, share, tmp_path):
+    """Issue 21, item 4: a folder laid out like a cache snapshot (``snapshots/<commit>/`` whose files link into
+    ``../../blobs/``) got the cache's exception by its folder names alone; with ``blobs`` a link to the user's home,
+    push uploaded any file there and reads left the adapter's directory."""
+    compact, _ = share
+    push_to_hub(compact, REPO)
+    snapshot = fetch(REPO, allow_patterns=sorted(COMPACT_LAYOUT.files))  # huggingface_hub's own cache
+    assert (snapshot / WEIGHTS_FILE).is_symlink(), "the client links snapshot files into its blob store"
+    assert read_compact(snapshot).plan == read_compact(compact).plan
+
+    home = Path(shutil.copytree(compact, tmp_path / "home"))
+    (home / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    repo = tmp_path / "download" / "models--someone--adapter"
+    crafted = repo / "snapshots" / "0123abc"
+    crafted.mkdir(parents=True)
+    (repo / "blobs").symlink_to(home)
+    for name in COMPACT_FILES:
+        (crafted / name).symlink_to(f"../../blobs/{'id_rsa' if name == 'README.md' else name}")
+    with pytest.raises(CompactFormatError, match=r"symbolic link.*huggingface_hub's cache"):
+        read_compact(crafted)
+    commits = len(hub.requests_matching("POST", "/commit/"))
+    with pytest.raises(CompactFormatError, match="symbolic link"):
+        push_to_hub(crafted, f"{DEFAULT_USER}/leak")
+    assert len(hub.requests_matching("POST", "/commit/")) == commits, "nothing was sent"
 
 
 # ------------------------------------------------------------------------------------ 5. shapes and dtypes
