@@ -38,10 +38,12 @@ def atomic_directory(target: str | os.PathLike, layout: Layout) -> Iterator[Path
 
     If the body raises, the temporary directory is removed and `target` is left exactly as it was. `target` may be
     missing, empty, or hold nothing but files of `layout` (an earlier output of the same kind); anything else is
-    refused with `TargetExistsError`, so a typo cannot wipe a directory of the user's files.
+    refused with `TargetExistsError`, so a typo cannot wipe a directory of the user's files. It is checked again
+    just before it is replaced, so files another process wrote into it while the new one was being written are
+    refused too, not deleted.
     """
     check_replaceable(Path(target).absolute(), layout)
-    with staged_directory(target) as staging:
+    with staged_directory(target, check=lambda path: check_replaceable(path, layout)) as staging:
         yield staging
 
 

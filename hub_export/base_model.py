@@ -5,6 +5,16 @@ access, the models `recipes.assets` fetches from PyPI) records that copy's path,
 points everyone at a directory they do not have: the card cannot link its base model and its snippets do not run.
 `base_model="org/name"` (`save_compact`, `expand_to_peft`, `push_to_hub`, `--base_model`) records the Hub id in
 ``adapter_config.json``, and from there in the model card; `push_to_hub` refuses to publish a local path.
+
+Which one a name is, is decided from who gave it, the Hub's id grammar and the filesystem, and logged:
+
+- a `base_model` argument is a Hub id, or refused: it must follow the grammar (`validate_repo_id`: "/data/base",
+  "./base" or "~/base" never do), and a directory of the same name in the working directory changes nothing (a
+  warning says so);
+- a recorded name is a local path when it does not follow the grammar or when it is a directory here, which is what
+  transformers' `from_pretrained` loaded it from. Writing an adapter records a relative directory by its absolute path
+  (`anchored`), so "models/base" read in the training script's directory stays a local path wherever the adapter is
+  pushed from, instead of passing for a Hub id there.
 """
 
 from __future__ import annotations
@@ -25,8 +35,10 @@ BASE_KEY = "base_model_name_or_path"  # where PEFT's adapter_config.json names t
 
 
 def is_hub_id(name: object) -> bool:
-    """Whether `name` reads as a Hub model id ("org/name" or "name") and is not a local directory."""
-    if not isinstance(name, str) or not name or os.path.isabs(os.path.expanduser(name)) or os.path.isdir(name):
+    """Whether `name` follows the Hub's model id grammar ("org/name" or "name"; huggingface_hub's own check). No path
+    such as "/data/base", "./base", "../base" or "~/base" does; "models/base" does, and may still be a directory here
+    (`names_local_path` tells a recorded name apart)."""
+    if not isinstance(name, str) or not name:
         return False
     try:
         validate_repo_id(name)
@@ -35,27 +47,53 @@ def is_hub_id(name: object) -> bool:
     return True
 
 
+def names_local_path(name: object) -> bool:
+    """Whether a recorded base model name is a local path: not a Hub id by its form, or a directory here, which
+    `from_pretrained` loads without asking the Hub."""
+    return not is_hub_id(name) or os.path.isdir(name)
+
+
 def recorded_base(peft_config: Mapping[str, Any]) -> str | None:
     """The base model `peft_config` names, if any."""
     return peft_config.get(BASE_KEY) or None
 
 
 def with_base_model(peft_config: Mapping[str, Any], base_model: str | None) -> dict[str, Any]:
-    """`peft_config` naming `base_model` (a Hub id) as its base, or unchanged when `base_model` is None."""
+    """`peft_config` naming `base_model` (a Hub id) as its base; when it is None, the recorded name `anchored`."""
     if base_model is None:
-        return dict(peft_config)
+        return anchored(peft_config)
     if not is_hub_id(base_model):
         raise BaseModelPathError(
             f"base_model={base_model!r} is not a Hub model id; pass the id of the model on the Hub, such as "
             "'meta-llama/Llama-2-7b-hf', even when training read a local copy of it."
         )
+    if os.path.isdir(base_model):
+        logger.warning(
+            f"LoRA-drop: base_model={base_model!r} is recorded as the Hub id {base_model!r}, not as the directory of "
+            f"that name here ({os.path.abspath(base_model)}): base_model always names the model on the Hub."
+        )
+    else:
+        logger.info(f"LoRA-drop: base model recorded as the Hub id {base_model!r}.")
     return {**peft_config, BASE_KEY: base_model}
+
+
+def anchored(peft_config: Mapping[str, Any]) -> dict[str, Any]:
+    """`peft_config` with a base model recorded by a relative path that is a directory here made absolute.
+
+    PEFT records the path the model was loaded from as given, relative to where the training script ran; read from
+    anywhere else, "models/base" would pass for a Hub id, and a push would point everyone at a model nobody has.
+    """
+    base = recorded_base(peft_config)
+    if not isinstance(base, str) or os.path.isabs(base) or not os.path.isdir(base):
+        return dict(peft_config)
+    logger.info(f"LoRA-drop: base model {base!r} is a local directory, recorded as {os.path.abspath(base)!r}.")
+    return {**peft_config, BASE_KEY: os.path.abspath(base)}
 
 
 def warn_if_local(peft_config: Mapping[str, Any], where: str) -> None:
     """Log a warning when `peft_config` names its base model by a local path (fine locally, not for publishing)."""
     base = recorded_base(peft_config)
-    if base is not None and not is_hub_id(base):
+    if base is not None and names_local_path(base):
         logger.warning(
             f"LoRA-drop: {where} names its base model by the local path {base!r}. It loads here, but nobody else can "
             "load it from the Hub: pass base_model='org/name' (the Hub id of that model) to record it instead."
@@ -65,7 +103,7 @@ def warn_if_local(peft_config: Mapping[str, Any], where: str) -> None:
 def check_publishable(peft_config: Mapping[str, Any], where: str) -> None:
     """Refuse to publish an adapter that names its base model by a local path."""
     base = recorded_base(peft_config)
-    if base is not None and not is_hub_id(base):
+    if base is not None and names_local_path(base):
         raise BaseModelPathError(
             f"{where} names its base model by the local path {base!r}, which nobody who downloads it has. Pass the "
             "Hub id of that model: push_to_hub(..., base_model='org/name') or `loradrop push --base_model org/name`."
@@ -74,3 +112,5 @@ def check_publishable(peft_config: Mapping[str, Any], where: str) -> None:
         logger.warning(
             f"LoRA-drop: {where} names no base model, so its card cannot link one; pass base_model='org/name'."
         )
+    else:
+        logger.info(f"LoRA-drop: {where} names its base model by the Hub id {base!r} (no directory of that name here).")

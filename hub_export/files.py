@@ -3,8 +3,11 @@
 A cloned repo or a crafted directory can hold symbolic links (to ``~/.ssh/id_rsa``, to a file elsewhere with the
 right checksum) or FIFOs under an adapter's file names. Files are opened without following links and checked to be
 regular before a byte is read, and callers pass only the format's own names, so nothing outside the directory is
-ever read. The one exception is a huggingface_hub cache snapshot (``.../snapshots/<commit>/``), whose files are links
-the client itself made into ``../../blobs/``: there a link is followed, but only to a regular file in that blob store.
+ever read. The one exception is a snapshot of huggingface_hub's own cache (``<cache>/<repo>/snapshots/<commit>/``,
+where `load_from_hub`, `pull` and ``hf://`` sources download to), whose files are links the client itself made into
+the repo's ``blobs/``: there a link is followed, but only to a file in that blob store. The cache is the one
+huggingface_hub reports (`constants.HF_HUB_CACHE`, from HF_HOME/HF_HUB_CACHE), resolved: folders that are merely
+named ``snapshots/`` and ``blobs/`` elsewhere (a cloned repo, a crafted archive) get no exception.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import stat
 from pathlib import Path
 
+from huggingface_hub import constants
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -56,15 +60,17 @@ def read_member(directory: Path, name: str) -> bytes:
 
 
 def _cache_blob(directory: Path, link: Path) -> Path:
-    """Where a link of a huggingface_hub cache snapshot points, if that is a file of the repo's blob store."""
-    if directory.absolute().parent.name == "snapshots":
-        blobs = (directory.absolute().parent.parent / "blobs").resolve()
+    """Where a link of a snapshot in huggingface_hub's cache points, if that is a file of the repo's blob store."""
+    snapshot, cache = directory.resolve(), Path(constants.HF_HUB_CACHE).resolve()
+    repo = snapshot.parent.parent
+    if snapshot.parent.name == "snapshots" and repo.parent == cache:
         real = link.resolve()
-        if blobs in real.parents:
+        if real.parent == (repo / "blobs").resolve():
             return real
     raise CompactFormatError(
         f"{link} is a symbolic link; an adapter's files must be regular files inside its directory (links are "
-        "followed only in a huggingface_hub cache snapshot, into its blob store). Replace the link with the file."
+        f"followed only in a snapshot of huggingface_hub's cache, {cache}, into its blob store). Replace the link "
+        "with the file."
     )
 
 

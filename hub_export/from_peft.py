@@ -20,6 +20,7 @@ import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from loradrop_trainer import DropPlan
@@ -72,11 +73,19 @@ def compact_peft_adapter(
         raise CompactFileNotFoundError(f"{source} is not a directory; pass the directory of a plain PEFT adapter.")
     check_disjoint(source, out_dir)
     if plan is None and not has_member(source, PLAN_FILE):
+        above = source.absolute().parent / PLAN_FILE
+        hint = (
+            f" PEFT saves an adapter other than 'default' in a subfolder of the output directory: its run's plan is "
+            f"probably {above}."
+            if above.is_file()
+            else ""
+        )
         raise CompactFileNotFoundError(
             f"{source} has no {PLAN_FILE}. Pass the plan of the run that saved this adapter (plan=... in Python, "
-            "--plan on the command line): the file LoraDropCallback wrote into the Trainer's output directory."
+            f"--plan on the command line): the file LoraDropCallback wrote into the Trainer's output directory.{hint}"
         )
     drop_plan, extra = read_plan(source if plan is None else plan)
+    _check_adapter_name(source, drop_plan, source / PLAN_FILE if plan is None else plan)
     if license is not None:
         extra["license"] = license
     config = parse_json_object(
@@ -107,6 +116,37 @@ def compact_peft_adapter(
         f"{adapter.plain_bytes:,} bytes)."
     )
     return Path(out_dir)
+
+
+def _check_adapter_name(source: Path, plan: DropPlan, plan_source: PlanSource) -> None:
+    """Refuse a directory whose top-level adapter is not the plan's while the plan's is saved in it too.
+
+    PEFT's `save_pretrained` (so `trainer.save_model()` and every checkpoint) writes the adapter 'default' at the top of
+    the directory and every other one into the subfolder of its name. A run that trained another adapter
+    (`LoraDropCallback(adapter_name=...)`) leaves its plan at the top, next to the weights of 'default', which the plan
+    does not describe: compared with it, they would look saved before the switch.
+    """
+    name = plan.adapter_name
+    if name == "default" or not has_member(source, f"{name}/{CONFIG_NAME}"):
+        return
+    saved = ", ".join(f"{adapter!r} in {path}" for adapter, path in _saved_adapters(source).items())
+    plan_arg = plan_source if isinstance(plan_source, (str, os.PathLike)) else "PLAN"
+    raise PlanError(
+        f"{source} holds several PEFT adapters ({saved}), and the plan is of {name!r}, not of the 'default' one at its "
+        f"top. Compact {name!r}: `loradrop compact {source / name} DST --plan {plan_arg}` "
+        f"(compact_peft_adapter({str(source / name)!r}, out_dir, plan=...) in Python)."
+    )
+
+
+def _saved_adapters(directory: Path) -> dict[str, Path]:
+    """The adapters PEFT saved into `directory`, by name: 'default' at its top, any other in the subfolder of its name
+    (checkpoint folders, which hold adapters of their own, are not adapters of `directory`)."""
+    saved = {"default": directory} if has_member(directory, CONFIG_NAME) else {}
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        folder, checkpoint = Path(entry.path), entry.name.startswith(PREFIX_CHECKPOINT_DIR)
+        if entry.is_dir(follow_symlinks=False) and not checkpoint and has_member(folder, CONFIG_NAME):
+            saved[entry.name] = folder
+    return saved
 
 
 def _check_dropped_b_is_zero(weights: dict[str, torch.Tensor], plan: DropPlan) -> None:

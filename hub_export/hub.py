@@ -147,7 +147,8 @@ def _stage(
         _copy_members(Path(model_or_dir), folder, COMPACT_LAYOUT)
     adapter = read_compact(folder)  # what is uploaded is exactly what was checked
     source = "The adapter of this model" if isinstance(model_or_dir, nn.Module) else f"The adapter in {model_or_dir}"
-    check_publishable(adapter.peft_config, source)
+    if base_model is None:  # one given is the Hub id it names, whatever directories are here (`with_base_model`)
+        check_publishable(adapter.peft_config, source)
     if expanded:
         (folder / PEFT_SUBFOLDER).mkdir()
         write_peft(adapter, folder / PEFT_SUBFOLDER)

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from loradrop_trainer.lora_layers import PEFT_PREFIX
 from loradrop_trainer.report import plan_table
 
-from .base_model import is_hub_id, recorded_base
+from .base_model import names_local_path, recorded_base
 
 if TYPE_CHECKING:
     from .compact import CompactAdapter
@@ -74,7 +74,7 @@ def model_card(adapter: CompactAdapter, chart_file: str) -> ModelCard:
     built and saved as PEFT builds its own (`ModelCard.from_template`, `card.save`).
     """
     base = recorded_base(adapter.peft_config)
-    base = base if is_hub_id(base) else None  # a local path means nothing to the card's readers
+    base = None if base is None or names_local_path(base) else base  # a local path means nothing to readers
     data = ModelCardData(
         library_name="peft", base_model=base, tags=list(TAGS), license=adapter.plan_extra.get("license")
     )

@@ -12,9 +12,12 @@ parsed as PEFT parses it:
   every module of the plan is targeted;
 - mapping: every module of the plan stores, shares or drops its LoRA exactly as `DropPlan.source_of` says, and any
   other module stands alone;
+- patterns: every regular expression PEFT will match against module names (`check_patterns`) is one whose matching
+  time is bounded;
 - shapes: matrices whose rank is the one the config gives the module (``r`` or ``rank_pattern``), or the plan's
   ``dropped_rank`` k for a module it truncates (mode "truncate"), one shape per kind and rank, widths bounded by
-  `MAX_WIDTH`; dtypes floating point; weights finite;
+  `MAX_WIDTH`, and what is allocated without being stored bounded by what is stored (`_check_unstored`); dtypes
+  floating point; weights finite;
 - truncation (mode "truncate"): k is below every truncated module's rank r, and the config's ``alpha_pattern`` has,
   first among the keys that match the module, the entry LoraDropCallback records for it, with the ``lora_alpha``
   that scales it as a rank-k LoRA (`check_truncation`).
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,8 +41,13 @@ from loradrop_trainer.lora_layers import LORA_SUFFIXES, PEFT_PREFIX
 from loradrop_trainer.truncate import alpha_at_rank
 
 from .errors import CompactFormatError
-from .truncation import recorded_alpha_keys, truncated_keys
+from .truncation import rank_axis, recorded_alpha_keys, truncated_keys
 from .tying import split_key
+
+try:
+    from re import _parser as regex_parser  # Python 3.11+: the parser `re.compile` itself uses
+except ImportError:  # Python 3.10
+    import sre_parse as regex_parser
 
 if TYPE_CHECKING:
     from loradrop_trainer import DropPlan
@@ -55,6 +63,31 @@ _AUTOMATIC_HEADS = {
 }
 # Wider than any layer of any released model; bounds what expanding a crafted "dropped" entry may allocate.
 MAX_WIDTH = 2**20
+# Longer than any module name of any released model: regular expressions are matched against these names.
+MAX_NAME = 256
+# PEFT matches its patterns with Python's backtracking `re`, in which "(a+)+" takes exponential time on a name that
+# nearly matches. A pattern whose every repetition ("*", "+", "{m,n}") repeats a single character, with no
+# backreference, takes at most about n^k steps on a name of n characters for k repetitions; untrusted patterns are
+# held to that subset, with k at most MAX_REPEATS as PEFT matches them (`_PEFT_WRAPPERS`) and at most MAX_REPEATING
+# patterns with repetitions of their own in one config. Names are at most MAX_NAME characters, so matching one name
+# takes at most about a millisecond.
+MAX_REPEATS = 3
+MAX_REPEATING = 16
+# How PEFT embeds each field's patterns in the expression it matches (tuners_utils.check_target_module_exists,
+# other.get_pattern_key); "{}" is the pattern.
+_PEFT_WRAPPERS = {
+    "target_modules": "{}",
+    "exclude_modules": "{}",
+    "modules_to_save": r"(^|.*\.){}($|\..*)",
+    "layers_pattern": r"(?:^|.*?\.){}\.(?P<idx>\d+)\.",
+    "rank_pattern": r"(.*\.)?({})$",
+    "alpha_pattern": r"(.*\.)?({})$",
+}
+_ONE_CHARACTER = {getattr(regex_parser, op) for op in ("LITERAL", "NOT_LITERAL", "ANY", "IN", "CATEGORY")}
+_REPEATS = {
+    getattr(regex_parser, op) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(regex_parser, op)
+}
+_GROUPS = {getattr(regex_parser, op) for op in ("ASSERT", "ASSERT_NOT", "ATOMIC_GROUP") if hasattr(regex_parser, op)}
 # PEFT features that change what a LoRA layer holds or computes; LoRA-drop trains and stores plain LoRA only.
 _UNSUPPORTED = {
     "use_dora": "DoRA",
@@ -88,6 +121,7 @@ def check_adapter(adapter: CompactAdapter, where: str) -> LoraConfig:
     _check_mapping(adapter, where)
     check_truncation(config, adapter.plan, where)
     _check_shapes(adapter, config, where)
+    _check_unstored(adapter, config, where)
     check_weights(adapter.tensors, where)
     return config
 
@@ -112,6 +146,7 @@ def lora_config(data: Mapping[str, Any], where: str) -> LoraConfig:
         )
     ranks = _patterned(config, "r", "rank_pattern", where)
     alphas = _patterned(config, "lora_alpha", "alpha_pattern", where)
+    check_patterns(config, where)
     if not all(type(r) is int and 0 < r <= MAX_WIDTH for r in ranks):
         raise CompactFormatError(f"{where} gives LoRA ranks {ranks}; ranks are integers from 1 to {MAX_WIDTH:,}.")
     if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in alphas):
@@ -125,15 +160,86 @@ def _patterned(config: LoraConfig, field: str, pattern: str, where: str) -> list
     values = getattr(config, pattern)
     if not isinstance(values, dict):
         raise CompactFormatError(f"{where} gives {pattern}={values!r}; it must map module names to values.")
-    for key in values:  # PEFT (and `module_rank`, `check_truncation`) match them as regular expressions
+    return [getattr(config, field), *values.values()]
+
+
+def check_patterns(config: LoraConfig, where: str) -> None:
+    """Refuse a regular expression of `config` that PEFT (and `module_rank`, `targets`) could take minutes or more to
+    match against a module name: one outside the subset `MAX_REPEATS` describes, or more of them than
+    `MAX_REPEATING`. A list of module names, which PEFT matches without regular expressions, is never refused."""
+    repeating = 0
+    for field, pattern in _patterns(config):
         try:
-            re.compile(key)
+            own = _repetitions(pattern)
+            total = _repetitions(_PEFT_WRAPPERS[field].format(pattern))
         except (re.error, TypeError) as err:
             raise CompactFormatError(
-                f"{where} gives {pattern} the key {key!r}, which is no regular expression ({err}); PEFT matches these "
-                "keys against module names."
+                f"{where} gives {field} the pattern {pattern!r}, which is no regular expression ({err}); PEFT matches "
+                "it against module names."
             ) from err
-    return [getattr(config, field), *values.values()]
+        except ValueError as err:
+            raise CompactFormatError(
+                f"{where} gives {field} the pattern {pattern!r}, which {err}: matching such a pattern against a module "
+                "name can take hours. Name the modules (a list), or use a pattern whose '*', '+' and '{m,n}' each "
+                "repeat a single character."
+            ) from err
+        if total > MAX_REPEATS:
+            raise CompactFormatError(
+                f"{where} gives {field} the pattern {pattern!r}, with {own} repetitions ('*', '+', '{{m,n}}') where "
+                f"at most {MAX_REPEATS - total + own} are accepted (each multiplies the time matching a module name "
+                "takes). Name the modules (a list), or use a simpler pattern."
+            )
+        repeating += own > 0
+    if repeating > MAX_REPEATING:
+        raise CompactFormatError(
+            f"{where} holds {repeating} regular expressions with repetitions ('*', '+', '{{m,n}}'); at most "
+            f"{MAX_REPEATING} are accepted (each is matched against every module name). Name the modules instead."
+        )
+
+
+def _patterns(config: LoraConfig) -> Iterator[tuple[str, Any]]:
+    """`(field, pattern)` for every regular expression of `config` that PEFT matches against module names."""
+    for field in ("target_modules", "exclude_modules"):
+        value = getattr(config, field, None)
+        if isinstance(value, str):
+            yield field, value
+    for field in ("modules_to_save", "layers_pattern"):
+        value = getattr(config, field, None)
+        for pattern in [value] if isinstance(value, str) else value or ():
+            yield field, pattern
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field):
+            yield field, key
+
+
+def _repetitions(pattern: str) -> int:
+    """How many repetitions `pattern` holds; `ValueError` if one repeats more than a single character or the pattern
+    refers back to a group, `re.error` (or `TypeError`) if it is no regular expression."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"a {type(pattern).__name__}, not a string")
+    return sum(1 for _ in _repeats(regex_parser.parse(pattern)))
+
+
+def _repeats(items: Any) -> Iterator[None]:
+    """One item per repetition of a parsed pattern (a `re` parser's subpattern), checking each."""
+    for op, value in items:
+        if op in _REPEATS:
+            _, high, body = value
+            if high > 1 and not (len(body) == 1 and body[0][0] in _ONE_CHARACTER):
+                raise ValueError("repeats more than a single character (as the nested quantifiers of '(a+)+' do)")
+            if high > 1:
+                yield None
+            else:
+                yield from _repeats(body)
+        elif op in (regex_parser.GROUPREF, regex_parser.GROUPREF_EXISTS):
+            raise ValueError("refers back to a group")
+        elif op == regex_parser.SUBPATTERN:
+            yield from _repeats(value[-1])
+        elif op == regex_parser.BRANCH:
+            for branch in value[1]:
+                yield from _repeats(branch)
+        elif op in _GROUPS:  # lookarounds hold (direction, subpattern), atomic groups the subpattern itself
+            yield from _repeats(value[1] if isinstance(value, tuple) else value)
 
 
 def module_rank(config: LoraConfig, module: str) -> int:
@@ -165,6 +271,12 @@ def is_saved_module_weight(key: str, config: LoraConfig) -> bool:
 
 
 def _check_keys(adapter: CompactAdapter, config: LoraConfig, where: str) -> None:
+    for name in [*adapter.plan.kinds, *adapter.members, *adapter.dropped]:  # before any pattern is matched to them
+        if len(name) > MAX_NAME:
+            raise CompactFormatError(
+                f"{where} names a module of {len(name):,} characters ({name[:40]!r}...); module names are at most "
+                f"{MAX_NAME}. Export the adapter again."
+            )
     for name in adapter.plan.kinds:
         if not targets(config, name):
             raise CompactFormatError(
@@ -284,6 +396,44 @@ def _check_shapes(adapter: CompactAdapter, config: LoraConfig, where: str) -> No
                     f"{where}: {key!r} has shape {list(shape)}, but {other!r} of the same kind ({kind}) and rank has "
                     f"{list(other_shape)}; the modules of one kind have one shape. Export the adapter again."
                 )
+
+
+def _check_unstored(adapter: CompactAdapter, config: LoraConfig, where: str) -> None:
+    """Refuse sizes that expanding or loading the adapter would allocate without the weights file holding them.
+
+    Beyond copies of the stored tensors, `expand_to_peft` allocates the LoRA of every dropped module (mode "drop", at
+    the shapes the manifest lists) and `load_compact` pads every truncated module back to the rank r the config gives
+    it (mode "truncate"); `inspect` reports both. Without a bound, an 85 KB file could list one dropped module of
+    shape [1048576, 1048576] and make `expand` allocate 4 TiB. So the stored LoRA weights bound the rest: no module's
+    rank is above the larger of its two widths (past that a LoRA factors nothing), and a dropped module's rank and
+    widths are at most those the stored weights show (the modules of a kind that stores any have its shape exactly,
+    `_check_shapes`; a kind dropped whole, such as narrower key/value projections, fits within the others).
+    """
+    stored = {key: tuple(t.shape) for key, t in adapter.tensors.items() if lora_module(key, config)}
+    truncated = truncated_keys(adapter.plan)
+    widest = max((shape[1 - rank_axis(key)] for key, shape in stored.items()), default=0)
+    highest = max((shape[rank_axis(key)] for key, shape in stored.items() if key not in truncated), default=0)
+    for key, spec in adapter.dropped.items():
+        rank, width = spec.shape[rank_axis(key)], spec.shape[1 - rank_axis(key)]
+        if rank > highest or width > widest:
+            raise CompactFormatError(
+                f"{where} lists dropped {key!r} with shape {list(spec.shape)}, beyond any LoRA weight it stores (rank "
+                f"at most {highest}, widths at most {widest}); expanding it would allocate what the file does not "
+                "show. Export the adapter again."
+            )
+    widths: dict[str, dict[int, int]] = {}  # module -> {axis: width}, from A's inputs and B's outputs
+    for key, shape in [*stored.items(), *((k, spec.shape) for k, spec in adapter.dropped.items())]:
+        module = lora_module(key, config)
+        if module is not None:
+            widths.setdefault(module, {})[rank_axis(key)] = shape[1 - rank_axis(key)]
+    for module, sides in widths.items():
+        rank = module_rank(config, module)
+        if rank > max(sides.values()):
+            raise CompactFormatError(
+                f"{where}: its PEFT config gives {module!r} rank {rank}, above both its widths "
+                f"({' and '.join(str(w) for w in sides.values())}); a LoRA's rank is at most the larger of the two, "
+                "and loading it would allocate what the file does not hold. Export the adapter again."
+            )
 
 
 def check_truncation(

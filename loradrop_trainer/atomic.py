@@ -11,7 +11,8 @@ previous version under a hidden ``.NAME.old-*`` name next to the target rather t
 Leftover hidden ``.NAME.tmp-*``/``.NAME.old-*`` entries are never read and can be deleted.
 
 This module replaces whatever is at the target; deciding whether it may (the user's files are never replaced) is the
-caller's job, e.g. `hub_export.atomic`.
+caller's job, e.g. `hub_export.atomic`, which decides before writing and again, through `staged_directory`'s
+`check`, just before the replacement.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,11 +55,18 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, encoding: str = 
 
 
 @contextmanager
-def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
+def staged_directory(target: str | os.PathLike, *, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield an empty hidden directory next to `target`; on a clean exit it is flushed and replaces `target`.
 
     If the body raises, the staging directory is removed and `target` is left exactly as it was. An existing
     `target` (a directory) is replaced as the module docstring says.
+
+    Args:
+        target: the directory to create or replace.
+        check: called with `target` once the new directory is complete, just before `target` is replaced; if it
+            raises, the staging directory is removed and `target` is left as it is. Writing takes time, and another
+            process may put files into `target` meanwhile: a caller that decided up front that `target` may be
+            replaced decides again here, so those files are refused rather than deleted with the old version.
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +75,8 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         _fsync_tree(staging)
+        if check is not None:
+            check(target)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

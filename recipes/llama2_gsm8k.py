@@ -646,10 +646,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None, peft_conf
     started = time.perf_counter()
     base_model = cfg.base_model or (None if cfg.toy else assets.hub_id(cfg.model))
     if (cfg.push_to_hub and not cfg.no_loradrop) or cfg.base_model:  # fail now, not after hours of training
-        from hub_export.base_model import is_hub_id
+        from hub_export.base_model import is_hub_id, names_local_path
 
         named = base_model or (None if cfg.toy else cfg.model)
-        if named is not None and not is_hub_id(named):
+        if named is not None and (not is_hub_id(named) if base_model else names_local_path(named)):
             raise ValueError(
                 f"{named} is no Hub model id: pass --base_model org/name, the Hub id of --model, so that the "
                 "published adapter names a model others can load."

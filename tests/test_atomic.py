@@ -8,6 +8,8 @@ import stat
 
 import pytest
 
+from hub_export import TargetExistsError
+from hub_export.atomic import Layout, atomic_directory
 from loradrop_trainer import build_plan
 from loradrop_trainer.atomic import atomic_write, staged_directory
 from loradrop_trainer.report import PLAN_FILE, write_plan
@@ -70,6 +72,26 @@ def test_a_failed_staging_keeps_the_target_and_leaves_no_temporary(tmp_path, mon
     with pytest.raises(OSError, match="disk full"), staged_directory(target) as staging:
         (staging / "new").write_text("complete")
     assert os.listdir(target) == ["kept.txt"] and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["missing", "earlier-output"])
+def test_21_12_a_file_another_process_writes_into_the_target_meanwhile_is_refused_not_deleted(tmp_path, earlier):
+    """Issue 21, item 12: the target is checked before writing and again just before it is replaced; a file that
+    appeared in it while the new directory was being written (a missing target created by someone else, or an earlier
+    output that gained a file) used to be deleted with the old version."""
+    layout = Layout("test output", frozenset({"data.txt"}), marker="data.txt")
+    target = tmp_path / "out"
+    if earlier:
+        with atomic_directory(target, layout) as staging:
+            (staging / "data.txt").write_text("earlier")
+    with pytest.raises(TargetExistsError, match=r"holds notes\.txt"), atomic_directory(target, layout) as staging:
+        (staging / "data.txt").write_text("new")
+        target.mkdir(exist_ok=True)  # another process, while this one writes
+        (target / "notes.txt").write_text("theirs")
+    assert (target / "notes.txt").read_text() == "theirs"
+    assert sorted(os.listdir(target)) == (["data.txt", "notes.txt"] if earlier else ["notes.txt"])
+    assert not earlier or (target / "data.txt").read_text() == "earlier"
+    assert os.listdir(tmp_path) == ["out"], "no staging or moved-aside directory is left"
 
 
 def test_the_plan_file_is_readable_by_others_and_never_left_half_written(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import (
     EARLIEST_IS_BEST,
+    LLAMA_TARGETS,
     SHARING,
     EarliestIsBest,
     TokenDataset,
@@ -18,7 +19,7 @@ from helpers import (
     tiny_llama_base,
     training_args,
 )
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
@@ -132,6 +133,32 @@ def test_21_2_load_best_model_at_end_then_save_model_then_compact_is_refused_in_
     with pytest.raises(PlanError, match="saved before the switch"):
         compact_peft_adapter(out, tmp_path / "compact")
     assert not (tmp_path / "compact").exists()
+
+
+def test_21_15_compact_of_a_directory_with_two_adapters_names_them_and_the_call_that_works(tmp_path, capsys):
+    """Issue 21, item 15: a run that trained a second adapter saves it in OUTPUT_DIR/<name>/ (PEFT's layout), next to
+    its plan and the 'default' adapter at the top; `loradrop compact OUTPUT_DIR` compared the wrong adapter with the
+    plan and blamed "saved before the switch", while the right call exits 0."""
+    model = tiny_llama()
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM"))
+    model.set_adapter("other")
+    callback = LoraDropCallback(alpha=0.25, adapter_name="other", **SHARING)
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path, max_steps=12), train_dataset=TokenDataset(), callbacks=[callback]
+    )
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file() and (out / "other" / "adapter_config.json").is_file()
+    assert loradrop(["compact", str(out), str(tmp_path / "compact")]) == 1
+    error = one_line_error(capsys)
+    assert f"holds several PEFT adapters ('default' in {out}, 'other' in {out / 'other'})" in error
+    assert f"`loradrop compact {out / 'other'} DST --plan {out / PLAN_FILE}`" in error and "switch" not in error
+    assert not (tmp_path / "compact").exists()
+    assert loradrop(["compact", str(out / "other"), str(tmp_path / "compact")]) == 1
+    assert f"its run's plan is probably {out / PLAN_FILE}" in one_line_error(capsys)
+    assert loradrop(["compact", str(out / "other"), str(tmp_path / "compact"), "--plan", str(out / PLAN_FILE)]) == 0
+    assert read_compact(tmp_path / "compact").plan == callback.plan
 
 
 def test_counts_agree_across_log_plan_file_card_and_inspect(tmp_path, capsys):

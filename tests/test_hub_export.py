@@ -62,9 +62,10 @@ from hub_export import (
     read_compact,
     save_compact,
 )
+from hub_export.cli import main as loradrop
 from hub_export.compact import MANIFEST_FILE, WEIGHTS_FILE
 from hub_export.hub import PEFT_SUBFOLDER
-from loradrop_trainer import LoraDropCallback, find_lora_layers
+from loradrop_trainer import LoraDropCallback, apply_plan, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.lora_layers import count_distinct, lora_parameters
 from loradrop_trainer.report import PLAN_FILE, PLOT_FILE
 from recipes import assets
@@ -604,6 +605,39 @@ def test_push_refuses_a_local_base_path_and_records_the_id_given(hub, local_base
         assert json.loads(files[name])["base_model_name_or_path"] == HUB_BASE
     assert ModelCard(files["README.md"].decode()).data.base_model == HUB_BASE
     assert _base_name(compact) != HUB_BASE, "the local adapter is left as it was"
+
+
+def test_21_6_a_base_model_is_what_who_named_it_the_id_grammar_and_the_filesystem_say(
+    hub, tmp_path, monkeypatch, caplog
+):
+    """Issue 21, item 6: `--base_model org/base` was refused when ./org/base existed, and the relative path a training
+    script loaded its base from ("models/base") passed for a Hub id once the adapter was pushed from elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    tiny_llama_base(seed=0).save_pretrained("models/base")
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained("models/base"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    )
+    assert model.peft_config["default"].base_model_name_or_path == "models/base", "PEFT records the path as given"
+    layers = find_lora_layers(model)
+    plan = build_plan({name: 1.0 + i for i, name in enumerate(layers)}, lora_kinds(layers), 0.6, mode="share")
+    apply_plan(layers, plan)
+    model.save_pretrained("saved")
+    anchored = str(tmp_path / "models" / "base")
+    assert _base_name(save_compact(model, "compact", plan=plan)) == anchored
+    assert _base_name(compact_peft_adapter("saved", "from-peft", plan=plan)) == anchored
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / HUB_BASE).mkdir(parents=True)  # a directory named like the Hub id, where the push runs
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(BaseModelPathError, match="local path"):
+        push_to_hub(tmp_path / "compact", REPO)
+    with caplog.at_level("WARNING"):
+        assert loradrop(["push", str(tmp_path / "compact"), REPO, "--base_model", HUB_BASE]) == 0
+    assert f"recorded as the Hub id {HUB_BASE!r}, not as the directory of that name here" in caplog.text
+    assert json.loads(hub.files_at(REPO)["adapter_config.json"])["base_model_name_or_path"] == HUB_BASE
+    for bad in ("./models/base", "~/base", str(tmp_path)):
+        with pytest.raises(BaseModelPathError, match="not a Hub model id"):
+            push_to_hub(tmp_path / "compact", REPO, base_model=bad)
 
 
 def _tiny_bert_classifier() -> BertForSequenceClassification:

@@ -57,7 +57,7 @@ from loradrop_trainer import LoraDropCallback, build_plan, find_lora_layers, lor
 from loradrop_trainer.lora_layers import lora_parameters
 from loradrop_trainer.reparam import reparameterise
 from loradrop_trainer.report import PLAN_FILE
-from loradrop_trainer.truncate import pattern_key, rank_scaling, record_truncation
+from loradrop_trainer.truncate import alpha_at_rank, pattern_key, rank_scaling, record_truncation
 
 CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -430,6 +430,28 @@ def test_crafted_truncate_adapters_are_refused(llama, tmp_path, capsys, craft, m
     assert loradrop(["expand", str(crafted), str(tmp_path / "peft")]) == 1
     one_line_error(capsys)
     assert not (tmp_path / "peft").exists()
+
+
+def test_21_10_a_truncated_module_padded_beyond_its_widths_is_refused_before_allocating(llama, tmp_path):
+    """Issue 21, item 10: load_compact pads each truncated module back to the rank r its config gives it; a config
+    giving one module r = 4096 (with the alpha_pattern entry that makes it consistent) made it allocate 4096 x width
+    for a module 32 wide. No module's rank is above the larger of its widths."""
+    module = llama.callback.plan.dropped[0]
+    key, r = pattern_key(module), 4096
+
+    def rank_4096(config: dict) -> None:
+        config["rank_pattern"] = {key: r, **(config.get("rank_pattern") or {})}
+        config["alpha_pattern"][key] = alpha_at_rank(config["lora_alpha"], r, llama.callback.plan.dropped_rank, False)
+
+    crafted = craft_compact(llama.compact, tmp_path / "crafted", config=rank_4096)
+    message = rf"gives {re.escape(repr(module))} rank 4096, above both its widths"
+    with pytest.raises(CompactFormatError, match=message):
+        read_compact(crafted)
+    base = llama.base()
+    state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    with pytest.raises(CompactFormatError, match=message):
+        load_compact(base, crafted)
+    assert all(torch.equal(tensor, state[name]) for name, tensor in base.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------- card, inspect, Hub

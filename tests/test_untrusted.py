@@ -38,8 +38,10 @@ from hub_export import (
     save_compact,
 )
 from hub_export.cli import main
-from hub_export.compact import MANIFEST_FILE, WEIGHTS_FILE
+from hub_export.compact import COMPACT_LAYOUT, MANIFEST_FILE, WEIGHTS_FILE
+from hub_export.remote import fetch
 from loradrop_trainer import DropPlan, apply_plan, build_plan, find_lora_layers, lora_kinds
+from loradrop_trainer.truncate import pattern_key
 
 REPO = f"{DEFAULT_USER}/untrusted"
 CONFIG_FILE = "adapter_config.json"
@@ -251,6 +253,32 @@ def test_4_symlinked_files_are_refused(share, tmp_path, name):
         read_compact(crafted)
 
 
+def test_21_4_links_are_followed_only_in_huggingface_hubs_own_cache(hub, share, tmp_path):
+    """Issue 21, item 4: a folder laid out like a cache snapshot (``snapshots/<commit>/`` whose files link into
+    ``../../blobs/``) got the cache's exception by its folder names alone; with ``blobs`` a link to the user's home,
+    push uploaded any file there and reads left the adapter's directory."""
+    compact, _ = share
+    push_to_hub(compact, REPO)
+    snapshot = fetch(REPO, allow_patterns=sorted(COMPACT_LAYOUT.files))  # huggingface_hub's own cache
+    assert (snapshot / WEIGHTS_FILE).is_symlink(), "the client links snapshot files into its blob store"
+    assert read_compact(snapshot).plan == read_compact(compact).plan
+
+    home = Path(shutil.copytree(compact, tmp_path / "home"))
+    (home / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    repo = tmp_path / "download" / "models--someone--adapter"
+    crafted = repo / "snapshots" / "0123abc"
+    crafted.mkdir(parents=True)
+    (repo / "blobs").symlink_to(home)
+    for name in COMPACT_FILES:
+        (crafted / name).symlink_to(f"../../blobs/{'id_rsa' if name == 'README.md' else name}")
+    with pytest.raises(CompactFormatError, match=r"symbolic link.*huggingface_hub's cache"):
+        read_compact(crafted)
+    commits = len(hub.requests_matching("POST", "/commit/"))
+    with pytest.raises(CompactFormatError, match="symbolic link"):
+        push_to_hub(crafted, f"{DEFAULT_USER}/leak")
+    assert len(hub.requests_matching("POST", "/commit/")) == commits, "nothing was sent"
+
+
 # ------------------------------------------------------------------------------------ 5. shapes and dtypes
 
 
@@ -308,6 +336,83 @@ def test_5_stored_tensors_are_checked(share, tmp_path, damage):
     crafted = craft_compact(share[0], tmp_path / "c", tensors=edit)
     with pytest.raises(CompactFormatError, match=re.escape(key)):
         read_compact(crafted)
+
+
+def test_21_10_a_dropped_module_larger_than_anything_stored_is_refused_before_allocating(drop, tmp_path, capsys):
+    """Issue 21, item 10: an adapter of a few KB listed a dropped module of shape [2^20, 2^20] at a rank its config
+    gave that module alone, so inspect reported terabytes and expand allocated 4 TiB for it."""
+    compact, _ = drop
+    key = _first_dropped(compact, "A")
+    module, huge = key.removesuffix(".lora_A.weight"), 2**20
+
+    def enormous(manifest: dict) -> None:
+        for part in ("A", "B"):
+            manifest["dropped"][f"{module}.lora_{part}.weight"] = {"shape": [huge, huge], "dtype": "float32"}
+
+    crafted = craft_compact(
+        compact,
+        tmp_path / "c",
+        manifest=enormous,
+        config=lambda c: c.__setitem__("rank_pattern", {pattern_key(module): huge}),
+    )
+    assert (crafted / WEIGHTS_FILE).stat().st_size < 100_000
+    with pytest.raises(CompactFormatError, match=r"dropped .* \[1048576, 1048576\], beyond any LoRA weight it stores"):
+        read_compact(crafted)
+    assert main(["inspect", str(crafted)]) == 1
+    assert "beyond any LoRA weight it stores" in one_line_error(capsys)
+    assert main(["expand", str(crafted), str(tmp_path / "peft")]) == 1
+    assert "beyond any LoRA weight" in one_line_error(capsys) and not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+", r"(.+)+x", r"(\w+\.?)*!"])
+def test_21_11_a_catastrophic_target_modules_pattern_is_refused_at_once(share, tmp_path, pattern):
+    """Issue 21, item 11: PEFT matches target_modules with Python's backtracking `re`; "(.+)+x" against the module
+    names of this adapter took minutes. `inspect` (in a fresh process, as a user runs it) refuses it in one line."""
+    crafted = craft_compact(share[0], tmp_path / "c", config=lambda c: c.__setitem__("target_modules", pattern))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub_export.cli", "inspect", str(crafted)],
+        capture_output=True,
+        text=True,
+        timeout=120,  # generous: the refusal takes a moment; matching "(.+)+x" as PEFT does takes minutes
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert (
+        error.startswith("loradrop: error: ")
+        and "target_modules" in error
+        and "repeats more than a single character" in error
+    )
+
+
+def test_21_11_only_patterns_with_bounded_matching_time_are_accepted(share, tmp_path):
+    """Patterns whose repetitions each repeat one character pass (the usual PEFT patterns); backreferences, too many
+    repetitions, repeated groups in rank_pattern keys and overlong module names are refused."""
+    compact, _ = share
+    for pattern in [r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)", r"model\.layers\.\d+\..*_proj"]:
+        read_compact(
+            craft_compact(
+                compact, tmp_path / f"ok{len(pattern)}", config=lambda c, p=pattern: c.update(target_modules=p)
+            )
+        )
+    refused = {
+        "backreference": ({"target_modules": r"(.)\1.*_proj"}, "refers back to a group"),
+        "four": ({"target_modules": r".*.*.*.*_proj"}, "with 4 repetitions"),
+        "rank-key": (
+            {"rank_pattern": {"(q+)+_proj": 2}},
+            "rank_pattern the pattern '\\(q\\+\\)\\+_proj', which repeats more than a single",
+        ),
+    }
+    for name, (edit, message) in refused.items():
+        with pytest.raises(CompactFormatError, match=message):
+            read_compact(craft_compact(compact, tmp_path / name, config=lambda c, e=edit: c.update(e)))
+    long_name = craft_compact(
+        compact,
+        tmp_path / "long",
+        manifest=lambda m: m["dropped"].update({"x" * 286 + ".lora_A.weight": {"shape": [4, 32], "dtype": "float32"}}),
+    )
+    with pytest.raises(CompactFormatError, match="module of 300 characters"):
+        read_compact(long_name)
 
 
 # ------------------------------------------------------------------------------------ 6. plan and tensors agree
