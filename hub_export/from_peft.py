@@ -27,9 +27,10 @@ from loradrop_trainer.report import PLAN_FILE
 
 from .atomic import atomic_directory, check_disjoint
 from .base_model import warn_if_local, with_base_model
-from .compact import COMPACT_LAYOUT, CompactAdapter, write_compact
+from .compact import write_compact
 from .errors import CompactFileNotFoundError, CompactFormatError, PlanError
 from .files import has_member, read_member
+from .format import COMPACT_LAYOUT, CompactAdapter
 from .jsonfile import parse_json_object
 from .plans import PlanSource, read_plan
 from .truncation import recorded_alpha_first

@@ -7,19 +7,16 @@ and the snippets) only as a Hub id.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from loradrop_trainer.lora_layers import PEFT_PREFIX
+from loradrop_trainer.peft_keys import PEFT_PREFIX
 from loradrop_trainer.report import plan_table
 
 from .base_model import is_hub_id, recorded_base
+from .format import CompactAdapter
 
-if TYPE_CHECKING:
-    from .compact import CompactAdapter
-
-CARD_FILE = "README.md"
 TAGS = ("lora", "lora-drop", "peft")
 
 _AUTO_CLASSES = {

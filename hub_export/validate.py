@@ -19,7 +19,9 @@ parsed as PEFT parses it:
   first among the keys that match the module, the entry LoraDropCallback records for it, with the ``lora_alpha``
   that scales it as a rank-k LoRA (`check_truncation`).
 
-What needs the base model (do the modules exist, are the widths theirs) is checked by `hub_export.loader`.
+What needs the base model (do the modules exist, are the widths theirs) is checked by `hub_export.loader`. PEFT is
+imported by the checks that parse the config as PEFT does, when they run: `check_format`, the part that reads the
+config's own fields and needs no PEFT, is what `loradrop inspect` runs, in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -30,21 +32,17 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig
-from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils.other import get_pattern_key
 
-from loradrop_trainer.lora_layers import LORA_SUFFIXES, PEFT_PREFIX
-from loradrop_trainer.truncate import alpha_at_rank
+from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX
 
 from .errors import CompactFormatError
-from .truncation import recorded_alpha_keys, truncated_keys
-from .tying import split_key
+from .format import CompactAdapter, split_key
+from .truncation import module_rank, recorded_alpha_keys, truncated_keys
 
 if TYPE_CHECKING:
-    from loradrop_trainer import DropPlan
+    from peft import LoraConfig
 
-    from .compact import CompactAdapter
+    from loradrop_trainer import DropPlan
 
 # The heads PEFT adds to modules_to_save by itself for a task type, whether or not the model has them (BERT has a
 # `classifier`, Llama a `score`): a name of these without stored weights is PEFT's doing, not an inconsistency.
@@ -85,15 +83,25 @@ def check_adapter(adapter: CompactAdapter, where: str) -> LoraConfig:
     """
     config = lora_config(adapter.peft_config, f"The PEFT config of {where}")
     _check_keys(adapter, config, where)
-    _check_mapping(adapter, where)
+    check_format(adapter, where)
     check_truncation(config, adapter.plan, where)
     _check_shapes(adapter, config, where)
-    check_weights(adapter.tensors, where)
     return config
+
+
+def check_format(adapter: CompactAdapter, where: str) -> None:
+    """The checks that need no PEFT: the config's ranks and scalings as its own fields give them, the plan against
+    the stored tensors module by module, and the weights' dtypes and values. Enough to show the adapter (`loradrop
+    inspect`); `check_adapter` runs them with the rest before anything uses it."""
+    check_lora_fields(adapter.peft_config, f"The PEFT config of {where}")
+    _check_mapping(adapter, where)
+    check_weights(adapter.tensors, where)
 
 
 def lora_config(data: Mapping[str, Any], where: str) -> LoraConfig:
     """The `LoraConfig` PEFT would build from `data`, refused if it asks for more than plain LoRA."""
+    from peft import LoraConfig
+
     kwargs = {key: value for key, value in data.items() if key != "runtime_config"}
     try:
         config = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**kwargs))
@@ -110,19 +118,26 @@ def lora_config(data: Mapping[str, Any], where: str) -> LoraConfig:
             "needs data) whenever the adapter is loaded; LoRA-drop adapters hold plain LoRA. Convert it to a plain "
             "LoRA adapter first (PEFT's save_pretrained(path_initial_model_for_weight_conversion=...))."
         )
-    ranks = _patterned(config, "r", "rank_pattern", where)
-    alphas = _patterned(config, "lora_alpha", "alpha_pattern", where)
-    if not all(type(r) is int and 0 < r <= MAX_WIDTH for r in ranks):
-        raise CompactFormatError(f"{where} gives LoRA ranks {ranks}; ranks are integers from 1 to {MAX_WIDTH:,}.")
-    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in alphas):
-        raise CompactFormatError(f"{where} gives lora_alpha values {alphas}; they must be finite numbers.")
+    check_lora_fields(data, where)
     if not all(isinstance(name, str) for name in config.modules_to_save or ()):
         raise CompactFormatError(f"{where} lists modules_to_save {config.modules_to_save!r}; they must be names.")
     return config
 
 
-def _patterned(config: LoraConfig, field: str, pattern: str, where: str) -> list[Any]:
-    values = getattr(config, pattern)
+def check_lora_fields(data: Mapping[str, Any], where: str) -> None:
+    """Refuse ranks and `lora_alpha` values that are not what PEFT's config fields hold: `r` and `rank_pattern` values
+    integers from 1 to `MAX_WIDTH`, `lora_alpha` and `alpha_pattern` values finite numbers, pattern keys regular
+    expressions. Read from the config's own fields, so it needs no PEFT."""
+    ranks = _patterned(data, "r", "rank_pattern", where)
+    alphas = _patterned(data, "lora_alpha", "alpha_pattern", where)
+    if not all(type(r) is int and 0 < r <= MAX_WIDTH for r in ranks):
+        raise CompactFormatError(f"{where} gives LoRA ranks {ranks}; ranks are integers from 1 to {MAX_WIDTH:,}.")
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in alphas):
+        raise CompactFormatError(f"{where} gives lora_alpha values {alphas}; they must be finite numbers.")
+
+
+def _patterned(data: Mapping[str, Any], field: str, pattern: str, where: str) -> list[Any]:
+    values = data.get(pattern, {})
     if not isinstance(values, dict):
         raise CompactFormatError(f"{where} gives {pattern}={values!r}; it must map module names to values.")
     for key in values:  # PEFT (and `module_rank`, `check_truncation`) match them as regular expressions
@@ -133,17 +148,13 @@ def _patterned(config: LoraConfig, field: str, pattern: str, where: str) -> list
                 f"{where} gives {pattern} the key {key!r}, which is no regular expression ({err}); PEFT matches these "
                 "keys against module names."
             ) from err
-    return [getattr(config, field), *values.values()]
-
-
-def module_rank(config: LoraConfig, module: str) -> int:
-    """The rank PEFT gives the LoRA of `module` (a PEFT module name): `r`, or its `rank_pattern` entry."""
-    name = module.removeprefix(PEFT_PREFIX)
-    return config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+    return [data.get(field), *values.values()]
 
 
 def targets(config: LoraConfig, module: str) -> bool:
     """Whether PEFT puts LoRA on `module` (a PEFT module name) under `config`."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     return module.startswith(PEFT_PREFIX) and bool(check_target_module_exists(config, module.removeprefix(PEFT_PREFIX)))
 
 
@@ -269,7 +280,7 @@ def _check_shapes(adapter: CompactAdapter, config: LoraConfig, where: str) -> No
             rank = adapter.plan.dropped_rank
             says = f"its plan truncates {module!r} to rank {rank} (dropped_rank), all a compact adapter stores of it"
         else:
-            rank = module_rank(config, module)
+            rank = module_rank(config.r, config.rank_pattern, module)
             says = f"its PEFT config gives {module!r} rank {rank} (r or rank_pattern)"
         if found != rank:
             raise CompactFormatError(
@@ -299,10 +310,14 @@ def check_truncation(
     """
     if plan.mode != "truncate":
         return
+    from peft.utils.other import get_pattern_key
+
+    from loradrop_trainer.truncate import alpha_at_rank
+
     k, ours = plan.dropped_rank, recorded_alpha_keys(plan)
     theirs = {key: value for key, value in config.alpha_pattern.items() if key not in ours}
     for key, name in ours.items():
-        r, short = module_rank(config, name), name.removeprefix(PEFT_PREFIX)
+        r, short = module_rank(config.r, config.rank_pattern, name), name.removeprefix(PEFT_PREFIX)
         if k >= r:
             raise error(
                 f"{where}: its plan truncates {name!r} to rank {k} (dropped_rank), but its PEFT config gives that "

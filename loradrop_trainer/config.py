@@ -6,8 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .importance import AGGREGATES, SCORES
-
+SCORES = ("output", "relative")
+AGGREGATES = ("sum", "rank")
 SHARED_INITS = ("most_important", "fresh")
 MODES = ("share", "drop", "truncate")
 NORMALIZE = ("global", "kind", "layer")

@@ -25,7 +25,7 @@ from transformers import Trainer
 from hub_export import PlanError, compact_peft_adapter, load_compact, read_compact
 from hub_export.cli import main as loradrop
 from hub_export.compact import MANIFEST_FILE
-from hub_export.model_card import CARD_FILE
+from hub_export.format import CARD_FILE
 from loradrop_trainer import LoraDropCallback
 from loradrop_trainer.report import PLAN_FILE, kept_line
 

@@ -6,6 +6,7 @@ Hub tests drive the real huggingface_hub client against tests/hub_server.py's Fa
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -662,3 +663,45 @@ def _logits_of(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(input_ids=INPUTS[:, :8], attention_mask=torch.ones(2, 8, dtype=torch.long)).logits
+
+
+def _hub_export_imports() -> dict[str, set[str]]:
+    """`{module: modules of hub_export it imports}`, read from the source: at any depth, under TYPE_CHECKING too."""
+    package = Path(__file__).resolve().parents[1] / "hub_export"
+    graph = {}
+    for path in sorted(package.glob("*.py")):
+        module = "hub_export" if path.stem == "__init__" else f"hub_export.{path.stem}"
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = "hub_export" if node.level else node.module or ""
+                target = f"{base}.{node.module}" if node.level and node.module else base
+                if target == "hub_export":  # `from . import name`: a module of the package, when there is one
+                    imported |= {f"hub_export.{alias.name}" for alias in node.names}
+                elif target.startswith("hub_export."):
+                    imported.add(target)
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name.startswith("hub_export.")}
+        graph[module] = imported
+    return {module: targets & set(graph) for module, targets in graph.items()}
+
+
+def test_22_8_hub_export_imports_run_one_way():
+    """Issue 22, item 8: no module of hub_export imports one that imports it back, even only for type checkers (the
+    format's types live in hub_export.format, below the writers and the checks), and the public name still works."""
+    graph = _hub_export_imports()
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join([*path[path.index(module) :], module])}"
+        if module not in done:
+            for target in sorted(graph[module]):
+                visit(target, [*path, module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    from hub_export import CompactAdapter
+    from hub_export.format import CompactAdapter as FormatType
+
+    assert CompactAdapter is FormatType
