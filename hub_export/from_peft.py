@@ -61,7 +61,8 @@ def compact_peft_adapter(
     Args:
         peft_dir: a plain PEFT adapter directory (`trainer.save_model()`'s output, a `checkpoint-N/`).
         out_dir: where the compact adapter goes: missing, empty, or an earlier compact adapter (nothing but its
-            files); never inside `peft_dir` or around it.
+            files); a folder inside `peft_dir` (``out/compact``) is fine, `peft_dir` itself or a folder around it
+            is not.
         plan: the run's plan (a `DropPlan`, a plan file's payload, or a path); default: the
             ``loradrop_plan.json`` in `peft_dir`, which the callback writes into every checkpoint after the switch.
         license: an SPDX licence id for the model card.
@@ -71,12 +72,9 @@ def compact_peft_adapter(
     source = Path(peft_dir)
     if not source.is_dir():
         raise CompactFileNotFoundError(f"{source} is not a directory; pass the directory of a plain PEFT adapter.")
-    check_disjoint(source, out_dir)
+    _check_target(source, Path(out_dir))
     if plan is None and not has_member(source, PLAN_FILE):
-        raise CompactFileNotFoundError(
-            f"{source} has no {PLAN_FILE}. Pass the plan of the run that saved this adapter (plan=... in Python, "
-            "--plan on the command line): the file LoraDropCallback wrote into the Trainer's output directory."
-        )
+        raise CompactFileNotFoundError(_no_plan(source))
     drop_plan, extra = read_plan(source if plan is None else plan)
     if license is not None:
         extra["license"] = license
@@ -108,6 +106,33 @@ def compact_peft_adapter(
         f"{adapter.plain_bytes:,} bytes)."
     )
     return Path(out_dir)
+
+
+def _check_target(source: Path, target: Path) -> None:
+    """Refuse a target that is the source or holds it; a folder inside the source is fine (``out/compact`` of the
+    Trainer's ``out``, as the quickstart writes it): the source is read by its adapter's own file names only, and the
+    target is replaced only when it is missing, empty or an earlier compact adapter (`atomic_directory`)."""
+    if source.resolve() not in target.resolve().parents:
+        check_disjoint(source, target)
+
+
+def _no_plan(source: Path) -> str:
+    """Why `source` has no plan file, and which directory to compact instead: LoraDropCallback writes the plan into
+    the output directory at the switch, and into every checkpoint saved after it."""
+    if has_member(source.parent, PLAN_FILE):
+        return (
+            f"{source} has no {PLAN_FILE}: it was saved before the LoRA-drop switch (the run's plan is "
+            f"{source.parent / PLAN_FILE}, and every checkpoint saved after the switch holds a copy), so it holds "
+            f"plain LoRA, which no plan fits. Compact the output directory, `loradrop compact {source.parent} "
+            f"{source.parent / 'compact'}`, or a checkpoint saved after the switch."
+        )
+    return (
+        f"{source} has no {PLAN_FILE}: LoraDropCallback writes it into the output directory at the switch, and into "
+        "every checkpoint saved after it. Without one, this adapter was saved before the switch, or by a run that did "
+        "not prune (its log says why); it is plain LoRA, to load with PeftModel.from_pretrained as it is. Compact the "
+        "output directory of a run that pruned, or pass that run's plan (--plan on the command line, plan=... in "
+        "Python)."
+    )
 
 
 def _check_dropped_b_is_zero(weights: dict[str, torch.Tensor], plan: DropPlan) -> None:

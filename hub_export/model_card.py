@@ -133,8 +133,10 @@ def _plan_tables(adapter: CompactAdapter) -> str:
             status = "dropped"
         elif plan.mode == "truncate":
             status = f"truncated to rank {plan.dropped_rank}"
+        elif plan.source_of(name) == name:
+            status = f"shared: its LoRA serves the {len(plan.shared[kind])} modules of its group"
         else:
-            status = f"shared: `{_short(plan.source_of(name))}`"
+            status = f"shared: uses the LoRA of `{_short(plan.source_of(name))}`"
         modules.append(f"| `{_short(name)}` | {kind} | {plan.importance[name]:.4f} | {status} |")
     return (
         "Importance is each module's share of the summed squared LoRA output over the first steps (normalised to 1); "

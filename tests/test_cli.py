@@ -153,3 +153,14 @@ def test_help(command, capsys):
 def test_usage_errors_exit_2(argv, capsys):
     assert main(argv) == 2
     assert "usage: loradrop" in capsys.readouterr().err
+
+
+def test_22_5_the_local_path_warning_names_the_command_line_flag(compact, tmp_path, caplog):
+    """Issue 22, item 5: on the command line, the warning about a base model named by a local path names the flag
+    that fixes it (`--base_model org/name`), not only the Python keyword."""
+    from helpers import craft_compact
+
+    local = craft_compact(compact, tmp_path / "local", config=lambda c: c.update(base_model_name_or_path=str(tmp_path)))
+    with caplog.at_level("WARNING"):
+        assert main(["expand", str(local), str(tmp_path / "peft")]) == 0
+    assert "--base_model org/name" in caplog.text

@@ -705,3 +705,29 @@ def test_22_8_hub_export_imports_run_one_way():
     from hub_export.format import CompactAdapter as FormatType
 
     assert CompactAdapter is FormatType
+
+
+def test_22_5_the_card_names_what_a_shared_module_uses(shared):
+    """Issue 22, item 5: the card's table says which module's LoRA a shared module uses, and that the group's first
+    module serves the group, never "shared: <the module itself>"."""
+    text = (shared.compact / "README.md").read_text()
+    for members in shared.callback.plan.shared.values():
+        holder, *users = (name.removeprefix("base_model.model.") for name in members)
+        assert f"| `{holder}` |" in text and f"its LoRA serves the {len(members)} modules of its group" in text
+        assert f"shared: `{holder}`" not in text
+        assert all(f"uses the LoRA of `{holder}`" in text for _ in users)
+
+
+def test_22_5_a_revision_without_an_adapter_is_named_as_such(hub, tmp_path):
+    """Issue 22, item 5: a revision holding none of an adapter's files is reported as holding no LoRA-drop adapter,
+    not as a missing cache folder (huggingface_hub only warns, and returns a folder it did not create)."""
+    from hub_export.cli import main
+
+    repo = f"{DEFAULT_USER}/notes"
+    hub.create_repo(repo)
+    hub.commit(repo, {"notes.txt": b"no adapter here\n"})
+    for attempt in (lambda: pull(repo, tmp_path / "pulled"), lambda: load_from_hub(tiny_llama_base(), repo)):
+        with pytest.raises(CompactFileNotFoundError, match=rf"^{repo} on .* holds no LoRA-drop compact adapter") as err:
+            attempt()
+        assert "snapshots" not in str(err.value)
+    assert main(["inspect", f"hf://{repo}"]) == 1 and not (tmp_path / "pulled").exists()
