@@ -59,12 +59,14 @@ def test_22_6_inspect_of_a_compact_adapter_does_not_import_peft(compact):
 
 def test_22_6_importing_the_packages_imports_no_bitsandbytes():
     """Issue 22, item 6: neither package imports bitsandbytes (PEFT does, so neither imports PEFT either) when only
-    settings, plans or the compact format are needed: it is for 4-bit models, and prints warnings on import."""
+    settings, plans, the compact format or the command's help are needed: it is for 4-bit models, and prints
+    warnings on import."""
     code = (
         "import loradrop_trainer, hub_export, hub_export.cli\n"
         "from loradrop_trainer import DropPlan, LoraDropConfig\n"
         "from hub_export import CompactAdapter\n"
-        "LoraDropConfig(score='relative', aggregate='rank')"
+        "LoraDropConfig(score='relative', aggregate='rank')\n"
+        "assert hub_export.cli.main(['inspect', '--help']) == 0"
     )
     assert _imported_after(code, "bitsandbytes", "peft") == []
 
