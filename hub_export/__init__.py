@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from loradrop_trainer.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .compact import CompactAdapter, read_compact, save_compact
+    from .compact import read_compact, save_compact
     from .errors import (
         BaseModelMismatchError,
         BaseModelPathError,
@@ -43,12 +43,13 @@ if TYPE_CHECKING:
         UnsupportedFormatVersionError,
     )
     from .expand import expand_to_peft
+    from .format import CompactAdapter
     from .from_peft import compact_peft_adapter
     from .hub import PushInfo, load_from_hub, pull, push_to_hub
     from .loader import load_compact
 
 _NAMES_IN = {
-    "compact": ("CompactAdapter", "read_compact", "save_compact"),
+    "compact": ("read_compact", "save_compact"),
     "errors": (
         "BaseModelMismatchError",
         "BaseModelPathError",
@@ -67,6 +68,7 @@ _NAMES_IN = {
         "UnsupportedFormatVersionError",
     ),
     "expand": ("expand_to_peft",),
+    "format": ("CompactAdapter",),
     "from_peft": ("compact_peft_adapter",),
     "hub": ("PushInfo", "load_from_hub", "pull", "push_to_hub"),
     "loader": ("load_compact",),

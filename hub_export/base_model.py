@@ -96,7 +96,8 @@ def warn_if_local(peft_config: Mapping[str, Any], where: str) -> None:
     if base is not None and names_local_path(base):
         logger.warning(
             f"LoRA-drop: {where} names its base model by the local path {base!r}. It loads here, but nobody else can "
-            "load it from the Hub: pass base_model='org/name' (the Hub id of that model) to record it instead."
+            "load it from the Hub: record the Hub id of that model instead, with base_model='org/name' in Python or "
+            "--base_model org/name on the loradrop command line."
         )
 
 

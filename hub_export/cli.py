@@ -118,7 +118,7 @@ def _source_dir(source: str, revision: str | None) -> Path:
             hint = f" For the Hub repo of that name, write {HUB_PREFIX}{source}." if is_hub_id(source) else ""
             raise FileNotFoundError(f"{source} does not exist.{hint}")
         return Path(source)
-    from .compact import COMPACT_LAYOUT
+    from .format import COMPACT_LAYOUT
     from .remote import fetch
 
     return fetch(_repo_id(source), revision=revision, allow_patterns=sorted(COMPACT_LAYOUT.files))
@@ -133,13 +133,17 @@ def _repo_id(text: str) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    """Print a compact adapter's format version, plan per kind, LoRA settings and sizes."""
+    """Print a compact adapter's format version, plan per kind, LoRA settings and sizes. Reads the files with the
+    checks that need no PEFT (format, checksum, plan against weights), so it answers without importing PEFT; loading
+    and `loradrop expand` check the rest."""
     from loradrop_trainer.report import summary_table
 
-    from .compact import COMPACT_LAYOUT, read_compact
+    from .format import COMPACT_LAYOUT, read_files
+    from .validate import check_format
 
     directory = _source_dir(args.source, args.revision)
-    adapter = read_compact(directory)
+    adapter = read_files(directory)
+    check_format(adapter, f"the compact adapter at {directory}")
     plan, config = adapter.plan, adapter.peft_config
     targets = ", ".join(config.get("target_modules") or []) or "-"
     files = [directory / name for name in COMPACT_LAYOUT.files if (directory / name).is_file()]

@@ -31,8 +31,9 @@ from transformers.utils import logging
 
 from .atomic import Layout, atomic_directory, check_disjoint
 from .base_model import warn_if_local
-from .compact import CompactAdapter, config_text, read_compact, with_base
+from .compact import config_text, read_compact, with_base
 from .files import write_tensors
+from .format import CompactAdapter
 from .truncation import pad_to_rank, reduced_config
 
 logger = logging.get_logger(__name__)

@@ -28,9 +28,10 @@ from loradrop_trainer.report import PLAN_FILE
 
 from .atomic import atomic_directory, check_disjoint
 from .base_model import warn_if_local, with_base_model
-from .compact import COMPACT_LAYOUT, CompactAdapter, write_compact
+from .compact import write_compact
 from .errors import CompactFileNotFoundError, CompactFormatError, PlanError
 from .files import has_member, read_member
+from .format import COMPACT_LAYOUT, CompactAdapter
 from .jsonfile import parse_json_object
 from .plans import PlanSource, read_plan
 from .truncation import recorded_alpha_first
@@ -61,7 +62,8 @@ def compact_peft_adapter(
     Args:
         peft_dir: a plain PEFT adapter directory (`trainer.save_model()`'s output, a `checkpoint-N/`).
         out_dir: where the compact adapter goes: missing, empty, or an earlier compact adapter (nothing but its
-            files); never inside `peft_dir` or around it.
+            files); a folder inside `peft_dir` (``out/compact``) is fine, `peft_dir` itself or a folder around it
+            is not.
         plan: the run's plan (a `DropPlan`, a plan file's payload, or a path); default: the
             ``loradrop_plan.json`` in `peft_dir`, which the callback writes into every checkpoint after the switch.
         license: an SPDX licence id for the model card.
@@ -71,19 +73,9 @@ def compact_peft_adapter(
     source = Path(peft_dir)
     if not source.is_dir():
         raise CompactFileNotFoundError(f"{source} is not a directory; pass the directory of a plain PEFT adapter.")
-    check_disjoint(source, out_dir)
+    _check_target(source, Path(out_dir))
     if plan is None and not has_member(source, PLAN_FILE):
-        above = source.absolute().parent / PLAN_FILE
-        hint = (
-            f" PEFT saves an adapter other than 'default' in a subfolder of the output directory: its run's plan is "
-            f"probably {above}."
-            if above.is_file()
-            else ""
-        )
-        raise CompactFileNotFoundError(
-            f"{source} has no {PLAN_FILE}. Pass the plan of the run that saved this adapter (plan=... in Python, "
-            f"--plan on the command line): the file LoraDropCallback wrote into the Trainer's output directory.{hint}"
-        )
+        raise CompactFileNotFoundError(_no_plan(source))
     drop_plan, extra = read_plan(source if plan is None else plan)
     _check_adapter_name(source, drop_plan, source / PLAN_FILE if plan is None else plan)
     if license is not None:
@@ -147,6 +139,40 @@ def _saved_adapters(directory: Path) -> dict[str, Path]:
         if entry.is_dir(follow_symlinks=False) and not checkpoint and has_member(folder, CONFIG_NAME):
             saved[entry.name] = folder
     return saved
+
+
+def _check_target(source: Path, target: Path) -> None:
+    """Refuse a target that is the source or holds it; a folder inside the source is fine (``out/compact`` of the
+    Trainer's ``out``, as the quickstart writes it): the source is read by its adapter's own file names only, and the
+    target is replaced only when it is missing, empty or an earlier compact adapter (`atomic_directory`)."""
+    if source.resolve() not in target.resolve().parents:
+        check_disjoint(source, target)
+
+
+def _no_plan(source: Path) -> str:
+    """Why `source` has no plan file, and which directory to compact instead: LoraDropCallback writes the plan into
+    the output directory at the switch, and into every checkpoint saved after it."""
+    above = source.absolute().parent
+    if has_member(above, PLAN_FILE) and not source.name.startswith(PREFIX_CHECKPOINT_DIR):
+        return (
+            f"{source} has no {PLAN_FILE}. PEFT saves an adapter other than 'default' in a subfolder of the output "
+            f"directory: its run's plan is probably {above / PLAN_FILE}; pass it, `loradrop compact {source} DST "
+            f"--plan {above / PLAN_FILE}` (plan=... in Python)."
+        )
+    if has_member(above, PLAN_FILE):
+        return (
+            f"{source} has no {PLAN_FILE}: it was saved before the LoRA-drop switch (the run's plan is "
+            f"{source.parent / PLAN_FILE}, and every checkpoint saved after the switch holds a copy), so it holds "
+            f"plain LoRA, which no plan fits. Compact the output directory, `loradrop compact {source.parent} "
+            f"{source.parent / 'compact'}`, or a checkpoint saved after the switch."
+        )
+    return (
+        f"{source} has no {PLAN_FILE}: LoraDropCallback writes it into the output directory at the switch, and into "
+        "every checkpoint saved after it. Without one, this adapter was saved before the switch, or by a run that did "
+        "not prune (its log says why); it is plain LoRA, to load with PeftModel.from_pretrained as it is. Compact the "
+        "output directory of a run that pruned, or pass that run's plan (--plan on the command line, plan=... in "
+        "Python)."
+    )
 
 
 def _check_dropped_b_is_zero(weights: dict[str, torch.Tensor], plan: DropPlan) -> None:

@@ -21,9 +21,10 @@ from transformers.utils import logging
 
 from .atomic import Layout, atomic_directory, check_replaceable
 from .base_model import check_publishable
-from .compact import COMPACT_LAYOUT, CompactAdapter, read_compact, save_compact, with_base, write_compact
+from .compact import read_compact, save_compact, with_base, write_compact
 from .expand import PEFT_LAYOUT, write_peft
 from .files import has_member, read_member
+from .format import COMPACT_LAYOUT, CompactAdapter
 from .loader import load_compact
 from .remote import PEFT_SUBFOLDER, fetch, hub_errors
 

@@ -31,15 +31,16 @@ from torch import nn
 from transformers.utils import logging
 
 from loradrop_trainer import apply_plan
-from loradrop_trainer.lora_layers import LORA_SUFFIXES, PEFT_PREFIX
+from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX
 from loradrop_trainer.plan import attach_plan
 from loradrop_trainer.truncate import record_truncation
 
-from .compact import CompactAdapter, read_compact
+from .compact import read_compact
 from .errors import BaseModelMismatchError, CompactFormatError
 from .expand import expanded_state_dict
-from .plans import plan_layers
+from .format import CompactAdapter
 from .truncation import without_recorded_alpha
+from .tying import plan_layers
 from .validate import lora_config, lora_module, targets
 
 logger = logging.get_logger(__name__)

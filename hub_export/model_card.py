@@ -7,19 +7,16 @@ and the snippets) only as a Hub id.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from loradrop_trainer.lora_layers import PEFT_PREFIX
+from loradrop_trainer.peft_keys import PEFT_PREFIX
 from loradrop_trainer.report import plan_table
 
 from .base_model import names_local_path, recorded_base
+from .format import CompactAdapter
 
-if TYPE_CHECKING:
-    from .compact import CompactAdapter
-
-CARD_FILE = "README.md"
 TAGS = ("lora", "lora-drop", "peft")
 
 _AUTO_CLASSES = {
@@ -136,8 +133,10 @@ def _plan_tables(adapter: CompactAdapter) -> str:
             status = "dropped"
         elif plan.mode == "truncate":
             status = f"truncated to rank {plan.dropped_rank}"
+        elif plan.source_of(name) == name:
+            status = f"shared: its LoRA serves the {len(plan.shared[kind])} modules of its group"
         else:
-            status = f"shared: `{_short(plan.source_of(name))}`"
+            status = f"shared: uses the LoRA of `{_short(plan.source_of(name))}`"
         modules.append(f"| `{_short(name)}` | {kind} | {plan.importance[name]:.4f} | {status} |")
     return (
         "Importance is each module's share of the summed squared LoRA output over the first steps (normalised to 1); "

@@ -15,11 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from loradrop_trainer import DropPlan
-from loradrop_trainer.lora_layers import named_modules
 from loradrop_trainer.plan import attached_plan, restored_checkpoint
 from loradrop_trainer.report import PLAN_FILE
 
@@ -71,21 +69,6 @@ def split_payload(payload: Mapping[str, Any], where: str) -> tuple[DropPlan, dic
         raise PlanError(f"{where} does not hold a usable drop plan: {err}") from err
     own = set(plan.to_dict())
     return plan, {key: value for key, value in payload.items() if key not in own}
-
-
-def plan_layers(model: nn.Module, plan: DropPlan) -> dict[str, LoraLayer]:
-    """The LoRA layers the plan names, by PEFT module name; the plan must fit the model."""
-    modules = dict(named_modules(model))
-    layers = {}
-    for name in plan.kinds:
-        layer = modules.get(name)
-        if not isinstance(layer, LoraLayer) or plan.adapter_name not in layer.lora_A:
-            raise PlanError(
-                f"The drop plan names {name!r}, which is not a LoRA layer of adapter {plan.adapter_name!r} in this "
-                "model; the plan belongs to another model, adapter or target filter."
-            )
-        layers[name] = layer
-    return layers
 
 
 def _read_plan_file(path: Path) -> Mapping[str, Any]:

@@ -50,15 +50,30 @@ def fetch(
     token: str | None = None,
     allow_patterns: list[str] | None = None,
 ) -> Path:
-    """Download a repo snapshot (only `allow_patterns`) into the Hugging Face cache, or reuse the cached one."""
+    """Download a repo snapshot (only `allow_patterns`) into the Hugging Face cache, or reuse the cached one.
+
+    A revision holding none of `allow_patterns` is refused as holding no adapter: the client only warns, and returns
+    the snapshot folder it would have filled, which does not exist.
+    """
     with hub_errors(repo_id, revision=revision, action="download"):
-        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns))
+        path = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns))
+    if not path.is_dir():
+        raise CompactFileNotFoundError(
+            f"{_where(repo_id, revision)} holds no LoRA-drop compact adapter (none of "
+            f"{', '.join(allow_patterns or [])}). Check the repo id and the revision, or push an adapter there first "
+            "(`loradrop push`)."
+        )
+    return path
+
+
+def _where(repo_id: str, revision: str | None) -> str:
+    return f"{repo_id}{f'@{revision}' if revision else ''} on {constants.ENDPOINT}"
 
 
 @contextmanager
 def hub_errors(repo_id: str, *, revision: str | None, action: str) -> Iterator[None]:
     """Re-raise the client's exceptions as `hub_export.errors` types with a message naming the repo and the fix."""
-    where = f"{repo_id}{f'@{revision}' if revision else ''} on {constants.ENDPOINT}"
+    where = _where(repo_id, revision)
     try:
         yield
     except GatedRepoError as err:

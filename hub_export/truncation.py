@@ -29,8 +29,7 @@ from typing import Any
 import torch
 
 from loradrop_trainer import DropPlan
-from loradrop_trainer.lora_layers import LORA_SUFFIXES
-from loradrop_trainer.truncate import pattern_key
+from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX, pattern_key
 
 from .errors import PlanError
 
@@ -43,6 +42,19 @@ def truncated_modules(plan: DropPlan) -> list[str]:
 def truncated_keys(plan: DropPlan) -> dict[str, str]:
     """`{PEFT key: module name}` of the LoRA A and B weights of every module `plan` truncates."""
     return {name + suffix: name for name in truncated_modules(plan) for suffix in LORA_SUFFIXES}
+
+
+def module_rank(r: int, rank_pattern: Mapping[str, int], module: str) -> int:
+    """The rank PEFT gives the LoRA of `module` (a PEFT module name): its `rank_pattern` entry, else `r`.
+
+    PEFT's own matching (`get_pattern_key`) decides which entry applies; it is imported only when there is a pattern,
+    since importing PEFT takes seconds and reading most adapters (`loradrop inspect`) needs nothing else of it.
+    """
+    if not rank_pattern:
+        return r
+    from peft.utils.other import get_pattern_key
+
+    return rank_pattern.get(get_pattern_key(rank_pattern.keys(), module.removeprefix(PEFT_PREFIX)), r)
 
 
 def rank_axis(key: str) -> int:

@@ -11,42 +11,21 @@ removed), so a compact adapter expands to a plain one by copying each stored ten
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from loradrop_trainer import DropPlan
+from loradrop_trainer.lora_layers import named_modules
 from loradrop_trainer.sharding import lora_state_dict
 
 from .errors import PlanError
-from .plans import plan_layers
+from .format import TensorSpec, split_key
 from .truncation import check_zero_block, stored_part, truncated_keys
-
-_LORA_KEY = re.compile(r"^(?P<module>.+?)(?P<suffix>\.lora_[AB]\.[^.]+)$")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of a tensor that is not stored (the LoRA of a dropped module), to rebuild it on expansion."""
-
-    shape: tuple[int, ...]
-    dtype: str
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> TensorSpec:
-        return cls(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.torch_dtype).element_size()
 
 
 @dataclass
@@ -58,12 +37,6 @@ class Tying:
     members: dict[str, list[str]]
     dropped: dict[str, TensorSpec]
     gathered: bool = False  # read from sharded Parameters: every rank took part in gathering them
-
-
-def split_key(key: str) -> tuple[str, str] | None:
-    """`(module name, suffix)` of a LoRA weight key such as `...v_proj.lora_B.weight`; None for other keys."""
-    match = _LORA_KEY.match(key)
-    return (match["module"], match["suffix"]) if match else None
 
 
 def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
@@ -112,6 +85,21 @@ _NOT_EQUAL = (
     "The model does not match the plan: {key!r} does not equal {source!r}, whose LoRA the plan says it shares (its "
     "gradient-tied copy). Pass the plan this model was trained or loaded with."
 )
+
+
+def plan_layers(model: nn.Module, plan: DropPlan) -> dict[str, LoraLayer]:
+    """The LoRA layers the plan names, by PEFT module name; the plan must fit the model."""
+    modules = dict(named_modules(model))
+    layers = {}
+    for name in plan.kinds:
+        layer = modules.get(name)
+        if not isinstance(layer, LoraLayer) or plan.adapter_name not in layer.lora_A:
+            raise PlanError(
+                f"The drop plan names {name!r}, which is not a LoRA layer of adapter {plan.adapter_name!r} in this "
+                "model; the plan belongs to another model, adapter or target filter."
+            )
+        layers[name] = layer
+    return layers
 
 
 def group_by_plan(

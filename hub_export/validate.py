@@ -22,7 +22,9 @@ parsed as PEFT parses it:
   first among the keys that match the module, the entry LoraDropCallback records for it, with the ``lora_alpha``
   that scales it as a rank-k LoRA (`check_truncation`).
 
-What needs the base model (do the modules exist, are the widths theirs) is checked by `hub_export.loader`.
+What needs the base model (do the modules exist, are the widths theirs) is checked by `hub_export.loader`. PEFT is
+imported by the checks that parse the config as PEFT does, when they run: `check_format`, the part that reads the
+config's own fields and needs no PEFT, is what `loradrop inspect` runs, in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -33,16 +35,12 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig
-from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils.other import get_pattern_key
 
-from loradrop_trainer.lora_layers import LORA_SUFFIXES, PEFT_PREFIX
-from loradrop_trainer.truncate import alpha_at_rank
+from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX
 
 from .errors import CompactFormatError
-from .truncation import rank_axis, recorded_alpha_keys, truncated_keys
-from .tying import split_key
+from .format import CompactAdapter, split_key
+from .truncation import module_rank, rank_axis, recorded_alpha_keys, truncated_keys
 
 try:
     from re import _parser as regex_parser  # Python 3.11+: the parser `re.compile` itself uses
@@ -50,9 +48,9 @@ except ImportError:  # Python 3.10
     import sre_parse as regex_parser
 
 if TYPE_CHECKING:
-    from loradrop_trainer import DropPlan
+    from peft import LoraConfig
 
-    from .compact import CompactAdapter
+    from loradrop_trainer import DropPlan
 
 # The heads PEFT adds to modules_to_save by itself for a task type, whether or not the model has them (BERT has a
 # `classifier`, Llama a `score`): a name of these without stored weights is PEFT's doing, not an inconsistency.
@@ -118,16 +116,26 @@ def check_adapter(adapter: CompactAdapter, where: str) -> LoraConfig:
     """
     config = lora_config(adapter.peft_config, f"The PEFT config of {where}")
     _check_keys(adapter, config, where)
-    _check_mapping(adapter, where)
+    check_format(adapter, where)
     check_truncation(config, adapter.plan, where)
     _check_shapes(adapter, config, where)
-    _check_unstored(adapter, config, where)
-    check_weights(adapter.tensors, where)
     return config
+
+
+def check_format(adapter: CompactAdapter, where: str) -> None:
+    """The checks that need no PEFT: the config's ranks and scalings as its own fields give them, the plan against
+    the stored tensors module by module, and the weights' dtypes and values. Enough to show the adapter (`loradrop
+    inspect`); `check_adapter` runs them with the rest before anything uses it."""
+    check_lora_fields(adapter.peft_config, f"The PEFT config of {where}")
+    _check_mapping(adapter, where)
+    _check_unstored(adapter, where)
+    check_weights(adapter.tensors, where)
 
 
 def lora_config(data: Mapping[str, Any], where: str) -> LoraConfig:
     """The `LoraConfig` PEFT would build from `data`, refused if it asks for more than plain LoRA."""
+    from peft import LoraConfig
+
     kwargs = {key: value for key, value in data.items() if key != "runtime_config"}
     try:
         config = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**kwargs))
@@ -144,31 +152,39 @@ def lora_config(data: Mapping[str, Any], where: str) -> LoraConfig:
             "needs data) whenever the adapter is loaded; LoRA-drop adapters hold plain LoRA. Convert it to a plain "
             "LoRA adapter first (PEFT's save_pretrained(path_initial_model_for_weight_conversion=...))."
         )
-    ranks = _patterned(config, "r", "rank_pattern", where)
-    alphas = _patterned(config, "lora_alpha", "alpha_pattern", where)
-    check_patterns(config, where)
-    if not all(type(r) is int and 0 < r <= MAX_WIDTH for r in ranks):
-        raise CompactFormatError(f"{where} gives LoRA ranks {ranks}; ranks are integers from 1 to {MAX_WIDTH:,}.")
-    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in alphas):
-        raise CompactFormatError(f"{where} gives lora_alpha values {alphas}; they must be finite numbers.")
+    check_lora_fields(data, where)
     if not all(isinstance(name, str) for name in config.modules_to_save or ()):
         raise CompactFormatError(f"{where} lists modules_to_save {config.modules_to_save!r}; they must be names.")
     return config
 
 
-def _patterned(config: LoraConfig, field: str, pattern: str, where: str) -> list[Any]:
-    values = getattr(config, pattern)
+def check_lora_fields(data: Mapping[str, Any], where: str) -> None:
+    """Refuse ranks and `lora_alpha` values that are not what PEFT's config fields hold: `r` and `rank_pattern` values
+    integers from 1 to `MAX_WIDTH`, `lora_alpha` and `alpha_pattern` values finite numbers, every pattern a regular
+    expression PEFT can match in bounded time (`check_patterns`). Read from the config's own fields, so it needs no
+    PEFT."""
+    ranks = _patterned(data, "r", "rank_pattern", where)
+    alphas = _patterned(data, "lora_alpha", "alpha_pattern", where)
+    check_patterns(data, where)
+    if not all(type(r) is int and 0 < r <= MAX_WIDTH for r in ranks):
+        raise CompactFormatError(f"{where} gives LoRA ranks {ranks}; ranks are integers from 1 to {MAX_WIDTH:,}.")
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in alphas):
+        raise CompactFormatError(f"{where} gives lora_alpha values {alphas}; they must be finite numbers.")
+
+
+def _patterned(data: Mapping[str, Any], field: str, pattern: str, where: str) -> list[Any]:
+    values = data.get(pattern, {})
     if not isinstance(values, dict):
         raise CompactFormatError(f"{where} gives {pattern}={values!r}; it must map module names to values.")
-    return [getattr(config, field), *values.values()]
+    return [data.get(field), *values.values()]
 
 
-def check_patterns(config: LoraConfig, where: str) -> None:
-    """Refuse a regular expression of `config` that PEFT (and `module_rank`, `targets`) could take minutes or more to
-    match against a module name: one outside the subset `MAX_REPEATS` describes, or more of them than
-    `MAX_REPEATING`. A list of module names, which PEFT matches without regular expressions, is never refused."""
+def check_patterns(data: Mapping[str, Any], where: str) -> None:
+    """Refuse a regular expression of the PEFT config `data` that PEFT (and `module_rank`, `targets`) could take
+    minutes or more to match against a module name: one outside the subset `MAX_REPEATS` describes, or more of them
+    than `MAX_REPEATING`. A list of module names, which PEFT matches without regular expressions, is never refused."""
     repeating = 0
-    for field, pattern in _patterns(config):
+    for field, pattern in _patterns(data):
         try:
             own = _repetitions(pattern)
             total = _repetitions(_PEFT_WRAPPERS[field].format(pattern))
@@ -197,18 +213,19 @@ def check_patterns(config: LoraConfig, where: str) -> None:
         )
 
 
-def _patterns(config: LoraConfig) -> Iterator[tuple[str, Any]]:
-    """`(field, pattern)` for every regular expression of `config` that PEFT matches against module names."""
+def _patterns(data: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """`(field, pattern)` for every regular expression of the PEFT config `data` that PEFT matches against module
+    names."""
     for field in ("target_modules", "exclude_modules"):
-        value = getattr(config, field, None)
+        value = data.get(field)
         if isinstance(value, str):
             yield field, value
     for field in ("modules_to_save", "layers_pattern"):
-        value = getattr(config, field, None)
+        value = data.get(field)
         for pattern in [value] if isinstance(value, str) else value or ():
             yield field, pattern
     for field in ("rank_pattern", "alpha_pattern"):
-        for key in getattr(config, field):
+        for key in data.get(field) or {}:
             yield field, key
 
 
@@ -242,14 +259,10 @@ def _repeats(items: Any) -> Iterator[None]:
             yield from _repeats(value[1] if isinstance(value, tuple) else value)
 
 
-def module_rank(config: LoraConfig, module: str) -> int:
-    """The rank PEFT gives the LoRA of `module` (a PEFT module name): `r`, or its `rank_pattern` entry."""
-    name = module.removeprefix(PEFT_PREFIX)
-    return config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
-
-
 def targets(config: LoraConfig, module: str) -> bool:
     """Whether PEFT puts LoRA on `module` (a PEFT module name) under `config`."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     return module.startswith(PEFT_PREFIX) and bool(check_target_module_exists(config, module.removeprefix(PEFT_PREFIX)))
 
 
@@ -257,6 +270,12 @@ def lora_module(key: str, config: LoraConfig) -> str | None:
     """The PEFT module name of a LoRA A/B weight key of a module `config` targets; None for any other key."""
     parts = split_key(key)
     return parts[0] if parts is not None and parts[1] in LORA_SUFFIXES and targets(config, parts[0]) else None
+
+
+def _lora_weight_module(key: str) -> str | None:
+    """The module name of a LoRA A/B weight key, targeted or not; None for any other key."""
+    parts = split_key(key)
+    return parts[0] if parts is not None and parts[1] in LORA_SUFFIXES else None
 
 
 def _saved_under(key: str, name: str) -> bool:
@@ -371,17 +390,13 @@ def _check_shapes(adapter: CompactAdapter, config: LoraConfig, where: str) -> No
         module = lora_module(key, config)
         if module is None:
             continue  # a modules_to_save weight: its shape is the base model's, checked when loading onto it
-        if len(shape) != 2 or not all(type(n) is int and 0 < n <= MAX_WIDTH for n in shape):
-            raise CompactFormatError(
-                f"{where} gives {key!r} the shape {list(shape)}; a LoRA weight is a matrix of widths 1 to "
-                f"{MAX_WIDTH:,}. Export the adapter again."
-            )
+        _check_matrix(key, shape, where)
         found = shape[0] if key.endswith(LORA_SUFFIXES[0]) else shape[1]
         if key in truncated:
             rank = adapter.plan.dropped_rank
             says = f"its plan truncates {module!r} to rank {rank} (dropped_rank), all a compact adapter stores of it"
         else:
-            rank = module_rank(config, module)
+            rank = module_rank(config.r, config.rank_pattern, module)
             says = f"its PEFT config gives {module!r} rank {rank} (r or rank_pattern)"
         if found != rank:
             raise CompactFormatError(
@@ -398,7 +413,15 @@ def _check_shapes(adapter: CompactAdapter, config: LoraConfig, where: str) -> No
                 )
 
 
-def _check_unstored(adapter: CompactAdapter, config: LoraConfig, where: str) -> None:
+def _check_matrix(key: str, shape: tuple, where: str) -> None:
+    if len(shape) != 2 or not all(type(n) is int and 0 < n <= MAX_WIDTH for n in shape):
+        raise CompactFormatError(
+            f"{where} gives {key!r} the shape {list(shape)}; a LoRA weight is a matrix of widths 1 to {MAX_WIDTH:,}. "
+            "Export the adapter again."
+        )
+
+
+def _check_unstored(adapter: CompactAdapter, where: str) -> None:
     """Refuse sizes that expanding or loading the adapter would allocate without the weights file holding them.
 
     Beyond copies of the stored tensors, `expand_to_peft` allocates the LoRA of every dropped module (mode "drop", at
@@ -407,9 +430,12 @@ def _check_unstored(adapter: CompactAdapter, config: LoraConfig, where: str) -> 
     shape [1048576, 1048576] and make `expand` allocate 4 TiB. So the stored LoRA weights bound the rest: no module's
     rank is above the larger of its two widths (past that a LoRA factors nothing), and a dropped module's rank and
     widths are at most those the stored weights show (the modules of a kind that stores any have its shape exactly,
-    `_check_shapes`; a kind dropped whole, such as narrower key/value projections, fits within the others).
+    `_check_shapes`; a kind dropped whole, such as narrower key/value projections, fits within the others). Read
+    from the config's own fields (`check_lora_fields` checked them), so `inspect` runs it without PEFT.
     """
-    stored = {key: tuple(t.shape) for key, t in adapter.tensors.items() if lora_module(key, config)}
+    stored = {key: tuple(t.shape) for key, t in adapter.tensors.items() if _lora_weight_module(key)}
+    for key, shape in [*stored.items(), *((k, tuple(spec.shape)) for k, spec in adapter.dropped.items())]:
+        _check_matrix(key, shape, where)
     truncated = truncated_keys(adapter.plan)
     widest = max((shape[1 - rank_axis(key)] for key, shape in stored.items()), default=0)
     highest = max((shape[rank_axis(key)] for key, shape in stored.items() if key not in truncated), default=0)
@@ -423,11 +449,12 @@ def _check_unstored(adapter: CompactAdapter, config: LoraConfig, where: str) -> 
             )
     widths: dict[str, dict[int, int]] = {}  # module -> {axis: width}, from A's inputs and B's outputs
     for key, shape in [*stored.items(), *((k, spec.shape) for k, spec in adapter.dropped.items())]:
-        module = lora_module(key, config)
+        module = _lora_weight_module(key)
         if module is not None:
             widths.setdefault(module, {})[rank_axis(key)] = shape[1 - rank_axis(key)]
+    config = adapter.peft_config
     for module, sides in widths.items():
-        rank = module_rank(config, module)
+        rank = module_rank(config["r"], config.get("rank_pattern") or {}, module)
         if rank > max(sides.values()):
             raise CompactFormatError(
                 f"{where}: its PEFT config gives {module!r} rank {rank}, above both its widths "
@@ -449,10 +476,14 @@ def check_truncation(
     """
     if plan.mode != "truncate":
         return
+    from peft.utils.other import get_pattern_key
+
+    from loradrop_trainer.truncate import alpha_at_rank
+
     k, ours = plan.dropped_rank, recorded_alpha_keys(plan)
     theirs = {key: value for key, value in config.alpha_pattern.items() if key not in ours}
     for key, name in ours.items():
-        r, short = module_rank(config, name), name.removeprefix(PEFT_PREFIX)
+        r, short = module_rank(config.r, config.rank_pattern, name), name.removeprefix(PEFT_PREFIX)
         if k >= r:
             raise error(
                 f"{where}: its plan truncates {name!r} to rank {k} (dropped_rank), but its PEFT config gives that "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters, lora_shape
 from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build_plan, coverage_warning, detach_plan
 from .reparam import UntiedLora, reparameterise
-from .report import PLOT_FILE, plot_importance, summary_table, write_plan
+from .report import PLAN_FILE, PLOT_FILE, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
 from .sharding import check_fsdp_version, parameter_engine
 from .stability import StabilityTracker
@@ -144,6 +145,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 f"alpha={cfg.alpha} puts the switch at step {self._switch_step} of {state.max_steps}: no training "
                 "would be left after it. Lower alpha or train for more steps."
             )
+        if state.global_step == 0:
+            _check_collection_spans_updates(cfg, self._switch_step, state.max_steps, kwargs.get("lr_scheduler"))
 
         # At step 0 the Trainer's record of this callback is this instance's own state (of a previous run, if any).
         saved = self._saved_state(state) if state.global_step > 0 else {}
@@ -381,7 +384,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         try:
             plan = self.make_plan(totals, lora_kinds(self._layers, cfg.adapter_name), state.global_step)
         except NoImportanceError as err:
-            logger.warning(f"LoRA-drop: not pruning, the adapter stays plain LoRA. {err}")
+            zero = all(value == 0 for value in totals.values())
+            logger.warning(_not_pruning(err, args, state) if zero else f"LoRA-drop: not pruning. {err}")
             self._gave_up = True
             return
         if self._tracker is not None:
@@ -414,7 +418,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         }
         control.should_log = True
         if state.is_world_process_zero:
-            self._write_outputs(Path(cfg.output_dir or args.output_dir or "."))
+            self._write_outputs(args, Path(cfg.output_dir or args.output_dir or "."))
 
     def _record_in_config(self, model) -> None:
         """Mode "truncate": let the PEFT config say how the truncated modules are scaled (`save_pretrained` then
@@ -464,11 +468,12 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         """Let exporters (hub_export.save_compact) find the plan on the model itself."""
         attach_plan(model, self.plan, self._plan_extra())
 
-    def _write_outputs(self, directory: Path) -> None:
-        path = write_plan(self.plan, directory, self._plan_extra())
-        logger.info(f"LoRA-drop: plan written to {path}")
+    def _write_outputs(self, args: TrainingArguments, directory: Path) -> None:
+        """Write the plan file and the chart, and say where, next to the plan on the console."""
+        written = [f"plan written to {write_plan(self.plan, directory, self._plan_extra())}"]
         if self.config.save_plot:
-            logger.info(f"LoRA-drop: importance chart written to {plot_importance(self.plan, directory / PLOT_FILE)}")
+            written.append(f"importance chart written to {plot_importance(self.plan, directory / PLOT_FILE)}")
+        _show(args, f"LoRA-drop: {'; '.join(written)}")
 
 
 def _peft_config(model, adapter_name: str) -> object | None:
@@ -483,6 +488,48 @@ def _show(args: TrainingArguments, text: str) -> None:
         print(text)
     else:
         tqdm.write(text)
+
+
+def _check_collection_spans_updates(cfg: LoraDropConfig, switch_step: int, max_steps: int, scheduler) -> None:
+    """Refuse, before the first step, a switch that comes before any optimizer update can have changed LoRA.
+
+    Importance is measured in the forwards of the steps up to the switch, and the forwards of step s see the weights
+    after s - 1 updates. PEFT starts every LoRA's B at zero, so the forwards before the first update that moves it
+    score zero everywhere: the switch must come at step 2 or later, at step 3 when the first update has learning
+    rate 0 (a warm-up starts there).
+    """
+    first_lr = getattr(scheduler, "get_last_lr", lambda: None)()  # the first update's: the schedule is at step 0
+    warm_up = bool(first_lr) and not any(lr > 0 for lr in first_lr)
+    earliest = 3 if warm_up else 2
+    if switch_step >= earliest:
+        return
+    name, fraction = ("max_alpha", cfg.max_alpha) if cfg.auto else ("alpha", cfg.alpha)
+    wanted = math.ceil(earliest / max_steps * 100) / 100
+    options = [f"raise {name} to {wanted}"] if earliest < max_steps and wanted < 1 else []
+    options.append(f"train for at least {cfg.steps_for_switch_at(earliest)} steps")
+    if warm_up:
+        options.append("start without a warm-up (warmup_steps=0)")
+    raise ValueError(
+        f"LoraDropCallback: {name}={fraction} of max_steps={max_steps} puts the switch at the end of step "
+        f"{switch_step}, before any optimizer update{' with a learning rate above 0' if warm_up else ''} has changed "
+        "LoRA: importance is measured in the forwards up to the switch, PEFT starts every LoRA's B at zero, and the "
+        f"first update{' (at learning rate 0, where a warm-up starts)' if warm_up else ''} comes at the end of step 1, "
+        "so every module would score zero and nothing could be pruned. The collection must span at least one such "
+        f"update (a switch at step {earliest} or later): {', or '.join(options)}."
+    )
+
+
+def _not_pruning(err: Exception, args: TrainingArguments, state: TrainerState) -> str:
+    """The warning for a switch at which every module scored zero: what that means and what to do next."""
+    warmup = args.get_warmup_steps(state.max_steps)
+    return (
+        f"LoRA-drop: not pruning at step {state.global_step}; the adapter stays plain LoRA and no {PLAN_FILE} is "
+        f"written (trainer.save_model() writes a plain PEFT adapter, with nothing to compact). {err} The "
+        f"{state.global_step - 1} optimizer updates before the switch's last forwards did not move LoRA: their "
+        f"learning rate was 0 (learning_rate={args.learning_rate}"
+        f"{f', a warm-up of {warmup} steps starting at 0' if warmup else ''}), or no gradient reached the LoRA "
+        "weights. Raise alpha so that updates with a learning rate above 0 come before the switch."
+    )
 
 
 def _check_adapter_trains(model, layers: dict, adapter_name: str) -> None:

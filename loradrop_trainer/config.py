@@ -6,8 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .importance import AGGREGATES, SCORES
-
+SCORES = ("output", "relative")
+AGGREGATES = ("sum", "rank")
 SHARED_INITS = ("most_important", "fresh")
 MODES = ("share", "drop", "truncate")
 NORMALIZE = ("global", "kind", "layer")
@@ -243,6 +243,13 @@ class LoraDropConfig:
     def switch_step(self, max_steps: int) -> int:
         """The optimizer step at whose end the model is re-parameterised (with alpha='auto', at the latest)."""
         return math.ceil((self.max_alpha if self.auto else self.alpha) * max_steps)
+
+    def steps_for_switch_at(self, step: int) -> int:
+        """The fewest optimizer steps that put the switch at step `step` or later, with training left after it."""
+        steps = step + 1
+        while not step <= self.switch_step(steps) < steps:
+            steps += 1
+        return steps
 
     def window_steps(self, max_steps: int) -> int:
         """Optimizer steps per scoring window of alpha='auto'."""

@@ -50,10 +50,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .config import AGGREGATES, SCORES
 from .sharding import parameter_engine
-
-SCORES = ("output", "relative")
-AGGREGATES = ("sum", "rank")
 
 _MASK_KEYS = ("attention_mask", "decoder_attention_mask")
 

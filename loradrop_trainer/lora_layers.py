@@ -12,9 +12,6 @@ from torch import nn
 
 from .sharding import full_numel, unwrapped_name
 
-PEFT_PREFIX = "base_model.model."  # what PEFT puts before the base model's own module names
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # a plain LoRA module's weights, as PEFT's state dict names them
-
 
 def find_lora_layers(
     model: nn.Module,

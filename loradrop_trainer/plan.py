@@ -285,8 +285,12 @@ def _rank(importance: Mapping[str, float], kinds: Mapping[str, str]) -> tuple[fl
     total = math.fsum(values)
     if not all(math.isfinite(v) and v >= 0 for v in values) or not math.isfinite(total) or total <= 0:
         raise NoImportanceError(
-            f"LoRA importance is {'zero' if total == 0 else 'not finite'} for every module (sum={total}); "
-            "check the learning rate and that the LoRA weights are trained during the collection phase."
+            "LoRA importance is zero for every module: every LoRA added nothing to its layer in the scored forwards, "
+            "as while its B is still at PEFT's zero initialisation (no optimizer update with a non-zero learning "
+            "rate has changed it yet)."
+            if total == 0
+            else f"LoRA importance is not finite (sum={total}): the LoRA outputs overflowed in the scored forwards "
+            "(fp16 activations?)."
         )
     normalised = {name: float(importance[name]) / total for name in kinds}
     return total, normalised, sorted(kinds, key=lambda name: (-normalised[name], name))

@@ -81,7 +81,8 @@ def check_fsdp_version(fsdp_config: dict | None, model: nn.Module) -> None:
         raise ValueError(
             "LoraDropCallback does not support FSDP1 (FullyShardedDataParallel): it flattens each wrapped module's "
             "Parameters into one, so LoRA modules can neither share Parameters nor have their gradients tied. Use "
-            "FSDP2, the Trainer's default (TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2}))."
+            "FSDP2, the Trainer's default version: TrainingArguments(fsdp=True, fsdp_config={'version': 2, "
+            "'reshard_after_forward': True}) (reshard_after_forward is FSDP2's full_shard)."
         )
 
 

@@ -20,7 +20,6 @@ adapter `save_pretrained` and the Trainer's checkpoints write computes what the 
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.distributed as dist
@@ -28,7 +27,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .lora_layers import PEFT_PREFIX
+from .peft_keys import pattern_key
 from .plan import DropPlan
 from .sharding import is_deepspeed_optimizer, parameter_engine, whole_tensors
 
@@ -127,20 +126,6 @@ def set_truncated_scaling(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
     for name in plan.dropped:
         layer = layers[name]
         layer.scaling[adapter] = rank_scaling(layer, adapter, plan.dropped_rank)
-
-
-PATTERN_MARK = "(?#loradrop)"  # a regular-expression comment: matches nothing, sorts before any usual key
-
-
-def pattern_key(name: str) -> str:
-    """The `rank_pattern` / `alpha_pattern` key that names exactly the module `name` (a PEFT module name).
-
-    PEFT reads the keys as regular expressions matched against the end of the base model's module names and takes the
-    first key that matches; `save_pretrained` writes them sorted. The leading comment makes these keys sort before the
-    keys users write (a module name, `.*`, `(q|k)_proj`, ...), so a saved adapter still reaches them first; a key
-    beginning `(.` sorts earlier, and the compact export puts loradrop's entries first again.
-    """
-    return PATTERN_MARK + re.escape(name.removeprefix(PEFT_PREFIX))
 
 
 def truncated_alpha(layer: LoraLayer, adapter: str, rank: int) -> float:

@@ -171,7 +171,9 @@ def test_drop_mode_stops_the_dropped_modules_computing(tmp_path):
     assert callback.lora_params_after < callback.lora_params_before * 0.9
 
 
-def test_all_zero_importance_keeps_plain_lora_and_warns(tmp_path, caplog):
+def test_22_4_all_zero_importance_keeps_plain_lora_and_names_the_cause(tmp_path, caplog):
+    """Issue 22, item 4: a switch at which every module scored zero says why (LoRA's B still at PEFT's zero start,
+    updates at learning rate 0) and that no plan file was written, instead of a bare "check the learning rate"."""
     model = tiny_llama()
     callback = LoraDropCallback(alpha=0.2)
     args = training_args(tmp_path, learning_rate=0.0)
@@ -181,8 +183,39 @@ def test_all_zero_importance_keeps_plain_lora_and_warns(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
     logging.disable_propagation()
-    assert callback.plan is None
-    assert "not pruning" in caplog.text
+    assert callback.plan is None and not (tmp_path / "out" / PLAN_FILE).exists()
+    assert "not pruning at step 4" in caplog.text and f"no {PLAN_FILE} is written" in caplog.text
+    assert "PEFT's zero initialisation" in caplog.text and "3 optimizer updates" in caplog.text
+    assert "learning_rate=0.0" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "settings, step, advice",
+    [
+        ({"max_steps": 10}, 1, "raise alpha to 0.2, or train for at least 11 steps"),
+        ({"max_steps": 20, "warmup_steps": 2}, 2, "raise alpha to 0.15, or train for at least 21 steps, or start"),
+    ],
+    ids=["step-1", "warm-up"],
+)
+def test_22_4_a_switch_before_any_update_moves_lora_is_refused_before_training(tmp_path, settings, step, advice):
+    """Issue 22, item 4: with max_steps <= 10 at the default alpha the switch would land on step 1, whose forwards
+    see PEFT's zero-initialised B (and after a warm-up, on step 2, whose forwards follow an update at learning rate
+    0): every module would score zero. That is refused in on_train_begin, with the settings that fix it."""
+    model = tiny_llama()
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, **settings),
+        train_dataset=TokenDataset(),
+        callbacks=[LoraDropCallback()],
+    )
+    with pytest.raises(
+        ValueError, match=rf"alpha=0.1 of max_steps=\d+ puts the switch at the end of step {step}, "
+    ) as err:
+        trainer.train()
+    assert "PEFT starts every LoRA's B at zero" in str(err.value) and advice in str(err.value)
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if name in before)
 
 
 def test_callback_accepts_config_or_keywords_not_both():
@@ -247,6 +280,16 @@ def test_plan_table_reaches_the_console_once_at_default_verbosity(tmp_path, caps
     assert shown.count(f"LoRA-drop plan at step {callback.plan.step}:") == 1
     assert f"{callback.lora_params_before:,} -> {callback.lora_params_after:,}" in shown
     assert "down_proj" in shown
+
+
+def test_22_5_the_plan_file_and_chart_paths_reach_the_console(tmp_path, capsys):
+    """Issue 22, item 5: where the plan file and the chart went is shown with the plan, at default verbosity."""
+    Trainer(
+        model=tiny_llama(), args=training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[LoraDropCallback()]
+    ).train()
+    shown = capsys.readouterr().out
+    out = tmp_path / "out"
+    assert f"plan written to {out / PLAN_FILE}" in shown and f"chart written to {out / PLOT_FILE}" in shown
 
 
 def test_every_checkpoint_after_the_switch_holds_the_plan(tmp_path):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from hub_export.cli import main
 from loradrop_trainer import LoraDropCallback
 
 REPO = f"{DEFAULT_USER}/cli-adapter"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,36 @@ def test_inspect_prints_plan_sizes_and_version(compact, capsys):
     assert "format version 1" in out and "mode truncate" in out and "threshold 0.5" in out
     assert "q_proj" in out and "down_proj" in out and "modules keep their full-rank LoRA" in out
     assert "bytes instead of" in out
+
+
+def _imported_after(code: str, *names: str) -> list[str]:
+    """Which of `names` a fresh Python process has imported after running `code` (from this checkout)."""
+    check = f"import sys\n{code}\nprint('imported:', *[name for name in {names!r} if name in sys.modules])"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[-1].split()[1:]
+
+
+def test_22_6_inspect_of_a_compact_adapter_does_not_import_peft(compact):
+    """Issue 22, item 6: `loradrop inspect` reads the files with the checks that need no PEFT (seconds to import, and
+    bitsandbytes with it); only torch, for the weights, is imported."""
+    code = f"from hub_export.cli import main\nassert main(['inspect', {str(compact)!r}]) == 0"
+    assert _imported_after(code, "peft", "bitsandbytes", "transformers") == []
+
+
+def test_22_6_importing_the_packages_imports_no_bitsandbytes():
+    """Issue 22, item 6: neither package imports bitsandbytes (PEFT does, so neither imports PEFT either) when only
+    settings, plans, the compact format or the command's help are needed: it is for 4-bit models, and prints
+    warnings on import."""
+    code = (
+        "import loradrop_trainer, hub_export, hub_export.cli\n"
+        "from loradrop_trainer import DropPlan, LoraDropConfig\n"
+        "from hub_export import CompactAdapter\n"
+        "LoraDropConfig(score='relative', aggregate='rank')\n"
+        "assert hub_export.cli.main(['inspect', '--help']) == 0"
+    )
+    assert _imported_after(code, "bitsandbytes", "peft") == []
 
 
 def test_inspect_bad_path_fails_with_one_line(tmp_path, capsys):
@@ -121,3 +155,14 @@ def test_help(command, capsys):
 def test_usage_errors_exit_2(argv, capsys):
     assert main(argv) == 2
     assert "usage: loradrop" in capsys.readouterr().err
+
+
+def test_22_5_the_local_path_warning_names_the_command_line_flag(compact, tmp_path, caplog):
+    """Issue 22, item 5: on the command line, the warning about a base model named by a local path names the flag
+    that fixes it (`--base_model org/name`), not only the Python keyword."""
+    from helpers import craft_compact
+
+    local = craft_compact(compact, tmp_path / "local", config=lambda c: c.update(base_model_name_or_path=str(tmp_path)))
+    with caplog.at_level("WARNING"):
+        assert main(["expand", str(local), str(tmp_path / "peft")]) == 0
+    assert "--base_model org/name" in caplog.text

@@ -26,7 +26,7 @@ from transformers import Trainer
 from hub_export import PlanError, compact_peft_adapter, load_compact, read_compact
 from hub_export.cli import main as loradrop
 from hub_export.compact import MANIFEST_FILE
-from hub_export.model_card import CARD_FILE
+from hub_export.format import CARD_FILE
 from loradrop_trainer import LoraDropCallback
 from loradrop_trainer.report import PLAN_FILE, kept_line
 
@@ -199,3 +199,35 @@ def test_21_17_and_20_unusable_weights_in_a_compact_source_are_named_in_one_line
     error = one_line_error(capsys)
     assert message in error and key in error and "differs" not in error
     assert not (tmp_path / "compact").exists()
+
+
+def test_22_5_a_trainer_output_or_early_checkpoint_is_pointed_to_the_next_step(tmp_path, capsys):
+    """Issue 22, item 5: `loradrop inspect` and `push` of what the Trainer saved say to run `loradrop compact` (not to
+    load it with PEFT), and `loradrop compact` of a checkpoint from before the switch says it was saved before it and
+    which directory to compact, instead of asking for a --plan that would then fail."""
+    _, _, out = _script(tmp_path, tiny_llama())
+    compact_step = f"`loradrop compact {out} {out / 'compact'}`"
+    assert loradrop(["inspect", str(out)]) == 1
+    assert compact_step in one_line_error(capsys)
+    assert loradrop(["push", str(out), "someone/adapter"]) == 1
+    assert compact_step in one_line_error(capsys)
+    assert loradrop(["compact", str(out / "checkpoint-2"), str(tmp_path / "compact")]) == 1
+    error = one_line_error(capsys)
+    assert "saved before the LoRA-drop switch" in error and compact_step in error and "--plan" not in error
+    assert not (tmp_path / "compact").exists()
+
+
+def test_22_5_compact_writes_into_a_folder_of_the_output_directory(tmp_path, capsys):
+    """Issue 22, item 5: `loradrop compact OUT OUT/compact`, the quickstart's layout, works, again over its earlier
+    output, and leaves the rest of OUT as it was; OUT itself or a directory around it stays refused."""
+    _, callback, out = _script(tmp_path, tiny_llama())
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    for _ in range(2):
+        assert loradrop(["compact", str(out), str(out / "compact")]) == 0
+    assert read_compact(out / "compact").plan == callback.plan
+    assert {
+        path: path.read_bytes() for path in out.rglob("*") if path.is_file() and "compact" not in path.parts
+    } == before
+    for target in (out, tmp_path):
+        assert loradrop(["compact", str(out), str(target)]) == 1
+        assert "would destroy the source" in one_line_error(capsys)

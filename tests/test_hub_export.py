@@ -6,6 +6,7 @@ Hub tests drive the real huggingface_hub client against tests/hub_server.py's Fa
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -696,3 +697,71 @@ def _logits_of(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(input_ids=INPUTS[:, :8], attention_mask=torch.ones(2, 8, dtype=torch.long)).logits
+
+
+def _hub_export_imports() -> dict[str, set[str]]:
+    """`{module: modules of hub_export it imports}`, read from the source: at any depth, under TYPE_CHECKING too."""
+    package = Path(__file__).resolve().parents[1] / "hub_export"
+    graph = {}
+    for path in sorted(package.glob("*.py")):
+        module = "hub_export" if path.stem == "__init__" else f"hub_export.{path.stem}"
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = "hub_export" if node.level else node.module or ""
+                target = f"{base}.{node.module}" if node.level and node.module else base
+                if target == "hub_export":  # `from . import name`: a module of the package, when there is one
+                    imported |= {f"hub_export.{alias.name}" for alias in node.names}
+                elif target.startswith("hub_export."):
+                    imported.add(target)
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name.startswith("hub_export.")}
+        graph[module] = imported
+    return {module: targets & set(graph) for module, targets in graph.items()}
+
+
+def test_22_8_hub_export_imports_run_one_way():
+    """Issue 22, item 8: no module of hub_export imports one that imports it back, even only for type checkers (the
+    format's types live in hub_export.format, below the writers and the checks), and the public name still works."""
+    graph = _hub_export_imports()
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join([*path[path.index(module) :], module])}"
+        if module not in done:
+            for target in sorted(graph[module]):
+                visit(target, [*path, module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    from hub_export import CompactAdapter
+    from hub_export.format import CompactAdapter as FormatType
+
+    assert CompactAdapter is FormatType
+
+
+def test_22_5_the_card_names_what_a_shared_module_uses(shared):
+    """Issue 22, item 5: the card's table says which module's LoRA a shared module uses, and that the group's first
+    module serves the group, never "shared: <the module itself>"."""
+    text = (shared.compact / "README.md").read_text()
+    for members in shared.callback.plan.shared.values():
+        holder, *users = (name.removeprefix("base_model.model.") for name in members)
+        assert f"| `{holder}` |" in text and f"its LoRA serves the {len(members)} modules of its group" in text
+        assert f"shared: `{holder}`" not in text
+        assert all(f"uses the LoRA of `{holder}`" in text for _ in users)
+
+
+def test_22_5_a_revision_without_an_adapter_is_named_as_such(hub, tmp_path):
+    """Issue 22, item 5: a revision holding none of an adapter's files is reported as holding no LoRA-drop adapter,
+    not as a missing cache folder (huggingface_hub only warns, and returns a folder it did not create)."""
+    from hub_export.cli import main
+
+    repo = f"{DEFAULT_USER}/notes"
+    hub.create_repo(repo)
+    hub.commit(repo, {"notes.txt": b"no adapter here\n"})
+    for attempt in (lambda: pull(repo, tmp_path / "pulled"), lambda: load_from_hub(tiny_llama_base(), repo)):
+        with pytest.raises(CompactFileNotFoundError, match=rf"^{repo} on .* holds no LoRA-drop compact adapter") as err:
+            attempt()
+        assert "snapshots" not in str(err.value)
+    assert main(["inspect", f"hf://{repo}"]) == 1 and not (tmp_path / "pulled").exists()

@@ -31,6 +31,24 @@ def _plan(model) -> tuple[dict, DropPlan]:
     return layers, build_plan(importance, lora_kinds(layers), threshold=0.5)
 
 
+def test_22_5_the_fsdp1_refusal_suggests_settings_transformers_takes_without_a_warning(tmp_path, caplog):
+    """Issue 22, item 5: the refusal suggests FSDP2 as transformers 5 spells it (fsdp=True and fsdp_config), which
+    TrainingArguments takes without the deprecation warning that fsdp='full_shard' gets."""
+    import ast
+    import re
+
+    from transformers import TrainingArguments
+
+    with pytest.raises(ValueError, match="FSDP1") as err:
+        check_fsdp_version({"version": 1}, tiny_llama())
+    call = ast.parse(re.search(r"TrainingArguments\([^)]*\)", str(err.value))[0]).body[0].value
+    suggested = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    assert suggested["fsdp"] is True and suggested["fsdp_config"]["version"] == 2
+    with caplog.at_level("WARNING"):
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], **suggested)
+    assert "deprecated" not in caplog.text and args.fsdp_config["version"] == 2
+
+
 def test_fsdp1_is_refused_and_fsdp2_is_not():
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"FSDP1.*FSDP2"):

@@ -51,8 +51,8 @@ from hub_export import (
 )
 from hub_export.cli import main as loradrop
 from hub_export.compact import WEIGHTS_FILE
+from hub_export.format import CARD_FILE
 from hub_export.hub import PEFT_SUBFOLDER
-from hub_export.model_card import CARD_FILE
 from loradrop_trainer import LoraDropCallback, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.lora_layers import lora_parameters
 from loradrop_trainer.reparam import reparameterise
