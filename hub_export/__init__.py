@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         HubRevisionNotFoundError,
         PlanError,
         RepoNotFoundError,
+        RepoVisibilityError,
         TargetExistsError,
         UnsupportedFormatVersionError,
     )
@@ -63,6 +64,7 @@ _NAMES_IN = {
         "HubRevisionNotFoundError",
         "PlanError",
         "RepoNotFoundError",
+        "RepoVisibilityError",
         "TargetExistsError",
         "UnsupportedFormatVersionError",
     ),

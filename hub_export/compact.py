@@ -15,6 +15,9 @@ A compact adapter is a directory (format version 1):
 
 On disk it is about the kept fraction of a plain PEFT adapter of the same model. Reading one checks everything
 `hub_export.validate` lists, from the format's own files only (`hub_export.files`).
+
+A Hub repo (and a pull of one) keeps these files, but the card, in the subfolder ``loradrop/``, next to the plain PEFT
+adapter at its root (`hub_export.hub`); `read_compact` reads either directory.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "loradrop_compact.json"
 WEIGHTS_FILE = "adapter_compact.safetensors"
 METADATA_VERSION_KEY = "loradrop_compact_version"
+# Where a Hub repo, or a pull of one, keeps the compact adapter: its root is the plain PEFT adapter.
+COMPACT_SUBFOLDER = "loradrop"
 COMPACT_LAYOUT = Layout(
     "compact adapter", frozenset({MANIFEST_FILE, WEIGHTS_FILE, CONFIG_NAME, CARD_FILE, PLOT_FILE}), marker=MANIFEST_FILE
 )
@@ -183,7 +188,7 @@ def write_compact(adapter: CompactAdapter, directory: Path) -> None:
     # One metadata entry only: safetensors writes several in a random order, and the bytes must be reproducible.
     write_tensors(adapter.tensors, weights, metadata={METADATA_VERSION_KEY: str(adapter.format_version)})
     (directory / CONFIG_NAME).write_text(config_text(adapter.peft_config), encoding="utf-8")
-    plot_importance(adapter.plan, directory / PLOT_FILE)
+    plot_importance(adapter.plan, directory / PLOT_FILE, adapter.plan_extra.get("config"))
     model_card(adapter, PLOT_FILE).save(directory / CARD_FILE)
     manifest = {
         "format": FORMAT_NAME,
@@ -202,6 +207,7 @@ def write_compact(adapter: CompactAdapter, directory: Path) -> None:
 def read_compact(path: str | os.PathLike) -> CompactAdapter:
     """Read and check the compact adapter in the local directory `path` (see `hub_export.validate`).
 
+    `path` is a compact adapter directory, or a pulled Hub repo (or a clone of one), whose ``loradrop/`` holds it.
     Every problem raises a `CompactFileNotFoundError` or `CompactFormatError` naming the file and what to do. Nothing
     is downloaded: Hub repos are read through `load_from_hub` and `pull`.
     """
@@ -213,7 +219,8 @@ def read_compact(path: str | os.PathLike) -> CompactAdapter:
             else f"{directory} does not exist. (A Hub repo is read only when asked: load_from_hub(base_model, "
             "repo_id) or pull(repo_id, directory) in Python, hf://user/name on the loradrop command line.)"
         )
-    if not has_member(directory, MANIFEST_FILE):
+    folder = compact_folder(directory)
+    if not has_member(directory, folder + MANIFEST_FILE):
         if has_member(directory, CONFIG_NAME):
             raise CompactFileNotFoundError(
                 f"{directory} has no {MANIFEST_FILE}: it is a plain PEFT adapter, not a LoRA-drop compact one. Load "
@@ -222,14 +229,14 @@ def read_compact(path: str | os.PathLike) -> CompactAdapter:
         raise CompactFileNotFoundError(
             f"{directory} has no {MANIFEST_FILE}: it is not a LoRA-drop compact adapter (write one with save_compact)."
         )
-    manifest_path = directory / MANIFEST_FILE
-    manifest = _read_json(directory, MANIFEST_FILE)
+    manifest_path = directory / folder / MANIFEST_FILE
+    manifest = _read_json(directory, folder + MANIFEST_FILE)
     version = _check_version(manifest, manifest_path)
-    peft_config = _read_json(directory, CONFIG_NAME)
+    peft_config = _read_json(directory, folder + CONFIG_NAME)
     if str(peft_config.get("peft_type", "")).upper() != "LORA":
         raise CompactFormatError(
-            f"{directory / CONFIG_NAME} describes a {peft_config.get('peft_type')!r} adapter; compact adapters hold "
-            "LoRA only."
+            f"{directory / folder / CONFIG_NAME} describes a {peft_config.get('peft_type')!r} adapter; compact "
+            "adapters hold LoRA only."
         )
     try:
         plan_payload = manifest["plan"]
@@ -247,12 +254,12 @@ def read_compact(path: str | os.PathLike) -> CompactAdapter:
         plan, extra = split_payload(plan_payload, str(manifest_path))
     except PlanError as err:
         raise CompactFormatError(f"{err}. Export the adapter again.") from err
-    tensors = _read_weights(directory, digest, version)
+    tensors = _read_weights(directory, folder + WEIGHTS_FILE, digest, version)
     if set(tensors) != set(members):
         missing = sorted(set(members) - set(tensors)) or sorted(set(tensors) - set(members))
         raise CompactFormatError(
-            f"{directory / WEIGHTS_FILE} and {manifest_path} disagree on the stored tensors (first: {missing[0]!r}); "
-            "the adapter was assembled from different exports. Export it again."
+            f"{directory / folder / WEIGHTS_FILE} and {manifest_path} disagree on the stored tensors (first: "
+            f"{missing[0]!r}); the adapter was assembled from different exports. Export it again."
         )
     adapter = CompactAdapter(
         adapter_name=str(manifest.get("adapter_name", plan.adapter_name)),
@@ -266,6 +273,16 @@ def read_compact(path: str | os.PathLike) -> CompactAdapter:
     )
     check_adapter(adapter, f"the compact adapter at {directory}")
     return adapter
+
+
+def compact_folder(directory: Path) -> str:
+    """Where in `directory` the compact adapter's files are, as a prefix of their names: "" for a compact adapter
+    directory (and a Hub repo pushed before the plain PEFT adapter moved to its root), "loradrop/" for a Hub repo or
+    a pull of one."""
+    subfolder = f"{COMPACT_SUBFOLDER}/"
+    if not has_member(directory, MANIFEST_FILE) and has_member(directory, subfolder + MANIFEST_FILE):
+        return subfolder
+    return ""
 
 
 def with_base(adapter: CompactAdapter, base_model: str | None) -> CompactAdapter:
@@ -343,10 +360,11 @@ def _check_version(manifest: dict[str, Any], path: Path) -> int:
     return version
 
 
-def _read_weights(directory: Path, digest: Any, version: int) -> dict[str, torch.Tensor]:
-    """The stored tensors, parsed from the very bytes whose checksum was verified."""
-    path = directory / WEIGHTS_FILE
-    data = read_member(directory, WEIGHTS_FILE)
+def _read_weights(directory: Path, name: str, digest: Any, version: int) -> dict[str, torch.Tensor]:
+    """The stored tensors of the weights file `name` in `directory`, parsed from the very bytes whose checksum was
+    verified."""
+    path = directory / name
+    data = read_member(directory, name)
     if hashlib.sha256(data).hexdigest() != digest:
         raise CompactFormatError(
             f"{path} is corrupt: its checksum differs from the one recorded in {MANIFEST_FILE}. Download or export "
