@@ -24,6 +24,10 @@ timing. The whole-run ratio is `alpha * collect + (1 - alpha) * truncate`.
     python benchmarks/overhead.py --preset cpu-40m --seconds 60                      # CPU, ~40M parameters
     python benchmarks/overhead.py --preset llama2-7b --targets all --seconds 240    # H200, Llama-2-7B width
     python benchmarks/overhead.py --preset llama2-7b --targets qv --seconds 120
+    python benchmarks/overhead.py summarise benchmarks/results/overhead/h200_pinned/*.json   # the README's table
+
+`summarise` pools the rounds of runs of the same model, batch and design (each file's own paired rounds) and prints
+one Markdown row per variant.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -289,5 +294,45 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def summarise(paths: list[str]) -> list[str]:
+    """Markdown rows of the ratios of `paths` (JSON results of `main`), the rounds of runs of one set-up pooled.
+
+    A file without its rounds (`step_seconds`: the first version of this script, which timed the collecting variants
+    on models of their own) gives its own ratios."""
+    pooled: dict[tuple, dict[str, list[float]]] = {}
+    reported: dict[tuple, dict[str, dict]] = {}
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        durations = result.get("step_seconds")
+        design = "same model" if durations else "separate models"
+        setup = (result["preset"], result["lora_modules"], tuple(result["batch"]), result["device"], design)
+        if not durations:
+            reported[setup] = result["ratios"]
+            continue
+        for name, seconds in durations.items():
+            if name != "lora":
+                logs = [math.log(t / base) for t, base in zip(seconds, durations["lora"])]
+                pooled.setdefault(setup, {}).setdefault(name, []).extend(logs)
+    for setup, variants in pooled.items():
+        reported[setup] = {name: interval(logs) for name, logs in variants.items()}
+    rows = [
+        "| model, batch, device | LoRA modules | design | variant | ratio to plain LoRA | 95% interval | median "
+        "(95% interval) | rounds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (preset, modules, batch, device, design), ratios in reported.items():
+        for name, r in ratios.items():
+            low, high = r.get("median_ci95", (0.0, 0.0))
+            median = f"{r['median']:.3f}x ({low:.3f}-{high:.3f})" if "median" in r else ""
+            rows.append(
+                f"| {preset}, {batch[0]} x {batch[1]}, {device} | {modules} | {design} | {name} | {r['ratio']:.3f}x | "
+                f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {median} | {r['rounds']} |"
+            )
+    return rows
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["summarise"]:
+        print("\n".join(summarise(sys.argv[2:])))
+    else:
+        main()

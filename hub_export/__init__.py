@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         HubRevisionNotFoundError,
         PlanError,
         RepoNotFoundError,
+        RepoVisibilityError,
         TargetExistsError,
         UnsupportedFormatVersionError,
     )
@@ -64,6 +65,7 @@ _NAMES_IN = {
         "HubRevisionNotFoundError",
         "PlanError",
         "RepoNotFoundError",
+        "RepoVisibilityError",
         "TargetExistsError",
         "UnsupportedFormatVersionError",
     ),

@@ -20,7 +20,7 @@ from pathlib import Path
 from loradrop_trainer import __version__
 
 HUB_PREFIX = "hf://"
-_SOURCE_HELP = f"compact adapter directory, or {HUB_PREFIX}user/name for a Hub repo"
+_SOURCE_HELP = f"compact adapter directory (or a pulled repo), or {HUB_PREFIX}user/name for a Hub repo"
 _REVISION_HELP = f"branch, tag or commit of a {HUB_PREFIX} source (default: main)"
 _BASE_MODEL_HELP = (
     "Hub id of the base model (org/name), recorded in adapter_config.json{} in place of the local path training "
@@ -76,14 +76,20 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("--base_model", metavar="ID", help=_BASE_MODEL_HELP.format(" and the model card"))
     compact.set_defaults(command=_compact)
 
-    push = commands.add_parser("push", help="upload a compact adapter to the Hub", description=_push.__doc__)
-    push.add_argument("source", metavar="SRC", help="compact adapter directory")
-    push.add_argument("repo_id", metavar="REPO", help="Hub repo id, e.g. user/my-adapter (created if missing)")
-    push.add_argument("--private", action="store_true", default=None, help="create the repo private")
-    push.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
-    push.add_argument(
-        "--expanded", action="store_true", help="also upload the plain PEFT adapter in the peft/ subfolder"
+    push = commands.add_parser(
+        "push",
+        help="upload an adapter to the Hub (plain PEFT at the root, compact in loradrop/)",
+        description=_push.__doc__,
     )
+    push.add_argument("source", metavar="SRC", help="compact adapter directory (or a pulled repo)")
+    push.add_argument("repo_id", metavar="REPO", help="Hub repo id, e.g. user/my-adapter (created if missing)")
+    push.add_argument(
+        "--private",
+        action="store_true",
+        default=None,
+        help="create the repo private; an existing public repo is refused, nothing is uploaded",
+    )
+    push.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
     push.add_argument("--message", help="commit message")
     push.add_argument(
         "--base_model",
@@ -93,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     push.set_defaults(command=_push)
 
-    pull_ = commands.add_parser("pull", help="download a compact adapter from the Hub", description=_pull.__doc__)
+    pull_ = commands.add_parser("pull", help="download an adapter from the Hub", description=_pull.__doc__)
     pull_.add_argument("repo_id", metavar="REPO", help="Hub repo id")
     pull_.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier pull)")
     pull_.add_argument("--revision", help="branch, tag or commit (default: main)")
@@ -118,10 +124,9 @@ def _source_dir(source: str, revision: str | None) -> Path:
             hint = f" For the Hub repo of that name, write {HUB_PREFIX}{source}." if is_hub_id(source) else ""
             raise FileNotFoundError(f"{source} does not exist.{hint}")
         return Path(source)
-    from .format import COMPACT_LAYOUT
-    from .remote import fetch
+    from .hub import fetch_compact
 
-    return fetch(_repo_id(source), revision=revision, allow_patterns=sorted(COMPACT_LAYOUT.files))
+    return fetch_compact(_repo_id(source), revision=revision)
 
 
 def _repo_id(text: str) -> str:
@@ -133,12 +138,12 @@ def _repo_id(text: str) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    """Print a compact adapter's format version, plan per kind, LoRA settings and sizes. Reads the files with the
-    checks that need no PEFT (format, checksum, plan against weights), so it answers without importing PEFT; loading
-    and `loradrop expand` check the rest."""
-    from loradrop_trainer.report import summary_table
+    """Print a compact adapter's format version, plan per kind with the settings that decided it, LoRA settings and
+    sizes. Reads the files with the checks that need no PEFT (format, checksum, plan against weights, sizes), so it
+    answers without importing PEFT; loading and `loradrop expand` check the rest."""
+    from loradrop_trainer.report import plan_settings, summary_table
 
-    from .format import COMPACT_LAYOUT, read_files
+    from .format import COMPACT_LAYOUT, compact_folder, read_files
     from .validate import check_format
 
     directory = _source_dir(args.source, args.revision)
@@ -146,7 +151,8 @@ def _inspect(args: argparse.Namespace) -> None:
     check_format(adapter, f"the compact adapter at {directory}")
     plan, config = adapter.plan, adapter.peft_config
     targets = ", ".join(config.get("target_modules") or []) or "-"
-    files = [directory / name for name in COMPACT_LAYOUT.files if (directory / name).is_file()]
+    folder = compact_folder(directory)
+    files = [directory / (folder + name) for name in COMPACT_LAYOUT.files if (directory / (folder + name)).is_file()]
     on_disk = sum(path.stat().st_size for path in files)
     ratio = adapter.stored_bytes / adapter.plain_bytes if adapter.plain_bytes else 0.0
     print(f"{args.source}: LoRA-drop compact adapter, format version {adapter.format_version}")
@@ -155,6 +161,7 @@ def _inspect(args: argparse.Namespace) -> None:
     truncated = f"; {len(plan.dropped)} truncated to rank {plan.dropped_rank}" if plan.mode == "truncate" else ""
     print(f"LoRA r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, targets: {targets}{truncated}")
     print(summary_table(plan, adapter.plain_params, adapter.stored_params))
+    print(f"settings: {plan_settings(plan, adapter.plan_extra.get('config'))}")
     if adapter.other_params:
         print(f"plus {adapter.other_params:,} parameters of modules trained in full (modules_to_save)")
     plain = "the unpruned adapter" if plan.mode == "truncate" else "a plain PEFT adapter"
@@ -184,8 +191,9 @@ def _compact(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    """Upload a compact adapter directory to a Hub repo: only the adapter's own files (listed), then the commit URL.
-    Uses HF_TOKEN or the stored login."""
+    """Upload a compact adapter directory to a Hub repo: the plain PEFT adapter expanded from it at the repo's root
+    (PeftModel.from_pretrained(base, REPO) loads it), the compact adapter's own files in loradrop/ and the model card
+    (listed), then the commit URL. Uses HF_TOKEN or the stored login."""
     from .hub import push_to_hub
 
     if not Path(args.source).is_dir():
@@ -197,7 +205,6 @@ def _push(args: argparse.Namespace) -> None:
         private=args.private,
         revision=args.revision,
         commit_message=args.message,
-        expanded=args.expanded,
         base_model=args.base_model,
     )
     print(f"{repo_id} holds the adapter's files:")
@@ -207,7 +214,8 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _pull(args: argparse.Namespace) -> None:
-    """Download a compact adapter from the Hub into a directory that appears only once it is complete."""
+    """Download a Hub repo's compact adapter into a directory laid out as the repo is (the plain PEFT adapter at the
+    root, expanded locally from the checked compact one in loradrop/); it appears only once it is complete."""
     from .hub import pull
 
     repo_id = _repo_id(args.repo_id)

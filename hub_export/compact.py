@@ -1,6 +1,9 @@
 """Writing a tied model as a compact adapter (`save_compact`), and reading one back with every check (`read_compact`).
 
 The format itself (its files, the `CompactAdapter` type, reading the files) is `hub_export.format`.
+
+A Hub repo (and a pull of one) keeps these files, but the card, in the subfolder ``loradrop/``, next to the plain PEFT
+adapter at its root (`hub_export.hub`); `read_compact` reads either directory.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def write_compact(adapter: CompactAdapter, directory: Path) -> None:
     # One metadata entry only: safetensors writes several in a random order, and the bytes must be reproducible.
     write_tensors(adapter.tensors, weights, metadata={METADATA_VERSION_KEY: str(adapter.format_version)})
     (directory / CONFIG_FILE).write_text(config_text(adapter.peft_config), encoding="utf-8")
-    plot_importance(adapter.plan, directory / PLOT_FILE)
+    plot_importance(adapter.plan, directory / PLOT_FILE, adapter.plan_extra.get("config"))
     model_card(adapter, PLOT_FILE).save(directory / CARD_FILE)
     manifest = {
         "format": FORMAT_NAME,
@@ -126,6 +129,7 @@ def read_compact(path: str | os.PathLike) -> CompactAdapter:
     """Read and check the compact adapter in the local directory `path` (`hub_export.format.read_files`, then
     everything `hub_export.validate` lists).
 
+    `path` is a compact adapter directory, or a pulled Hub repo (or a clone of one), whose ``loradrop/`` holds it.
     Every problem raises a `CompactFileNotFoundError` or `CompactFormatError` naming the file and what to do. Nothing
     is downloaded: Hub repos are read through `load_from_hub` and `pull`.
     """

@@ -47,6 +47,10 @@ class BaseModelPathError(ExportError, ValueError):
     """An adapter to publish names its base model by a local path (which nobody else has), not by its Hub id."""
 
 
+class RepoVisibilityError(ExportError, ValueError):
+    """A push asked for a private repo and the existing repo is public, or the reverse; nothing was uploaded."""
+
+
 class HubError(ExportError, OSError):
     """A Hub operation failed: the Hub could not be reached, or answered with an error (the subclasses below)."""
 

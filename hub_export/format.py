@@ -53,6 +53,8 @@ WEIGHTS_FILE = "adapter_compact.safetensors"
 METADATA_VERSION_KEY = "loradrop_compact_version"
 CONFIG_FILE = "adapter_config.json"  # PEFT's CONFIG_NAME, the name PEFT reads a LoRA config from
 CARD_FILE = "README.md"
+# Where a Hub repo, or a pull of one, keeps the compact adapter: its root is the plain PEFT adapter.
+COMPACT_SUBFOLDER = "loradrop"
 COMPACT_LAYOUT = Layout(
     "compact adapter", frozenset({MANIFEST_FILE, WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, PLOT_FILE}), marker=MANIFEST_FILE
 )
@@ -157,16 +159,17 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
             else f"{directory} does not exist. (A Hub repo is read only when asked: load_from_hub(base_model, "
             "repo_id) or pull(repo_id, directory) in Python, hf://user/name on the loradrop command line.)"
         )
-    if not has_member(directory, MANIFEST_FILE):
+    folder = compact_folder(directory)
+    if not has_member(directory, folder + MANIFEST_FILE):
         raise CompactFileNotFoundError(_not_compact(directory))
-    manifest_path = directory / MANIFEST_FILE
-    manifest = _read_json(directory, MANIFEST_FILE)
+    manifest_path = directory / folder / MANIFEST_FILE
+    manifest = _read_json(directory, folder + MANIFEST_FILE)
     version = _check_version(manifest, manifest_path)
-    peft_config = _read_json(directory, CONFIG_FILE)
+    peft_config = _read_json(directory, folder + CONFIG_FILE)
     if str(peft_config.get("peft_type", "")).upper() != "LORA":
         raise CompactFormatError(
-            f"{directory / CONFIG_FILE} describes a {peft_config.get('peft_type')!r} adapter; compact adapters hold "
-            "LoRA only."
+            f"{directory / folder / CONFIG_FILE} describes a {peft_config.get('peft_type')!r} adapter; compact "
+            "adapters hold LoRA only."
         )
     try:
         plan_payload = manifest["plan"]
@@ -184,12 +187,12 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
         plan, extra = split_payload(plan_payload, str(manifest_path))
     except PlanError as err:
         raise CompactFormatError(f"{err}. Export the adapter again.") from err
-    tensors = _read_weights(directory, digest, version)
+    tensors = _read_weights(directory, folder + WEIGHTS_FILE, digest, version)
     if set(tensors) != set(members):
         missing = sorted(set(members) - set(tensors)) or sorted(set(tensors) - set(members))
         raise CompactFormatError(
-            f"{directory / WEIGHTS_FILE} and {manifest_path} disagree on the stored tensors (first: {missing[0]!r}); "
-            "the adapter was assembled from different exports. Export it again."
+            f"{directory / folder / WEIGHTS_FILE} and {manifest_path} disagree on the stored tensors (first: "
+            f"{missing[0]!r}); the adapter was assembled from different exports. Export it again."
         )
     return CompactAdapter(
         adapter_name=str(manifest.get("adapter_name", plan.adapter_name)),
@@ -201,6 +204,16 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
         dropped=dropped,
         format_version=version,
     )
+
+
+def compact_folder(directory: Path) -> str:
+    """Where in `directory` the compact adapter's files are, as a prefix of their names: "" for a compact adapter
+    directory (and a Hub repo pushed before the plain PEFT adapter moved to its root), "loradrop/" for a Hub repo or
+    a pull of one."""
+    subfolder = f"{COMPACT_SUBFOLDER}/"
+    if not has_member(directory, MANIFEST_FILE) and has_member(directory, subfolder + MANIFEST_FILE):
+        return subfolder
+    return ""
 
 
 def _not_compact(directory: Path) -> str:
@@ -264,10 +277,11 @@ def _check_version(manifest: dict[str, Any], path: Path) -> int:
     return version
 
 
-def _read_weights(directory: Path, digest: Any, version: int) -> dict[str, torch.Tensor]:
-    """The stored tensors, parsed from the very bytes whose checksum was verified."""
-    path = directory / WEIGHTS_FILE
-    data = read_member(directory, WEIGHTS_FILE)
+def _read_weights(directory: Path, name: str, digest: Any, version: int) -> dict[str, torch.Tensor]:
+    """The stored tensors of the weights file `name` in `directory`, parsed from the very bytes whose checksum was
+    verified."""
+    path = directory / name
+    data = read_member(directory, name)
     if hashlib.sha256(data).hexdigest() != digest:
         raise CompactFormatError(
             f"{path} is corrupt: its checksum differs from the one recorded in {MANIFEST_FILE}. Download or export "

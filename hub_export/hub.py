@@ -1,4 +1,14 @@
-"""Sharing compact adapters through the Hugging Face Hub: push, pull, and load straight from a repo.
+"""Sharing LoRA-drop adapters through the Hugging Face Hub: push, pull, and load straight from a repo.
+
+A repo holds the adapter twice (`REPO_LAYOUT`). Its root is a plain PEFT adapter (``adapter_config.json`` and
+``adapter_model.safetensors``, expanded from the compact one), so `PeftModel.from_pretrained(base, "user/repo")`,
+vLLM, TGI and every tool that reads a LoRA adapter load it as any other, and the card at the root (``README.md``,
+`library_name: peft`) says what it is and names the repo in its snippets. ``loradrop/`` holds the compact adapter
+(its manifest, weights, config and importance chart), which `load_from_hub` reads and which loads with the modules
+tied as trained. A pull writes the same layout, except that the plain adapter is never downloaded: it is expanded
+again from the compact one once that is checked, so a repo cannot ship a plain copy that computes something else.
+Repos pushed before the plain adapter moved to the root (the compact adapter at the root, a plain copy in ``peft/``)
+are still read, and a push into one moves it to this layout.
 
 All transfers go through the official `huggingface_hub` client (`HfApi.create_repo`/`upload_folder`,
 `snapshot_download`), so HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, the cache, progress bars and the "skip unchanged
@@ -15,27 +25,46 @@ import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from huggingface_hub.errors import RepositoryNotFoundError
 from peft import PeftModel
 from torch import nn
 from transformers.utils import logging
 
+from loradrop_trainer.report import PLOT_FILE
+
 from .atomic import Layout, atomic_directory, check_replaceable
 from .base_model import check_publishable
 from .compact import read_compact, save_compact, with_base, write_compact
+from .errors import CompactFileNotFoundError, RepoVisibilityError
 from .expand import PEFT_LAYOUT, write_peft
 from .files import has_member, read_member
-from .format import COMPACT_LAYOUT, CompactAdapter
+from .format import (
+    CARD_FILE,
+    COMPACT_LAYOUT,
+    COMPACT_SUBFOLDER,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    CompactAdapter,
+    compact_folder,
+)
 from .loader import load_compact
-from .remote import PEFT_SUBFOLDER, fetch, hub_errors
+from .model_card import model_card
+from .remote import fetch, hub_errors
 
 logger = logging.get_logger(__name__)
 
-# What a pull writes: the compact adapter, and the plain PEFT copy in peft/ when the repo was pushed with it.
-PULLED_LAYOUT = Layout(
-    "pulled compact adapter",
-    COMPACT_LAYOUT.files | {f"{PEFT_SUBFOLDER}/{name}" for name in PEFT_LAYOUT.files},
-    marker=COMPACT_LAYOUT.marker,
+# The compact adapter's files a repo holds in loradrop/ (its card is the repo's, at the root).
+REPO_COMPACT_FILES = COMPACT_LAYOUT.files - {CARD_FILE}
+# A repo, and what a pull writes: the plain PEFT adapter and the card at the root, the compact adapter in loradrop/.
+REPO_LAYOUT = Layout(
+    "pulled LoRA-drop repo",
+    PEFT_LAYOUT.files | {CARD_FILE} | {f"{COMPACT_SUBFOLDER}/{name}" for name in REPO_COMPACT_FILES},
+    marker=f"{COMPACT_SUBFOLDER}/{MANIFEST_FILE}",
 )
+# What reading a repo downloads: the compact adapter's files, in loradrop/ or at the root of a repo pushed before.
+_COMPACT_PATTERNS = sorted(REPO_COMPACT_FILES | {f"{COMPACT_SUBFOLDER}/{name}" for name in REPO_COMPACT_FILES})
+# What a push deletes if an earlier push left it: the files of the layout before this one that this one has not.
+_SUPERSEDED = sorted({MANIFEST_FILE, WEIGHTS_FILE, PLOT_FILE} | {f"peft/{name}" for name in PEFT_LAYOUT.files})
 
 
 class PushInfo(str):
@@ -60,32 +89,37 @@ def push_to_hub(
     token: str | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
-    expanded: bool = False,
     base_model: str | None = None,
 ) -> PushInfo:
     """Upload a compact adapter (a directory, or a tied model saved on the fly) to `repo_id`; return the commit URL.
 
-    Only the compact adapter's own files go up (read as regular files: a symbolic link among them is refused), with
-    the plain PEFT adapter in the `peft/` subfolder of the same commit when `expanded=True`, for
-    `PeftModel.from_pretrained(base, repo_id, subfolder="peft")`; without it, a `peft/` subfolder left by an earlier
-    push is deleted so it cannot go stale. The repo is created if needed (`private` applies only then), and so is the
-    branch `revision`. Unchanged files are not uploaded again; if nothing changed, no commit is made and the URL of
-    the current head is returned. The result's `files` lists the repo paths of the adapter's files.
+    The repo gets the layout of the module docstring: the plain PEFT adapter at its root, for
+    `PeftModel.from_pretrained(base, repo_id)`, and the compact adapter's own files in ``loradrop/`` (read as regular
+    files: a symbolic link among them is refused), with the card naming `repo_id` in its snippets. Files an earlier
+    push left in the layout before this one are deleted, so they cannot go stale. The repo is created if needed, and
+    so is the branch `revision`. `private` is the visibility asked for: a new repo gets it, and an existing repo of
+    the other visibility is refused (`RepoVisibilityError`) before anything is uploaded. Unchanged files are not
+    uploaded again; if nothing changed, no commit is made and the URL of the current head is returned. The result's
+    `files` lists the repo paths of the adapter's files.
 
-    The adapter must name its base model by its Hub id: `base_model="org/name"` records it (the config and the model
+    The adapter must name its base model by its Hub id: `base_model="org/name"` records it (the configs and the model
     card of the uploaded copy are written anew with it); an adapter naming a local path is refused with
     `BaseModelPathError` before anything is sent.
     """
     with tempfile.TemporaryDirectory(prefix="loradrop-push-") as staging:
-        folder = Path(staging) / "adapter"
-        adapter = _stage(model_or_dir, folder, expanded, base_model)
+        source, where = _compact_source(model_or_dir, Path(staging) / "compact", base_model)
+        folder = Path(staging) / "repo"
+        folder.mkdir()
+        adapter = _write_repo(source, folder, repo_id)
+        check_publishable(adapter.peft_config, where)
         files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
         message = commit_message or (
-            f"Upload LoRA-drop compact adapter ({len(adapter.plan.kept)}/{len(adapter.plan.kinds)} modules kept"
-            f"{', with plain PEFT copy in peft/' if expanded else ''})"
+            f"Upload LoRA-drop adapter ({len(adapter.plan.kept)}/{len(adapter.plan.kinds)} modules kept): plain PEFT "
+            f"adapter at the root, compact adapter in {COMPACT_SUBFOLDER}/"
         )
         api = HfApi(token=token)
         with hub_errors(repo_id, revision=revision, action="push to"):
+            _check_visibility(api, repo_id, private)
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision is not None and not revision.startswith("refs/"):
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -94,7 +128,7 @@ def push_to_hub(
                 folder_path=folder,
                 revision=revision,
                 commit_message=message,
-                delete_patterns=[f"{PEFT_SUBFOLDER}/*"],
+                delete_patterns=_SUPERSEDED,
             )
     logger.info(f"LoRA-drop: pushed {', '.join(files)} to {info.commit_url}")
     return PushInfo(str(info.commit_url), files)
@@ -111,54 +145,86 @@ def load_from_hub(
 ) -> PeftModel:
     """`load_compact` from a Hub repo at `revision` (branch, tag or commit id), through the Hugging Face cache.
 
-    Only the compact adapter's files are downloaded (not the plain PEFT copy in `peft/`, nor anything else the repo
-    holds). In offline mode (HF_HUB_OFFLINE=1) the cached copy is used.
+    Only the compact adapter's files are downloaded (not the plain PEFT adapter at the root, nor anything else the
+    repo holds). In offline mode (HF_HUB_OFFLINE=1) the cached copy is used.
     """
-    directory = fetch(repo_id, revision=revision, token=token, allow_patterns=sorted(COMPACT_LAYOUT.files))
+    directory = fetch_compact(repo_id, revision=revision, token=token)
     return load_compact(base_model, directory, adapter_name=adapter_name, is_trainable=is_trainable)
 
 
 def pull(repo_id: str, local_dir: str | os.PathLike, revision: str | None = None, *, token: str | None = None) -> Path:
-    """Download the compact adapter of `repo_id` (and its `peft/` copy, if pushed) into `local_dir`.
+    """Download the compact adapter of `repo_id` into `local_dir`, laid out as the repo is (see the module docstring).
 
-    Nothing but the adapter's files is downloaded. `local_dir` must be missing, empty or an earlier pull; it appears
-    only once the download is complete and checked, so a failed pull (network, auth, a repo that is not a compact
-    adapter) leaves it as it was.
+    Only the compact adapter's files are downloaded; the plain PEFT adapter at the root of `local_dir` is expanded
+    from them once they are checked, never taken from the repo. `local_dir` must be missing, empty or an earlier pull;
+    it appears only once everything is written and checked, so a failed pull (network, auth, a repo that is not a
+    compact adapter) leaves it as it was.
     """
-    check_replaceable(Path(local_dir).absolute(), PULLED_LAYOUT)  # before downloading anything
-    snapshot = fetch(repo_id, revision=revision, token=token, allow_patterns=sorted(PULLED_LAYOUT.files))
-    read_compact(snapshot)
-    with atomic_directory(local_dir, PULLED_LAYOUT) as staging:
-        _copy_members(snapshot, staging, PULLED_LAYOUT)
+    check_replaceable(Path(local_dir).absolute(), REPO_LAYOUT)  # before downloading anything
+    snapshot = fetch_compact(repo_id, revision=revision, token=token)
+    read_compact(snapshot)  # errors name the download, not the staging directory
+    with atomic_directory(local_dir, REPO_LAYOUT) as staging:
+        _write_repo(snapshot, staging, repo_id)
     logger.info(f"LoRA-drop: {repo_id} pulled into {local_dir}")
     return Path(local_dir)
 
 
-def _stage(
-    model_or_dir: nn.Module | str | os.PathLike, folder: Path, expanded: bool, base_model: str | None
-) -> CompactAdapter:
-    """Write the files to upload into the new directory `folder`, checked before anything is sent."""
+def fetch_compact(repo_id: str, *, revision: str | None = None, token: str | None = None) -> Path:
+    """The snapshot (in the Hugging Face cache) of the compact adapter's files of `repo_id`, which `read_compact`
+    reads whichever layout the repo has; nothing else the repo holds is downloaded."""
+    snapshot = fetch(repo_id, revision=revision, token=token, allow_patterns=_COMPACT_PATTERNS)
+    if not has_member(snapshot, compact_folder(snapshot) + MANIFEST_FILE):
+        raise CompactFileNotFoundError(
+            f"{repo_id}{f'@{revision}' if revision else ''} has no {COMPACT_SUBFOLDER}/{MANIFEST_FILE}: it is not a "
+            f"LoRA-drop compact adapter. If it is a plain PEFT adapter, load it with "
+            f"peft.PeftModel.from_pretrained(base, {repo_id!r})."
+        )
+    return snapshot
+
+
+def _compact_source(
+    model_or_dir: nn.Module | str | os.PathLike, staging: Path, base_model: str | None
+) -> tuple[Path, str]:
+    """The compact adapter to publish, checked, and how messages name it: the caller's directory as it is, or a copy
+    written into `staging` (a model's adapter, or an adapter given the base model id `base_model`)."""
     if isinstance(model_or_dir, nn.Module):
-        save_compact(model_or_dir, folder, base_model=base_model)
-    elif base_model is not None:
-        folder.mkdir()
-        write_compact(with_base(read_compact(model_or_dir), base_model), folder)
-    else:
-        read_compact(model_or_dir)  # errors name the caller's directory, not the staging copy
-        _copy_members(Path(model_or_dir), folder, COMPACT_LAYOUT)
-    adapter = read_compact(folder)  # what is uploaded is exactly what was checked
-    source = "The adapter of this model" if isinstance(model_or_dir, nn.Module) else f"The adapter in {model_or_dir}"
-    if base_model is None:  # one given is the Hub id it names, whatever directories are here (`with_base_model`)
-        check_publishable(adapter.peft_config, source)
-    if expanded:
-        (folder / PEFT_SUBFOLDER).mkdir()
-        write_peft(adapter, folder / PEFT_SUBFOLDER)
+        return save_compact(model_or_dir, staging, base_model=base_model), "The adapter of this model"
+    adapter = read_compact(model_or_dir)  # errors name the caller's directory, not the staging copy
+    if base_model is None:
+        return Path(model_or_dir), f"The adapter in {model_or_dir}"
+    staging.mkdir()
+    write_compact(with_base(adapter, base_model), staging)
+    return staging, f"The adapter in {model_or_dir}"
+
+
+def _write_repo(source: Path, target: Path, repo_id: str) -> CompactAdapter:
+    """Write the files of `repo_id` into the existing, empty `target`, from the compact adapter in `source` (a compact
+    adapter directory, or a repo's download in either layout): its own files byte for byte into loradrop/, where they
+    are read back and checked; the plain PEFT adapter expanded from that copy at the root; the repo's card."""
+    folder = compact_folder(source)
+    (target / COMPACT_SUBFOLDER).mkdir()
+    for name in sorted(REPO_COMPACT_FILES):
+        if has_member(source, folder + name):
+            (target / COMPACT_SUBFOLDER / name).write_bytes(read_member(source, folder + name))
+    adapter = read_compact(target)  # what goes up, or into a pulled directory, is exactly what was checked
+    write_peft(adapter, target)
+    model_card(adapter, f"{COMPACT_SUBFOLDER}/{PLOT_FILE}", repo_id).save(target / CARD_FILE)
     return adapter
 
 
-def _copy_members(source: Path, target: Path, layout: Layout) -> None:
-    """Copy the files of `layout` that `source` has into `target`, as regular files only (see `hub_export.files`)."""
-    for name in sorted(layout.files):
-        if has_member(source, name):
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            (target / name).write_bytes(read_member(source, name))
+def _check_visibility(api: HfApi, repo_id: str, private: bool | None) -> None:
+    """Refuse to push into an existing repo of the other visibility than `private` asks for: `create_repo` applies it
+    only to a repo it creates, so `private=True` would otherwise publish into a public repo."""
+    if private is None:
+        return
+    try:
+        is_private = api.repo_info(repo_id).private
+    except RepositoryNotFoundError:
+        return  # create_repo makes it with the visibility asked for
+    if is_private != private:
+        asked, found = ("private", "public") if private else ("public", "private")
+        raise RepoVisibilityError(
+            f"{repo_id} is a {found} repo, but the push asks for a {asked} one (private={private}); nothing was "
+            f"uploaded. Change the repo's visibility in its settings on the Hub first, push to another repo, or leave "
+            "the visibility unset (no --private) to push into it as it is."
+        )

@@ -2,7 +2,8 @@
 
 The card is rendered from the adapter alone (no dates, no paths of the machine that wrote it), so saving the same
 adapter twice gives the same bytes and a re-push uploads nothing. The base model appears (in the metadata, the title
-and the snippets) only as a Hub id.
+and the snippets) only as a Hub id. A compact adapter directory gets the card of that directory; a Hub repo (and a
+pull of one) the card of the repo, whose snippets name the repo by its id and load its root with plain PEFT.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from loradrop_trainer.peft_keys import PEFT_PREFIX
-from loradrop_trainer.report import plan_table
+from loradrop_trainer.report import plan_settings, plan_table
 
 from .base_model import names_local_path, recorded_base
 from .format import CompactAdapter
 
 TAGS = ("lora", "lora-drop", "peft")
+# `hub_export` is the `loradrop` package's (setup.py), which is installed from a clone of its repository.
+INSTALL = "pip install .  # in a clone of the loradrop repository: installs the loradrop package, with hub_export"
 
 _AUTO_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -27,6 +30,10 @@ _AUTO_CLASSES = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
 }
 _SETTINGS = (  # (LoraDropConfig field, label, shown when the field is None)
+    ("normalize", "normalize (over which modules the threshold applies)", "-"),
+    ("score", "score (what a scored micro-batch measures)", "-"),
+    ("aggregate", "aggregate (how scored micro-batches add up)", "-"),
+    ("restart", "restart (LoRA re-initialised at the switch)", "-"),
     ("alpha", "alpha (fraction of steps collecting importance)", "-"),
     ("threshold", "threshold T (cumulative importance kept)", "-"),
     ("mode", "mode", "-"),
@@ -64,11 +71,13 @@ _TEMPLATE = """---
 """
 
 
-def model_card(adapter: CompactAdapter, chart_file: str) -> ModelCard:
-    """The model card of `adapter`, whose importance chart is the file `chart_file` next to it.
+def model_card(adapter: CompactAdapter, chart_file: str, repo_id: str | None = None) -> ModelCard:
+    """The model card of `adapter`, whose importance chart is the file `chart_file` (a path relative to the card).
 
-    Its metadata (library_name, base_model, tags, license) is huggingface_hub's `ModelCardData`, and the card is
-    built and saved as PEFT builds its own (`ModelCard.from_template`, `card.save`).
+    Without `repo_id`, the card of a compact adapter directory; with it, the card of the Hub repo `repo_id`, which
+    holds the plain PEFT adapter at its root and the compact one in ``loradrop/`` (`hub_export.hub`). Its metadata
+    (library_name, base_model, tags, license) is huggingface_hub's `ModelCardData`, and the card is built and saved as
+    PEFT builds its own (`ModelCard.from_template`, `card.save`).
     """
     base = recorded_base(adapter.peft_config)
     base = None if base is None or names_local_path(base) else base  # a local path means nothing to readers
@@ -78,16 +87,16 @@ def model_card(adapter: CompactAdapter, chart_file: str) -> ModelCard:
     return ModelCard.from_template(
         data,
         template_str=_TEMPLATE,
-        intro=_intro(adapter),
-        size=_size_table(adapter),
+        intro=_intro(adapter, repo_id),
+        size=_size_table(adapter, repo_id),
         plan=_plan_tables(adapter),
         settings=_settings_table(adapter),
         chart_file=chart_file,
-        how_to_load=_how_to_load(adapter, base),
+        how_to_load=_how_to_load(adapter, base, repo_id) if repo_id else _how_to_load_directory(adapter, base),
     )
 
 
-def _intro(adapter: CompactAdapter) -> str:
+def _intro(adapter: CompactAdapter, repo_id: str | None) -> str:
     plan = adapter.plan
     rest = {
         "share": "share one LoRA per kind",
@@ -96,29 +105,40 @@ def _intro(adapter: CompactAdapter) -> str:
     }[plan.mode]
     patterned = ", or their rank_pattern entry" if adapter.peft_config.get("rank_pattern") else ""
     own = f" at their full rank (r={adapter.peft_config.get('r')}{patterned})" if plan.mode == "truncate" else ""
-    return (
+    pruned = (
         f"A LoRA adapter pruned with [LoRA-drop](https://arxiv.org/abs/2402.07721): {len(plan.kept)} of "
         f"{len(plan.kinds)} LoRA modules keep their own weights{own}, the other {len(plan.dropped)} {rest} "
-        f"(mode `{plan.mode}`). It is stored in the `loradrop` compact format, version {adapter.format_version}."
+        f"(mode `{plan.mode}`)."
+    )
+    if repo_id is None:
+        return f"{pruned} It is stored in the `loradrop` compact format, version {adapter.format_version}."
+    return (
+        f"{pruned} This repo holds it twice: at its root as a plain PEFT adapter, which PEFT and the tools that read "
+        "LoRA adapters (vLLM, TGI, `merge_and_unload`) load as they load any other, and in `loradrop/` in the "
+        f"`loradrop` compact format, version {adapter.format_version}, which stores each shared or truncated LoRA "
+        "once and loads with the modules tied as trained."
     )
 
 
-def _size_table(adapter: CompactAdapter) -> str:
+def _size_table(adapter: CompactAdapter, repo_id: str | None) -> str:
     ratio = adapter.stored_bytes / adapter.plain_bytes if adapter.plain_bytes else 0.0
     truncate = adapter.plan.mode == "truncate"
+    plain = "unpruned PEFT adapter" if truncate else "plain PEFT adapter" + (" (this repo's root)" if repo_id else "")
+    compact = "compact adapter (`loradrop/`)" if repo_id else "this compact adapter"
     table = (
         "| | LoRA parameters | weight bytes |\n|---|---:|---:|\n"
-        f"| {'unpruned' if truncate else 'plain'} PEFT adapter | {adapter.plain_params:,} | {adapter.plain_bytes:,} |\n"
-        f"| this compact adapter | {adapter.stored_params:,} | {adapter.stored_bytes:,} ({ratio:.1%}) |"
+        f"| {plain} | {adapter.plain_params:,} | {adapter.plain_bytes:,} |\n"
+        f"| {compact} | {adapter.stored_params:,} | {adapter.stored_bytes:,} ({ratio:.1%}) |"
     )
     if adapter.other_params:
         table += (
             f"\n\nBoth also hold {adapter.other_params:,} parameters of modules trained in full (`modules_to_save`)."
         )
     if truncate:
+        where = "at this repo's root" if repo_id else "`loradrop expand` writes"
         table += (
-            f"\n\nThe plain PEFT adapter `loradrop expand` writes is as small as this one: it gives the truncated "
-            f"modules rank {adapter.plan.dropped_rank} through `rank_pattern`."
+            f"\n\nThe plain PEFT adapter {where} is as small as the compact one: it gives the truncated modules rank "
+            f"{adapter.plan.dropped_rank} through `rank_pattern`."
         )
     return table
 
@@ -138,9 +158,11 @@ def _plan_tables(adapter: CompactAdapter) -> str:
         else:
             status = f"shared: uses the LoRA of `{_short(plan.source_of(name))}`"
         modules.append(f"| `{_short(name)}` | {kind} | {plan.importance[name]:.4f} | {status} |")
+    settings = plan_settings(plan, adapter.plan_extra.get("config"))
     return (
         "Importance is each module's share of the summed squared LoRA output over the first steps (normalised to 1); "
-        f"the most important modules were kept until their importance reached {plan.threshold}.\n\n"
+        f"the most important modules were kept until their importance reached {plan.threshold}. The settings that "
+        f"decided the plan, and the data it rests on: `{settings}`.\n\n"
         + plan_table(plan)
         + "\n\n<details><summary>Every module</summary>\n\n"
         + "\n".join(modules)
@@ -162,42 +184,79 @@ def _settings_table(adapter: CompactAdapter) -> str:
         rows.append(f"| LoRA-drop dropped_rank (rank of truncated modules) | `{plan.dropped_rank}` |")
     if plan.step is not None:
         rows.append(f"| switch at optimizer step | {plan.step} |")
+    if plan.scored is not None:
+        scored = f"{plan.scored['micro_batches']:,} micro-batches, {plan.scored['tokens']:,} tokens"
+        rows.append(f"| importance measured on | {scored} |")
     rows += [f"| {key} | {_value(adapter.peft_config[key])} |" for key in _LORA_SETTINGS if key in adapter.peft_config]
     return "\n".join(rows)
 
 
-def _how_to_load(adapter: CompactAdapter, base: str | None) -> str:
-    auto = _AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
-    base_id = base or "<base model id>"
-    again = (
-        f"the model as trained, truncated modules at rank r with zeros past rank {adapter.plan.dropped_rank}; "
-        "`is_trainable=True` continues training at the same ranks"
-        if adapter.plan.mode == "truncate"
-        else "ties the shared modules again; `is_trainable=True` continues training with the same tying"
-    )
+def _how_to_load(adapter: CompactAdapter, base: str | None, repo_id: str) -> str:
+    """The repo card's snippets, naming the repo by its id: plain PEFT at the root first, then `hub_export`."""
+    auto, base_id = _auto_class(adapter), base or "<base model id>"
     plain = (
         " (truncated modules at their rank through `rank_pattern`; its logits agree with the trained model's up to "
         "float32 rounding)"
         if adapter.plan.mode == "truncate"
-        else ""
+        else " (every module with its own copy of the weights, as large as an unpruned adapter)"
     )
     return (
-        f"With `loradrop` ({again}):\n\n"
-        "```python\n"
-        f"from transformers import {auto}\n"
-        "from hub_export import load_from_hub\n\n"
-        f'base = {auto}.from_pretrained("{base_id}")\n'
-        'model = load_from_hub(base, "<this repo id>")  # or load_compact(base, "<local directory>")\n'
-        "```\n\n"
-        f"With plain PEFT, expand the adapter first (`loradrop expand hf://<this repo id> <output directory>`{plain}), "
-        "or load the `peft` subfolder if the repo was pushed with `--expanded`:\n\n"
+        f"The repo's root is a plain PEFT adapter{plain}:\n\n"
         "```python\n"
         "from peft import PeftModel\n"
         f"from transformers import {auto}\n\n"
         f'base = {auto}.from_pretrained("{base_id}")\n'
-        'model = PeftModel.from_pretrained(base, "<this repo id>", subfolder="peft")\n'
+        f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+        "```\n\n"
+        f"The compact adapter in `loradrop/` loads with `hub_export` ({_loaded_again(adapter)}), which comes with the "
+        "`loradrop` package:\n\n"
+        f"```bash\n{INSTALL}\n```\n\n"
+        "```python\n"
+        f"from transformers import {auto}\n\n"
+        "from hub_export import load_from_hub\n\n"
+        f'base = {auto}.from_pretrained("{base_id}")\n'
+        f'model = load_from_hub(base, "{repo_id}")\n'
+        "```\n\n"
+        f"`loradrop inspect hf://{repo_id}` shows the plan and the settings; `loradrop pull {repo_id} <directory>` "
+        "downloads the compact adapter and rebuilds the plain one from it."
+    )
+
+
+def _how_to_load_directory(adapter: CompactAdapter, base: str | None) -> str:
+    """The snippets of a compact adapter directory's card: `load_compact`, or plain PEFT after `loradrop expand`."""
+    auto, base_id = _auto_class(adapter), base or "<base model id>"
+    return (
+        f"With `hub_export`, from the `loradrop` package ({_loaded_again(adapter)}):\n\n"
+        "```python\n"
+        f"from transformers import {auto}\n\n"
+        "from hub_export import load_compact\n\n"
+        f'base = {auto}.from_pretrained("{base_id}")\n'
+        'model = load_compact(base, "<this directory>")\n'
+        "```\n\n"
+        "With plain PEFT, expand it first (`loradrop expand <this directory> <peft directory>`), or push it "
+        "(`loradrop push <this directory> <user/name>`): the repo's root is the plain PEFT adapter, and its card "
+        "shows the snippets with the repo's id.\n\n"
+        "```python\n"
+        "from peft import PeftModel\n"
+        f"from transformers import {auto}\n\n"
+        f'base = {auto}.from_pretrained("{base_id}")\n'
+        'model = PeftModel.from_pretrained(base, "<peft directory>")\n'
         "```"
     )
+
+
+def _auto_class(adapter: CompactAdapter) -> str:
+    return _AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
+
+
+def _loaded_again(adapter: CompactAdapter) -> str:
+    """What loading the compact adapter gives back."""
+    if adapter.plan.mode == "truncate":
+        return (
+            f"the model as trained, truncated modules at rank r with zeros past rank {adapter.plan.dropped_rank}; "
+            "`is_trainable=True` continues training at the same ranks"
+        )
+    return "ties the shared modules again; `is_trainable=True` continues training with the same tying"
 
 
 def _short(name: str) -> str:

@@ -34,8 +34,6 @@ from .errors import (
     RepoNotFoundError,
 )
 
-# Where a repo pushed with `expanded=True` keeps the plain PEFT copy; loading the compact adapter never needs it.
-PEFT_SUBFOLDER = "peft"
 # The HTTP library's own error root (httpx2's in huggingface_hub 2, httpx's in 1): connection failures and
 # timeouts raised by the client are its subclasses without being HfHubHTTPError.
 _TRANSPORT_ERRORS = tuple(

@@ -20,7 +20,7 @@ from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters, lora_shape
 from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build_plan, coverage_warning, detach_plan
 from .reparam import UntiedLora, reparameterise
-from .report import PLAN_FILE, PLOT_FILE, plot_importance, summary_table, write_plan
+from .report import PLAN_FILE, PLOT_FILE, plan_settings, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
 from .sharding import check_fsdp_version, parameter_engine
 from .stability import StabilityTracker
@@ -181,7 +181,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             self._tracker.load_state_dict(saved.get("stability") or {})
         self._collector.skip_forwards(state.global_step * args.gradient_accumulation_steps)
         if saved.get("totals") and args.process_index == 0:
-            self._collector.load_totals(saved["totals"], saved.get("skipped"))
+            self._collector.load_totals(saved["totals"], saved.get("skipped"), saved.get("scored"))
         if state.global_step >= self._switch_step:
             logger.warning(
                 f"LoRA-drop: resumed at step {state.global_step}, at or past the switch that alpha={cfg.alpha} and "
@@ -328,6 +328,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             "plan_config": self._plan_config,
             "totals": collector.totals() if collector is not None else None,
             "skipped": collector.skipped() if collector is not None else None,
+            "scored": collector.scored() if collector is not None else None,
             "stability": self._tracker.state_dict() if self._tracker is not None and collector is not None else None,
             "schedule_restart": self._schedule_restart,
             "gave_up": self._gave_up,
@@ -364,7 +365,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             f"LoRA-drop: the checkpoint's importance was measured with {', '.join(changed)}; it is left out and the "
             f"collection starts again at step {state.global_step} (the switch stays at step {self._switch_step})."
         )
-        return {key: value for key, value in saved.items() if key not in ("totals", "skipped", "stability")}
+        return {key: value for key, value in saved.items() if key not in ("totals", "skipped", "scored", "stability")}
 
     def _switch(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model, optimizer, scheduler
@@ -372,7 +373,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         cfg = self.config
         collector, self._collector = self._collector, None
         collector.all_reduce(args.device)
-        totals, skipped = collector.totals(), collector.skipped()
+        totals, skipped, scored = collector.totals(), collector.skipped(), collector.scored()
         collector.remove()
         if skipped:
             worst = max(skipped, key=skipped.get)
@@ -388,6 +389,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             logger.warning(_not_pruning(err, args, state) if zero else f"LoRA-drop: not pruning. {err}")
             self._gave_up = True
             return
+        plan.scored = scored
         if self._tracker is not None:
             plan.stability = self._tracker.history
         fresh_seed = args.seed + state.global_step if cfg.shared_init == "fresh" and not cfg.restart else None
@@ -403,7 +405,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         self._attach_plan(model)
         if state.is_world_process_zero:
             table = summary_table(plan, self.lora_params_before, self.lora_params_after)
-            _show(args, f"LoRA-drop plan at step {state.global_step}:\n{table}")
+            _show(
+                args, f"LoRA-drop plan at step {state.global_step}:\n{table}\n{plan_settings(plan, self._plan_config)}"
+            )
             if self._tracker is not None:
                 why = "the plan was stable" if self._tracker.settled else "max_alpha reached"
                 _show(args, f"LoRA-drop: alpha='auto' switched ({why}); scoring windows:\n{self._tracker.describe()}")
@@ -472,7 +476,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         """Write the plan file and the chart, and say where, next to the plan on the console."""
         written = [f"plan written to {write_plan(self.plan, directory, self._plan_extra())}"]
         if self.config.save_plot:
-            written.append(f"importance chart written to {plot_importance(self.plan, directory / PLOT_FILE)}")
+            chart = plot_importance(self.plan, directory / PLOT_FILE, self._plan_config)
+            written.append(f"importance chart written to {chart}")
         _show(args, f"LoRA-drop: {'; '.join(written)}")
 
 

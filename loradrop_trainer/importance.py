@@ -33,7 +33,9 @@ How forwards add up (`aggregate`):
 
 Nothing reads a value back to the host during training: scores are added into a float32 vector on the device. A
 score that is not finite (one overflowing micro-batch of one module) is left out and counted instead of poisoning the
-module's total; the count is reported at the switch.
+module's total; the count is reported at the switch. So is how much data the plan rests on (`scored`): the scored
+micro-batches and their real tokens (the attention mask's, or every input token when there is none), counted on the
+device as well.
 
 When the LoRA weights are sharded (FSDP2, DeepSpeed ZeRO-3), a `lora_B` weight is whole only inside its module's
 forward, so the pre-hook computes `B^T B` right there (an r x r matrix, in float32) instead of reading B at the end.
@@ -51,6 +53,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import AGGREGATES, SCORES
+from .plan import SCORED_KEYS
 from .sharding import parameter_engine
 
 _MASK_KEYS = ("attention_mask", "decoder_attention_mask")
@@ -84,6 +87,9 @@ class ImportanceCollector:
         device = self._lora_b[0].weight.device
         self._totals = torch.zeros(len(self.names), dtype=torch.float32, device=device)
         self._skipped = torch.zeros_like(self._totals)
+        self._scored = torch.zeros(2, dtype=torch.int64, device=device)  # scored micro-batches, their real tokens
+        self._tokens: torch.Tensor | int = 0  # real tokens of the forward being scored
+        self._scored_known = True  # False after resuming totals saved without their counts
         self._squared_scaling = torch.tensor(
             [float(layer.scaling[adapter_name]) ** 2 for layer in layers.values()], device=device
         )
@@ -140,6 +146,7 @@ class ImportanceCollector:
         if (self._forwards - 1) % self._score_every:
             return
         self._active = True
+        self._tokens = _real_tokens(args, kwargs)
         for key in _MASK_KEYS:
             mask = kwargs.get(key)
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -166,6 +173,8 @@ class ImportanceCollector:
         if self._rank:  # a forward in which every score is zero (B still zero) ranks nothing
             scores = mid_ranks(scores) * (scores.amax() > 0)
         self._totals += scores
+        self._scored[0] += 1
+        self._scored[1] += self._tokens.to(self._scored) if isinstance(self._tokens, torch.Tensor) else self._tokens
 
     def _output_norms(self) -> torch.Tensor:
         """`scaling^2 sum_t m_t ||B u_t||^2` of this forward, per module (zero for modules it did not run)."""
@@ -230,11 +239,24 @@ class ImportanceCollector:
         """How many scores of each module were left out for not being finite (modules with none are omitted)."""
         return {name: int(n) for name, n in zip(self.names, self._skipped.tolist()) if n}
 
-    def load_totals(self, totals: Mapping[str, float], skipped: Mapping[str, int] | None = None) -> None:
-        """Continue from the totals (and counts of left-out scores) saved in a checkpoint."""
+    def scored(self) -> dict[str, int] | None:
+        """How much data this process's totals rest on, `{"micro_batches": n, "tokens": n}` (reads them back); None
+        when they continue totals of a checkpoint that did not record it."""
+        return dict(zip(SCORED_KEYS, self._scored.tolist())) if self._scored_known else None
+
+    def load_totals(
+        self,
+        totals: Mapping[str, float],
+        skipped: Mapping[str, int] | None = None,
+        scored: Mapping[str, int] | None = None,
+    ) -> None:
+        """Continue from the totals (and counts of left-out scores and of scored data) saved in a checkpoint."""
         for tensor, saved in ((self._totals, totals), (self._skipped, skipped or {})):
             values = [float(saved.get(name, 0.0)) for name in self.names]
             tensor.copy_(torch.tensor(values, dtype=torch.float32))
+        self._scored_known = scored is not None
+        counts = [int((scored or {}).get(key, 0)) for key in SCORED_KEYS]
+        self._scored.copy_(torch.tensor(counts, dtype=torch.int64))
 
     def all_reduce(self, device: torch.device) -> None:
         """Sum the totals of every process into every process (no-op in a single process)."""
@@ -244,11 +266,15 @@ class ImportanceCollector:
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
         self._totals.copy_(summed[0])
         self._skipped.copy_(summed[1])
+        scored = self._scored.to(device)  # integers: a float32 count of tokens would round past 2**24
+        dist.all_reduce(scored, op=dist.ReduceOp.SUM)
+        self._scored.copy_(scored)
 
     def zero(self) -> None:
         """Forget this process's totals (after an all-reduce left their sum on another rank)."""
         self._totals.zero_()
         self._skipped.zero_()
+        self._scored.zero_()
 
     def remove(self) -> None:
         """Take the hooks off the model (the totals stay readable; `attach` puts the hooks back)."""
@@ -258,6 +284,19 @@ class ImportanceCollector:
         self._active = False
         self._inputs.clear()
         self._base_norms.clear()
+
+
+def _real_tokens(args: tuple, kwargs: dict) -> torch.Tensor | int:
+    """The real tokens of a forward's input: the attention mask's count (left on the device), else every input
+    token."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.sum()
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        return ids.numel()
+    embeds = kwargs.get("inputs_embeds")
+    return embeds.shape[:-1].numel() if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else 0
 
 
 def _weight_gram(weight: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from typing import Any
 
 from .config import MODES
 
+SCORED_KEYS = ("micro_batches", "tokens")  # how much data the importance rests on (`DropPlan.scored`)
+
 PLAN_FORMAT_VERSION = 1
 
 # Attributes under which a re-parameterised model carries its plan (and the run's settings that go with it), so the
@@ -30,7 +32,8 @@ class DropPlan:
     of one kind, most important first: in mode "share" they all use the LoRA of `shared[kind][0]`; in mode "drop"
     they have no LoRA at all; in mode "truncate" each keeps its own LoRA at rank `dropped_rank`. `importance` is
     normalised to sum to 1 over every module that took part. With alpha="auto", `stability` holds one record per
-    scoring window up to the switch (see `stability.py`).
+    scoring window up to the switch (see `stability.py`). `scored` says how much data the importance rests on,
+    `{"micro_batches": n, "tokens": n}` (None in plans written before it was recorded).
     """
 
     importance: dict[str, float]
@@ -44,6 +47,7 @@ class DropPlan:
     total: float | None = None
     stability: list[dict[str, Any]] | None = None
     dropped_rank: int | None = None
+    scored: dict[str, int] | None = None
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @property
@@ -93,6 +97,7 @@ class DropPlan:
             "importance": dict(self.importance),
             "stability": [dict(record) for record in self.stability] if self.stability is not None else None,
             **({"dropped_rank": self.dropped_rank} if self.mode == "truncate" else {}),
+            **({"scored": dict(self.scored)} if self.scored is not None else {}),
         }
 
     @classmethod
@@ -118,6 +123,7 @@ class DropPlan:
             total=data.get("total"),
             stability=[dict(record) for record in data["stability"]] if data.get("stability") else None,
             dropped_rank=data.get("dropped_rank"),
+            scored=dict(data["scored"]) if data.get("scored") is not None else None,
         )
         plan.validate()
         return plan
@@ -138,6 +144,14 @@ class DropPlan:
             math.isfinite(value) and value >= 0 for value in self.importance.values()
         ):
             raise ValueError("Drop plan importances must be one finite, non-negative number per module.")
+        if self.scored is not None and not (
+            set(self.scored) == set(SCORED_KEYS)
+            and all(type(count) is int and count >= 0 for count in self.scored.values())
+        ):
+            raise ValueError(
+                f"Drop plan 'scored' must give {' and '.join(SCORED_KEYS)} as non-negative integers, got "
+                f"{self.scored!r}; the plan is corrupt."
+            )
         placed = self.kept + self.dropped
         if sorted(placed) != sorted(self.kinds) or len(set(placed)) != len(placed):
             raise ValueError("Drop plan is inconsistent: every module must be either kept or shared, exactly once.")

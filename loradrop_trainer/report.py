@@ -10,7 +10,9 @@ import io
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .atomic import atomic_write
 from .plan import DropPlan
@@ -20,6 +22,10 @@ PLOT_FILE = "loradrop_importance.png"
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 _DROPPED_AS = {"share": "shared", "drop": "dropped", "truncate": "truncated"}  # what a dropped module became
+# The LoraDropConfig fields that decide which modules a plan keeps (the same run prunes to 100% or 64.5% of its
+# modules by `normalize` alone), in the order `plan_settings` shows them.
+PLAN_SETTINGS = ("normalize", "score", "aggregate", "restart", "alpha", "mode", "threshold", "dropped_rank")
+_SHOWN_CHARS = 40  # of one recorded setting: they come from files anyone may have written
 
 
 def plan_table(plan: DropPlan) -> str:
@@ -58,14 +64,45 @@ def kept_line(plan: DropPlan) -> str:
     return f"{kept} their own LoRA"
 
 
+def plan_settings(plan: DropPlan, config: Mapping[str, Any] | None) -> str:
+    """The settings that decided `plan`, its switch step and how much data it rests on, on one line, for every place
+    the plan is shown (console, chart, model card, `loradrop inspect`).
+
+    `config` is the run's LoraDropConfig as recorded next to the plan (`extra["config"]`); the plan's own fields
+    (mode, threshold, dropped_rank) are shown as the plan has them.
+    """
+    recorded = dict(config) if isinstance(config, Mapping) else {}
+    recorded.update(mode=plan.mode, threshold=plan.threshold, dropped_rank=plan.dropped_rank)
+    shown = [
+        f"{key}={_setting(recorded[key])}"
+        for key in PLAN_SETTINGS
+        if key in recorded and (key != "dropped_rank" or plan.mode == "truncate")
+    ]
+    if not isinstance(config, Mapping):
+        shown.append("other settings not recorded")
+    if plan.scored is None:
+        data = "amount of scored data not recorded"
+    else:
+        data = (
+            f"importance from {plan.scored['micro_batches']:,} scored micro-batches ({plan.scored['tokens']:,} tokens)"
+        )
+    switch = "switch step not recorded" if plan.step is None else f"switch at step {plan.step}"
+    return f"{', '.join(shown)}; {switch}, {data}"
+
+
+def _setting(value: Any) -> str:
+    return str(value)[:_SHOWN_CHARS] if value is None or isinstance(value, (str, int, float, bool)) else "?"
+
+
 def write_plan(plan: DropPlan, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `loradrop_plan.json` (the plan and the `extra` fields of the run) into `directory`, atomically."""
     payload = {**plan.to_dict(), **(extra or {})}
     return atomic_write(Path(directory) / PLAN_FILE, json.dumps(payload, indent=2))
 
 
-def plot_importance(plan: DropPlan, path: str | os.PathLike) -> Path:
-    """One bar chart per kind: importance by layer, kept modules in colour, dropped ones in grey."""
+def plot_importance(plan: DropPlan, path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> Path:
+    """One bar chart per kind: importance by layer, kept modules in colour, dropped ones in grey; the subtitle (and
+    the PNG's "Description" text) is `plan_settings(plan, config)`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,10 +123,12 @@ def plot_importance(plan: DropPlan, path: str | os.PathLike) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[-1, 0].set_xlabel("layer")
     verb = _DROPPED_AS[plan.mode] + (f" to rank {plan.dropped_rank}" if plan.mode == "truncate" else "")
+    settings = plan_settings(plan, config)
     fig.suptitle(f"LoRA-drop importance (blue: kept, grey: {verb}; threshold {plan.threshold})")
+    axes[0, 0].set_title(settings, fontsize=8)
     fig.tight_layout()
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
+    fig.savefig(png, format="png", dpi=110, metadata={"Description": settings})
     plt.close(fig)
     return atomic_write(path, png.getvalue())
 

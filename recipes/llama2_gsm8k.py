@@ -77,7 +77,7 @@ Flags (every one has a default; ``--help`` lists them with their help text), gro
                    --bf16 --activation_checkpointing --seed --logging_steps --save_steps --save_total_limit
                    --deepspeed --report_to --resume_from_checkpoint
     evaluation     --per_device_eval_batch_size --max_new_tokens --eval_before_training
-    export         --push_to_hub --hub_private --hub_expanded --base_model
+    export         --push_to_hub --hub_private --base_model
 """
 
 from __future__ import annotations
@@ -262,10 +262,9 @@ class RecipeArgs:
     push_to_hub: str | None = field(
         default=None, metadata={"help": "Hub repository (user/name) to push the compact adapter to after training."}
     )
-    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
-    hub_expanded: bool = field(
+    hub_private: bool = field(
         default=False,
-        metadata={"help": "Also upload a plain PEFT copy (subfolder peft/) for users without loradrop installed."},
+        metadata={"help": "Create the Hub repository as private (an existing public one is refused)."},
     )
     base_model: str | None = field(
         default=None,
@@ -614,12 +613,13 @@ def export_compact(model, plan, output_dir: Path, base_model: str | None = None)
 
 
 def push(model, compact_dir: Path | None, cfg: RecipeArgs) -> str:
-    """Upload the compact adapter (LoRA-drop), or the plain PEFT adapter (--no_loradrop), to --push_to_hub."""
+    """Upload the adapter to --push_to_hub: with LoRA-drop, the plain PEFT adapter at the repo's root and the compact
+    one in loradrop/ (hub_export.push_to_hub); with --no_loradrop, the plain PEFT adapter."""
     if compact_dir is None:
         return str(model.push_to_hub(cfg.push_to_hub, private=cfg.hub_private))
     from hub_export import push_to_hub
 
-    return push_to_hub(compact_dir, cfg.push_to_hub, private=cfg.hub_private, expanded=cfg.hub_expanded)
+    return push_to_hub(compact_dir, cfg.push_to_hub, private=cfg.hub_private or None)  # unset: any existing repo
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -301,3 +301,26 @@ def test_every_checkpoint_after_the_switch_holds_the_plan(tmp_path):
     for step in (4, 6, 20):
         written = json.loads((out / f"checkpoint-{step}" / PLAN_FILE).read_text())
         assert DropPlan.from_dict(written) == callback.plan
+
+
+def test_22_3_the_plan_records_how_much_data_it_rests_on(tmp_path):
+    """`DropPlan.scored` counts the micro-batches scored before the switch and their real tokens (the attention
+    mask's), and the plan file records it."""
+    model = tiny_llama()
+    seen: list[int] = []  # real tokens of each training forward, in order
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(int(kwargs["attention_mask"].sum())) if module.training else None,
+        with_kwargs=True,
+    )
+    callback = LoraDropCallback(alpha=0.2, **SHARING)
+    args = training_args(tmp_path, max_steps=10, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    plan = callback.plan
+    assert plan.step == 2
+    assert plan.scored == {"micro_batches": 4, "tokens": sum(seen[:4])}
+    assert sum(seen[:4]) < 4 * 4 * 16, "padding does not count"
+    assert json.loads((tmp_path / "out" / PLAN_FILE).read_text())["scored"] == plan.scored
+    assert DropPlan.from_dict(plan.to_dict()) == plan
+    for bad in ({"micro_batches": -1, "tokens": 3}, {"micro_batches": "4"}, {"micro_batches": 4, "tokens": True}):
+        with pytest.raises(ValueError, match="'scored' must give micro_batches and tokens"):
+            DropPlan.from_dict({**plan.to_dict(), "scored": bad})

@@ -64,8 +64,7 @@ from hub_export import (
     save_compact,
 )
 from hub_export.cli import main as loradrop
-from hub_export.compact import MANIFEST_FILE, WEIGHTS_FILE
-from hub_export.hub import PEFT_SUBFOLDER
+from hub_export.format import COMPACT_SUBFOLDER, MANIFEST_FILE, WEIGHTS_FILE
 from loradrop_trainer import LoraDropCallback, apply_plan, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.lora_layers import count_distinct, lora_parameters
 from loradrop_trainer.report import PLAN_FILE, PLOT_FILE
@@ -218,7 +217,7 @@ def test_model_card_has_hub_metadata_plan_settings_and_chart(shared, tmp_path):
     assert "alpha (fraction of steps collecting importance) | `0.2`" in text
     assert "| lora_alpha | `8` |" in text
     assert f"({PLOT_FILE})" in text and (shared.compact / PLOT_FILE).stat().st_size > 1000
-    assert 'subfolder="peft"' in text and "load_compact(base" in text
+    assert "load_compact(base" in text and "loradrop expand" in text
     adapter = read_compact(shared.compact)
     assert f"{adapter.plain_bytes:,}" in text and f"{adapter.stored_bytes:,}" in text
 
@@ -388,15 +387,17 @@ def test_push_pull_load_from_hub(hub, shared, tmp_path):
     assert url == f"{hub.endpoint}/{REPO}/commit/{oid}" and hub.head(REPO) == oid
     assert hub.repo(REPO).private
     pulled = pull(REPO, tmp_path / "pulled")
-    assert tree_bytes(pulled).items() >= tree_bytes(shared.compact).items(), "pulled files must be byte-identical"
+    compact_files = {name: data for name, data in tree_bytes(shared.compact).items() if name != "README.md"}
+    assert tree_bytes(pulled / COMPACT_SUBFOLDER) == compact_files, "pulled files must be byte-identical"
+    assert tree_bytes(pulled) == {k: v for k, v in hub.files_at(REPO).items() if k != ".gitattributes"}
     loaded = load_from_hub(tiny_llama_base(seed=0), REPO)
     torch.testing.assert_close(model_logits(loaded), shared.logits, rtol=0, atol=0)
 
 
 def test_push_a_model_directly(hub, shared):
+    first = push_to_hub(shared.compact, REPO)
     load = load_compact(tiny_llama_base(seed=0), shared.compact)
-    push_to_hub(load, REPO)
-    assert {k: v for k, v in hub.files_at(REPO).items() if k != ".gitattributes"} == tree_bytes(shared.compact)
+    assert push_to_hub(load, REPO) == first, "the model's adapter is the directory's, file for file: no commit"
 
 
 def test_repush_of_unchanged_files_makes_no_commit(hub, shared):
@@ -416,21 +417,103 @@ def test_revision_pinning(hub, shared, dropped, tmp_path):
 
     push_to_hub(shared.compact, REPO, revision="dev", commit_message="on a branch")
     assert hub.repo(REPO).commits[hub.head(REPO, "dev")].title == "on a branch"
-    assert hub.files_at(REPO, "dev")[WEIGHTS_FILE] == (shared.compact / WEIGHTS_FILE).read_bytes()
-    assert hub.files_at(REPO)[WEIGHTS_FILE] == (dropped.compact / WEIGHTS_FILE).read_bytes()
+    weights = f"{COMPACT_SUBFOLDER}/{WEIGHTS_FILE}"
+    assert hub.files_at(REPO, "dev")[weights] == (shared.compact / WEIGHTS_FILE).read_bytes()
+    assert hub.files_at(REPO)[weights] == (dropped.compact / WEIGHTS_FILE).read_bytes()
     for style in (HubRevisionNotFoundError, RevisionNotFoundError):  # loradrop's error is also huggingface_hub's
         with pytest.raises(style, match="revision 'v9' does not exist"):
             load_from_hub(tiny_llama_base(seed=0), REPO, revision="v9")
 
 
-def test_expanded_subfolder_loads_with_vanilla_peft_and_goes_when_not_pushed(hub, shared):
-    push_to_hub(shared.compact, REPO, expanded=True)
-    assert f"{PEFT_SUBFOLDER}/adapter_model.safetensors" in hub.files_at(REPO)
-    plain = PeftModel.from_pretrained(tiny_llama_base(seed=0), REPO, subfolder=PEFT_SUBFOLDER)
-    torch.testing.assert_close(model_logits(plain), shared.logits, rtol=0, atol=0)
-    assert push_to_hub(shared.compact, REPO, expanded=True).endswith(hub.head(REPO)), "unchanged: no commit"
+def test_22_1_the_repo_root_loads_with_plain_peft(hub, run, tmp_path, capsys):
+    """The repo's root is the plain PEFT adapter (`PeftModel.from_pretrained(base, repo_id)`, as everyone types it),
+    the compact adapter is in loradrop/, and a pull, its inspection and the card agree with that layout."""
+    push_to_hub(run.compact, REPO)
+    files = set(hub.files_at(REPO)) - {".gitattributes"}
+    compact = {f"{COMPACT_SUBFOLDER}/{name}" for name in tree_bytes(run.compact) if name != "README.md"}
+    assert files == {"README.md", "adapter_config.json", "adapter_model.safetensors"} | compact
+    plain = PeftModel.from_pretrained(tiny_llama_base(seed=0), REPO)
+    torch.testing.assert_close(model_logits(plain), run.logits, rtol=0, atol=0)
+    expanded = expand_to_peft(run.compact, tmp_path / "expanded")
+    assert {name: hub.files_at(REPO)[name] for name in tree_bytes(expanded)} == tree_bytes(expanded)
+    card = ModelCard(hub.files_at(REPO)["README.md"].decode())
+    assert card.data.library_name == "peft" and f"({COMPACT_SUBFOLDER}/{PLOT_FILE})" in card.text
+    assert f'PeftModel.from_pretrained(base, "{REPO}")' in card.text and "subfolder" not in card.text
+
+    pulled = pull(REPO, tmp_path / "pulled")
+    assert sorted(tree_bytes(pulled)) == sorted(files)
+    torch.testing.assert_close(
+        model_logits(PeftModel.from_pretrained(tiny_llama_base(seed=0), str(pulled))), run.logits, rtol=0, atol=0
+    )
+    torch.testing.assert_close(model_logits(load_compact(tiny_llama_base(seed=0), pulled)), run.logits, rtol=0, atol=0)
+    assert loradrop(["inspect", str(pulled)]) == 0
+    assert "LoRA-drop compact adapter, format version 1" in capsys.readouterr().out
+    assert push_to_hub(pulled, REPO).endswith(hub.head(REPO)), "a pull pushed back is the repo as it is: no commit"
+
+
+def test_22_1_a_repo_pushed_in_the_layout_before_is_read_and_moved_on_push(hub, shared, tmp_path):
+    """Repos pushed with the compact adapter at the root (and `--expanded`'s copy in peft/) still load and pull; a
+    push into one leaves none of the old layout's files behind."""
+    hub.create_repo(REPO)
+    old_plain = expand_to_peft(shared.compact, tmp_path / "peft")
+    hub.commit(REPO, {**tree_bytes(shared.compact), **{f"peft/{k}": v for k, v in tree_bytes(old_plain).items()}})
+    torch.testing.assert_close(
+        model_logits(load_from_hub(tiny_llama_base(seed=0), REPO)), shared.logits, rtol=0, atol=0
+    )
+    pulled = pull(REPO, tmp_path / "pulled")
+    assert (pulled / COMPACT_SUBFOLDER / MANIFEST_FILE).read_bytes() == (shared.compact / MANIFEST_FILE).read_bytes()
+    assert not (pulled / "peft").exists()
+
     push_to_hub(shared.compact, REPO)
-    assert not any(path.startswith(f"{PEFT_SUBFOLDER}/") for path in hub.files_at(REPO)), "no stale plain copy"
+    files = set(hub.files_at(REPO)) - {".gitattributes"}
+    assert files == set(tree_bytes(pulled)), "the old layout's compact files at the root and peft/ are gone"
+    plain = PeftModel.from_pretrained(tiny_llama_base(seed=0), REPO)
+    torch.testing.assert_close(model_logits(plain), shared.logits, rtol=0, atol=0)
+
+
+def test_22_2_every_python_snippet_of_a_pushed_card_runs(hub, shared, tmp_path):
+    """The pushed card names the repo by its id and says how to install hub_export, and each of its Python snippets
+    runs as written, giving the trained model (the test Hub serves the base model under the id the adapter records)."""
+    tiny_llama_base(seed=0).save_pretrained(tmp_path / "base")
+    hub.create_repo(HUB_BASE)
+    hub.commit(HUB_BASE, tree_bytes(tmp_path / "base"))
+    push_to_hub(shared.compact, REPO, base_model=HUB_BASE)
+    card = hub.files_at(REPO)["README.md"].decode()
+    assert "<this repo id>" not in card and "<base model id>" not in card
+    assert re.search(r"```bash\npip install \. +# in a clone of the loradrop repository", card)
+    snippets = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(snippets) == 2 and all(f'"{REPO}"' in snippet for snippet in snippets)
+    for snippet in snippets:
+        namespace: dict = {}
+        exec(snippet, namespace)
+        torch.testing.assert_close(model_logits(namespace["model"]), shared.logits, rtol=0, atol=0)
+
+
+def test_22_3_the_settings_and_data_behind_the_plan_are_in_the_card_inspect_and_chart(shared, capsys):
+    """normalize, score, aggregate, restart, alpha, mode, threshold, the switch step and the scored micro-batches and
+    tokens: in the plan file, the model card, `loradrop inspect`, and the chart (drawn, and its PNG description)."""
+    from PIL import Image
+
+    plan = shared.callback.plan
+    assert plan.scored["micro_batches"] == plan.step == 4, "one micro-batch per step until the switch"
+    assert 4 * 8 * 8 <= plan.scored["tokens"] < 4 * 8 * 16, "real tokens: 8 to 16 of each row"
+    assert json.loads((shared.output_dir / PLAN_FILE).read_text())["scored"] == plan.scored
+    settings = ["normalize=global", "score=output", "aggregate=sum", "restart=False", "alpha=0.2", "mode=share"]
+    data = f"switch at step 4, importance from 4 scored micro-batches ({plan.scored['tokens']:,} tokens)"
+    card = (shared.compact / "README.md").read_text()
+    assert loradrop(["inspect", str(shared.compact)]) == 0
+    inspect = capsys.readouterr().out
+    charts = [Image.open(path / PLOT_FILE).text["Description"] for path in (shared.output_dir, shared.compact)]
+    for where, text in {"card": card, "inspect": inspect, "chart": charts[0], "exported chart": charts[1]}.items():
+        assert all(setting in text for setting in [*settings, "threshold=0.9", data]), (where, text)
+    for label, value in [
+        ("normalize (over which modules the threshold applies)", "`global`"),
+        ("score (what a scored micro-batch measures)", "`output`"),
+        ("aggregate (how scored micro-batches add up)", "`sum`"),
+        ("restart (LoRA re-initialised at the switch)", "`False`"),
+    ]:
+        assert f"| LoRA-drop {label} | {value} |" in card
+    assert f"| importance measured on | 4 micro-batches, {plan.scored['tokens']:,} tokens |" in card
 
 
 # huggingface_hub reads HF_HUB_OFFLINE once, at import: offline mode is a process started with it set.
@@ -504,7 +587,7 @@ def test_failed_push_leaves_local_files_and_remote_intact(hub, shared, tmp_path)
     head = hub.head(REPO)
     hub.fail_next(r"/commit/main$", 500)
     with pytest.raises(HubError, match="HTTP 500") as caught:
-        push_to_hub(local, REPO, expanded=True)
+        push_to_hub(local, REPO, base_model="org/tiny-llama")  # other files: a commit is sent
     assert isinstance(caught.value, HfHubHTTPError) and caught.value.response.status_code == 500
     assert tree_bytes(local) == before
     assert hub.head(REPO) == head
@@ -519,7 +602,8 @@ def test_failed_pull_leaves_no_target(hub, shared, tmp_path):
         pull(f"{DEFAULT_USER}/not-an-adapter", tmp_path / "pulled")
     assert list(tmp_path.glob("*pulled*")) == []
 
-    existing = _copy(shared.compact, tmp_path)
+    push_to_hub(shared.compact, REPO)
+    existing = pull(REPO, tmp_path / "earlier")
     before = tree_bytes(existing)
     with pytest.raises(CompactFileNotFoundError):
         pull(f"{DEFAULT_USER}/not-an-adapter", existing)
@@ -600,9 +684,9 @@ def test_push_refuses_a_local_base_path_and_records_the_id_given(hub, local_base
             push_to_hub(source, REPO)
     assert hub.requests_matching("POST", "/commit/") == [], "refused before anything is sent"
 
-    push_to_hub(compact, REPO, base_model=HUB_BASE, expanded=True)
+    push_to_hub(compact, REPO, base_model=HUB_BASE)
     files = hub.files_at(REPO)
-    for name in ("adapter_config.json", "peft/adapter_config.json"):
+    for name in ("adapter_config.json", f"{COMPACT_SUBFOLDER}/adapter_config.json"):
         assert json.loads(files[name])["base_model_name_or_path"] == HUB_BASE
     assert ModelCard(files["README.md"].decode()).data.base_model == HUB_BASE
     assert _base_name(compact) != HUB_BASE, "the local adapter is left as it was"
@@ -673,7 +757,7 @@ def test_quickstart_style_adapter_from_a_local_copy_loads_from_the_hub_with_plai
     logits = _logits_of(model)
     assert assets.hub_id(local) == assets.MINILM_HUB_ID
     compact = save_compact(model, tmp_path / "compact", base_model=assets.hub_id(local))
-    url = push_to_hub(compact, REPO, expanded=True)
+    url = push_to_hub(compact, REPO)
 
     pushed = hub.files_at(REPO)
     assert set(url.files) <= set(pushed)
@@ -685,9 +769,9 @@ def test_quickstart_style_adapter_from_a_local_copy_loads_from_the_hub_with_plai
     # someone else: no local copy, a clean cache and nothing but the repo id
     shutil.rmtree(local)
     clear_client_cache()
-    config = PeftConfig.from_pretrained(REPO, subfolder=PEFT_SUBFOLDER)
+    config = PeftConfig.from_pretrained(REPO)
     base = AutoModelForSequenceClassification.from_pretrained(config.base_model_name_or_path)
-    plain = PeftModel.from_pretrained(base, REPO, subfolder=PEFT_SUBFOLDER)
+    plain = PeftModel.from_pretrained(base, REPO)
     torch.testing.assert_close(_logits_of(plain), logits, rtol=0, atol=0)
     compact_load = load_from_hub(AutoModelForSequenceClassification.from_pretrained(assets.MINILM_HUB_ID), REPO)
     torch.testing.assert_close(_logits_of(compact_load), logits, rtol=0, atol=0)

@@ -112,3 +112,25 @@ def test_trainer_counts_each_micro_batch_once(tmp_path, args):
     raw, expected = _trainer_total(tmp_path, with_eval="eval_strategy" in args, **args)
     for name in expected:
         assert raw[name] == pytest.approx(expected[name], rel=1e-4)
+
+
+def test_20_1_removed_hooks_score_nothing_and_attach_goes_on_from_the_totals():
+    """The overhead benchmark times the same model with and without the hooks: `remove` must leave a plain model and
+    `attach` continue the totals, without scoring a forward twice."""
+    model = random_lora_b(tiny_llama())
+    batch = _batch()
+    expected = _reference(model, batch)
+    model.train()
+    collector = ImportanceCollector(model, find_lora_layers(model))
+    model(**batch)
+    collector.remove()
+    model(**batch)  # no hooks: not counted
+    collector.attach()
+    collector.attach()  # already attached: no second set of hooks
+    model(**batch)
+    got = collector.totals()
+    collector.remove()
+    for name in expected:
+        assert got[name] == pytest.approx(2 * expected[name], rel=1e-4)
+    lora_b = [layer.lora_B["default"] for layer in find_lora_layers(model).values()]
+    assert not any(b._forward_pre_hooks for b in lora_b)

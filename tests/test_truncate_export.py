@@ -52,7 +52,6 @@ from hub_export import (
 from hub_export.cli import main as loradrop
 from hub_export.compact import WEIGHTS_FILE
 from hub_export.format import CARD_FILE
-from hub_export.hub import PEFT_SUBFOLDER
 from loradrop_trainer import LoraDropCallback, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.lora_layers import lora_parameters
 from loradrop_trainer.reparam import reparameterise
@@ -475,13 +474,13 @@ def test_card_and_inspect_say_truncated_to_rank_k(bert, capsys):
     assert "for the unpruned adapter" in out
 
 
-def test_push_and_load_from_hub(hub, llama):
-    """Through the test Hub: load_from_hub gives the trained logits exactly, the expanded peft/ subfolder loads in
-    vanilla PEFT at rank k."""
-    push_to_hub(llama.compact, REPO, expanded=True)
+def test_22_1_push_and_load_from_hub_and_the_repo_root_in_plain_peft(hub, llama):
+    """Through the test Hub: load_from_hub gives the trained logits exactly, and the repo's root (issue 22, item 1)
+    loads in vanilla PEFT at rank k, with the trained logits up to the expansion's float32 rounding."""
+    push_to_hub(llama.compact, REPO)
     loaded = load_from_hub(llama.base(), REPO)
     torch.testing.assert_close(model_logits(loaded), llama.logits, rtol=0, atol=0)
     _assert_zero_blocks(loaded, llama.callback.plan)
-    plain = PeftModel.from_pretrained(llama.base(), REPO, subfolder=PEFT_SUBFOLDER)
+    plain = PeftModel.from_pretrained(llama.base(), REPO)
     assert all(find_lora_layers(plain)[name].r["default"] == 1 for name in llama.callback.plan.dropped)
     assert _relative_difference(model_logits(plain), llama.logits)[1] < EXPANSION_RTOL

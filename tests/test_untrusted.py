@@ -18,16 +18,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import craft_compact, model_logits, one_line_error, random_lora_b, tiny_llama, tiny_llama_base, tree_bytes
+from helpers import (
+    VOCAB,
+    craft_compact,
+    model_logits,
+    one_line_error,
+    random_lora_b,
+    tiny_llama,
+    tiny_llama_base,
+    tree_bytes,
+)
 from hub_server import DEFAULT_USER
 from peft import PeftModel
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 import hub_export.loader
 from hub_export import (
     BaseModelMismatchError,
     CompactFileNotFoundError,
     CompactFormatError,
+    RepoVisibilityError,
     TargetExistsError,
     UnsupportedFormatVersionError,
     expand_to_peft,
@@ -559,15 +570,15 @@ def test_9_push_uploads_only_the_adapter_files_and_lists_them(hub, share, tmp_pa
     (local / "secret.txt").symlink_to(tmp_path / "secret")
     (local / "checkpoint-3").mkdir()
     (local / "checkpoint-3" / "optimizer.pt").write_text("state")
-    url = push_to_hub(local, REPO, expanded=True)
-    expected = sorted(COMPACT_FILES | {f"peft/{name}" for name in PEFT_FILES})
+    url = push_to_hub(local, REPO)
+    expected = sorted({"README.md"} | PEFT_FILES | {f"loradrop/{name}" for name in COMPACT_FILES - {"README.md"}})
     assert url.files == expected and url == f"{hub.endpoint}/{REPO}/commit/{hub.head(REPO)}"
     assert sorted(set(hub.files_at(REPO)) - {".gitattributes"}) == expected
 
     assert main(["push", str(local), f"{DEFAULT_USER}/cli"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == f"{hub.endpoint}/{DEFAULT_USER}/cli/commit/{hub.head(f'{DEFAULT_USER}/cli')}"
-    assert sorted(line.strip() for line in out[1:-1]) == sorted(COMPACT_FILES)
+    assert sorted(line.strip() for line in out[1:-1]) == expected
     for repo in (REPO, f"{DEFAULT_USER}/cli"):
         assert not any(b"hf_secret_token" in data for data in hub.files_at(repo).values()), "a link's target stays"
 
@@ -575,11 +586,16 @@ def test_9_push_uploads_only_the_adapter_files_and_lists_them(hub, share, tmp_pa
 def test_9_an_adapter_file_that_is_a_symlink_is_not_pushed(hub, share, tmp_path):
     local = Path(shutil.copytree(share[0], tmp_path / "local"))
     (tmp_path / "secret").write_text("hf_secret_token")
-    (local / "README.md").unlink()
-    (local / "README.md").symlink_to(tmp_path / "secret")
-    with pytest.raises(CompactFormatError, match=r"README\.md.*symbolic link"):
+    (local / "loradrop_importance.png").unlink()
+    (local / "loradrop_importance.png").symlink_to(tmp_path / "secret")
+    with pytest.raises(CompactFormatError, match=r"loradrop_importance\.png.*symbolic link"):
         push_to_hub(local, REPO)
     assert hub.requests_matching("POST", "/commit/") == []
+    (local / "loradrop_importance.png").unlink()
+    (local / "README.md").unlink()
+    (local / "README.md").symlink_to(tmp_path / "secret")
+    push_to_hub(local, REPO)  # the repo's card is written anew for the repo, never read from the directory
+    assert not any(b"hf_secret_token" in data for data in hub.files_at(REPO).values())
 
 
 # ------------------------------------------------------------------------------------ smaller items
@@ -702,3 +718,42 @@ def test_21_13_a_full_disk_while_writing_is_one_line_and_replaces_nothing(share,
     error = one_line_error(capsys)
     assert "Could not write" in error and "No space" in error and "nothing was replaced" in error
     assert tree_bytes(tmp_path / "peft") == before
+
+
+def test_21_3_pull_rebuilds_the_plain_adapter_and_never_takes_the_repos(hub, share, tmp_path):
+    """A repo may ship a plain PEFT adapter that computes something else than its compact one (here with a base-model
+    key, which PEFT would write into the base weights): a pull expands the checked compact adapter instead, whether
+    the repo keeps the plain copy at its root or, as pushed before, in peft/."""
+    honest = tree_bytes(expand_to_peft(share[0], tmp_path / "honest"))
+    hostile = expand_to_peft(share[0], tmp_path / "hostile")
+    weights = load_file(hostile / "adapter_model.safetensors")
+    weights["base_model.model.model.embed_tokens.weight"] = torch.zeros(VOCAB, 32)
+    save_file(weights, hostile / "adapter_model.safetensors", metadata={"format": "pt"})
+    push_to_hub(share[0], REPO)
+    hub.commit(REPO, tree_bytes(hostile))  # the root's plain adapter replaced behind the compact one's back
+    old = f"{DEFAULT_USER}/pushed-before"
+    hub.create_repo(old)
+    hub.commit(old, {**tree_bytes(share[0]), **{f"peft/{name}": data for name, data in tree_bytes(hostile).items()}})
+    for repo in (REPO, old):
+        pulled = pull(repo, tmp_path / repo.replace("/", "-"))
+        assert {name: (pulled / name).read_bytes() for name in honest} == honest, repo
+        assert not (pulled / "peft").exists()
+        plain = PeftModel.from_pretrained(tiny_llama_base(seed=0), str(pulled))
+        torch.testing.assert_close(model_logits(plain), share[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("asked", [True, False], ids=["private-into-public", "public-into-private"])
+def test_21_7_a_push_refuses_a_repo_of_the_other_visibility(hub, share, capsys, asked):
+    hub.create_repo(REPO, private=not asked)
+    hub.clear_requests()
+    found = "public" if asked else "private"
+    with pytest.raises(RepoVisibilityError, match=f"{REPO} is a {found} repo.*nothing was uploaded"):
+        push_to_hub(share[0], REPO, private=asked)
+    if asked:
+        assert main(["push", str(share[0]), REPO, "--private"]) == 1
+        assert "is a public repo, but the push asks for a private one" in one_line_error(capsys)
+    assert hub.requests_matching("POST", "") == [], "nothing is created, branched or committed"
+    assert set(hub.files_at(REPO)) == {".gitattributes"} and hub.repo(REPO).private is not asked
+    push_to_hub(share[0], REPO)  # the visibility left unset pushes into the repo as it is
+    push_to_hub(share[0], REPO, private=not asked)
+    assert hub.repo(REPO).private is not asked and "README.md" in hub.files_at(REPO)
