@@ -111,7 +111,8 @@ def push_to_hub(
         folder = Path(staging) / "repo"
         folder.mkdir()
         adapter = _write_repo(source, folder, repo_id)
-        check_publishable(adapter.peft_config, where)
+        if base_model is None:  # one given is the Hub id it names, whatever directories are here (`with_base_model`)
+            check_publishable(adapter.peft_config, where)
         files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
         message = commit_message or (
             f"Upload LoRA-drop adapter ({len(adapter.plan.kept)}/{len(adapter.plan.kinds)} modules kept): plain PEFT "

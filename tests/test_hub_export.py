@@ -598,7 +598,7 @@ def test_failed_pull_leaves_no_target(hub, shared, tmp_path):
         pull(f"{DEFAULT_USER}/missing", tmp_path / "pulled")
     hub.create_repo(f"{DEFAULT_USER}/not-an-adapter")
     hub.commit(f"{DEFAULT_USER}/not-an-adapter", {"README.md": b"# hello\n"})
-    with pytest.raises(CompactFileNotFoundError, match="not a LoRA-drop compact adapter"):
+    with pytest.raises(CompactFileNotFoundError, match="holds no LoRA-drop compact adapter"):
         pull(f"{DEFAULT_USER}/not-an-adapter", tmp_path / "pulled")
     assert list(tmp_path.glob("*pulled*")) == []
 

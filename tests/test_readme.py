@@ -108,3 +108,13 @@ def test_22_7_the_result_sections_are_rendered_from_the_results_files(section, m
     table = module.markdown(module.points(rows) if section == "front" else module.summarise(rows))
     start, end = f"<!-- {section}:start -->\n", f"<!-- {section}:end -->"
     assert README.split(start, 1)[1].split(end, 1)[0] == f"{table}\n\n![{section}](benchmarks/results/{section}.png)\n"
+
+
+def test_20_the_overhead_table_is_rendered_from_the_h200_results(monkeypatch):
+    """Issue 20: the README's step-time table is `benchmarks/overhead.py summarise` of the committed H200 runs."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    overhead = __import__("overhead")
+    sys.modules.pop("overhead")
+    paths = sorted(str(path) for path in (ROOT / "benchmarks/results/overhead/h200_pinned").glob("*.json"))
+    table = "\n".join(overhead.summarise(paths))
+    assert f"\n{table}\n" in README

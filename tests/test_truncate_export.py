@@ -419,13 +419,7 @@ def test_crafted_truncate_adapters_are_refused(llama, tmp_path, capsys, craft, m
         else next(f"{name}.lora_A.weight" for name in plan.dropped if name.endswith("k_proj"))
     )
     crafted = craft_compact(llama.compact, tmp_path / "crafted", **craft(key))
-    with pytest.raises(CompactFormatError, match=message):
-        read_compact(crafted)
-    base = llama.base()
-    state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
-    with pytest.raises(CompactFormatError, match=message):
-        load_compact(base, crafted)
-    assert all(torch.equal(tensor, state[name]) for name, tensor in base.state_dict().items())
+    _refused_and_base_untouched(llama, crafted, message)
     assert loradrop(["expand", str(crafted), str(tmp_path / "peft")]) == 1
     one_line_error(capsys)
     assert not (tmp_path / "peft").exists()
@@ -443,7 +437,11 @@ def test_21_10_a_truncated_module_padded_beyond_its_widths_is_refused_before_all
         config["alpha_pattern"][key] = alpha_at_rank(config["lora_alpha"], r, llama.callback.plan.dropped_rank, False)
 
     crafted = craft_compact(llama.compact, tmp_path / "crafted", config=rank_4096)
-    message = rf"gives {re.escape(repr(module))} rank 4096, above both its widths"
+    _refused_and_base_untouched(llama, crafted, rf"gives {re.escape(repr(module))} rank 4096, above both its widths")
+
+
+def _refused_and_base_untouched(llama, crafted, message: str) -> None:
+    """`read_compact` and `load_compact` refuse `crafted` with `message`, the base model's weights as they were."""
     with pytest.raises(CompactFormatError, match=message):
         read_compact(crafted)
     base = llama.base()

@@ -49,7 +49,7 @@ from hub_export import (
     save_compact,
 )
 from hub_export.cli import main
-from hub_export.compact import COMPACT_LAYOUT, MANIFEST_FILE, WEIGHTS_FILE
+from hub_export.format import COMPACT_LAYOUT, COMPACT_SUBFOLDER, MANIFEST_FILE, WEIGHTS_FILE
 from hub_export.remote import fetch
 from loradrop_trainer import DropPlan, apply_plan, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.truncate import pattern_key
@@ -270,8 +270,9 @@ def test_21_4_links_are_followed_only_in_huggingface_hubs_own_cache(hub, share, 
     push uploaded any file there and reads left the adapter's directory."""
     compact, _ = share
     push_to_hub(compact, REPO)
-    snapshot = fetch(REPO, allow_patterns=sorted(COMPACT_LAYOUT.files))  # huggingface_hub's own cache
-    assert (snapshot / WEIGHTS_FILE).is_symlink(), "the client links snapshot files into its blob store"
+    # huggingface_hub's own cache, where a pushed repo keeps its compact adapter in loradrop/
+    snapshot = fetch(REPO, allow_patterns=[f"{COMPACT_SUBFOLDER}/{name}" for name in sorted(COMPACT_LAYOUT.files)])
+    assert (snapshot / COMPACT_SUBFOLDER / WEIGHTS_FILE).is_symlink(), "the client links snapshot files into its blobs"
     assert read_compact(snapshot).plan == read_compact(compact).plan
 
     home = Path(shutil.copytree(compact, tmp_path / "home"))
