@@ -116,7 +116,7 @@ def _intro(adapter: CompactAdapter, repo_id: str | None) -> str:
         f"{pruned} This repo holds it twice: at its root as a plain PEFT adapter, which PEFT and the tools that read "
         "LoRA adapters (vLLM, TGI, `merge_and_unload`) load as they load any other, and in `loradrop/` in the "
         f"`loradrop` compact format, version {adapter.format_version}, which stores each shared or truncated LoRA "
-        "once and loads with the modules tied as trained."
+        "once (and nothing of a dropped one) and loads the model as it was trained."
     )
 
 
@@ -255,6 +255,11 @@ def _loaded_again(adapter: CompactAdapter) -> str:
         return (
             f"the model as trained, truncated modules at rank r with zeros past rank {adapter.plan.dropped_rank}; "
             "`is_trainable=True` continues training at the same ranks"
+        )
+    if adapter.plan.mode == "drop":
+        return (
+            "the model as trained, dropped modules without LoRA; `is_trainable=True` continues training with them "
+            "switched off"
         )
     return "ties the shared modules again; `is_trainable=True` continues training with the same tying"
 

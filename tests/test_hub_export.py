@@ -64,7 +64,7 @@ from hub_export import (
     save_compact,
 )
 from hub_export.cli import main as loradrop
-from hub_export.format import COMPACT_SUBFOLDER, MANIFEST_FILE, WEIGHTS_FILE
+from hub_export.format import CARD_FILE, COMPACT_SUBFOLDER, MANIFEST_FILE, WEIGHTS_FILE
 from loradrop_trainer import LoraDropCallback, apply_plan, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.lora_layers import count_distinct, lora_parameters
 from loradrop_trainer.report import PLAN_FILE, PLOT_FILE
@@ -146,6 +146,14 @@ def test_save_load_save_writes_identical_files(run, tmp_path):
     loaded = load_compact(tiny_llama_base(seed=0), run.compact)
     again = save_compact(loaded, tmp_path / "again")
     assert tree_bytes(again) == tree_bytes(run.compact)
+
+
+def test_22_the_card_says_what_loading_gives_back_in_each_mode(run):
+    """Noticed with issue 22: the card of a mode-"drop" adapter said loading "ties the shared modules again"."""
+    card = (run.compact / CARD_FILE).read_text(encoding="utf-8")
+    mode = run.callback.plan.mode
+    assert ("ties the shared modules again" in card) == (mode == "share")
+    assert ("dropped modules without LoRA" in card) == (mode == "drop")
 
 
 def test_drop_mode_stores_no_dropped_lora_and_switches_it_off_on_load(dropped):
