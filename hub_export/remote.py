@@ -7,6 +7,7 @@ The errors raised are `hub_export.errors` types that are also the client's own (
 
 from __future__ import annotations
 
+import logging
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,7 +54,7 @@ def fetch(
     A revision holding none of `allow_patterns` is refused as holding no adapter: the client only warns, and returns
     the snapshot folder it would have filled, which does not exist.
     """
-    with hub_errors(repo_id, revision=revision, action="download"):
+    with hub_errors(repo_id, revision=revision, action="download"), _our_error_for_no_match():
         path = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns))
     if not path.is_dir():
         raise CompactFileNotFoundError(
@@ -62,6 +63,28 @@ def fetch(
             "(`loradrop push`)."
         )
     return path
+
+
+@contextmanager
+def _our_error_for_no_match() -> Iterator[None]:
+    """Hold back huggingface_hub's "No files matched allow_patterns=[...]" warning: `fetch` raises its own error for
+    that case right after, naming the repo and what to do, and the client's line before it only confuses."""
+    client_logger = logging.getLogger(snapshot_download.__module__)
+    no_match = _DropMessagesStartingWith("No files matched")
+    client_logger.addFilter(no_match)
+    try:
+        yield
+    finally:
+        client_logger.removeFilter(no_match)
+
+
+class _DropMessagesStartingWith(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def _where(repo_id: str, revision: str | None) -> str:
