@@ -70,21 +70,15 @@ def _our_error_for_no_match() -> Iterator[None]:
     """Hold back huggingface_hub's "No files matched allow_patterns=[...]" warning: `fetch` raises its own error for
     that case right after, naming the repo and what to do, and the client's line before it only confuses."""
     client_logger = logging.getLogger(snapshot_download.__module__)
-    no_match = _DropMessagesStartingWith("No files matched")
-    client_logger.addFilter(no_match)
+
+    def not_no_match(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No files matched")
+
+    client_logger.addFilter(not_no_match)
     try:
         yield
     finally:
-        client_logger.removeFilter(no_match)
-
-
-class _DropMessagesStartingWith(logging.Filter):
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+        client_logger.removeFilter(not_no_match)
 
 
 def _where(repo_id: str, revision: str | None) -> str:

@@ -114,19 +114,26 @@ def check_adapter(adapter: CompactAdapter, where: str) -> LoraConfig:
         adapter: the adapter as read from its files (or about to be written).
         where: names the adapter in messages ("the compact adapter at out/compact").
     """
-    config = lora_config(adapter.peft_config, f"The PEFT config of {where}")
+    config = lora_config(adapter.peft_config, f"The PEFT config of {where}")  # its fields: `check_lora_fields`
+    _check_names(adapter, where)
     _check_keys(adapter, config, where)
-    check_format(adapter, where)
+    _check_contents(adapter, where)
     check_truncation(config, adapter.plan, where)
     _check_shapes(adapter, config, where)
     return config
 
 
 def check_format(adapter: CompactAdapter, where: str) -> None:
-    """The checks that need no PEFT: the config's ranks and scalings as its own fields give them, the plan against
-    the stored tensors module by module, and the weights' dtypes and values. Enough to show the adapter (`loradrop
-    inspect`); `check_adapter` runs them with the rest before anything uses it."""
+    """The checks that need no PEFT: the config's ranks and scalings as its own fields give them, the module names'
+    lengths, the plan against the stored tensors module by module, the sizes, and the weights' dtypes and values.
+    Enough to show the adapter (`loradrop inspect`); `check_adapter` runs them with the rest before anything uses
+    it."""
     check_lora_fields(adapter.peft_config, f"The PEFT config of {where}")
+    _check_names(adapter, where)
+    _check_contents(adapter, where)
+
+
+def _check_contents(adapter: CompactAdapter, where: str) -> None:
     _check_mapping(adapter, where)
     _check_unstored(adapter, where)
     check_weights(adapter.tensors, where)
@@ -289,13 +296,17 @@ def is_saved_module_weight(key: str, config: LoraConfig) -> bool:
     return key.startswith(PEFT_PREFIX) and any(_saved_under(key, name) for name in config.modules_to_save or ())
 
 
-def _check_keys(adapter: CompactAdapter, config: LoraConfig, where: str) -> None:
-    for name in [*adapter.plan.kinds, *adapter.members, *adapter.dropped]:  # before any pattern is matched to them
+def _check_names(adapter: CompactAdapter, where: str) -> None:
+    """Bound the names every pattern is matched against, before any is (`MAX_NAME`)."""
+    for name in [*adapter.plan.kinds, *adapter.members, *adapter.dropped]:
         if len(name) > MAX_NAME:
             raise CompactFormatError(
                 f"{where} names a module of {len(name):,} characters ({name[:40]!r}...); module names are at most "
                 f"{MAX_NAME}. Export the adapter again."
             )
+
+
+def _check_keys(adapter: CompactAdapter, config: LoraConfig, where: str) -> None:
     for name in adapter.plan.kinds:
         if not targets(config, name):
             raise CompactFormatError(
@@ -379,6 +390,7 @@ def _plan_says(plan: DropPlan, name: str) -> str:
 
 
 def _check_shapes(adapter: CompactAdapter, config: LoraConfig, where: str) -> None:
+    """Ranks and kinds of the LoRA weights' shapes, which `_check_unstored` already checked are bounded matrices."""
     for key, spec in adapter.dropped.items():
         if not _is_float_dtype(spec.dtype):
             raise CompactFormatError(f"{where} gives dropped {key!r} dtype {spec.dtype!r}; LoRA weights are floats.")
@@ -390,7 +402,6 @@ def _check_shapes(adapter: CompactAdapter, config: LoraConfig, where: str) -> No
         module = lora_module(key, config)
         if module is None:
             continue  # a modules_to_save weight: its shape is the base model's, checked when loading onto it
-        _check_matrix(key, shape, where)
         found = shape[0] if key.endswith(LORA_SUFFIXES[0]) else shape[1]
         if key in truncated:
             rank = adapter.plan.dropped_rank
@@ -434,7 +445,8 @@ def _check_unstored(adapter: CompactAdapter, where: str) -> None:
     from the config's own fields (`check_lora_fields` checked them), so `inspect` runs it without PEFT.
     """
     stored = {key: tuple(t.shape) for key, t in adapter.tensors.items() if _lora_weight_module(key)}
-    for key, shape in [*stored.items(), *((k, tuple(spec.shape)) for k, spec in adapter.dropped.items())]:
+    lora_shapes = [*stored.items(), *((key, tuple(spec.shape)) for key, spec in adapter.dropped.items())]
+    for key, shape in lora_shapes:
         _check_matrix(key, shape, where)
     truncated = truncated_keys(adapter.plan)
     widest = max((shape[1 - rank_axis(key)] for key, shape in stored.items()), default=0)
@@ -448,7 +460,7 @@ def _check_unstored(adapter: CompactAdapter, where: str) -> None:
                 "show. Export the adapter again."
             )
     widths: dict[str, dict[int, int]] = {}  # module -> {axis: width}, from A's inputs and B's outputs
-    for key, shape in [*stored.items(), *((k, spec.shape) for k, spec in adapter.dropped.items())]:
+    for key, shape in lora_shapes:
         module = _lora_weight_module(key)
         if module is not None:
             widths.setdefault(module, {})[rank_axis(key)] = shape[1 - rank_axis(key)]

@@ -46,6 +46,7 @@ if __package__ in (None, ""):
 
 from loradrop_trainer import LoraDropCallback, LoraDropConfig
 from loradrop_trainer.atomic import atomic_write
+from loradrop_trainer.config import MODES, NORMALIZE, SHARED_INITS
 from loradrop_trainer.report import PLAN_FILE, PLOT_FILE, summary_table
 from recipes import assets
 from recipes.metrics import load_metric
@@ -79,24 +80,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora.add_argument("--lora_alpha", type=int, default=16)
     lora.add_argument("--target_modules", default="query,key,value,dense", help="comma-separated module names")
     drop = parser.add_argument_group("LoRA-drop")
-    drop.add_argument("--alpha", type=float, default=0.1, help="fraction of the steps spent measuring importance")
-    drop.add_argument("--threshold", type=float, default=0.5, help="importance share the kept modules must cover")
+    defaults = LoraDropConfig()  # the library's defaults, which this recipe runs unless told otherwise
+    drop.add_argument("--alpha", type=float, default=defaults.alpha, help="fraction of the steps measuring importance")
+    drop.add_argument(
+        "--threshold", type=float, default=defaults.threshold, help="importance share the kept modules must cover"
+    )
     drop.add_argument(
         "--normalize",
-        choices=["global", "kind", "layer"],
-        default="kind",
+        choices=NORMALIZE,
+        default=defaults.normalize,
         help="where the threshold applies: within each kind (the library's default), over all modules (the paper) "
         "or within each layer",
     )
     drop.add_argument(
         "--mode",
-        choices=["truncate", "share", "drop"],
-        default="truncate",
+        choices=MODES,
+        default=defaults.mode,
         help="what the other modules get: their own LoRA cut to --dropped_rank (the default), one shared LoRA per "
         "kind (the paper, with --threshold 0.9 --normalize global), or none",
     )
-    drop.add_argument("--dropped_rank", type=int, default=1, help="with --mode truncate: the rank they keep")
-    drop.add_argument("--shared_init", choices=["most_important", "fresh"], default="most_important")
+    drop.add_argument(
+        "--dropped_rank", type=int, default=defaults.dropped_rank, help="with --mode truncate: the rank they keep"
+    )
+    drop.add_argument("--shared_init", choices=SHARED_INITS, default=defaults.shared_init)
     drop.add_argument("--no_loradrop", action="store_true", help="train plain LoRA (the baseline)")
     train = parser.add_argument_group("training")
     train.add_argument("--max_steps", type=int, default=300)
