@@ -397,7 +397,7 @@ def test_21_11_a_catastrophic_target_modules_pattern_is_refused_at_once(share, t
     )
 
 
-def test_21_11_only_patterns_with_bounded_matching_time_are_accepted(share, tmp_path):
+def test_21_11_only_patterns_with_bounded_matching_time_are_accepted(share, tmp_path, capsys):
     """Patterns whose repetitions each repeat one character pass (the usual PEFT patterns); backreferences, too many
     repetitions, repeated groups in rank_pattern keys and overlong module names are refused."""
     compact, _ = share
@@ -425,6 +425,8 @@ def test_21_11_only_patterns_with_bounded_matching_time_are_accepted(share, tmp_
     )
     with pytest.raises(CompactFormatError, match="module of 300 characters"):
         read_compact(long_name)
+    assert main(["inspect", str(long_name)]) == 1  # its checks without PEFT bound the names too
+    assert "module of 300 characters" in one_line_error(capsys)
 
 
 # ------------------------------------------------------------------------------------ 6. plan and tensors agree
