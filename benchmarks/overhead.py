@@ -5,8 +5,10 @@ after round, so that machine noise hits them alike:
 
 - `lora`: plain PEFT LoRA, the baseline;
 - `collect`: the very same model with LoRA-drop's importance hooks attached for its step (the first `alpha` of a run),
-  at the default scoring; `collect_rank` with `aggregate="rank"`, `collect_relative` with `score="relative"`. Being
-  the same model as `lora` (the hooks come and go between steps), these differ from it by the hooks alone;
+  at the default scoring; `collect_rank` with `aggregate="rank"`, `collect_relative` with `score="relative"`;
+  `collect_prehooks`, the default scoring as first written, with a forward pre-hook on every `lora_B` where the
+  library now wraps its `forward` (what the wrappers save). Being the same model as `lora` (the hooks come and go
+  between steps), these differ from it by the hooks alone;
 - `lora_twin`: a second, identical plain-LoRA model: how far two copies of one model differ (their memory layout),
   the floor for the variants below, which are other copies;
 - `truncate`: after the switch at the default settings (`LoraDropConfig()`: in each kind the modules holding half its
@@ -19,11 +21,18 @@ from round to round. A variant's figure is the geometric mean over rounds of its
 the same round, with the 95% interval of that mean (normal approximation of the mean log-ratio), and the median
 ratio with its distribution-free 95% interval (order statistics); warm-up rounds are discarded, rounds run until
 `--seconds` have passed, and the process runs pinned to `--cpus` cores with the garbage collector held off while
-timing. The whole-run ratio is `alpha * collect + (1 - alpha) * truncate`.
+timing. Each variant also gets its extra time over `lora` in the same round: the median difference, with its
+distribution-free 95% interval. The whole-run ratio is `alpha * collect + (1 - alpha) * truncate`.
+
+The preset `llama2-7b-host` is Llama-2-7B's 32 layers and 224 LoRA modules at a width of 128: the same Python and
+the same kernel launches at next to no GPU work, so its step is the host's alone, and its extra milliseconds are what
+the hooks cost the host of a 7B step.
 
     python benchmarks/overhead.py --preset cpu-40m --seconds 60                      # CPU, ~40M parameters
     python benchmarks/overhead.py --preset llama2-7b --targets all --seconds 240    # H200, Llama-2-7B width
     python benchmarks/overhead.py --preset llama2-7b --targets qv --seconds 120
+    python benchmarks/overhead.py --preset llama2-7b --batch 8 --seq 1024 --seconds 400    # a GPU-bound step
+    python benchmarks/overhead.py --preset llama2-7b-host --variants lora,collect,collect_prehooks --seconds 60
     python benchmarks/overhead.py summarise benchmarks/results/overhead/h200_pinned/*.json   # the README's table
 
 `summarise` pools the rounds of runs of the same model, batch and design (each file's own paired rounds) and prints
@@ -55,12 +64,41 @@ from loradrop_trainer.reparam import reparameterise
 PRESETS = {
     "cpu-40m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama2-7b-host": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=32, num_attention_heads=32),
 }
 ALL_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": ALL_KINDS}
-VARIANTS = ("lora", "collect", "collect_rank", "collect_relative", "lora_twin", "truncate", "share")
-# The collector settings of each collecting variant (hooks on the `lora` model itself).
-COLLECTING = {"collect": {}, "collect_rank": {"aggregate": "rank"}, "collect_relative": {"score": "relative"}}
+VARIANTS = ("lora", "collect", "collect_rank", "collect_relative", "collect_prehooks", "lora_twin", "truncate", "share")
+
+
+class PreHookCollector(ImportanceCollector):
+    """The collector as first written: a forward pre-hook on each `lora_B` passes its input on. A module with a hook
+    runs through `nn.Module`'s slow call path; the library now wraps `lora_B.forward` instead."""
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        self._handles = [
+            self._model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
+            self._model.register_forward_hook(self._end_forward, always_call=True),
+        ]
+        self._handles += [b.register_forward_pre_hook(self._pre_hook(i)) for i, b in enumerate(self._lora_b)]
+
+    def _pre_hook(self, index: int) -> Callable:
+        def record(module: torch.nn.Module, args: tuple) -> None:
+            if self._active:
+                self._inputs.append((index, args[0], None))
+
+        return record
+
+
+# The collector of each collecting variant and its settings (hooks on the `lora` model itself).
+COLLECTING = {
+    "collect": (ImportanceCollector, {}),
+    "collect_rank": (ImportanceCollector, {"aggregate": "rank"}),
+    "collect_relative": (ImportanceCollector, {"score": "relative"}),
+    "collect_prehooks": (PreHookCollector, {}),
+}
 # The plan settings of each variant after the switch: the library's defaults, and the paper's sharing.
 DEFAULTS = LoraDropConfig()
 SWITCHED = {
@@ -113,21 +151,37 @@ def switch(model, optimizer, batch, autocast, settings: dict) -> tuple[int, int]
 
 def interval(log_ratios: list[float]) -> dict:
     """Geometric mean of the ratios with its 95% interval (normal approximation of the mean of the logs), and the
-    median ratio with its distribution-free 95% interval (the order statistics around the middle)."""
+    median ratio with its distribution-free 95% interval."""
     n = len(log_ratios)
     mean = statistics.fmean(log_ratios)
     half = Z95 * statistics.stdev(log_ratios) / math.sqrt(n)
-    ordered = sorted(log_ratios)
-    spread = math.ceil(Z95 * math.sqrt(n) / 2)
-    low, high = max(n // 2 - spread, 0), min((n + 1) // 2 + spread, n - 1)
+    median, median_ci95 = median_interval(log_ratios)
     return {
         "ratio": math.exp(mean),
         "ci95": [math.exp(mean - half), math.exp(mean + half)],
         "ci95_width": math.exp(mean + half) - math.exp(mean - half),
-        "median": math.exp(statistics.median(log_ratios)),
-        "median_ci95": [math.exp(ordered[low]), math.exp(ordered[high])],
+        "median": math.exp(median),
+        "median_ci95": [math.exp(bound) for bound in median_ci95],
         "rounds": n,
     }
+
+
+def compare(seconds: list[float], baseline: list[float]) -> dict:
+    """A variant's step times against plain LoRA's of the same rounds: the ratio (`interval`), and the extra time in
+    milliseconds, the median difference with its distribution-free 95% interval."""
+    result = interval([math.log(t / base) for t, base in zip(seconds, baseline)])
+    median, bounds = median_interval([t - base for t, base in zip(seconds, baseline)])
+    result["extra_ms_median"], result["extra_ms_ci95"] = 1e3 * median, [1e3 * bound for bound in bounds]
+    return result
+
+
+def median_interval(values: list[float]) -> tuple[float, list[float]]:
+    """The median and its distribution-free 95% interval (the order statistics around the middle)."""
+    n = len(values)
+    ordered = sorted(values)
+    spread = math.ceil(Z95 * math.sqrt(n) / 2)
+    low, high = max(n // 2 - spread, 0), min((n + 1) // 2 + spread, n - 1)
+    return statistics.median(values), [ordered[low], ordered[high]]
 
 
 class Timer:
@@ -179,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpus", type=int, default=4, help="pin the process to this many cores (0: leave as is)")
     parser.add_argument("--alpha", type=float, default=DEFAULTS.alpha)
     parser.add_argument("--out", default="benchmarks/results/overhead")
-    parser.add_argument("--profile", action="store_true", help="print a profile of one `collect` and one `lora` step")
+    parser.add_argument("--profile", action="store_true", help="profile 5 steps of `lora` and each collecting variant")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     if variants[0] != "lora" or not set(variants) <= set(VARIANTS):
@@ -200,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in variants:
         if name in COLLECTING:  # installed once, as in a real run: building the collector is set-up, not step cost
             model = models["lora"][0]
-            collectors[name] = ImportanceCollector(model, find_lora_layers(model), **COLLECTING[name])
+            collector, settings = COLLECTING[name]
+            collectors[name] = collector(model, find_lora_layers(model), **settings)
             collectors[name].remove()  # attached only for its own steps
             continue
         models[name] = build(args.preset, args.targets, args.device, dtype)
@@ -241,10 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
                 durations[name].append(measured[name])
         rounds += 1
 
-    ratios = {
-        name: interval([math.log(t / base) for t, base in zip(durations[name], durations["lora"])])
-        for name in variants[1:]
-    }
+    ratios = {name: compare(durations[name], durations["lora"]) for name in variants[1:]}
     result = {
         "preset": args.preset,
         "targets": args.targets,
@@ -269,29 +321,49 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         result["peak_gib"] = {name: value / 2**30 for name, value in peak.items()}
     if args.profile:
-        for name in ("collect", "lora"):
-            if name in collectors:
-                collectors[name].attach()
-            with torch.profiler.profile() as prof:
-                runs[name]()
-                if cuda:
-                    torch.cuda.synchronize()
-            if name in collectors:
-                collectors[name].remove()
-            print(f"--- {name}")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        result["profile_ms_per_step"] = profile(runs, collectors, cuda, steps=5)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"overhead_{args.preset}_{args.targets}_{args.device.split(':')[0]}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"{args.preset} {args.targets} on {result['device']}, {len(durations['lora'])} rounds:")
     for name, r in ratios.items():
-        (low, high), (m_low, m_high) = r["ci95"], r["median_ci95"]
+        (low, high), (m_low, m_high), (e_low, e_high) = r["ci95"], r["median_ci95"], r["extra_ms_ci95"]
         print(
             f"  {name:<17} {r['ratio']:.4f}x of plain LoRA's step time (95% interval {low:.4f}-{high:.4f}); "
-            f"median {r['median']:.4f}x ({m_low:.4f}-{m_high:.4f})"
+            f"median {r['median']:.4f}x ({m_low:.4f}-{m_high:.4f}); "
+            f"{r['extra_ms_median']:+.2f} ms ({e_low:+.2f} to {e_high:+.2f})"
         )
     return result
+
+
+def profile(runs: dict[str, Callable[[], None]], collectors: dict, cuda: bool, steps: int) -> dict:
+    """torch.profiler over `steps` steps of `lora` and of each collecting variant: prints the collecting variants'
+    busiest operators, and returns each one's host (self CPU) and device time per step, in milliseconds."""
+    totals = {}
+    for name, run in runs.items():
+        if name != "lora" and name not in collectors:
+            continue
+        if name in collectors:
+            collectors[name].attach()
+        with torch.profiler.profile() as prof:
+            for _ in range(steps):
+                run()
+            if cuda:
+                torch.cuda.synchronize()
+        if name in collectors:
+            collectors[name].remove()
+        events = prof.key_averages()
+        host = sum(event.self_cpu_time_total for event in events) / steps / 1e3
+        kernels = [event for event in events if event.device_type != torch.autograd.DeviceType.CPU]
+        device = sum(event.self_device_time_total for event in kernels) / steps / 1e3  # as the table's total
+        totals[name] = {"host": host, "device": device}
+        if name != "lora":
+            print(f"--- {name}, {steps} steps")
+            print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    for name, t in totals.items():
+        print(f"  profiled {name:<17} host {t['host']:.1f} ms, device {t['device']:.1f} ms per step")
+    return totals
 
 
 def summarise(paths: list[str]) -> list[str]:
@@ -299,7 +371,7 @@ def summarise(paths: list[str]) -> list[str]:
 
     A file without its rounds (`step_seconds`: the first version of this script, which timed the collecting variants
     on models of their own) gives its own ratios."""
-    pooled: dict[tuple, dict[str, list[float]]] = {}
+    pooled: dict[tuple, dict[str, tuple[list[float], list[float]]]] = {}
     reported: dict[tuple, dict[str, dict]] = {}
     for path in paths:
         result = json.loads(Path(path).read_text())
@@ -311,22 +383,26 @@ def summarise(paths: list[str]) -> list[str]:
             continue
         for name, seconds in durations.items():
             if name != "lora":
-                logs = [math.log(t / base) for t, base in zip(seconds, durations["lora"])]
-                pooled.setdefault(setup, {}).setdefault(name, []).extend(logs)
+                variant, baseline = pooled.setdefault(setup, {}).setdefault(name, ([], []))
+                variant.extend(seconds)
+                baseline.extend(durations["lora"])
     for setup, variants in pooled.items():
-        reported[setup] = {name: interval(logs) for name, logs in variants.items()}
+        reported[setup] = {name: compare(*times) for name, times in variants.items()}
     rows = [
         "| model, batch, device | LoRA modules | design | variant | ratio to plain LoRA | 95% interval | median "
-        "(95% interval) | rounds |",
-        "|---|---|---|---|---|---|---|---|",
+        "(95% interval) | extra ms per step, median (95% interval) | rounds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (preset, modules, batch, device, design), ratios in reported.items():
         for name, r in ratios.items():
-            low, high = r.get("median_ci95", (0.0, 0.0))
-            median = f"{r['median']:.3f}x ({low:.3f}-{high:.3f})" if "median" in r else ""
+            median = extra = ""
+            if "median" in r:
+                median = f"{r['median']:.4f}x ({r['median_ci95'][0]:.4f}-{r['median_ci95'][1]:.4f})"
+            if "extra_ms_median" in r:
+                extra = f"{r['extra_ms_median']:+.2f} ({r['extra_ms_ci95'][0]:+.2f} to {r['extra_ms_ci95'][1]:+.2f})"
             rows.append(
-                f"| {preset}, {batch[0]} x {batch[1]}, {device} | {modules} | {design} | {name} | {r['ratio']:.3f}x | "
-                f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {median} | {r['rounds']} |"
+                f"| {preset}, {batch[0]} x {batch[1]}, {device} | {modules} | {design} | {name} | {r['ratio']:.4f}x | "
+                f"{r['ci95'][0]:.4f}-{r['ci95'][1]:.4f} | {median} | {extra} | {r['rounds']} |"
             )
     return rows
 

@@ -5,10 +5,14 @@ Its squared norm over the tokens t with mask m_t is
 
     scaling^2 * sum_t m_t ||B u_t||^2 = scaling^2 * <B^T B, U^T M U>,
 
-two r x r matrices. So a pre-hook on each `lora_B` only keeps a reference to `u` (which autograd keeps for B's
-gradient anyway), and at the end of the outer model's forward all modules are scored together with a handful of
-batched matrix products, instead of a few kernels and a Python call per module at full width. A pre-hook on the
-outer model marks which forwards count and captures the padding mask once per forward, so that:
+two r x r matrices. So each `lora_B` only passes on a reference to `u` (which autograd keeps for B's gradient
+anyway), and at the end of the outer model's forward all modules are scored together with a handful of batched
+matrix products, instead of a few kernels and a Python call per module at full width. `lora_B` passes `u` on from
+a wrapper of its `forward` (an instance attribute, taken off again by `remove`), not from a forward pre-hook: a
+module with a hook runs through `nn.Module`'s slow call path, some 5 us of Python per call on a CPU, which at 224
+modules is about 1 ms a forward, 0.5-1% of a Llama-2-7B step on an H200 whose host issues the kernels only just
+ahead of the GPU (`benchmarks/overhead.py`, variant `collect_prehooks`). A pre-hook on the outer model marks which
+forwards count and captures the padding mask once per forward, so that:
 
 - evaluation and generation (eval mode or no grad) never count;
 - the recomputation of activation checkpointing (reentrant or not), which happens during backward, outside the
@@ -44,7 +48,8 @@ forward, so the pre-hook computes `B^T B` right there (an r x r matrix, in float
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from types import MethodType
 
 import torch
 import torch.distributed as dist
@@ -106,18 +111,23 @@ class ImportanceCollector:
         self._model = model
         self._base_layers = [layer.base_layer for layer in layers.values()]
         self._handles: list[RemovableHandle] = []
+        self._wrapped: list[tuple[nn.Module, MethodType, Callable | None]] = []
+        self._attachment = 0  # counts removals, so that a wrapper `remove` had to leave in place records nothing
         self.attach()
 
     def attach(self) -> None:
-        """Install the hooks (done on construction; again after `remove`, the totals so far kept)."""
-        if self._handles:
+        """Install the hooks and wrappers (done on construction; again after `remove`, the totals so far kept)."""
+        if self._wrapped:
             return
         self._handles = [
             self._model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
             self._model.register_forward_hook(self._end_forward, always_call=True),
         ]
         for index, (lora_b, base_layer) in enumerate(zip(self._lora_b, self._base_layers)):
-            self._handles.append(lora_b.register_forward_pre_hook(self._recorder(index)))
+            previous = lora_b.__dict__.get("forward")
+            recording = self._recording_forward(index, lora_b, previous)
+            lora_b.forward = recording
+            self._wrapped.append((lora_b, recording, previous))
             if self._relative:
                 self._handles.append(base_layer.register_forward_hook(self._base_recorder(index)))
 
@@ -125,12 +135,23 @@ class ImportanceCollector:
         """Continue `score_every`'s count after `count` training forwards (resuming), so the same ones are scored."""
         self._forwards = count
 
-    def _recorder(self, index: int):
-        def record(module: nn.Module, args: tuple) -> None:
-            if self._active:
-                self._inputs.append((index, args[0], _weight_gram(module.weight) if self._gram_in_hook else None))
+    def _recording_forward(self, index: int, lora_b: nn.Module, previous: Callable | None) -> MethodType:
+        """`lora_b.forward`, passing its input `u` on to this collector first.
 
-        return record
+        Bound to `lora_b` as a method, so that a `copy.deepcopy` of the model calls the copy's own weights. `previous`
+        is an instance `forward` another library had set (accelerate's hooks do), called in its place. A wrapper of
+        an earlier attachment that something else wrapped in turn (so `remove` could not take it off) stays inert.
+        """
+        attachment = self._attachment
+
+        def record_and_forward(module: nn.Module, u: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if self._active and attachment == self._attachment:
+                self._inputs.append((index, u, _weight_gram(module.weight) if self._gram_in_hook else None))
+            if previous is not None:
+                return previous(u, *args, **kwargs)
+            return type(module).forward(module, u, *args, **kwargs)
+
+        return MethodType(record_and_forward, lora_b)
 
     def _base_recorder(self, index: int):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -281,6 +302,14 @@ class ImportanceCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for lora_b, recording, previous in self._wrapped:
+            if lora_b.__dict__.get("forward") is recording:  # else wrapped in turn: left in place, inert
+                if previous is None:
+                    del lora_b.forward
+                else:
+                    lora_b.forward = previous
+        self._wrapped.clear()
+        self._attachment += 1
         self._active = False
         self._inputs.clear()
         self._base_norms.clear()

@@ -133,4 +133,61 @@ def test_20_1_removed_hooks_score_nothing_and_attach_goes_on_from_the_totals():
     for name in expected:
         assert got[name] == pytest.approx(2 * expected[name], rel=1e-4)
     lora_b = [layer.lora_B["default"] for layer in find_lora_layers(model).values()]
-    assert not any(b._forward_pre_hooks for b in lora_b)
+    assert not any(b._forward_pre_hooks or "forward" in b.__dict__ for b in lora_b)
+
+
+def test_20_1_a_copy_of_the_model_made_while_collecting_computes_with_its_own_weights():
+    """`lora_B` passes its input on from a wrapper of its `forward`, not a hook (a hook costs ~1 ms a forward at 224
+    modules): the wrapper is a method of the module, so a deep copy (an EMA model, say) runs the copy's weights."""
+    import copy
+
+    model = random_lora_b(tiny_llama())
+    batch = _batch()
+    model.train()
+    collector = ImportanceCollector(model, find_lora_layers(model))
+    twin = copy.deepcopy(model)
+    for layer in find_lora_layers(twin).values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    collector.remove()
+    with torch.no_grad():
+        got = twin(**batch).logits
+        for layer in find_lora_layers(twin).values():
+            del layer.lora_B["default"].forward  # the copy's wrapper taken off: plain PEFT on the same weights
+        expected = twin(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(expected, model(**batch).logits)
+
+
+def test_20_1_a_forward_another_library_set_is_called_and_given_back():
+    """accelerate's hooks replace a module's `forward` by an instance attribute: the collector wraps that one, and
+    `remove` puts it back. A wrapper that something else wrapped in turn cannot be taken off: it stays, inert, and an
+    attachment after it does not count a forward twice."""
+    model = random_lora_b(tiny_llama())
+    batch = _batch()
+    expected = _reference(model, batch)
+    model.train()
+    layers = find_lora_layers(model)
+    lora_b = layers[next(iter(layers))].lora_B["default"]
+    calls = []
+
+    def theirs(x, original=lora_b.forward):
+        calls.append(1)
+        return original(x)
+
+    lora_b.forward = theirs
+    collector = ImportanceCollector(model, layers)
+    model(**batch)
+    assert calls == [1]
+    collector.remove()
+    assert lora_b.forward is theirs
+    collector.attach()
+    ours = lora_b.forward
+    lora_b.forward = lambda x: ours(x)  # wrapped in turn, after the collector
+    collector.remove()
+    collector.attach()
+    model(**batch)
+    collector.remove()
+    got = collector.totals()
+    for name in expected:
+        assert got[name] == pytest.approx(2 * expected[name], rel=1e-4)
+    assert len(calls) == 2

@@ -115,6 +115,7 @@ def test_20_the_overhead_table_is_rendered_from_the_h200_results(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     overhead = __import__("overhead")
     sys.modules.pop("overhead")
-    paths = sorted(str(path) for path in (ROOT / "benchmarks/results/overhead/h200_pinned").glob("*.json"))
+    results = ROOT / "benchmarks/results/overhead"
+    paths = [str(path) for folder in ("h200_pinned", "cpu_host") for path in sorted((results / folder).glob("*.json"))]
     table = "\n".join(overhead.summarise(paths))
     assert f"\n{table}\n" in README
