@@ -9,10 +9,10 @@ two r x r matrices. So each `lora_B` only passes on a reference to `u` (which au
 anyway), and at the end of the outer model's forward all modules are scored together with a handful of batched
 matrix products, instead of a few kernels and a Python call per module at full width. `lora_B` passes `u` on from
 a wrapper of its `forward` (an instance attribute, taken off again by `remove`), not from a forward pre-hook: a
-module with a hook runs through `nn.Module`'s slow call path, some 5 us of Python per call on a CPU, which at 224
-modules is about 1 ms a forward, 0.5-1% of a Llama-2-7B step on an H200 whose host issues the kernels only just
-ahead of the GPU (`benchmarks/overhead.py`, variant `collect_prehooks`). A pre-hook on the outer model marks which
-forwards count and captures the padding mask once per forward, so that:
+module with a hook runs through `nn.Module`'s slow call path, which at 224 modules made the collection cost the host
+twice as much (5.7 against 3.0 ms a step on a 2-core CPU; `benchmarks/overhead.py`, variant `collect_prehooks`),
+and a Llama-2-7B step of 4 x 512 tokens on an H200 is the host's. A pre-hook on the outer model marks which forwards
+count and captures the padding mask once per forward, so that:
 
 - evaluation and generation (eval mode or no grad) never count;
 - the recomputation of activation checkpointing (reentrant or not), which happens during backward, outside the
@@ -42,7 +42,7 @@ micro-batches and their real tokens (the attention mask's, or every input token 
 device as well.
 
 When the LoRA weights are sharded (FSDP2, DeepSpeed ZeRO-3), a `lora_B` weight is whole only inside its module's
-forward, so the pre-hook computes `B^T B` right there (an r x r matrix, in float32) instead of reading B at the end.
+forward, so the wrapper computes `B^T B` right there (an r x r matrix, in float32) instead of reading B at the end.
 """
 
 from __future__ import annotations
