@@ -26,6 +26,7 @@ from loradrop_trainer.sharding import barrier, is_writing_rank
 
 from .atomic import atomic_directory
 from .base_model import warn_if_local, with_base_model
+from .explicit import spelled_out
 from .files import write_tensors
 from .format import (
     CARD_FILE,
@@ -83,8 +84,12 @@ def save_compact(
         adapter_name=drop_plan.adapter_name,
         plan=drop_plan,
         plan_extra=extra,
-        peft_config=recorded_alpha_first(
-            with_base_model(adapter_config_dict(model, drop_plan.adapter_name), base_model), drop_plan
+        peft_config=spelled_out(
+            recorded_alpha_first(
+                with_base_model(adapter_config_dict(model, drop_plan.adapter_name), base_model), drop_plan
+            ),
+            drop_plan,
+            "the adapter of this model",
         ),
         tensors=tying.tensors,
         members=tying.members,

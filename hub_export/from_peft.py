@@ -30,6 +30,7 @@ from .atomic import atomic_directory, check_disjoint
 from .base_model import warn_if_local, with_base_model
 from .compact import write_compact
 from .errors import CompactFileNotFoundError, CompactFormatError, PlanError
+from .explicit import spelled_out
 from .files import has_member, read_member
 from .format import COMPACT_LAYOUT, CompactAdapter
 from .jsonfile import parse_json_object
@@ -89,6 +90,7 @@ def compact_peft_adapter(
     _check_dropped_b_is_zero(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
     peft_config = recorded_alpha_first(with_base_model({**config, "inference_mode": True}, base_model), drop_plan)
+    peft_config = spelled_out(peft_config, drop_plan, where)
     check_truncation(lora_config(peft_config, f"The PEFT config of {where}"), drop_plan, where, PlanError)
     adapter = CompactAdapter(
         adapter_name=drop_plan.adapter_name,

@@ -34,7 +34,7 @@ from helpers import (
     tree_bytes,
 )
 from hub_server import DEFAULT_USER
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import Trainer
 
@@ -52,8 +52,10 @@ from hub_export import (
 from hub_export.cli import main as loradrop
 from hub_export.compact import WEIGHTS_FILE
 from hub_export.format import CARD_FILE
+from hub_export.validate import check_patterns
 from loradrop_trainer import LoraDropCallback, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.lora_layers import lora_parameters
+from loradrop_trainer.peft_keys import PEFT_PREFIX
 from loradrop_trainer.reparam import reparameterise
 from loradrop_trainer.report import PLAN_FILE
 from loradrop_trainer.truncate import alpha_at_rank, pattern_key, rank_scaling, record_truncation
@@ -482,3 +484,52 @@ def test_22_1_push_and_load_from_hub_and_the_repo_root_in_plain_peft(hub, llama)
     plain = PeftModel.from_pretrained(llama.base(), REPO)
     assert all(find_lora_layers(plain)[name].r["default"] == 1 for name in llama.callback.plan.dropped)
     assert _relative_difference(model_logits(plain), llama.logits)[1] < EXPANSION_RTOL
+
+
+# A user's own pattern outside the subset readers accept (four repetitions): training takes it, and so must export.
+_LAYER_MODULES = [f"self_attn.{kind}" for kind in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+    f"mlp.{kind}" for kind in ("gate_proj", "up_proj", "down_proj")
+]
+UNBOUNDED_TARGETS = r"^(?!.*vision).*\.layers\.\d+\..*_proj$"
+
+
+def test_a_users_pattern_readers_refuse_is_exported_as_the_modules_it_selected(tmp_path, caplog):
+    """Readers hold an adapter's regular expressions to a subset whose matching time is bounded (issue 21, item 11),
+    which a user's own `target_modules` can fall outside of. Exporting the trained model (save_compact, `loradrop
+    compact` of save_model's output) records the modules by name instead, with each module's own rank and lora_alpha,
+    so the export loads back to the trained logits exactly and expands to a plain adapter PEFT builds the same model
+    from."""
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=UNBOUNDED_TARGETS,
+        rank_pattern={r"layers\.0\..*_proj": 8},
+        alpha_pattern={r"layers\.1\..*_proj": 16},
+        task_type="CAUSAL_LM",
+    )
+    with caplog.at_level("WARNING"):
+        run = _train(tmp_path, get_peft_model(tiny_llama_base(), lora), tiny_llama_base, "causal", rank=1)
+    assert "It records instead the 28 LoRA modules by name" in caplog.text
+    with pytest.raises(CompactFormatError, match="with 4 repetitions"):
+        check_patterns(run.model.peft_config["default"].to_dict(), "the trained model's config")
+
+    config = read_compact(run.compact).peft_config
+    trained = find_lora_layers(run.model)
+    assert sorted(PEFT_PREFIX + name for name in config["target_modules"]) == sorted(trained)
+    assert config["rank_pattern"] == {re.escape(f"model.layers.0.{name}"): 8 for name in _LAYER_MODULES}
+    ours = [pattern_key(name) for name in run.callback.plan.dropped]
+    assert list(config["alpha_pattern"])[: len(ours)] == ours, "the recorded alphas first, as the callback put them"
+    theirs = {key: alpha for key, alpha in config["alpha_pattern"].items() if key not in ours}
+    assert theirs == {re.escape(f"model.layers.1.{name}"): 16 for name in _LAYER_MODULES}, "truncated ones too"
+    loaded = load_compact(tiny_llama_base(), run.compact)
+    torch.testing.assert_close(model_logits(loaded), run.logits, rtol=0, atol=0)
+    for name, layer in find_lora_layers(loaded).items():
+        assert (layer.r["default"], layer.scaling["default"]) == (
+            trained[name].r["default"],
+            trained[name].scaling["default"],
+        )
+
+    assert loradrop(["compact", str(run.output_dir), str(tmp_path / "from_output")]) == 0
+    assert read_compact(tmp_path / "from_output").peft_config == config
+    plain = PeftModel.from_pretrained(tiny_llama_base(), str(expand_to_peft(run.compact, tmp_path / "plain")))
+    assert _relative_difference(model_logits(plain), run.logits)[1] < EXPANSION_RTOL

@@ -1,0 +1,79 @@
+"""A PEFT config whose module patterns every reader of compact adapters accepts, for the adapter of a trained model.
+
+Readers hold the regular expressions of an adapter's config to a subset whose matching time is bounded
+(`validate.check_patterns`): an untrusted pattern such as "(a+)+" can take hours to match one module name. A user's
+own pattern can fall outside that subset without being hostile (``^(?!.*vision).*\\.layers\\.\\d+\\..*_proj$`` has
+four repetitions), and training with it works. Refusing it at export would lose the run's result at its very end, so
+the writers replace such patterns with what they selected on the trained model: the names of its LoRA modules, and
+the rank and `lora_alpha` of each module whose own differs from `r` / `lora_alpha`, under a key that names only that
+module. PEFT builds the same model from either config; an adapter whose patterns pass is written as PEFT wrote it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from transformers.utils import logging
+
+from loradrop_trainer.peft_keys import PEFT_PREFIX
+from loradrop_trainer.plan import DropPlan
+
+from .errors import CompactFormatError
+from .truncation import module_rank, recorded_alpha_keys, without_recorded_alpha
+from .validate import MAX_REPEATS, check_patterns
+
+logger = logging.get_logger(__name__)
+
+# Fields that select modules by pattern and have no meaning once `target_modules` names every module.
+_SELECTING = ("exclude_modules", "layers_to_transform", "layers_pattern")
+
+
+def spelled_out(peft_config: Mapping[str, Any], plan: DropPlan, where: str) -> dict[str, Any]:
+    """`peft_config` as it is when readers accept its patterns, else with them replaced by the modules they selected.
+
+    Args:
+        peft_config: the adapter's PEFT config, as written (`adapter_config_dict`), with loradrop's recorded
+            `alpha_pattern` entries first.
+        plan: the run's plan, which lists every LoRA module of the adapter.
+        where: the adapter, for the log and for the error a pattern no rewriting removes raises (`modules_to_save`).
+    """
+    try:
+        check_patterns(peft_config, where)
+    except CompactFormatError:
+        pass  # spelled out below
+    else:
+        return dict(peft_config)
+    from peft.utils.other import get_pattern_key
+
+    names = list(plan.kinds)
+    r, lora_alpha = peft_config["r"], peft_config["lora_alpha"]
+    ours = recorded_alpha_keys(plan)
+    theirs = without_recorded_alpha(peft_config, plan).get("alpha_pattern") or {}
+    alpha_pattern = {key: value for key, value in (peft_config.get("alpha_pattern") or {}).items() if key in ours}
+    rank_pattern = {}
+    for name in names:
+        short = name.removeprefix(PEFT_PREFIX)
+        rank = module_rank(r, peft_config.get("rank_pattern") or {}, name)
+        alpha = theirs.get(get_pattern_key(theirs.keys(), short), lora_alpha)
+        if rank != r:
+            rank_pattern[re.escape(short)] = rank
+        if alpha != lora_alpha:
+            alpha_pattern[re.escape(short)] = alpha
+    explicit = {
+        **peft_config,
+        **dict.fromkeys(_SELECTING),
+        "target_modules": sorted(name.removeprefix(PEFT_PREFIX) for name in names),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+    }
+    check_patterns(explicit, where)  # what names cannot replace (modules_to_save) is refused as before
+    logger.warning(
+        f"LoRA-drop: the PEFT config of {where} selects modules with regular expressions that readers of compact "
+        f"adapters refuse (more than {MAX_REPEATS} repetitions, or repetitions of more than one character: untrusted, "
+        f"such patterns can take hours to match). It records instead the {len(names)} LoRA modules by name "
+        "(target_modules), with the ranks and lora_alpha that differ from r and lora_alpha (rank_pattern, "
+        "alpha_pattern); PEFT builds the same model from it."
+    )
+    return explicit
