@@ -37,7 +37,8 @@ def spelled_out(peft_config: Mapping[str, Any], plan: DropPlan, where: str) -> d
         peft_config: the adapter's PEFT config, as written (`adapter_config_dict`), with loradrop's recorded
             `alpha_pattern` entries first.
         plan: the run's plan, which lists every LoRA module of the adapter.
-        where: the adapter, for the log and for the error a pattern no rewriting removes raises (`modules_to_save`).
+        where: names the adapter in the warning, and in the error for a pattern names cannot replace
+            (`modules_to_save`).
     """
     try:
         check_patterns(peft_config, where)
