@@ -75,13 +75,7 @@ class PreHookCollector(ImportanceCollector):
     """The collector as first written: a forward pre-hook on each `lora_B` passes its input on. A module with a hook
     runs through `nn.Module`'s slow call path; the library now wraps `lora_B.forward` instead."""
 
-    def attach(self) -> None:
-        if self._handles:
-            return
-        self._handles = [
-            self._model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
-            self._model.register_forward_hook(self._end_forward, always_call=True),
-        ]
+    def _record_inputs(self) -> None:
         self._handles += [b.register_forward_pre_hook(self._pre_hook(i)) for i, b in enumerate(self._lora_b)]
 
     def _pre_hook(self, index: int) -> Callable:

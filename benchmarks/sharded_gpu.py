@@ -17,8 +17,9 @@ processes it runs
    difference to the uninterrupted run is recorded, and whether the weights the resumed run starts from are the
    ones the uninterrupted run saved (SHA-256 at step 12 in both): if they are, any difference comes from the
    training steps after it, not from the checkpoint. `--deterministic` runs everything under
-   `transformers.enable_full_determinism` (deterministic algorithms, cuBLAS workspace) in warn-only mode, and
-   records the operations PyTorch warned are not deterministic;
+   `transformers.enable_full_determinism` (deterministic algorithms, cuBLAS workspace), strict: an operation
+   without a deterministic implementation raises, naming itself; what PyTorch still warns is not deterministic is
+   recorded (`nondeterministic_ops`);
 4. `--repeats` - 1 more plain/LoRA-drop pairs, interleaved, for the spread of the step-time ratio.
 
 Every rank's plan is gathered and compared. Per-step wall time and peak GPU memory are recorded per rank. Results go
@@ -510,7 +511,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--deterministic",
         action="store_true",
-        help="Deterministic algorithms (transformers.enable_full_determinism, warn-only); <engine>_deterministic.json.",
+        help="Deterministic algorithms (transformers.enable_full_determinism, strict); <engine>_deterministic.json.",
     )
     return parser.parse_args(argv)
 

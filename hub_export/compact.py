@@ -21,6 +21,7 @@ from torch import nn
 from transformers.utils import logging
 
 import loradrop_trainer
+from loradrop_trainer import DropPlan
 from loradrop_trainer.report import PLOT_FILE, plot_importance
 from loradrop_trainer.sharding import barrier, is_writing_rank
 
@@ -42,7 +43,7 @@ from .format import (
 from .model_card import model_card
 from .plans import PlanSource, resolve_plan
 from .truncation import recorded_alpha_first
-from .tying import read_tying
+from .tying import plan_layers, read_tying
 from .validate import check_adapter
 
 logger = logging.get_logger(__name__)
@@ -90,6 +91,7 @@ def save_compact(
             ),
             drop_plan,
             "the adapter of this model",
+            lambda: _layer_settings(model, drop_plan),
         ),
         tensors=tying.tensors,
         members=tying.members,
@@ -106,6 +108,12 @@ def save_compact(
     if tying.gathered:
         barrier()
     return Path(out_dir)
+
+
+def _layer_settings(model: nn.Module, plan: DropPlan) -> dict[str, tuple[int, float]]:
+    """What PEFT gave each LoRA module of the trained model, `{module: (rank, lora_alpha)}` (`spelled_out`)."""
+    adapter = plan.adapter_name
+    return {name: (layer.r[adapter], layer.lora_alpha[adapter]) for name, layer in plan_layers(model, plan).items()}
 
 
 def write_compact(adapter: CompactAdapter, directory: Path) -> None:

@@ -4,15 +4,19 @@ Readers hold the regular expressions of an adapter's config to a subset whose ma
 (`validate.check_patterns`): an untrusted pattern such as "(a+)+" can take hours to match one module name. A user's
 own pattern can fall outside that subset without being hostile (``^(?!.*vision).*\\.layers\\.\\d+\\..*_proj$`` has
 four repetitions), and training with it works. Refusing it at export would lose the run's result at its very end, so
-the writers replace such patterns with what they selected on the trained model: the names of its LoRA modules, and
-the rank and `lora_alpha` of each module whose own differs from `r` / `lora_alpha`, under a key that names only that
-module. PEFT builds the same model from either config; an adapter whose patterns pass is written as PEFT wrote it.
+the writers replace such patterns with what they selected: the names of the LoRA modules, and the rank and
+`lora_alpha` of each module whose own differs from `r` / `lora_alpha`, under a key that names only that module. PEFT
+builds the same model from either config; an adapter whose patterns pass is written as PEFT wrote it.
+
+What each module got is read off what PEFT built, never by matching the refused patterns (a PEFT directory being
+compacted is as untrusted as any adapter): the trained model's layers (`save_compact`), or the stored weights' shapes
+and an `alpha_pattern` that passes the check on its own (`compact_peft_adapter`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from transformers.utils import logging
@@ -21,7 +25,7 @@ from loradrop_trainer.peft_keys import PEFT_PREFIX
 from loradrop_trainer.plan import DropPlan
 
 from .errors import CompactFormatError
-from .truncation import module_rank, recorded_alpha_keys, without_recorded_alpha
+from .truncation import recorded_alpha_keys
 from .validate import MAX_REPEATS, check_patterns
 
 logger = logging.get_logger(__name__)
@@ -30,7 +34,12 @@ logger = logging.get_logger(__name__)
 _SELECTING = ("exclude_modules", "layers_to_transform", "layers_pattern")
 
 
-def spelled_out(peft_config: Mapping[str, Any], plan: DropPlan, where: str) -> dict[str, Any]:
+def spelled_out(
+    peft_config: Mapping[str, Any],
+    plan: DropPlan,
+    where: str,
+    settings: Callable[[], Mapping[str, tuple[Any, Any]]],
+) -> dict[str, Any]:
     """`peft_config` as it is when readers accept its patterns, else with them replaced by the modules they selected.
 
     Args:
@@ -39,6 +48,8 @@ def spelled_out(peft_config: Mapping[str, Any], plan: DropPlan, where: str) -> d
         plan: the run's plan, which lists every LoRA module of the adapter.
         where: names the adapter in the warning, and in the error for a pattern names cannot replace
             (`modules_to_save`).
+        settings: gives `{module: (rank, lora_alpha)}`, what PEFT gave each LoRA module, without matching the
+            config's patterns; called only when they are refused.
     """
     try:
         check_patterns(peft_config, where)
@@ -46,26 +57,20 @@ def spelled_out(peft_config: Mapping[str, Any], plan: DropPlan, where: str) -> d
         pass  # spelled out below
     else:
         return dict(peft_config)
-    from peft.utils.other import get_pattern_key
-
-    names = list(plan.kinds)
-    r, lora_alpha = peft_config["r"], peft_config["lora_alpha"]
+    r, lora_alpha = peft_config.get("r"), peft_config.get("lora_alpha")
     ours = recorded_alpha_keys(plan)
-    theirs = without_recorded_alpha(peft_config, plan).get("alpha_pattern") or {}
     alpha_pattern = {key: value for key, value in (peft_config.get("alpha_pattern") or {}).items() if key in ours}
     rank_pattern = {}
-    for name in names:
-        short = name.removeprefix(PEFT_PREFIX)
-        rank = module_rank(r, peft_config.get("rank_pattern") or {}, name)
-        alpha = theirs.get(get_pattern_key(theirs.keys(), short), lora_alpha)
+    for name, (rank, alpha) in settings().items():
+        key = re.escape(name.removeprefix(PEFT_PREFIX))
         if rank != r:
-            rank_pattern[re.escape(short)] = rank
+            rank_pattern[key] = rank
         if alpha != lora_alpha:
-            alpha_pattern[re.escape(short)] = alpha
+            alpha_pattern[key] = alpha
     explicit = {
         **peft_config,
         **dict.fromkeys(_SELECTING),
-        "target_modules": sorted(name.removeprefix(PEFT_PREFIX) for name in names),
+        "target_modules": sorted(name.removeprefix(PEFT_PREFIX) for name in plan.kinds),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
     }
@@ -73,7 +78,7 @@ def spelled_out(peft_config: Mapping[str, Any], plan: DropPlan, where: str) -> d
     logger.warning(
         f"LoRA-drop: the PEFT config of {where} selects modules with regular expressions that readers of compact "
         f"adapters refuse (more than {MAX_REPEATS} repetitions, or repetitions of more than one character: untrusted, "
-        f"such patterns can take hours to match). It records instead the {len(names)} LoRA modules by name "
+        f"such patterns can take hours to match). It records instead the {len(plan.kinds)} LoRA modules by name "
         "(target_modules), with the ranks and lora_alpha that differ from r and lora_alpha (rank_pattern, "
         "alpha_pattern); PEFT builds the same model from it."
     )

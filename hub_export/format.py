@@ -44,7 +44,7 @@ from .errors import CompactFileNotFoundError, CompactFormatError, PlanError, Uns
 from .files import has_member, read_member
 from .jsonfile import parse_json_object
 from .plans import split_payload
-from .truncation import module_rank, numel_at_rank, truncated_keys
+from .truncation import module_value, numel_at_rank, truncated_keys
 
 FORMAT_NAME = "loradrop-compact"
 FORMAT_VERSION = 1
@@ -131,7 +131,7 @@ class CompactAdapter:
         plan's `dropped_rank` but have rank r in the trained model (r or `rank_pattern` of the PEFT config, whose
         types `hub_export.validate` checks)."""
         r, pattern = self.peft_config.get("r"), self.peft_config.get("rank_pattern") or {}
-        return {key: module_rank(r, pattern, name) for key, name in truncated_keys(self.plan).items()}
+        return {key: module_value(r, pattern, name) for key, name in truncated_keys(self.plan).items()}
 
     def _plain_numel(self, key: str, tensor: torch.Tensor) -> int:
         rank = self.full_ranks.get(key)

@@ -14,7 +14,9 @@ is not zero shows an adapter saved before the switch (or by another run), which 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -24,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from loradrop_trainer import DropPlan
+from loradrop_trainer.peft_keys import LORA_SUFFIXES
 from loradrop_trainer.report import PLAN_FILE
 
 from .atomic import atomic_directory, check_disjoint
@@ -35,9 +38,9 @@ from .files import has_member, read_member
 from .format import COMPACT_LAYOUT, CompactAdapter
 from .jsonfile import parse_json_object
 from .plans import PlanSource, read_plan
-from .truncation import recorded_alpha_first
+from .truncation import module_value, recorded_alpha_first, without_recorded_alpha
 from .tying import group_by_plan
-from .validate import check_adapter, check_truncation, check_weights, lora_config
+from .validate import check_adapter, check_names, check_patterns, check_truncation, check_weights, lora_config
 
 logger = logging.get_logger(__name__)
 
@@ -78,6 +81,7 @@ def compact_peft_adapter(
     if plan is None and not has_member(source, PLAN_FILE):
         raise CompactFileNotFoundError(_no_plan(source))
     drop_plan, extra = read_plan(source if plan is None else plan)
+    check_names(drop_plan.kinds, f"the plan for {source}")  # before any pattern is matched against them
     _check_adapter_name(source, drop_plan, source / PLAN_FILE if plan is None else plan)
     if license is not None:
         extra["license"] = license
@@ -90,7 +94,7 @@ def compact_peft_adapter(
     _check_dropped_b_is_zero(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
     peft_config = recorded_alpha_first(with_base_model({**config, "inference_mode": True}, base_model), drop_plan)
-    peft_config = spelled_out(peft_config, drop_plan, where)
+    peft_config = spelled_out(peft_config, drop_plan, where, lambda: _stored_settings(weights, peft_config, drop_plan))
     check_truncation(lora_config(peft_config, f"The PEFT config of {where}"), drop_plan, where, PlanError)
     adapter = CompactAdapter(
         adapter_name=drop_plan.adapter_name,
@@ -110,6 +114,23 @@ def compact_peft_adapter(
         f"{adapter.plain_bytes:,} bytes)."
     )
     return Path(out_dir)
+
+
+def _stored_settings(
+    weights: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], plan: DropPlan
+) -> dict[str, tuple[int | None, Any]]:
+    """What PEFT gave each LoRA module of a saved adapter, `{module: (rank, lora_alpha)}` (`spelled_out`): the rows of
+    its stored lora_A, and its entry in the user's `alpha_pattern`, matched only once that passes the readers' check
+    on its own."""
+    theirs = without_recorded_alpha(peft_config, plan).get("alpha_pattern") or {}
+    check_patterns({"alpha_pattern": theirs}, "The PEFT config's alpha_pattern")
+    settings = {}
+    for name in plan.kinds:
+        lora_a = weights.get(name + LORA_SUFFIXES[0])
+        if lora_a is not None:  # a module without weights is refused by the checks that follow
+            rank = lora_a.shape[0] if lora_a.dim() == 2 else None
+            settings[name] = (rank, module_value(peft_config.get("lora_alpha"), theirs, name))
+    return settings
 
 
 def _check_adapter_name(source: Path, plan: DropPlan, plan_source: PlanSource) -> None:

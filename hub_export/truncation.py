@@ -44,17 +44,18 @@ def truncated_keys(plan: DropPlan) -> dict[str, str]:
     return {name + suffix: name for name in truncated_modules(plan) for suffix in LORA_SUFFIXES}
 
 
-def module_rank(r: int, rank_pattern: Mapping[str, int], module: str) -> int:
-    """The rank PEFT gives the LoRA of `module` (a PEFT module name): its `rank_pattern` entry, else `r`.
+def module_value(default: Any, pattern: Mapping[str, Any], module: str) -> Any:
+    """The rank or `lora_alpha` PEFT gives the LoRA of `module` (a PEFT module name): its entry in `pattern`
+    (`rank_pattern`, `alpha_pattern`), else `default` (`r`, `lora_alpha`).
 
     PEFT's own matching (`get_pattern_key`) decides which entry applies; it is imported only when there is a pattern,
     since importing PEFT takes seconds and reading most adapters (`loradrop inspect`) needs nothing else of it.
     """
-    if not rank_pattern:
-        return r
+    if not pattern:
+        return default
     from peft.utils.other import get_pattern_key
 
-    return rank_pattern.get(get_pattern_key(rank_pattern.keys(), module.removeprefix(PEFT_PREFIX)), r)
+    return pattern.get(get_pattern_key(pattern.keys(), module.removeprefix(PEFT_PREFIX)), default)
 
 
 def rank_axis(key: str) -> int:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,7 +40,7 @@ from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX
 
 from .errors import CompactFormatError
 from .format import CompactAdapter, split_key
-from .truncation import module_rank, rank_axis, recorded_alpha_keys, truncated_keys
+from .truncation import module_value, rank_axis, recorded_alpha_keys, truncated_keys
 
 try:
     from re import _parser as regex_parser  # Python 3.11+: the parser `re.compile` itself uses
@@ -115,7 +115,7 @@ def check_adapter(adapter: CompactAdapter, where: str) -> LoraConfig:
         where: names the adapter in messages ("the compact adapter at out/compact").
     """
     config = lora_config(adapter.peft_config, f"The PEFT config of {where}")  # its fields: `check_lora_fields`
-    _check_names(adapter, where)
+    check_names([*adapter.plan.kinds, *adapter.members, *adapter.dropped], where)
     _check_keys(adapter, config, where)
     _check_contents(adapter, where)
     check_truncation(config, adapter.plan, where)
@@ -129,7 +129,7 @@ def check_format(adapter: CompactAdapter, where: str) -> None:
     Enough to show the adapter (`loradrop inspect`); `check_adapter` runs them with the rest before anything uses
     it."""
     check_lora_fields(adapter.peft_config, f"The PEFT config of {where}")
-    _check_names(adapter, where)
+    check_names([*adapter.plan.kinds, *adapter.members, *adapter.dropped], where)
     _check_contents(adapter, where)
 
 
@@ -187,7 +187,7 @@ def _patterned(data: Mapping[str, Any], field: str, pattern: str, where: str) ->
 
 
 def check_patterns(data: Mapping[str, Any], where: str) -> None:
-    """Refuse a regular expression of the PEFT config `data` that PEFT (and `module_rank`, `targets`) could take
+    """Refuse a regular expression of the PEFT config `data` that PEFT (and `module_value`, `targets`) could take
     minutes or more to match against a module name: one outside the subset `MAX_REPEATS` describes, or more of them
     than `MAX_REPEATING`. A list of module names, which PEFT matches without regular expressions, is never refused."""
     repeating = 0
@@ -296,9 +296,9 @@ def is_saved_module_weight(key: str, config: LoraConfig) -> bool:
     return key.startswith(PEFT_PREFIX) and any(_saved_under(key, name) for name in config.modules_to_save or ())
 
 
-def _check_names(adapter: CompactAdapter, where: str) -> None:
-    """Bound the names every pattern is matched against, before any is (`MAX_NAME`)."""
-    for name in [*adapter.plan.kinds, *adapter.members, *adapter.dropped]:
+def check_names(names: Iterable[str], where: str) -> None:
+    """Bound the module names patterns are matched against, before any is (`MAX_NAME`)."""
+    for name in names:
         if len(name) > MAX_NAME:
             raise CompactFormatError(
                 f"{where} names a module of {len(name):,} characters ({name[:40]!r}...); module names are at most "
@@ -407,7 +407,7 @@ def _check_shapes(adapter: CompactAdapter, config: LoraConfig, where: str) -> No
             rank = adapter.plan.dropped_rank
             says = f"its plan truncates {module!r} to rank {rank} (dropped_rank), all a compact adapter stores of it"
         else:
-            rank = module_rank(config.r, config.rank_pattern, module)
+            rank = module_value(config.r, config.rank_pattern, module)
             says = f"its PEFT config gives {module!r} rank {rank} (r or rank_pattern)"
         if found != rank:
             raise CompactFormatError(
@@ -466,7 +466,7 @@ def _check_unstored(adapter: CompactAdapter, where: str) -> None:
             widths.setdefault(module, {})[rank_axis(key)] = shape[1 - rank_axis(key)]
     config = adapter.peft_config
     for module, sides in widths.items():
-        rank = module_rank(config["r"], config.get("rank_pattern") or {}, module)
+        rank = module_value(config["r"], config.get("rank_pattern") or {}, module)
         if rank > max(sides.values()):
             raise CompactFormatError(
                 f"{where}: its PEFT config gives {module!r} rank {rank}, above both its widths "
@@ -495,14 +495,14 @@ def check_truncation(
     k, ours = plan.dropped_rank, recorded_alpha_keys(plan)
     theirs = {key: value for key, value in config.alpha_pattern.items() if key not in ours}
     for key, name in ours.items():
-        r, short = module_rank(config.r, config.rank_pattern, name), name.removeprefix(PEFT_PREFIX)
+        r, short = module_value(config.r, config.rank_pattern, name), name.removeprefix(PEFT_PREFIX)
         if k >= r:
             raise error(
                 f"{where}: its plan truncates {name!r} to rank {k} (dropped_rank), but its PEFT config gives that "
                 f"module rank {r}; truncation keeps fewer ranks than r. The plan and the config come from different "
                 "adapters: export the adapter again."
             )
-        alpha = theirs.get(get_pattern_key(theirs.keys(), short), config.lora_alpha)
+        alpha = module_value(config.lora_alpha, theirs, name)
         wanted = alpha_at_rank(alpha, r, k, config.use_rslora)
         first = get_pattern_key(config.alpha_pattern.keys(), short)
         if key not in config.alpha_pattern:

@@ -117,19 +117,24 @@ class ImportanceCollector:
 
     def attach(self) -> None:
         """Install the hooks and wrappers (done on construction; again after `remove`, the totals so far kept)."""
-        if self._wrapped:
+        if self._handles:
             return
         self._handles = [
             self._model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
             self._model.register_forward_hook(self._end_forward, always_call=True),
         ]
-        for index, (lora_b, base_layer) in enumerate(zip(self._lora_b, self._base_layers)):
+        self._record_inputs()
+        if self._relative:
+            for index, base_layer in enumerate(self._base_layers):
+                self._handles.append(base_layer.register_forward_hook(self._base_recorder(index)))
+
+    def _record_inputs(self) -> None:
+        """Have every `lora_B` pass its input on (`_recording_forward`)."""
+        for index, lora_b in enumerate(self._lora_b):
             previous = lora_b.__dict__.get("forward")
             recording = self._recording_forward(index, lora_b, previous)
             lora_b.forward = recording
             self._wrapped.append((lora_b, recording, previous))
-            if self._relative:
-                self._handles.append(base_layer.register_forward_hook(self._base_recorder(index)))
 
     def skip_forwards(self, count: int) -> None:
         """Continue `score_every`'s count after `count` training forwards (resuming), so the same ones are scored."""
@@ -298,7 +303,7 @@ class ImportanceCollector:
         self._scored.zero_()
 
     def remove(self) -> None:
-        """Take the hooks off the model (the totals stay readable; `attach` puts the hooks back)."""
+        """Take the hooks and wrappers off the model (the totals stay readable; `attach` puts them back)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

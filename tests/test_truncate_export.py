@@ -533,3 +533,28 @@ def test_a_users_pattern_readers_refuse_is_exported_as_the_modules_it_selected(t
     assert read_compact(tmp_path / "from_output").peft_config == config
     plain = PeftModel.from_pretrained(tiny_llama_base(), str(expand_to_peft(run.compact, tmp_path / "plain")))
     assert _relative_difference(model_logits(plain), run.logits)[1] < EXPANSION_RTOL
+
+
+def test_a_saved_adapters_refused_patterns_are_never_matched_when_spelled_out(llama, tmp_path, capsys):
+    """`loradrop compact` of a directory whose config has patterns readers refuse spells them out from what the files
+    show, never by matching them (the directory is as untrusted as any adapter): ranks from the stored lora_A, so a
+    crafted `rank_pattern` key is dropped unmatched; an `alpha_pattern` key outside the subset is refused at once."""
+    source = tmp_path / "out"
+    shutil.copytree(llama.output_dir, source, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config_path = source / CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config.update(target_modules=UNBOUNDED_TARGETS, rank_pattern={"(a+)+_proj": 2})
+    config_path.write_text(json.dumps(config))
+    assert loradrop(["compact", str(source), str(tmp_path / "ranks")]) == 0
+    written = read_compact(tmp_path / "ranks").peft_config
+    assert written["rank_pattern"] == {} and written["alpha_pattern"] == config["alpha_pattern"]
+    torch.testing.assert_close(
+        model_logits(load_compact(llama.base(), tmp_path / "ranks")), llama.logits, rtol=0, atol=0
+    )
+
+    config["alpha_pattern"]["(a+)+_proj"] = 3.0
+    config_path.write_text(json.dumps(config))
+    assert loradrop(["compact", str(source), str(tmp_path / "alphas")]) == 1
+    refused = "alpha_pattern the pattern '(a+)+_proj', which repeats more than a single character"
+    assert refused in one_line_error(capsys)
+    assert not (tmp_path / "alphas").exists()
