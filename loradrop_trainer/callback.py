@@ -223,7 +223,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if any(key in changed for key in ("target", "exclude")):  # the plan's modules, as its settings chose them
             planned = self._plan_config
             self._select_layers(model, self.plan.adapter_name, planned.get("target"), planned.get("exclude"))
-        self._tying = reparameterise(self._layers, self.plan, optimizer, at_switch=False)
+        self._tying = reparameterise(
+            self._layers, self.plan, optimizer, at_switch=False, dropped_scaling=self._dropped_scaling()
+        )
         self._record_in_config(model)
         self._schedule_restart = saved.get("schedule_restart")
         if self._schedule_restart is not None:
@@ -310,7 +312,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         """
         self._untied.restore()
         config = _peft_config(model, self.plan.adapter_name)
-        if self.plan.mode == "truncate" and config is not None:
+        if self.plan.mode == "truncate" and config is not None and self._dropped_scaling() == "rank":
             forget_truncation(config, self.plan)
         if self._untied.reload_needed:
             model.load_adapter(checkpoint, adapter_name=self.config.adapter_name, is_trainable=True)
@@ -393,7 +395,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if self._tracker is not None:
             plan.stability = self._tracker.history
         fresh_seed = args.seed + state.global_step if cfg.shared_init == "fresh" and not cfg.restart else None
-        self._tying = reparameterise(self._layers, plan, optimizer, at_switch=True, fresh_seed=fresh_seed)
+        self._tying = reparameterise(
+            self._layers, plan, optimizer, at_switch=True, fresh_seed=fresh_seed, dropped_scaling=cfg.dropped_scaling
+        )
         self._outcome.plan = plan
         self._record_in_config(model)
         if cfg.restart:
@@ -426,10 +430,17 @@ class LoraDropCallback(TrainerCallback, ExportableState):
 
     def _record_in_config(self, model) -> None:
         """Mode "truncate": let the PEFT config say how the truncated modules are scaled (`save_pretrained` then
-        writes an adapter that computes what the model does)."""
+        writes an adapter that computes what the model does). With dropped_scaling="keep" they are scaled as the
+        config already says, and nothing is recorded."""
         config = _peft_config(model, self.plan.adapter_name)
-        if self.plan.mode == "truncate" and config is not None:
+        if self.plan.mode == "truncate" and config is not None and self._dropped_scaling() == "rank":
             record_truncation(config, self._layers, self.plan)
+
+    def _dropped_scaling(self) -> str:
+        """The `dropped_scaling` the plan is applied with: the settings it was made under (a checkpoint's, when
+        resuming; checkpoints written before the setting existed used "rank"), else this run's."""
+        settings = self._plan_config if self._plan_config is not None else self.config.to_dict()
+        return settings.get("dropped_scaling", "rank")
 
     def make_plan(self, importance: dict[str, float], kinds: dict[str, str], step: int) -> DropPlan:
         """Choose the kept modules from the summed importance. Subclasses may choose otherwise (ablations do).

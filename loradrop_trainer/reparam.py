@@ -24,10 +24,10 @@ from .sharding import is_deepspeed_optimizer, parameter_engine
 from .truncate import set_truncated_scaling, truncated_dropped_values
 
 
-def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
+def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan, *, dropped_scaling: str = "rank") -> None:
     """Tie (mode "share"), switch off (mode "drop") or scale as their lower rank (mode "truncate") the dropped modules
     of `plan`, in place. The values of truncated modules are the model's own (`reparameterise` sets them at the
-    switch).
+    switch); with `dropped_scaling="keep"` their scaling stays the adapter's, so mode "truncate" changes nothing here.
 
     Idempotent: applying the plan to an already re-parameterised model changes nothing, which is what resuming from
     a checkpoint relies on.
@@ -41,7 +41,8 @@ def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
             "engine. Use reparameterise(..., optimizer), which ties their gradients instead."
         )
     if plan.mode == "truncate":
-        set_truncated_scaling(layers, plan)
+        if dropped_scaling == "rank":
+            set_truncated_scaling(layers, plan)
         return
     adapter = plan.adapter_name
     for members in plan.shared.values():
@@ -64,6 +65,7 @@ def reparameterise(
     *,
     at_switch: bool,
     fresh_seed: int | None = None,
+    dropped_scaling: str = "rank",
 ) -> GradientTying | None:
     """Apply `plan` to a model in training, on whatever engine holds its LoRA; every rank must call it.
 
@@ -75,6 +77,8 @@ def reparameterise(
             a checkpoint written after the switch, which already holds them equal (or tied).
         fresh_seed: start the shared LoRA afresh from this seed (`shared_init="fresh"`); None keeps the most
             important dropped module's weights. Only used at the switch.
+        dropped_scaling: mode "truncate": "rank" scales truncated modules as a rank-k LoRA, "keep" leaves the
+            adapter's scaling (`LoraDropConfig.dropped_scaling`).
 
     Returns:
         The `GradientTying` that keeps sharded members equal (remove it when training ends), or None when the plan
@@ -83,8 +87,8 @@ def reparameterise(
     if plan.mode == "truncate":
         _check_plan_matches(layers, plan)
         if at_switch:
-            set_values(truncated_dropped_values(layers, plan, optimizer), optimizer)
-        apply_plan(layers, plan)
+            set_values(truncated_dropped_values(layers, plan, optimizer, dropped_scaling), optimizer)
+        apply_plan(layers, plan, dropped_scaling=dropped_scaling)
         return None
     if plan.mode == "drop":
         apply_plan(layers, plan)
