@@ -31,7 +31,7 @@ from torch import nn
 from transformers.utils import logging
 
 from loradrop_trainer import apply_plan
-from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX
+from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX, is_saved_module
 from loradrop_trainer.plan import attach_plan
 from loradrop_trainer.truncate import record_truncation
 
@@ -143,7 +143,7 @@ def _check_base_model(base_model: nn.Module, adapter: CompactAdapter, config: Lo
             if problem:
                 problems[module] = problem
     for name, module in modules.items():  # every module PEFT will copy for modules_to_save needs its weights
-        if name and any(name.endswith(entry) for entry in config.modules_to_save or ()):
+        if name and any(is_saved_module(PEFT_PREFIX + name, entry) for entry in config.modules_to_save or ()):
             missing = [f"{PEFT_PREFIX}{name}.{pname}" for pname, _ in module.named_parameters()]
             missing = [key for key in missing if key not in shapes]
             if missing:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX
+from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX, is_saved_module
 
 from .errors import CompactFormatError
 from .format import CompactAdapter, split_key
@@ -52,13 +52,6 @@ if TYPE_CHECKING:
 
     from loradrop_trainer import DropPlan
 
-# The heads PEFT adds to modules_to_save by itself for a task type, whether or not the model has them (BERT has a
-# `classifier`, Llama a `score`): a name of these without stored weights is PEFT's doing, not an inconsistency.
-_AUTOMATIC_HEADS = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
 # Wider than any layer of any released model; bounds what expanding a crafted "dropped" entry may allocate.
 MAX_WIDTH = 2**20
 # Longer than any module name of any released model: regular expressions are matched against these names.
@@ -285,15 +278,14 @@ def _lora_weight_module(key: str) -> str | None:
     return parts[0] if parts is not None and parts[1] in LORA_SUFFIXES else None
 
 
-def _saved_under(key: str, name: str) -> bool:
-    """Whether the weight `key` belongs to a module whose name ends with the modules_to_save entry `name`."""
-    path = key.removeprefix(PEFT_PREFIX).split(".")[:-1]
-    return any(".".join(path[:i]).endswith(name) for i in range(1, len(path) + 1))
-
-
 def is_saved_module_weight(key: str, config: LoraConfig) -> bool:
-    """Whether `key` is a weight of a module `config` lists in modules_to_save (matched as PEFT matches them)."""
-    return key.startswith(PEFT_PREFIX) and any(_saved_under(key, name) for name in config.modules_to_save or ())
+    """Whether `key` is a weight of a module (or of a submodule of one) that `config` lists in modules_to_save,
+    matched at module boundaries as PEFT matches them (`is_saved_module`)."""
+    if not key.startswith(PEFT_PREFIX):
+        return False
+    path = key.split(".")[:-1]
+    modules = [".".join(path[:i]) for i in range(len(PEFT_PREFIX.split(".")), len(path) + 1)]
+    return any(is_saved_module(module, entry) for module in modules for entry in config.modules_to_save or ())
 
 
 def check_names(names: Iterable[str], where: str) -> None:
@@ -313,15 +305,10 @@ def _check_keys(adapter: CompactAdapter, config: LoraConfig, where: str) -> None
                 f"{where}: its plan names {name!r}, a module its PEFT config puts no LoRA on; the plan and the config "
                 "come from different adapters. Export the adapter again."
             )
+    # An entry of modules_to_save that stores no weight is not checked here: PEFT lists heads the model may not have
+    # (every sequence-classification adapter names `classifier`, `score` and, since PEFT 0.22, `pre_classifier`), and
+    # only the base model tells which; the loader refuses an entry that matches a module and stores none of its weights.
     stored = [key for keys in adapter.members.values() for key in keys]
-    heads = _AUTOMATIC_HEADS.get(str(config.task_type), ())
-    for name in config.modules_to_save or ():
-        saved = any(_saved_under(key, name) for key in stored)
-        if not saved and name not in heads:
-            raise CompactFormatError(
-                f"{where} lists {name!r} in modules_to_save but stores no weight of it; PEFT would look for them when "
-                "loading (and fail). Export the adapter again."
-            )
     for key in [*stored, *adapter.dropped]:
         dropped = key in adapter.dropped
         if lora_module(key, config) is None and (dropped or not is_saved_module_weight(key, config)):
