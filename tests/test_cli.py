@@ -71,6 +71,17 @@ def test_22_6_importing_the_packages_imports_no_bitsandbytes():
     assert _imported_after(code, "bitsandbytes", "peft") == []
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["inspect", "missing"], ["expand", "missing", "out"], ["compact", "missing", "out"], ["pull", "a/b/c", "o"]],
+)
+def test_27_n5_a_wrong_path_is_answered_without_importing_torch(command, tmp_path):
+    """Issue 27, newcomer item 5: saying that a path does not exist took up to 48 s under load, importing torch and
+    transformers first."""
+    code = f"import os\nos.chdir({str(tmp_path)!r})\nfrom hub_export.cli import main\nassert main({command!r}) == 1"
+    assert _imported_after(code, "torch", "peft") == []
+
+
 def test_inspect_bad_path_fails_with_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 1
     error = one_line_error(capsys)
