@@ -177,3 +177,14 @@ def test_22_5_the_local_path_warning_names_the_command_line_flag(compact, tmp_pa
     with caplog.at_level("WARNING"):
         assert main(["expand", str(local), str(tmp_path / "peft")]) == 0
     assert "--base_model org/name" in caplog.text
+
+
+def test_27_n3_compact_of_a_directory_without_an_adapter_says_what_it_holds(tmp_path, capsys):
+    """Issue 27, newcomer item 3: the quickstart's output directory of before (a plan, results, compact/) was called
+    an incomplete adapter to download or export again."""
+    (tmp_path / "compact").mkdir()
+    (tmp_path / "loradrop_plan.json").write_text("{}")
+    assert main(["compact", str(tmp_path), str(tmp_path / "compact2")]) == 1
+    error = one_line_error(capsys)
+    assert "holds no PEFT adapter (no adapter_config.json; it holds compact/, loradrop_plan.json)" in error
+    assert "trainer.save_model(DIR)" in error and not (tmp_path / "compact2").exists()
