@@ -22,11 +22,11 @@ setup(
     # picks today, and tests/test_versions.py fails first when an installed release is outside these ranges.
     install_requires=[
         "torch>=2.11",  # CPU tests on 2.13; 2.11 is the GPU machine's (README, "Tested versions")
-        "transformers>=5.0",  # activation_checkpointing, dtype=: the transformers 5 names
+        "transformers>=5.23",  # the first with PreTrainedModel.activation_checkpointing_enable
         "peft>=0.18",  # the first PEFT that imports with transformers 5
-        "accelerate>=1.3",  # transformers 5.0's Trainer passes keep_torch_compile
-        "safetensors>=0.4.3",
-        "huggingface_hub>=1.3",  # transformers 5.0's own bound; typed errors carry the response
+        "accelerate>=1.7",  # older releases break the bit-identical resume of a Trainer run
+        "safetensors>=0.8",  # transformers 5.23's own bound
+        "huggingface_hub>=1.31",  # transformers 5.23's own bound
         "matplotlib>=3.9",  # the first built for numpy 2
     ],
     extras_require={
