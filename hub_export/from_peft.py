@@ -78,6 +78,8 @@ def compact_peft_adapter(
     if not source.is_dir():
         raise CompactFileNotFoundError(f"{source} is not a directory; pass the directory of a plain PEFT adapter.")
     _check_target(source, Path(out_dir))
+    if not any(has_member(source, name) for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise CompactFileNotFoundError(_no_adapter(source))
     if plan is None and not has_member(source, PLAN_FILE):
         raise CompactFileNotFoundError(_no_plan(source))
     drop_plan, extra = read_plan(source if plan is None else plan)
@@ -219,6 +221,17 @@ def _check_dropped_b_is_zero(weights: dict[str, torch.Tensor], plan: DropPlan) -
             "a checkpoint saved after the switch, with the plan of the same run; an adapter from before the switch "
             "is a plain LoRA adapter, to use as it is."
         )
+
+
+def _no_adapter(source: Path) -> str:
+    """What a directory without any adapter file holds, and what to run instead."""
+    held = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in os.scandir(source))
+    holds = f"it holds {', '.join(held[:6])}{', ...' if len(held) > 6 else ''}" if held else "it is empty"
+    return (
+        f"{source} holds no PEFT adapter (no {CONFIG_NAME}; {holds}). loradrop compact reads what "
+        f"trainer.save_model() or a checkpoint-N saved after the switch: save the trained model with "
+        f"trainer.save_model(DIR), then run loradrop compact DIR DIR/compact."
+    )
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from helpers import (
     tiny_llama_base,
     training_args,
     tree_bytes,
+    validate_card,
 )
 from hub_server import DEFAULT_USER, clear_client_cache
 from huggingface_hub import ModelCard
@@ -668,7 +669,7 @@ def test_base_model_id_goes_into_the_config_card_and_snippets(hub, local_base, t
     compact = save_compact(local_base, tmp_path / "compact", base_model=HUB_BASE)
     assert _base_name(compact) == HUB_BASE
     card = ModelCard.load(compact / "README.md")
-    card.validate()  # huggingface_hub's metadata check, against the test Hub
+    validate_card(card)  # huggingface_hub's metadata check, against the test Hub
     assert card.data.base_model == HUB_BASE and card.data.library_name == "peft"
     assert f"# LoRA-drop adapter for {HUB_BASE}" in card.text
     assert card.text.count(f'.from_pretrained("{HUB_BASE}")') == 2, "both snippets load the base by its id"
@@ -771,7 +772,7 @@ def test_quickstart_style_adapter_from_a_local_copy_loads_from_the_hub_with_plai
     assert set(url.files) <= set(pushed)
     assert not [name for name, data in pushed.items() if str(tmp_path).encode() in data], "no local path is published"
     card = ModelCard(pushed["README.md"].decode())
-    card.validate()
+    validate_card(card)
     assert card.data.base_model == assets.MINILM_HUB_ID
 
     # someone else: no local copy, a clean cache and nothing but the repo id
