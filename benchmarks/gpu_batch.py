@@ -166,18 +166,18 @@ def split_gsm(args: argparse.Namespace) -> dict[str, Path]:
     return files
 
 
-def chosen_rates(rows: list[dict]) -> dict[tuple[str, str], float]:
-    """`{(task, arm): learning-rate factor}` for every method whose seed-0 grid is complete: the factor with the
-    lowest validation loss (the rule benchmarks/tuned.py reports with)."""
+def chosen_rates(rows: list[dict], rates: tuple[float, ...] = TUNED_RATES) -> dict[tuple[str, str], float]:
+    """`{(task, arm): learning-rate factor}` for every method whose seed-0 grid (`rates`) is complete: the factor
+    with the lowest validation loss among them (the rule benchmarks/tuned.py reports with)."""
     grid: dict[tuple[str, str], dict[float, float]] = {}
     for row in rows:
         if row["seed"] == 0 and "val_loss" in row:
             parsed = Variant.parse(row["variant"])
             grid.setdefault((row["task"], parsed.arm), {})[parsed.lr_factor] = row["val_loss"]
     return {
-        key: min(losses, key=losses.get)
+        key: min((float(rate) for rate in rates), key=losses.get)
         for key, losses in grid.items()
-        if all(float(rate) in losses for rate in TUNED_RATES)
+        if all(float(rate) in losses for rate in rates)
     }
 
 
@@ -187,12 +187,12 @@ def tuned_jobs(args: argparse.Namespace, files: dict[str, Path]) -> list[Job]:
     results = Path(args.results_dir) / "quality_runs.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
     done = {(row["task"], row["variant"], row["seed"]) for row in rows}
-    chosen = chosen_rates(rows)
+    chosen = chosen_rates(rows, tuple(args.rates))
     jobs = []
-    for task in TUNED_TASKS:
-        later = [(seed, arm) for arm in TUNED_ARMS if (task, arm) in chosen for seed in SEEDS[1:]]
+    for task in args.tasks:
+        later = [(seed, arm) for arm in args.arms if (task, arm) in chosen for seed in SEEDS[1:]]
         runs = [(seed, Variant.parse(arm).at_rate(chosen[(task, arm)])) for seed, arm in later]
-        runs += [(0, Variant.parse(arm).at_rate(rate)) for arm in TUNED_ARMS for rate in TUNED_RATES]
+        runs += [(0, Variant.parse(arm).at_rate(rate)) for arm in args.arms for rate in args.rates]
         for seed, variant in runs:
             if (task, variant, seed) in done:
                 continue
@@ -338,6 +338,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gsm_eval_batch", type=int, default=16, help="gsm: sequences per evaluation batch")
     parser.add_argument("--gsm_val", type=int, default=200, help="part tuned: training problems held out to validate")
     parser.add_argument("--curve_every", type=int, default=25, help="part tuned: validation loss every N steps")
+    parser.add_argument("--tasks", nargs="+", default=TUNED_TASKS, help="part tuned: the tasks, in priority order")
+    parser.add_argument("--arms", nargs="+", default=TUNED_ARMS, help="part tuned: the methods, in priority order")
+    parser.add_argument(
+        "--rates", nargs="+", type=float, default=list(TUNED_RATES), help="part tuned: the learning-rate grid"
+    )
     parser.add_argument(
         "--resume_from", default=None, help="part tuned: rows of earlier machines (a JSONL) to merge into the results"
     )

@@ -270,12 +270,13 @@ def markdown(by_task: dict[str, dict[str, Arm]], source: str) -> str:
     lines = [
         "# Every method at its own best learning rate (issue 29's protocol)",
         "",
-        "Each method's learning rate is chosen from x1, x2, x4, x8, x16 of the task's base rate (5e-4) by the lowest "
-        "answer loss on a validation split (the last 200 of GSM-Symbolic's 2,000 training problems, held out; the "
-        "model trains on the other 1,800), seed 0; it is reported on the 200 test problems with seeds 0, 1, 2 at "
-        "that rate. SmolLM2-135M-Instruct, 150 steps of 8 sequences, cosine schedule, lora_alpha 16 unless the name "
-        "says otherwise (`lora@r1a128`: lora_alpha 128); `gsm` has LoRA on all seven linear kinds, `gsm_qv` on q and "
-        "v. Names as in `benchmarks/quality.py`: `+keep` is `dropped_scaling='keep'`, `+alpha0.8` a switch at 80% "
+        f"Each method's learning rate is chosen from {grid_of(by_task)} times the task's base rate (5e-4) by the "
+        "lowest answer loss on a validation split (the last 200 of GSM-Symbolic's 2,000 training problems, held "
+        "out; the model trains on the other 1,800), seed 0; it is reported on the 200 test problems with seeds 0, "
+        "1, 2 at that rate. SmolLM2-135M-Instruct, 150 steps of 8 sequences, cosine schedule, lora_alpha 16 unless "
+        "the name says otherwise (`lora@r1a128`: lora_alpha 128); `gsm` has LoRA on all seven linear kinds, "
+        "`gsm_qv` on q and v. Names as in `benchmarks/quality.py`: `+keep` is `dropped_scaling='keep'`, `+alpha0.8` "
+        "a switch at 80% "
         f"of the steps, `random:` the same number of full-rank modules chosen at random (one draw per seed). Made by "
         f"`python benchmarks/tuned.py` from `{source}`.",
     ]
@@ -299,6 +300,12 @@ def markdown(by_task: dict[str, dict[str, Arm]], source: str) -> str:
         "![tuned](tuned.png)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def grid_of(by_task: dict[str, dict[str, Arm]]) -> str:
+    """The learning-rate factors any method was run at, spelt `x2, x4, ...`."""
+    factors = sorted({factor for by_name in by_task.values() for arm in by_name.values() for factor in arm.grid})
+    return ", ".join(f"x{factor:g}" for factor in factors)
 
 
 def plot(by_task: dict[str, dict[str, Arm]], path: Path) -> None:
