@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import hub_export.loader
+import hub_export.validate
 from hub_export import (
     BaseModelMismatchError,
     CompactFileNotFoundError,
@@ -774,3 +775,84 @@ def test_21_7_a_push_refuses_a_repo_of_the_other_visibility(hub, share, capsys, 
     push_to_hub(share[0], REPO)  # the visibility left unset pushes into the repo as it is
     push_to_hub(share[0], REPO, private=not asked)
     assert hub.repo(REPO).private is not asked and "README.md" in hub.files_at(REPO)
+
+
+def _norm_saved_as(entry: str):
+    """Crafted: modules_to_save [entry] and weights for the base model's final norm (5.0 where it holds 1.0)."""
+
+    def edit(config: dict) -> None:
+        config["modules_to_save"] = [entry]
+
+    def store(weights: dict, manifest: dict) -> None:
+        key = "base_model.model.model.norm.weight"
+        weights[key] = torch.full((32,), 5.0)
+        manifest["tensors"][key] = [key]
+
+    return {"config": edit, "tensors": store}
+
+
+def test_28_2_a_modules_to_save_entry_never_loads_into_the_base_models_own_weights(
+    share, tmp_path, monkeypatch, capsys
+):
+    """Issue 28, item 2: `modules_to_save=["orm"]` with weights under `model.norm`: a plain suffix match took the entry
+    to cover `model.norm`, PEFT (which matches at module boundaries) wrapped nothing, and `load_state_dict` wrote the
+    "saved" norm into the base model's own weight. The entry is matched as PEFT matches it, and, after PEFT has built
+    the model, every key must load into a LoRA layer or a modules_to_save copy, checked before anything is written:
+    even with the validator's name rule loosened back to plain suffixes, nothing reaches the base model."""
+    compact, logits = share
+    crafted = craft_compact(compact, tmp_path / "orm", **_norm_saved_as("orm"))
+    base = tiny_llama_base()
+    before = _fingerprint(base)
+    for attempt in (read_compact, lambda d: load_compact(base, d), lambda d: expand_to_peft(d, tmp_path / "peft")):
+        with pytest.raises(CompactFormatError, match=r"'base_model\.model\.model\.norm\.weight'"):
+            attempt(crafted)
+    assert main(["expand", str(crafted), str(tmp_path / "peft")]) == 1
+    assert "model.norm.weight" in one_line_error(capsys) and not (tmp_path / "peft").exists()
+    _assert_unchanged(base, before)
+
+    def suffix(name: str, entry: str) -> bool:  # the rule before issue 27
+        return name.endswith(entry)
+
+    monkeypatch.setattr(hub_export.validate, "is_saved_module", suffix)
+    with pytest.raises(CompactFormatError, match=r"model\.norm\.weight'.*would load into this base model's own weight"):
+        load_compact(base, crafted)
+    _assert_unchanged(base, before)
+    monkeypatch.undo()
+
+    # "base_layer" names no module of the base model, but PEFT, matching after it put LoRA in, copies every LoRA
+    # layer's base layer: the adapter stores none of their weights, which PEFT failed on with a bare KeyError
+    listed = craft_compact(compact, tmp_path / "base_layer", config=lambda c: c.update(modules_to_save=["base_layer"]))
+    with pytest.raises(CompactFormatError, match=r"does not store '.*\.base_layer\.weight', a weight of a module PEFT"):
+        load_compact(base, listed)
+    _assert_unchanged(base, before)
+    model = load_compact(base, compact)
+    torch.testing.assert_close(model_logits(model), logits, rtol=0, atol=0)
+    with model.disable_adapter():
+        torch.testing.assert_close(model_logits(model), model_logits(tiny_llama_base()), rtol=0, atol=0)
+
+
+def test_28_3_a_refused_load_leaves_the_base_models_weights_as_they_were(share, tmp_path, monkeypatch):
+    """Issue 28, item 3: item 2's trick plus an entry whose weight PEFT cannot place (a `q_proj` weight, which PEFT
+    moves below LoRA's `base_layer`): the crafted norm was written, then the load refused for the unexpected key, and
+    the rollback put the module tree back but not the norm's values, so the genuine adapter loaded onto the same base
+    model afterwards was off. Every key is now checked against what PEFT built before any is written; the name rule of
+    the validator is loosened to plain suffixes here so that the crafted keys reach that check."""
+    compact, logits = share
+    query = "base_model.model.model.layers.0.self_attn.q_proj.weight"
+
+    def store(weights: dict, manifest: dict) -> None:
+        _norm_saved_as("orm")["tensors"](weights, manifest)
+        weights[query] = torch.zeros(32, 32)
+        manifest["tensors"][query] = [query]
+
+    crafted = craft_compact(
+        compact, tmp_path / "c", tensors=store, config=lambda c: c.update(modules_to_save=["orm", "_proj"])
+    )
+    monkeypatch.setattr(hub_export.validate, "is_saved_module", lambda name, entry: name.endswith(entry))
+    base = tiny_llama_base()
+    before = _fingerprint(base)
+    with pytest.raises((CompactFormatError, BaseModelMismatchError)):
+        load_compact(base, crafted)
+    _assert_unchanged(base, before)
+    monkeypatch.undo()
+    torch.testing.assert_close(model_logits(load_compact(base, compact)), logits, rtol=0, atol=0)
