@@ -19,7 +19,7 @@ from .grad_tying import GradientTying
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters, lora_shape
 from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build_plan, coverage_warning, detach_plan
-from .reparam import UntiedLora, reparameterise
+from .reparam import UntiedLora, reparameterise, untied_before_plan
 from .report import PLAN_FILE, PLOT_FILE, plan_settings, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
 from .sharding import check_fsdp_version, parameter_engine
@@ -202,7 +202,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         self._outcome.lora_params_before = count_distinct(
             [p for layer in self._layers.values() for p in lora_parameters(layer, adapter_name)]
         )
-        self._untied = UntiedLora(self._layers, adapter_name)
+        self._untied = untied_before_plan(model, self._layers, adapter_name)
 
     def _resume_after_switch(self, saved: dict, model, args: TrainingArguments, optimizer, scheduler) -> None:
         """Re-apply the checkpoint's plan, under the settings it was made with, whatever the settings are now."""
@@ -223,6 +223,13 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if any(key in changed for key in ("target", "exclude")):  # the plan's modules, as its settings chose them
             planned = self._plan_config
             self._select_layers(model, self.plan.adapter_name, planned.get("target"), planned.get("exclude"))
+        if self._untied is None and args.load_best_model_at_end:
+            raise ValueError(
+                f"Resuming past the LoRA-drop switch into a model that was already re-parameterised (plan of step "
+                f"{self.plan.step}) without its state from before the plan, with load_best_model_at_end=True: a best "
+                "checkpoint from before the switch could not be restored as the plain LoRA it is. Build the PEFT "
+                "model afresh (get_peft_model on a freshly loaded base model) and resume with it."
+            )
         self._tying = reparameterise(
             self._layers, self.plan, optimizer, at_switch=False, dropped_scaling=self._dropped_scaling()
         )
