@@ -45,11 +45,13 @@ def spelled_out(
     Args:
         peft_config: the adapter's PEFT config, as written (`adapter_config_dict`), with loradrop's recorded
             `alpha_pattern` entries first.
-        plan: the run's plan, which lists every LoRA module of the adapter.
+        plan: the run's plan, whose truncated modules keep loradrop's `alpha_pattern` entries.
         where: names the adapter in the warning, and in the error for a pattern names cannot replace
             (`modules_to_save`).
-        settings: gives `{module: (rank, lora_alpha)}`, what PEFT gave each LoRA module, without matching the
-            config's patterns; called only when they are refused.
+        settings: gives `{module: (rank, lora_alpha)}` for every LoRA module of the adapter, what PEFT gave it, without
+            matching the config's patterns; called only when they are refused. Every one, not only the plan's: a run
+            may prune some of them (`LoraDropConfig(target=..., exclude=...)`), and the others are LoRA all the
+            same.
     """
     try:
         check_patterns(peft_config, where)
@@ -60,8 +62,8 @@ def spelled_out(
     r, lora_alpha = peft_config.get("r"), peft_config.get("lora_alpha")
     ours = recorded_alpha_keys(plan)
     alpha_pattern = {key: value for key, value in (peft_config.get("alpha_pattern") or {}).items() if key in ours}
-    rank_pattern = {}
-    for name, (rank, alpha) in settings().items():
+    rank_pattern, selected = {}, settings()
+    for name, (rank, alpha) in selected.items():
         key = re.escape(name.removeprefix(PEFT_PREFIX))
         if rank != r:
             rank_pattern[key] = rank
@@ -70,7 +72,7 @@ def spelled_out(
     explicit = {
         **peft_config,
         **dict.fromkeys(_SELECTING),
-        "target_modules": sorted(name.removeprefix(PEFT_PREFIX) for name in plan.kinds),
+        "target_modules": sorted(name.removeprefix(PEFT_PREFIX) for name in selected),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
     }
@@ -78,7 +80,7 @@ def spelled_out(
     logger.warning(
         f"LoRA-drop: the PEFT config of {where} selects modules with regular expressions that readers of compact "
         f"adapters refuse (more than {MAX_REPEATS} repetitions, or repetitions of more than one character: untrusted, "
-        f"such patterns can take hours to match). It records instead the {len(plan.kinds)} LoRA modules by name "
+        f"such patterns can take hours to match). It records instead the {len(selected)} LoRA modules by name "
         "(target_modules), with the ranks and lora_alpha that differ from r and lora_alpha (rank_pattern, "
         "alpha_pattern); PEFT builds the same model from it."
     )

@@ -119,18 +119,18 @@ def compact_peft_adapter(
 def _stored_settings(
     weights: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], plan: DropPlan
 ) -> dict[str, tuple[int | None, Any]]:
-    """What PEFT gave each LoRA module of a saved adapter, `{module: (rank, lora_alpha)}` (`spelled_out`): the rows of
-    its stored lora_A, and its entry in the user's `alpha_pattern`, matched only once that passes the readers' check
-    on its own."""
+    """What PEFT gave each LoRA module of a saved adapter, `{module: (rank, lora_alpha)}` (`spelled_out`): every
+    module with a stored lora_A, the plan's and any other (a run may prune only some), its rank the rows of that
+    lora_A, and its entry in the user's `alpha_pattern`, matched only once that passes the readers' check on its own
+    and the names are bounded (a module of the plan without weights is refused by the checks that follow)."""
     theirs = without_recorded_alpha(peft_config, plan).get("alpha_pattern") or {}
     check_patterns({"alpha_pattern": theirs}, "The PEFT config's alpha_pattern")
-    settings = {}
-    for name in plan.kinds:
-        lora_a = weights.get(name + LORA_SUFFIXES[0])
-        if lora_a is not None:  # a module without weights is refused by the checks that follow
-            rank = lora_a.shape[0] if lora_a.dim() == 2 else None
-            settings[name] = (rank, module_value(peft_config.get("lora_alpha"), theirs, name))
-    return settings
+    lora_a = {key.removesuffix(LORA_SUFFIXES[0]): t for key, t in weights.items() if key.endswith(LORA_SUFFIXES[0])}
+    check_names(lora_a, "the adapter's weights")
+    return {
+        name: (a.shape[0] if a.dim() == 2 else None, module_value(peft_config.get("lora_alpha"), theirs, name))
+        for name, a in lora_a.items()
+    }
 
 
 def _check_adapter_name(source: Path, plan: DropPlan, plan_source: PlanSource) -> None:
