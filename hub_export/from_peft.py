@@ -40,7 +40,15 @@ from .jsonfile import parse_json_object
 from .plans import PlanSource, read_plan
 from .truncation import module_value, recorded_alpha_first, without_recorded_alpha
 from .tying import group_by_plan
-from .validate import check_adapter, check_names, check_patterns, check_truncation, check_weights, lora_config
+from .validate import (
+    check_adapter,
+    check_counts,
+    check_names,
+    check_patterns,
+    check_truncation,
+    check_weights,
+    lora_config,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -124,9 +132,10 @@ def _stored_settings(
     lora_A, and its entry in the user's `alpha_pattern`, matched only once that passes the readers' check on its own
     and the names are bounded (a module of the plan without weights is refused by the checks that follow)."""
     theirs = without_recorded_alpha(peft_config, plan).get("alpha_pattern") or {}
-    check_patterns({"alpha_pattern": theirs}, "The PEFT config's alpha_pattern")
     lora_a = {key.removesuffix(LORA_SUFFIXES[0]): t for key, t in weights.items() if key.endswith(LORA_SUFFIXES[0])}
     check_names(lora_a, "the adapter's weights")
+    check_counts({"alpha_pattern": theirs}, lora_a, "The PEFT config's alpha_pattern")
+    check_patterns({"alpha_pattern": theirs}, "The PEFT config's alpha_pattern")
     return {
         name: (a.shape[0] if a.dim() == 2 else None, module_value(peft_config.get("lora_alpha"), theirs, name))
         for name, a in lora_a.items()
