@@ -156,9 +156,10 @@ def read_compact(path: str | os.PathLike) -> CompactAdapter:
     return adapter
 
 
-def with_base(adapter: CompactAdapter, base_model: str | None) -> CompactAdapter:
-    """`adapter` naming the Hub id `base_model` as its base model (unchanged when it is None)."""
-    return replace(adapter, peft_config=with_base_model(adapter.peft_config, base_model))
+def with_base(adapter: CompactAdapter, base_model: str | None, near: str | os.PathLike | None = None) -> CompactAdapter:
+    """`adapter` naming the Hub id `base_model` as its base model; when it is None, its recorded name `anchored` (a
+    relative path looked up here and near `near`, the adapter's directory)."""
+    return replace(adapter, peft_config=with_base_model(adapter.peft_config, base_model, near))
 
 
 def config_text(peft_config: dict[str, Any]) -> str:

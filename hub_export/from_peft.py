@@ -101,7 +101,9 @@ def compact_peft_adapter(
     check_weights(weights, where)  # before comparing copies: NaN differs even from itself
     _check_dropped_b_is_zero(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
-    peft_config = recorded_alpha_first(with_base_model({**config, "inference_mode": True}, base_model), drop_plan)
+    peft_config = recorded_alpha_first(
+        with_base_model({**config, "inference_mode": True}, base_model, near=source), drop_plan
+    )
     peft_config = spelled_out(peft_config, drop_plan, where, lambda: _stored_settings(weights, peft_config, drop_plan))
     check_truncation(lora_config(peft_config, f"The PEFT config of {where}"), drop_plan, where, PlanError)
     adapter = CompactAdapter(

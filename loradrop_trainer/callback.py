@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             self._outcome = original._outcome  # the Trainer restored this copy; report to the caller's instance
         self._reset()
         _check_training_setup(args, model)
+        _anchor_base_path(_peft_config(model, self.config.adapter_name))
         if self.config.restart:
             check_restartable(model, self.config.adapter_name, kwargs.get("lr_scheduler"))
         previous, _ = attached_plan(model)
@@ -502,6 +504,15 @@ class LoraDropCallback(TrainerCallback, ExportableState):
 def _peft_config(model, adapter_name: str) -> object | None:
     """The PEFT config of `adapter_name` on `model` (None for a model PEFT did not wrap)."""
     return getattr(model, "peft_config", {}).get(adapter_name)
+
+
+def _anchor_base_path(config: object | None) -> None:
+    """Record a base model loaded from a relative directory by its absolute path, in the PEFT config the adapter and
+    its checkpoints are saved with: PEFT keeps the path as given, which read from anywhere but where this script runs
+    names nothing (and "models/base" would pass for a Hub id)."""
+    name = getattr(config, "base_model_name_or_path", None)
+    if isinstance(name, str) and name and not os.path.isabs(name) and os.path.isdir(name):
+        config.base_model_name_or_path = os.path.abspath(name)
 
 
 def _show(args: TrainingArguments, text: str) -> None:
