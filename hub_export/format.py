@@ -42,7 +42,7 @@ from loradrop_trainer.report import PLAN_FILE, PLOT_FILE
 from .atomic import Layout
 from .errors import CompactFileNotFoundError, CompactFormatError, PlanError, UnsupportedFormatVersionError
 from .files import has_member, read_member
-from .jsonfile import parse_json_object
+from .jsonfile import MAX_JSON_BYTES, parse_json_object
 from .plans import split_payload
 from .truncation import module_value, numel_at_rank, truncated_keys
 
@@ -234,7 +234,7 @@ def _not_compact(directory: Path) -> str:
 
 def _read_json(directory: Path, name: str) -> dict[str, Any]:
     return parse_json_object(
-        read_member(directory, name),
+        read_member(directory, name, MAX_JSON_BYTES),
         directory / name,
         invalid=CompactFormatError,
         what="the file is corrupt or truncated.",
@@ -291,7 +291,7 @@ def _read_weights(directory: Path, name: str, digest: Any, version: int) -> dict
         header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # the safetensors header
         written = (header.get("__metadata__") or {}).get(METADATA_VERSION_KEY)
         tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, AttributeError) as err:
+    except (SafetensorError, ValueError, AttributeError, RecursionError, MemoryError) as err:
         raise CompactFormatError(f"{path} is not a readable safetensors file ({err}); export it again.") from err
     if written != str(version):
         raise CompactFormatError(

@@ -36,7 +36,7 @@ from .errors import CompactFileNotFoundError, CompactFormatError, PlanError
 from .explicit import spelled_out
 from .files import has_member, read_member
 from .format import COMPACT_LAYOUT, CompactAdapter
-from .jsonfile import parse_json_object
+from .jsonfile import MAX_JSON_BYTES, parse_json_object
 from .plans import PlanSource, read_plan
 from .truncation import module_value, recorded_alpha_first, without_recorded_alpha
 from .tying import group_by_plan
@@ -94,7 +94,10 @@ def compact_peft_adapter(
     if license is not None:
         extra["license"] = license
     config = parse_json_object(
-        read_member(source, CONFIG_NAME), source / CONFIG_NAME, invalid=CompactFormatError, what="export it again."
+        read_member(source, CONFIG_NAME, MAX_JSON_BYTES),
+        source / CONFIG_NAME,
+        invalid=CompactFormatError,
+        what="export it again.",
     )
     where = f"the adapter at {source}"
     weights = _read_weights(source)

@@ -65,6 +65,8 @@ MAX_NAME = 256
 # takes at most about a millisecond.
 MAX_REPEATS = 3
 MAX_REPEATING = 16
+# Longer than any escaped module name (`MAX_NAME`, each character escaped at most once) and any pattern users write.
+MAX_PATTERN = 1024
 # PEFT matches every rank_pattern and alpha_pattern key against every module it gives LoRA, each key compiled anew
 # once more keys are in play than `re` caches (512): 3,000 keys on 28 modules took 20 s. A config names each LoRA
 # module at most twice in one field (its own key, loradrop's entry for a truncated module), beside a user's few
@@ -197,9 +199,19 @@ def check_patterns(data: Mapping[str, Any], where: str) -> None:
     than `MAX_REPEATING`. A list of module names, which PEFT matches without regular expressions, is never refused."""
     repeating = 0
     for field, pattern in _patterns(data):
+        if isinstance(pattern, str) and len(pattern) > MAX_PATTERN:
+            raise CompactFormatError(
+                f"{where} gives {field} a pattern of {len(pattern):,} characters ({pattern[:40]!r}...); patterns are "
+                f"at most {MAX_PATTERN:,}. Name the modules (a list), or use a shorter pattern."
+            )
         try:
             own = _repetitions(pattern)
             total = _repetitions(_PEFT_WRAPPERS[field].format(pattern))
+        except (RecursionError, MemoryError) as err:
+            raise CompactFormatError(
+                f"{where} gives {field} the pattern {pattern[:40]!r}..., which nests groups too deeply to be parsed "
+                f"({type(err).__name__}). Name the modules (a list), or use a simpler pattern."
+            ) from err
         except (re.error, TypeError) as err:
             raise CompactFormatError(
                 f"{where} gives {field} the pattern {pattern!r}, which is no regular expression ({err}); PEFT matches "

@@ -885,3 +885,27 @@ def test_28_5_pattern_keys_are_bounded_by_the_adapters_modules_and_each_must_mat
     written = save_compact(model, tmp_path / "written", plan=plan)
     assert read_compact(written).peft_config["rank_pattern"] == {}
     torch.testing.assert_close(model_logits(load_compact(tiny_llama_base(), written)), logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depth", [600, 505])
+def test_28_7_deeply_nested_patterns_and_json_are_one_line_errors(share, tmp_path, capsys, depth):
+    """Issue 28, item 7: a pattern nested about 600 groups deep, or a manifest of deeply nested JSON, ended `inspect`
+    and `expand` with a RecursionError traceback. Patterns are bounded in length, JSON files in size and nesting, and
+    what still recurses too deeply where input is parsed is a one-line error."""
+    compact, _ = share
+    nested = "(" * depth + "q_proj" + ")" * depth  # 600 is over the length bound; 505 within it, too deep to parse
+    pattern = craft_compact(compact, tmp_path / "pattern", config=lambda c: c.update(target_modules=nested))
+    manifest = Path(shutil.copytree(compact, tmp_path / "manifest"))
+    text = (manifest / MANIFEST_FILE).read_text()
+    (manifest / MANIFEST_FILE).write_text(text[: text.rindex("}")] + f', "x": {"[" * 100 * depth}{"]" * 100 * depth}}}')
+    for crafted, message in ((pattern, "target_modules"), (manifest, "nests its JSON")):
+        for command in (["inspect", str(crafted)], ["expand", str(crafted), str(tmp_path / "peft")]):
+            assert main(command) == 1
+            assert message in one_line_error(capsys)
+    (manifest / MANIFEST_FILE).write_text(json.dumps({**json.loads(text), "x": json.loads("[" * 40 + "]" * 40)}))
+    with pytest.raises(CompactFormatError, match="more than 32 levels deep"):
+        read_compact(manifest)
+    with open(manifest / MANIFEST_FILE, "wb") as huge:  # sparse: no disk used
+        huge.truncate(64 * 2**20 + 1)
+    with pytest.raises(CompactFormatError, match=r"holds 67,108,865 bytes, more than"):
+        read_compact(manifest)
