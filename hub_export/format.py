@@ -59,6 +59,37 @@ COMPACT_LAYOUT = Layout(
     "compact adapter", frozenset({MANIFEST_FILE, WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, PLOT_FILE}), marker=MANIFEST_FILE
 )
 
+_JSON_TYPES = {
+    "a string": lambda value: isinstance(value, str),
+    "true or false": lambda value: isinstance(value, bool),
+    "an integer": lambda value: type(value) is int,
+    "a number": lambda value: isinstance(value, (int, float)) and not isinstance(value, bool),
+    "null": lambda value: value is None,
+    "a list of strings": lambda value: isinstance(value, list) and all(isinstance(item, str) for item in value),
+    "a list of integers": lambda value: isinstance(value, list) and all(type(item) is int for item in value),
+    "an object": lambda value: isinstance(value, dict),
+}
+# The fields of a PEFT LoRA config that PEFT or loradrop reads, and the JSON types PEFT writes them as.
+_CONFIG_TYPES = {
+    "peft_type": ("a string",),
+    "task_type": ("a string", "null"),
+    "base_model_name_or_path": ("a string", "null"),
+    "revision": ("a string", "null"),
+    "target_modules": ("a string", "a list of strings", "null"),
+    "exclude_modules": ("a string", "a list of strings", "null"),
+    "modules_to_save": ("a list of strings", "null"),
+    "layers_to_transform": ("an integer", "a list of integers", "null"),
+    "layers_pattern": ("a string", "a list of strings", "null"),
+    "rank_pattern": ("an object",),
+    "alpha_pattern": ("an object",),
+    "lora_dropout": ("a number",),
+    "bias": ("a string",),
+    "use_rslora": ("true or false",),
+    "fan_in_fan_out": ("true or false",),
+    "inference_mode": ("true or false",),
+    "init_lora_weights": ("true or false", "a string"),
+    "auto_mapping": ("an object", "null"),
+}
 _LORA_KEY = re.compile(r"^(?P<module>.+?)(?P<suffix>\.lora_[AB]\.[^.]+)$")
 
 
@@ -166,6 +197,7 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
     manifest = _read_json(directory, folder + MANIFEST_FILE)
     version = _check_version(manifest, manifest_path)
     peft_config = _read_json(directory, folder + CONFIG_FILE)
+    check_config_types(peft_config, directory / folder / CONFIG_FILE)
     if str(peft_config.get("peft_type", "")).upper() != "LORA":
         raise CompactFormatError(
             f"{directory / folder / CONFIG_FILE} describes a {peft_config.get('peft_type')!r} adapter; compact "
@@ -194,8 +226,11 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
             f"{directory / folder / WEIGHTS_FILE} and {manifest_path} disagree on the stored tensors (first: "
             f"{missing[0]!r}); the adapter was assembled from different exports. Export it again."
         )
+    adapter_name = manifest.get("adapter_name", plan.adapter_name)
+    if not isinstance(adapter_name, str):
+        raise CompactFormatError(f"{manifest_path} gives adapter_name {adapter_name!r}, not a name; export it again.")
     return CompactAdapter(
-        adapter_name=str(manifest.get("adapter_name", plan.adapter_name)),
+        adapter_name=adapter_name,
         plan=plan,
         plan_extra=extra,
         peft_config=peft_config,
@@ -204,6 +239,18 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
         dropped=dropped,
         format_version=version,
     )
+
+
+def check_config_types(peft_config: dict[str, Any], path: Path) -> None:
+    """Refuse a PEFT config field of another JSON type than PEFT writes and reads there (`_CONFIG_TYPES`): it would
+    end a reader with a TypeError, or be written on into the expanded adapter. Ranks, `lora_alpha` and the pattern
+    fields' values are checked with their bounds (`hub_export.validate.check_lora_fields`)."""
+    for name, kinds in _CONFIG_TYPES.items():
+        if name in peft_config and not any(_JSON_TYPES[kind](peft_config[name]) for kind in kinds):
+            raise CompactFormatError(
+                f"{path} gives {name} {peft_config[name]!r}; PEFT reads {' or '.join(kinds)} there. Export the adapter "
+                "again."
+            )
 
 
 def compact_folder(directory: Path) -> str:

@@ -35,7 +35,7 @@ from .compact import write_compact
 from .errors import CompactFileNotFoundError, CompactFormatError, PlanError
 from .explicit import spelled_out
 from .files import has_member, read_member
-from .format import COMPACT_LAYOUT, CompactAdapter
+from .format import COMPACT_LAYOUT, CompactAdapter, check_config_types
 from .jsonfile import MAX_JSON_BYTES, parse_json_object
 from .plans import PlanSource, read_plan
 from .truncation import module_value, recorded_alpha_first, without_recorded_alpha
@@ -99,6 +99,7 @@ def compact_peft_adapter(
         invalid=CompactFormatError,
         what="export it again.",
     )
+    check_config_types(config, source / CONFIG_NAME)
     where = f"the adapter at {source}"
     weights = _read_weights(source)
     check_weights(weights, where)  # before comparing copies: NaN differs even from itself

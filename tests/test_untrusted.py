@@ -909,3 +909,54 @@ def test_28_7_deeply_nested_patterns_and_json_are_one_line_errors(share, tmp_pat
         huge.truncate(64 * 2**20 + 1)
     with pytest.raises(CompactFormatError, match=r"holds 67,108,865 bytes, more than"):
         read_compact(manifest)
+
+
+def _first_kind(value):
+    def edit(manifest: dict) -> None:
+        kinds = manifest["plan"]["kinds"]
+        kinds[next(iter(kinds))] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        ({"manifest": _first_kind(["q_proj"])}, "kinds"),
+        ({"manifest": _first_kind(3)}, "kinds"),
+        ({"manifest": lambda m: m["plan"].update(threshold="0.9")}, "threshold"),
+        ({"manifest": lambda m: m["plan"].update(config=[1])}, "config"),
+        ({"manifest": lambda m: m.update(adapter_name=5)}, "adapter_name"),
+        ({"config": lambda c: c.update(target_modules=[1, "q_proj"])}, "target_modules"),
+        ({"config": lambda c: c.update(target_modules=5)}, "target_modules"),
+        ({"config": lambda c: c.update(layers_pattern=5)}, "layers_pattern"),
+        ({"config": lambda c: c.update(modules_to_save="lm_head")}, "modules_to_save"),
+        ({"config": lambda c: c.update(base_model_name_or_path={"id": "org/name"})}, "base_model_name_or_path"),
+        ({"config": lambda c: c.update(use_rslora="yes")}, "use_rslora"),
+    ],
+    ids=[
+        "kinds-list",
+        "kinds-number",
+        "threshold",
+        "extra-config",
+        "adapter_name",
+        "targets-int",
+        "targets-number",
+        "layers_pattern",
+        "modules_to_save-string",
+        "base-dict",
+        "use_rslora",
+    ],
+)
+def test_28_8_fields_of_the_wrong_json_type_are_refused_where_they_are_read(share, tmp_path, capsys, edit, field):
+    """Issue 28, item 8: plan kinds that are lists or numbers, non-string target_modules entries or layers_pattern,
+    a base_model_name_or_path that is a dict ended `inspect` / `expand` with a TypeError traceback, or were written on
+    into the expanded config. Every field is checked for the JSON type PEFT (or the plan) holds there, where it is
+    read, in one line that names it."""
+    crafted = craft_compact(share[0], tmp_path / "c", **edit)
+    for command in (["inspect", str(crafted)], ["expand", str(crafted), str(tmp_path / "peft")]):
+        assert main(command) == 1
+        assert field in one_line_error(capsys)
+    assert not (tmp_path / "peft").exists()
+    with pytest.raises(CompactFormatError, match=field):
+        load_compact(tiny_llama_base(), crafted)
