@@ -34,9 +34,9 @@ from torch import Tensor, nn
 from transformers.utils import logging
 
 from loradrop_trainer import apply_plan
+from loradrop_trainer.lora_layers import named_modules
 from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX, is_saved_module
 from loradrop_trainer.plan import attach_plan
-from loradrop_trainer.sharding import unwrapped_name
 from loradrop_trainer.truncate import record_truncation
 
 from .compact import read_compact
@@ -96,7 +96,7 @@ def _check_destinations(model: PeftModel, state: Mapping[str, Tensor], adapter_n
     weight, and no copy goes without its weights (PEFT would fail with a bare KeyError), whatever the names.
     """
     copies = _copy_keys(model, adapter_name)
-    modules = dict(model.named_modules())
+    modules = dict(named_modules(model))
     for key in state:
         parts = split_key(key)
         layer = modules.get(parts[0]) if parts is not None and parts[1] in LORA_SUFFIXES else None
@@ -118,9 +118,9 @@ def _check_destinations(model: PeftModel, state: Mapping[str, Tensor], adapter_n
 def _copy_keys(model: PeftModel, adapter_name: str) -> set[str]:
     """The keys PEFT loads into the copies it made for modules_to_save, as an adapter's state dict names them."""
     keys = set()
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         if isinstance(module, ModulesToSaveWrapper):
-            keys.update(f"{unwrapped_name(name)}.{key}" for key in module.adapter_state_dict_load_map(adapter_name))
+            keys.update(f"{name}.{key}" for key in module.adapter_state_dict_load_map(adapter_name))
     return keys
 
 
