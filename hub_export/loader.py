@@ -144,20 +144,30 @@ def _load_state(model: PeftModel, state: dict, adapter_name: str, source: str) -
 
 @contextmanager
 def _undone_on_failure(model: nn.Module) -> Iterator[None]:
-    """Put `model` back as it was if the body raises: PEFT swaps its layers into it in place and freezes it."""
-    children = [(module, dict(module._modules)) for module in model.modules()]
+    """Put `model` back as it was if the body raises: PEFT swaps its layers into it, freezes it and hooks into it (a
+    trainable load with activation checkpointing hooks the input embeddings) in place. Every module's attributes and
+    the contents of its own dicts (children, Parameters, buffers, hooks) are put back; no weight of it is written
+    before the load is checked (`_check_destinations`), so its tensors are as they were."""
+    saved = [
+        (
+            module,
+            dict(vars(module)),
+            {key: dict(value) for key, value in vars(module).items() if isinstance(value, dict)},
+        )
+        for module in model.modules()
+    ]
     trainable = [(param, param.requires_grad) for param in model.parameters()]
-    attributes = set(vars(model))
     try:
         yield
     except BaseException:
-        for module, saved in children:
-            module._modules.clear()
-            module._modules.update(saved)
+        for module, attributes, contents in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for key, content in contents.items():
+                attributes[key].clear()
+                attributes[key].update(content)
         for param, requires_grad in trainable:
             param.requires_grad_(requires_grad)
-        for name in set(vars(model)) - attributes:
-            delattr(model, name)
         raise
 
 

@@ -836,8 +836,9 @@ def test_28_3_a_refused_load_leaves_the_base_models_weights_as_they_were(share, 
     """Issue 28, item 3: item 2's trick plus an entry whose weight PEFT cannot place (a `q_proj` weight, which PEFT
     moves below LoRA's `base_layer`): the crafted norm was written, then the load refused for the unexpected key, and
     the rollback put the module tree back but not the norm's values, so the genuine adapter loaded onto the same base
-    model afterwards was off. Every key is now checked against what PEFT built before any is written; the name rule of
-    the validator is loosened to plain suffixes here so that the crafted keys reach that check."""
+    model afterwards was off. Every key is now checked against what PEFT built before any is written (the name rule
+    of the validator is loosened to plain suffixes here so that the crafted keys reach that check), and the rollback
+    puts back every module's own state, the hooks PEFT adds included."""
     compact, logits = share
     query = "base_model.model.model.layers.0.self_attn.q_proj.weight"
 
@@ -857,6 +858,17 @@ def test_28_3_a_refused_load_leaves_the_base_models_weights_as_they_were(share, 
     _assert_unchanged(base, before)
     monkeypatch.undo()
     torch.testing.assert_close(model_logits(load_compact(base, compact)), logits, rtol=0, atol=0)
+
+    # a trainable load with activation checkpointing hooks the input embeddings before the weights are checked
+    base = tiny_llama_base()
+    base.activation_checkpointing_enable()
+    hooks = {name: dict(module._forward_hooks) for name, module in base.named_modules()}
+    before = _fingerprint(base)
+    listed = craft_compact(compact, tmp_path / "listed", config=lambda c: c.update(modules_to_save=["base_layer"]))
+    with pytest.raises(CompactFormatError, match="base_layer"):
+        load_compact(base, listed, is_trainable=True)
+    _assert_unchanged(base, before)
+    assert {name: dict(module._forward_hooks) for name, module in base.named_modules()} == hooks
 
 
 def test_28_5_pattern_keys_are_bounded_by_the_adapters_modules_and_each_must_match_one(share, tmp_path, capsys):
