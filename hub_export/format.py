@@ -218,7 +218,7 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
     try:
         plan, extra = split_payload(plan_payload, str(manifest_path))
     except PlanError as err:
-        raise CompactFormatError(f"{err}. Export the adapter again.") from err
+        raise CompactFormatError(f"{str(err).rstrip('.')}. Export the adapter again.") from err
     tensors = _read_weights(directory, folder + WEIGHTS_FILE, digest, version)
     if set(tensors) != set(members):
         missing = sorted(set(members) - set(tensors)) or sorted(set(tensors) - set(members))

@@ -67,14 +67,15 @@ MAX_REPEATS = 3
 MAX_REPEATING = 16
 # Longer than any escaped module name (`MAX_NAME`, each character escaped at most once) and any pattern users write.
 MAX_PATTERN = 1024
-# PEFT matches every rank_pattern and alpha_pattern key against every module it gives LoRA, each key compiled anew
-# once more keys are in play than `re` caches (512): 3,000 keys on 28 modules took 20 s. A config names each LoRA
-# module at most twice in one field (its own key, loradrop's entry for a truncated module), beside a user's few
-# entries, and PEFT ignores a key that matches no LoRA module: readers hold the configs to that (`check_entries`).
+# PEFT matches the rank_pattern and alpha_pattern keys against every module it gives LoRA until one matches, about
+# 5 us a match while `re` caches every key (512 patterns), ten times that once there are more: 3,000 keys on 28
+# modules took 20 s. A config names each LoRA module at most twice in one field (its own key, loradrop's entry for a
+# truncated module), beside a user's few entries, and PEFT ignores a key that matches no LoRA module: readers hold
+# configs to that (`check_entries`), and to the keys `re` caches and at most about 20 s of matching in all.
 ENTRIES_PER_MODULE = 2
 MAX_OTHER_ENTRIES = 64
-MAX_PATTERN_KEYS = 512  # per field: `re`'s cache
-MAX_KEY_MATCHES = 2**22  # pattern keys times LoRA modules, the regular-expression matches PEFT makes for them
+MAX_PATTERN_KEYS = 512  # rank_pattern and alpha_pattern together: `re`'s cache
+MAX_KEY_MATCHES = 2**22  # pattern keys times LoRA modules, the most regular-expression matches PEFT makes for them
 # How PEFT embeds each field's patterns in the expression it matches (tuners_utils.check_target_module_exists,
 # other.get_pattern_key); "{}" is the pattern.
 _PEFT_WRAPPERS = {
@@ -263,22 +264,20 @@ def check_counts(data: Mapping[str, Any], modules: Collection[str], where: str) 
     """Bound the entries of the config's lists and pattern fields by the number of LoRA `modules`, before any is
     matched (see `ENTRIES_PER_MODULE`)."""
     limit = ENTRIES_PER_MODULE * len(modules) + MAX_OTHER_ENTRIES
-    keys = 0
     for field in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", *_PATTERN_FIELDS):
         value = data.get(field)
         count = len(value) if isinstance(value, (list, dict)) else 0
-        most = min(limit, MAX_PATTERN_KEYS) if field in _PATTERN_FIELDS else limit
-        if count > most:
+        if count > limit:
             raise CompactFormatError(
                 f"{where} gives {field} {count:,} entries; an adapter of {len(modules):,} LoRA modules has at most "
-                f"{most:,} (PEFT matches each against every module). Export the adapter again."
+                f"{limit:,} (PEFT matches each against every module). Export the adapter again."
             )
-        keys += count if field in _PATTERN_FIELDS else 0
-    if keys * len(modules) > MAX_KEY_MATCHES:
+    keys = sum(len(_pattern_keys(data, field)) for field in _PATTERN_FIELDS)
+    if keys > MAX_PATTERN_KEYS or keys * len(modules) > MAX_KEY_MATCHES:
         raise CompactFormatError(
-            f"{where} gives {keys:,} rank_pattern and alpha_pattern keys for {len(modules):,} LoRA modules; PEFT would "
-            f"match each key against every module, more than the {MAX_KEY_MATCHES:,} matches accepted. Export the "
-            "adapter again."
+            f"{where} gives {keys:,} rank_pattern and alpha_pattern keys for {len(modules):,} LoRA modules; PEFT "
+            f"matches each key against every module, which past {MAX_PATTERN_KEYS} keys or {MAX_KEY_MATCHES:,} "
+            "matches takes minutes. Export the adapter again."
         )
 
 

@@ -53,6 +53,7 @@ from hub_export import (
 from hub_export.cli import main
 from hub_export.format import COMPACT_LAYOUT, COMPACT_SUBFOLDER, MANIFEST_FILE, WEIGHTS_FILE
 from hub_export.remote import fetch
+from hub_export.validate import check_counts
 from loradrop_trainer import DropPlan, apply_plan, build_plan, find_lora_layers, lora_kinds
 from loradrop_trainer.truncate import pattern_key
 
@@ -887,6 +888,10 @@ def test_28_5_pattern_keys_are_bounded_by_the_adapters_modules_and_each_must_mat
         assert main(command) == 1
         assert "3,000 entries" in one_line_error(capsys)
     assert time.perf_counter() - start < 3
+    modules = [f"base_model.model.layers.{i}.proj" for i in range(400)]  # a large adapter: 864 entries a field
+    keys = {f"layers\\.{i}\\.proj": 2 for i in range(300)}
+    with pytest.raises(CompactFormatError, match=r"600 rank_pattern and alpha_pattern keys .* past 512 keys"):
+        check_counts({"rank_pattern": keys, "alpha_pattern": keys}, modules, "a config")  # beyond `re`'s cache
     with pytest.raises(CompactFormatError, match=r"rank_pattern the key 'lm_head', which matches none of its 28"):
         load_compact(tiny_llama_base(), unused)
     assert main(["inspect", str(unused)]) == 1
