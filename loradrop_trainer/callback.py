@@ -201,10 +201,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         """Take the LoRA layers that `target` and `exclude` choose: what the run prunes, its parameter count before
         the switch, and their state before any plan (to undo one)."""
         self._layers = find_lora_layers(model, adapter_name, target, exclude)
-        self._outcome.lora_params_before = count_distinct(
-            [p for layer in self._layers.values() for p in lora_parameters(layer, adapter_name)]
-        )
         self._untied = untied_before_plan(model, self._layers, adapter_name)
+        params = [p for layer in self._layers.values() for p in lora_parameters(layer, adapter_name)]
+        self._outcome.lora_params_before = count_distinct(self._untied.parameters if self._untied else params)
 
     def _resume_after_switch(self, saved: dict, model, args: TrainingArguments, optimizer, scheduler) -> None:
         """Re-apply the checkpoint's plan, under the settings it was made with, whatever the settings are now."""

@@ -236,6 +236,11 @@ class UntiedLora:
         self._scaling = {name: layer.scaling[adapter] for name, layer in layers.items()}
         self.engine = parameter_engine(self._requires_grad)
 
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """The layers' own LoRA Parameters, as they were before the plan tied any of them."""
+        return list(self._requires_grad)
+
     def covers(self, layers: dict[str, LoraLayer], adapter: str) -> bool:
         """Whether this is the state of exactly `layers` (the same layer objects) for `adapter`."""
         return (
