@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from .grad_tying import GradientTying
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters, lora_shape
 from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build_plan, coverage_warning, detach_plan
-from .reparam import UntiedLora, reparameterise
+from .reparam import UntiedLora, reparameterise, untied_before_plan
 from .report import PLAN_FILE, PLOT_FILE, plan_settings, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
 from .sharding import check_fsdp_version, parameter_engine
@@ -121,6 +122,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             self._outcome = original._outcome  # the Trainer restored this copy; report to the caller's instance
         self._reset()
         _check_training_setup(args, model)
+        _anchor_base_path(_peft_config(model, self.config.adapter_name))
         if self.config.restart:
             check_restartable(model, self.config.adapter_name, kwargs.get("lr_scheduler"))
         previous, _ = attached_plan(model)
@@ -199,10 +201,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         """Take the LoRA layers that `target` and `exclude` choose: what the run prunes, its parameter count before
         the switch, and their state before any plan (to undo one)."""
         self._layers = find_lora_layers(model, adapter_name, target, exclude)
-        self._outcome.lora_params_before = count_distinct(
-            [p for layer in self._layers.values() for p in lora_parameters(layer, adapter_name)]
-        )
-        self._untied = UntiedLora(self._layers, adapter_name)
+        self._untied = untied_before_plan(model, self._layers, adapter_name)
+        params = [p for layer in self._layers.values() for p in lora_parameters(layer, adapter_name)]
+        self._outcome.lora_params_before = count_distinct(self._untied.parameters if self._untied else params)
 
     def _resume_after_switch(self, saved: dict, model, args: TrainingArguments, optimizer, scheduler) -> None:
         """Re-apply the checkpoint's plan, under the settings it was made with, whatever the settings are now."""
@@ -223,6 +224,13 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if any(key in changed for key in ("target", "exclude")):  # the plan's modules, as its settings chose them
             planned = self._plan_config
             self._select_layers(model, self.plan.adapter_name, planned.get("target"), planned.get("exclude"))
+        if self._untied is None and args.load_best_model_at_end:
+            raise ValueError(
+                f"Resuming past the LoRA-drop switch into a model that was already re-parameterised (plan of step "
+                f"{self.plan.step}) without its state from before the plan, with load_best_model_at_end=True: a best "
+                "checkpoint from before the switch could not be restored as the plain LoRA it is. Build the PEFT "
+                "model afresh (get_peft_model on a freshly loaded base model) and resume with it."
+            )
         self._tying = reparameterise(
             self._layers, self.plan, optimizer, at_switch=False, dropped_scaling=self._dropped_scaling()
         )
@@ -495,6 +503,15 @@ class LoraDropCallback(TrainerCallback, ExportableState):
 def _peft_config(model, adapter_name: str) -> object | None:
     """The PEFT config of `adapter_name` on `model` (None for a model PEFT did not wrap)."""
     return getattr(model, "peft_config", {}).get(adapter_name)
+
+
+def _anchor_base_path(config: object | None) -> None:
+    """Record a base model loaded from a relative directory by its absolute path, in the PEFT config the adapter and
+    its checkpoints are saved with: PEFT keeps the path as given, which read from anywhere but where this script runs
+    names nothing (and "models/base" would pass for a Hub id)."""
+    name = getattr(config, "base_model_name_or_path", None)
+    if isinstance(name, str) and name and not os.path.isabs(name) and os.path.isdir(name):
+        config.base_model_name_or_path = os.path.abspath(name)
 
 
 def _show(args: TrainingArguments, text: str) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .grad_tying import GradientTying, fresh_values, reset_sharded, shared_groups
 from .lora_layers import lora_parameters
-from .plan import DropPlan
+from .plan import DropPlan, attached_plan
 from .sharding import is_deepspeed_optimizer, parameter_engine
 from .truncate import set_truncated_scaling, truncated_dropped_values
 
@@ -189,6 +189,25 @@ def _reset_parameters(values: dict[nn.Parameter, torch.Tensor], optimizer: torch
                 inner.state.pop(param, None)
 
 
+_UNTIED_ATTR = "_loradrop_untied"  # where a model keeps the state of its layers before its first plan
+
+
+def untied_before_plan(model: nn.Module, layers: dict[str, LoraLayer], adapter: str) -> UntiedLora | None:
+    """The state of `layers` before any plan was applied to `model`, to undo the plan later; None if unknown.
+
+    A model that carries no plan is captured as it is, and the capture kept on the model. A model that carries one
+    (an earlier `train()` in this process re-parameterised it, and this one resumes past the switch) holds tied
+    Parameters, truncated scalings or switched-off modules: capturing it would "undo" the plan into the plan, so the
+    capture its first run kept is returned, if it covers `layers`.
+    """
+    if attached_plan(model)[0] is None:
+        untied = UntiedLora(layers, adapter)
+        setattr(model, _UNTIED_ATTR, untied)
+        return untied
+    untied = getattr(model, _UNTIED_ATTR, None)
+    return untied if untied is not None and untied.covers(layers, adapter) else None
+
+
 class UntiedLora:
     """The LoRA Parameters, active adapters, scalings and `requires_grad` of layers as they are before the plan is
     applied, to undo the plan later.
@@ -216,6 +235,19 @@ class UntiedLora:
         self._active = {name: list(layer.active_adapters) for name, layer in layers.items()}
         self._scaling = {name: layer.scaling[adapter] for name, layer in layers.items()}
         self.engine = parameter_engine(self._requires_grad)
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """The layers' own LoRA Parameters, as they were before the plan tied any of them."""
+        return list(self._requires_grad)
+
+    def covers(self, layers: dict[str, LoraLayer], adapter: str) -> bool:
+        """Whether this is the state of exactly `layers` (the same layer objects) for `adapter`."""
+        return (
+            adapter == self._adapter
+            and self._layers.keys() == layers.keys()
+            and all(self._layers[name] is layer for name, layer in layers.items())
+        )
 
     @property
     def reload_needed(self) -> bool:

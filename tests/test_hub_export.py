@@ -24,6 +24,7 @@ from helpers import (
     VOCAB,
     TokenDataset,
     model_logits,
+    one_line_error,
     tiny_llama,
     tiny_llama_base,
     training_args,
@@ -732,6 +733,50 @@ def test_21_6_a_base_model_is_what_who_named_it_the_id_grammar_and_the_filesyste
     for bad in ("./models/base", "~/base", str(tmp_path)):
         with pytest.raises(BaseModelPathError, match="not a Hub model id"):
             push_to_hub(tmp_path / "compact", REPO, base_model=bad)
+
+
+def test_28_6_a_relative_base_model_path_is_never_published_as_a_hub_id(hub, tmp_path, monkeypatch, capsys):
+    """Issue 28, item 6: a run trained with `--model models/base`, compacted and pushed from another directory,
+    recorded "models/base", which was not found there, passed for a Hub id by its form and was published. Training
+    records the directory by its absolute path, `loradrop compact` and `expand` look a relative one up next to the
+    adapter too, and a push refuses a name that is neither a directory here nor a model on the Hub."""
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    tiny_llama_base(seed=0).save_pretrained("models/base")
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained("models/base"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    args = training_args(Path("."))
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[LoraDropCallback(**SHARING)])
+    trainer.train()
+    trainer.save_model()
+    absolute = str(project / "models" / "base")
+    assert _base_name(project / "out") == absolute, "recorded by its absolute path at the source"
+
+    saved = json.loads((project / "out" / "adapter_config.json").read_text())
+    saved["base_model_name_or_path"] = "models/base"  # as a script without the callback saves it
+    (project / "out" / "adapter_config.json").write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path)
+    assert loradrop(["compact", "project/out", "project/out/compact"]) == 0
+    assert _base_name(project / "out" / "compact") == absolute
+
+    recorded = project / "old-compact"  # an adapter written with the relative path recorded
+    shutil.copytree(project / "out" / "compact", recorded)
+    (recorded / "adapter_config.json").write_text(json.dumps({**saved, "base_model_name_or_path": "models/base"}))
+    assert loradrop(["expand", "project/old-compact", "plain"]) == 0
+    assert _base_name(tmp_path / "plain") == absolute
+    hub.clear_requests()
+    assert loradrop(["push", "project/old-compact", REPO]) == 1
+    error = one_line_error(capsys)
+    assert (
+        "'models/base', which is neither a directory here nor a model on the Hub" in error and "--base_model" in error
+    )
+    assert hub.requests_matching("POST", "") == [], "nothing is created or committed"
+    hub.create_repo("models/base")  # a model of that id on the Hub: the name is its id
+    assert loradrop(["push", "project/old-compact", REPO]) == 0
+    assert json.loads(hub.files_at(REPO)["adapter_config.json"])["base_model_name_or_path"] == "models/base"
 
 
 def _tiny_bert_classifier() -> BertForSequenceClassification:
