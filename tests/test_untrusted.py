@@ -888,10 +888,12 @@ def test_28_5_pattern_keys_are_bounded_by_the_adapters_modules_and_each_must_mat
         assert main(command) == 1
         assert "3,000 entries" in one_line_error(capsys)
     assert time.perf_counter() - start < 3
-    modules = [f"base_model.model.layers.{i}.proj" for i in range(400)]  # a large adapter: 864 entries a field
-    keys = {f"layers\\.{i}\\.proj": 2 for i in range(300)}
-    with pytest.raises(CompactFormatError, match=r"600 rank_pattern and alpha_pattern keys .* past 512 keys"):
-        check_counts({"rank_pattern": keys, "alpha_pattern": keys}, modules, "a config")  # beyond `re`'s cache
+    modules = [f"base_model.model.layers.{i}.proj" for i in range(1500)]  # a large adapter: 3,064 entries a field
+    keys = {f"layers\\.{i}\\.proj": 2 for i in range(600)}
+    check_counts({"rank_pattern": keys, "alpha_pattern": keys}, modules, "a config")  # 1,800,000 matches: it passes
+    many = {f"layers\\.{i}\\.proj": 2 for i in range(1400)}
+    with pytest.raises(CompactFormatError, match=r"1,400 rank_pattern and alpha_pattern keys .* past 2,097,152"):
+        check_counts({"rank_pattern": many}, modules, "a config")
     with pytest.raises(CompactFormatError, match=r"rank_pattern the key 'lm_head', which matches none of its 28"):
         load_compact(tiny_llama_base(), unused)
     assert main(["inspect", str(unused)]) == 1
