@@ -28,6 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpu_batch import TUNED_ARMS, TUNED_TASKS
 from variants import DEFAULT_ALPHA, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +131,15 @@ def baseline_of(arm: Arm, front: list[Arm]) -> Arm | None:
     return max(fitting, key=lambda point: point.params) if fitting else None
 
 
+def next_above(arm: Arm, front: list[Arm], margin: float = 0.10) -> Arm | None:
+    """Plain LoRA at the smallest rank with more adapter parameters than `arm`, if at most `margin` more: the
+    comparison a reader makes when a method lands just below a rank's size (24% against r=2's 25%)."""
+    if arm.front_rank is not None:
+        return None
+    larger = [point for point in front if arm.params * 1.0001 < point.params <= arm.params * (1 + margin)]
+    return min(larger, key=lambda point: point.params) if larger else None
+
+
 def compare(a: Arm, b: Arm) -> tuple[float, float, str]:
     """How much better `a` is than `b` (test loss, positive: lower), the larger seed spread, and the verdict."""
     gain, spread = b.mean - a.mean, max(a.spread, b.spread)
@@ -230,12 +240,22 @@ def findings(task: str, by_name: dict[str, Arm]) -> list[str]:
         if base is None or base.seeds < 3:
             continue
         gain, spread, word = compare(arm, base)
-        line(
+        text = (
             f"{question}: {arm.mean:.3f} ± {arm.spread:.3f} at {rate_label(task, arm.rate)} with "
             f"{arm.params:,.0f} adapter parameters, against plain LoRA r={base.front_rank} {base.mean:.3f} ± "
             f"{base.spread:.3f} at {rate_label(task, base.rate)}: **{word}** the front ({gain:+.3f}, "
-            f"{in_spreads(gain, spread)})."
+            f"{in_spreads(gain, spread)})"
         )
+        above = next_above(arm, front)
+        if above is not None and above.seeds >= 3:
+            gain, spread, word = compare(arm, above)
+            word = {"above": "better", "below": "worse", "on": "no different"}[word]
+            text += (
+                f"; plain LoRA r={above.front_rank}, {above.params / arm.params - 1:.0%} more parameters, "
+                f"{above.mean:.3f} ± {above.spread:.3f} at {rate_label(task, above.rate)}: {word} ({gain:+.3f}, "
+                f"{in_spreads(gain, spread)})"
+            )
+        line(text + ".")
     pairs = (
         (DEFAULT, RANDOM, "Output importance against a random choice of the same size"),
         (KEEP, DEFAULT, "`keep` (lora_alpha / r) against the default's `rank` scaling (lora_alpha / 1)"),
@@ -258,7 +278,25 @@ def findings(task: str, by_name: dict[str, Arm]) -> list[str]:
     missing = [arm.name for arm in by_name.values() if arm.seeds < 3]
     if missing:
         line(f"Fewer than three seeds at the chosen rate (no verdict drawn from them): {', '.join(missing)}.")
+    not_run = [name for name in TUNED_ARMS if name not in by_name]
+    if not_run:
+        line(f"Methods of the protocol not run on this task (no complete grid): {', '.join(not_run)}.")
     return out
+
+
+def curve_table(by_name: dict[str, Arm]) -> list[str]:
+    """Validation loss over the steps (mean over the seeds at each method's chosen rate)."""
+    shown = [arm for arm in sorted(by_name.values(), key=_order) if arm.curve()]
+    steps = sorted({step for arm in shown for step, _, _ in arm.curve()})
+    if not shown:
+        return []
+    lines = ["| method (its lr) | " + " | ".join(f"step {step}" for step in steps) + " |"]
+    lines.append("|---|" + "---:|" * len(steps))
+    for arm in shown:
+        values = {step: mean for step, mean, _ in arm.curve()}
+        cells = [f"{values[step]:.3f}" if step in values else "" for step in steps]
+        lines.append(f"| {arm.name} (x{arm.rate:g}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _order(arm: Arm) -> tuple[int, str]:
@@ -291,11 +329,18 @@ def markdown(by_task: dict[str, dict[str, Arm]], source: str) -> str:
         lines += verdict_table(task, by_name)
         lines += ["", "Validation loss (seed 0) per learning-rate factor; bold: the chosen rate.", ""]
         lines += grid_table(task, by_name)
+        lines += ["", "Validation loss over training, mean over the seeds at each method's chosen rate.", ""]
+        lines += curve_table(by_name)
+    absent = [task for task in TUNED_TASKS if not by_task.get(task)]
+    if absent:
+        lines += ["", f"Tasks of the protocol with no complete grid yet: {', '.join(absent)}."]
     lines += [
         "",
         "Mean ± standard deviation over the seeds at the chosen rate; adapter parameters are what the method exports "
         "(LoRA-drop's after the switch). Verdict against plain LoRA (lora_alpha 16) at the largest rank with no more "
-        "parameters, each at its own chosen rate: above/below means better/worse by more than the larger seed spread.",
+        "parameters, each at its own chosen rate: above/below means better/worse by more than the larger seed spread. "
+        "min/run is the training time of one run while 4 to 12 runs shared the GPU (it says how crowded the GPU "
+        "was, not how fast a method is); peak GiB is the most GPU memory one run allocated.",
         "",
         "![tuned](tuned.png)",
     ]
@@ -318,15 +363,19 @@ def plot(by_task: dict[str, dict[str, Arm]], path: Path) -> None:
     if not tasks:
         return
     fig, axes = plt.subplots(len(tasks), 2, figsize=(14, 4.5 * len(tasks)), squeeze=False)
+    names = sorted({name for by_name in by_task.values() for name in by_name})
+    colours = {name: plt.get_cmap("tab10")(index % 10) for index, name in enumerate(names)}
     for (grid_ax, curve_ax), task in zip(axes, tasks):
         for arm in sorted(by_task[task].values(), key=_order):
             factors = sorted(arm.grid)
-            style = "-" if arm.front_rank is not None else "--"
-            grid_ax.plot(factors, [arm.grid[f] for f in factors], style, marker="o", label=arm.name)
+            style, colour = ("-" if arm.front_rank is not None else "--"), colours[arm.name]
+            grid_ax.plot(factors, [arm.grid[f] for f in factors], style, color=colour, marker="o", label=arm.name)
             curve = arm.curve()
-            if curve and (arm.front_rank in (1, 8) or arm.name in (DEFAULT, LATE)):
+            if curve and (arm.front_rank is not None or arm.name in (DEFAULT, KEEP, LATE)):
                 steps, means, spreads = zip(*curve)
-                curve_ax.errorbar(steps, means, yerr=spreads, fmt=style, marker=".", capsize=2, label=arm.name)
+                curve_ax.errorbar(
+                    steps, means, yerr=spreads, fmt=style, color=colour, marker=".", capsize=2, label=arm.name
+                )
         grid_ax.set_xscale("log", base=2)
         grid_ax.set_yscale("log")
         grid_ax.set_xlabel("learning-rate factor (x 5e-4)")
