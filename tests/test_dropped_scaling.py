@@ -53,6 +53,18 @@ def test_keep_trains_at_the_adapters_scaling_and_saves_a_uniform_lora(tmp_path):
         assert torch.equal(reloaded(**batch).logits, expected)
 
 
+def test_the_compact_format_refuses_a_keep_model_rather_than_reload_it_at_the_rank_scaling(tmp_path):
+    """hub_export's compact adapter rebuilds truncated modules with the rank-k scaling; until it records the scaling
+    a 'keep' run used, exporting one must fail, never write an adapter that computes something else."""
+    from hub_export import save_compact
+    from hub_export.errors import CompactFormatError
+
+    model, callback, _ = _run(tmp_path)
+    with pytest.raises(CompactFormatError, match="alpha_pattern"):
+        save_compact(model, tmp_path / "compact", plan=callback.plan)
+    assert not (tmp_path / "compact").exists()
+
+
 def test_keep_and_rank_give_the_same_lora_term_at_the_switch_and_differ_in_scaling_only(tmp_path):
     """Up to the switch the two runs are one run; right after it each truncated module adds the same rank-1 term
     (the values are rescaled for "rank", not for "keep"); the factor it then learns with differs by r / k."""
