@@ -19,9 +19,19 @@ from pathlib import Path
 
 from loradrop_trainer import __version__
 
+from .forms import FORMS
+
 HUB_PREFIX = "hf://"
 _SOURCE_HELP = f"compact adapter directory (or a pulled repo), or {HUB_PREFIX}user/name for a Hub repo"
 _REVISION_HELP = f"branch, tag or commit of a {HUB_PREFIX} source (default: main)"
+# The transformers class that loads the base model of an adapter, by PEFT's task_type (as peft.auto's classes map it).
+_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
 _BASE_MODEL_HELP = (
     "Hub id of the base model (org/name), recorded in adapter_config.json{} in place of the local path training "
     "may have read it from"
@@ -60,11 +70,21 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--revision", help=_REVISION_HELP)
     inspect.set_defaults(command=_inspect, source_parser=inspect)
 
-    expand = commands.add_parser("expand", help="write a plain PEFT adapter", description=_expand.__doc__)
+    expand = commands.add_parser(
+        "expand", help="write a plain PEFT adapter, or the form an engine serves (--for)", description=_expand.__doc__
+    )
     expand.add_argument("source", metavar="SOURCE", help=_SOURCE_HELP)
     expand.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier expansion)")
     expand.add_argument("--revision", help=_REVISION_HELP)
     expand.add_argument("--base_model", metavar="ID", help=_BASE_MODEL_HELP.format(""))
+    expand.add_argument(
+        "--for",
+        dest="form",
+        choices=FORMS,
+        default="peft",
+        help="; ".join(f"{name}: {what}" for name, what in FORMS.items()),
+    )
+    expand.add_argument("--base", metavar="DIR", help="--for merged: local directory of the base model's weights")
     expand.set_defaults(command=_expand, source_parser=expand)
 
     compact = commands.add_parser(
@@ -174,11 +194,29 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _expand(args: argparse.Namespace) -> None:
-    """Write the plain PEFT adapter of a compact one (loads with peft.PeftModel.from_pretrained)."""
-    from .expand import expand_to_peft
+    """Write a compact adapter in the form an engine serves as trained: the plain PEFT adapter with rank_pattern
+    (--for peft, the default), the uniform one that needs no pattern (--for uniform or vllm), or the merged model
+    (--for merged --base DIR). Every check runs before anything is written."""
+    from .serving import export_adapter
 
-    target = expand_to_peft(_source_dir(args.source, args.revision), args.target, base_model=args.base_model)
-    print(f"plain PEFT adapter written to {target}")
+    if (args.form == "merged") != (args.base is not None):
+        raise ValueError("--for merged needs --base DIR (the base model's local directory), and only it takes --base.")
+    source = _source_dir(args.source, args.revision)
+    base = _load_base(source, args.base) if args.base is not None else None
+    target = export_adapter(source, args.target, form=args.form, base_model=args.base_model, base=base)
+    print(f"{args.form} adapter written to {target}" if base is None else f"merged model written to {target}")
+
+
+def _load_base(source: Path, base_dir: str):
+    """The base model in `base_dir`, loaded with the transformers class of the adapter's task (PEFT's task_type)."""
+    import transformers
+
+    from .format import read_files
+
+    if not Path(base_dir).is_dir():
+        raise FileNotFoundError(f"{base_dir} is not a directory; pass the base model's local directory to --base.")
+    task = read_files(source).peft_config.get("task_type")
+    return getattr(transformers, _AUTO_CLASSES.get(task, "AutoModel")).from_pretrained(base_dir)
 
 
 def _compact(args: argparse.Namespace) -> None:

@@ -1,0 +1,201 @@
+"""Adapter files for the engines users serve with: each form computes the trained model wherever it claims to.
+
+A LoRA-drop adapter in mode "truncate" holds modules of two ranks, each scaled as PEFT scales its own rank, and the
+plain PEFT adapter `expand_to_peft` writes says so through `rank_pattern` (the "peft" form, the smallest). PEFT reads
+that field; vLLM's adapter config (`vllm/lora/peft_helper.py`) has neither `rank_pattern` nor `alpha_pattern` and
+scales every module by one `lora_alpha / r`, and llama.cpp's converter (`convert_lora_to_gguf.py`) reads `lora_alpha`
+alone and scales each tensor by `alpha / (its rank)`, ignoring `use_rslora`. So an adapter every engine serves as
+trained must need none of those fields:
+
+- "uniform": every LoRA module at one rank R (the largest of the adapter; truncated and lower-rank modules zero-padded),
+  each module's own scaling `s` folded into its `lora_B` as `s / (lora_alpha / R)`, and a config with `r=R`, no
+  `rank_pattern`, no `alpha_pattern` and `use_rslora` off. One `lora_alpha / R` is then right for every module under
+  every rule above. In PEFT it gives the trained logits bit for bit when the folded factors are powers of two (the
+  default: r=8 truncated to rank 1 folds 8) and to float32 rounding otherwise; it is as large as the unpruned adapter.
+- "vllm": the uniform form, refused in one line where vLLM would refuse it or compute something else
+  (`modules_to_save`, a rank above vLLM's largest `max_lora_rank`).
+- "merged": the base model with the adapter merged in (`merge_and_unload` of the exactly loaded adapter), for engines
+  and users that take full weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from torch import nn
+from transformers.utils import logging
+
+from loradrop_trainer.peft_keys import LORA_SUFFIXES
+from loradrop_trainer.truncate import scaling_at_rank
+
+from .atomic import Layout, atomic_directory, check_disjoint
+from .base_model import warn_if_local
+from .compact import config_text, read_compact, with_base
+from .errors import CompactFormatError
+from .expand import PEFT_LAYOUT, expanded_state_dict, write_peft
+from .files import write_tensors
+from .format import CompactAdapter
+from .forms import FORMS
+from .truncation import module_value, rank_axis
+
+logger = logging.get_logger(__name__)
+
+# The largest `max_lora_rank` vLLM accepts (`possible_max_ranks` in vllm/config/lora.py, LoRAConfig.__post_init__).
+VLLM_MAX_RANK = 512
+MERGED_LAYOUT = Layout(
+    "merged model",
+    frozenset({"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"}),
+    marker="config.json",
+)
+
+
+def export_adapter(
+    compact_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    form: str = "uniform",
+    base_model: str | None = None,
+    base: nn.Module | None = None,
+) -> Path:
+    """Write the adapter of `compact_dir` to `out_dir` in the form an engine serves as trained; return `out_dir`.
+
+    Everything is checked (the compact adapter as untrusted input, the form against the adapter) before anything is
+    written, and the output appears atomically.
+
+    Args:
+        compact_dir: a compact adapter directory (or a pulled Hub repo).
+        out_dir: missing, empty or an earlier output of the same form; outside `compact_dir`.
+        form: "peft" (rank_pattern, smallest; PEFT and llama.cpp), "uniform" (any engine that loads plain LoRA),
+            "vllm" (uniform, with vLLM's limits checked) or "merged" (full weights; needs `base`).
+        base_model: the base model's Hub id ("org/name"), recorded in adapter_config.json in place of the one the
+            compact adapter names (see `hub_export.base_model`).
+        base: form "merged" only: the base model, as `load_compact` takes it (it is modified in place).
+    """
+    if form not in FORMS:
+        raise ValueError(f"Unknown form {form!r}; choose one of {', '.join(FORMS)}.")
+    if (form == "merged") != (base is not None):
+        raise ValueError("Pass base= (the base model to merge into) for form 'merged', and only for it.")
+    check_disjoint(compact_dir, out_dir)
+    adapter = with_base(read_compact(compact_dir), base_model)
+    where = f"the compact adapter at {compact_dir}"
+    if form == "merged":
+        return _write_merged(compact_dir, out_dir, base)
+    if form == "peft":
+        layout, write = PEFT_LAYOUT, write_peft
+    else:
+        check_form(adapter, form, where)
+        layout, write = PEFT_LAYOUT, write_uniform
+    warn_if_local(adapter.peft_config, f"The adapter in {out_dir}")
+    with atomic_directory(out_dir, layout) as staging:
+        write(adapter, staging)
+    logger.info(f"LoRA-drop: {form} adapter of {compact_dir} written to {out_dir}.")
+    return Path(out_dir)
+
+
+def check_form(adapter: CompactAdapter, form: str, where: str) -> None:
+    """Refuse, in one line, an adapter the form cannot carry as trained (`export_adapter`'s forms)."""
+    config = adapter.peft_config
+    if form == "vllm" and config.get("modules_to_save"):
+        raise CompactFormatError(
+            f"{where} trains {config['modules_to_save']} in full (modules_to_save), which vLLM refuses "
+            "(vllm/lora/peft_helper.py); serve it with PEFT, or export --for merged."
+        )
+    rank = uniform_rank(adapter)
+    if form == "vllm" and rank > VLLM_MAX_RANK:
+        raise CompactFormatError(
+            f"{where} has LoRA rank {rank}, above {VLLM_MAX_RANK}, the largest max_lora_rank vLLM accepts; serve it "
+            "with PEFT, or export --for merged."
+        )
+    if scaling_at_rank(config["lora_alpha"], rank, False) == 0 and any(module_scalings(adapter).values()):
+        raise CompactFormatError(
+            f"{where} has lora_alpha 0 but modules scaled otherwise (alpha_pattern): a single lora_alpha / r of 0 "
+            "cannot carry their scaling; export --for peft."
+        )
+
+
+def lora_modules(adapter: CompactAdapter) -> list[str]:
+    """Every LoRA module the adapter holds weights for (modules the plan never scored, by `exclude`, included)."""
+    keys = [*(key for keys in adapter.members.values() for key in keys), *adapter.dropped]
+    return sorted({key.removesuffix(LORA_SUFFIXES[0]) for key in keys if key.endswith(LORA_SUFFIXES[0])})
+
+
+def uniform_rank(adapter: CompactAdapter) -> int:
+    """The rank of the uniform form: the largest rank any LoRA module of `adapter` has in the trained model."""
+    config = adapter.peft_config
+    return max(module_value(config["r"], config.get("rank_pattern") or {}, name) for name in lora_modules(adapter))
+
+
+def module_scalings(adapter: CompactAdapter) -> dict[str, float]:
+    """`{module: scaling}`: what PEFT multiplies each LoRA module's output by when it loads the adapter at its trained
+    ranks (the compact adapter's config, whose `alpha_pattern` scales a truncated module as a rank-k LoRA), which is
+    what the trained model multiplied it by."""
+    config = adapter.peft_config
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    return {
+        name: scaling_at_rank(
+            module_value(config["lora_alpha"], alpha_pattern, name),
+            module_value(config["r"], rank_pattern, name),
+            rslora,
+        )
+        for name in lora_modules(adapter)
+    }
+
+
+def uniform_state_dict(adapter: CompactAdapter) -> dict[str, torch.Tensor]:
+    """The uniform form's weights: every LoRA weight at rank `uniform_rank` (zero-padded), each `lora_B` multiplied
+    by its module's scaling over `lora_alpha / R`; other weights (`modules_to_save`) as they are."""
+    rank = uniform_rank(adapter)
+    common = scaling_at_rank(adapter.peft_config["lora_alpha"], rank, False)
+    scalings = module_scalings(adapter)
+    state = expanded_state_dict(adapter, padded=True)
+    for key, tensor in state.items():
+        suffix = next((suffix for suffix in LORA_SUFFIXES if key.endswith(suffix)), None)
+        if suffix is None:
+            continue
+        padded = _pad(key, tensor, rank)
+        if suffix == LORA_SUFFIXES[1]:
+            factor = scalings[key.removesuffix(suffix)] / common
+            padded = padded if factor == 1 else padded * factor
+        state[key] = padded
+    return state
+
+
+def uniform_config(peft_config: Mapping[str, Any], rank: int) -> dict[str, Any]:
+    """The uniform form's PEFT config: rank `rank` for every module and nothing that scales one module otherwise."""
+    return {**peft_config, "r": rank, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False}
+
+
+def write_uniform(adapter: CompactAdapter, directory: Path) -> None:
+    """Write the uniform form of `adapter` into the existing, empty `directory`."""
+    write_tensors(uniform_state_dict(adapter), directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+    config = uniform_config(adapter.peft_config, uniform_rank(adapter))
+    (directory / CONFIG_NAME).write_text(config_text(config), "utf-8")
+
+
+def _pad(key: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    """A LoRA weight zero-padded along its rank axis to `rank` (itself when it has that rank)."""
+    axis = rank_axis(key)
+    if tensor.shape[axis] == rank:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = rank
+    out = torch.zeros(shape, dtype=tensor.dtype)
+    out.narrow(axis, 0, tensor.shape[axis]).copy_(tensor)
+    return out
+
+
+def _write_merged(compact_dir: str | os.PathLike, out_dir: str | os.PathLike, base: nn.Module) -> Path:
+    """The base model with the compact adapter merged in, saved with `save_pretrained`."""
+    from .loader import load_compact
+
+    merged = load_compact(base, compact_dir).merge_and_unload()
+    with atomic_directory(out_dir, MERGED_LAYOUT) as staging:
+        merged.save_pretrained(staging)
+    logger.info(f"LoRA-drop: {compact_dir} merged into its base model, written to {out_dir}.")
+    return Path(out_dir)

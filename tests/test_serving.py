@@ -1,0 +1,213 @@
+"""Served as trained (issue 30): a default-trained adapter (mode "truncate", truncated modules at rank 1) in every form
+`loradrop expand --for` writes, and the file `trainer.save_model()` writes, computes the trained logits in PEFT and
+under the scaling rules of the engines that ignore PEFT's patterns, re-stated here from their source:
+
+- vLLM (`vllm/lora/peft_helper.py`, `PEFTHelper.__post_init__`): one `vllm_lora_scaling_factor = lora_alpha / r`
+  (`/ sqrt(r)` with `use_rslora`) for every module; `rank_pattern` and `alpha_pattern` are not fields it reads
+  (`from_dict` drops unknown keys); `modules_to_save` is refused.
+- llama.cpp (`convert_lora_to_gguf.py` reads `lora_alpha` alone from adapter_config.json; `src/llama-adapter.cpp`
+  scales each tensor pair by `alpha / rank`, its rank being the pair's own `lora_a` dimension): no pattern, no rsLoRA.
+
+The `peft` (rank_pattern) form is shown wrong under vLLM's rule, so these tests can fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import LLAMA_TARGETS, TokenDataset, model_logits, one_line_error, tiny_llama_base, training_args
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import Trainer
+
+from hub_export import CompactFormatError, export_adapter, save_compact
+from hub_export.cli import main as loradrop
+from loradrop_trainer import LoraDropCallback
+
+# The trained logits against an engine rule's, which adds each module's product into the base weights (as vLLM's
+# and llama.cpp's kernels do not, so float32 sums differ in order): relative to the largest logit. A module scaled
+# 1/8 of what it trained with is off by far more (asserted below).
+RULE_RTOL = 1e-5
+
+
+@dataclasses.dataclass
+class Run:
+    model: PeftModel
+    callback: LoraDropCallback
+    saved: Path
+    compact: Path
+    logits: torch.Tensor
+
+
+def default_llama(**lora_kwargs) -> PeftModel:
+    """The issue's set-up at test size: LoRA r=8 (lora_alpha 16) on all seven kinds of a tiny Llama."""
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(tiny_llama_base(), dataclasses.replace(lora, **lora_kwargs))
+
+
+def train(root: Path, model: PeftModel) -> Run:
+    """Train with `LoraDropCallback()`'s defaults but `alpha` (switch at step 3 of 12), save as a Trainer user does."""
+    callback = LoraDropCallback(alpha=0.25)
+    args = training_args(root, max_steps=12, save_strategy="steps", save_steps=4)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback])
+    trainer.train()
+    trainer.save_model()
+    assert callback.plan.mode == "truncate" and callback.plan.dropped_rank == 1 and callback.plan.dropped
+    return Run(model, callback, Path(args.output_dir), save_compact(model, root / "compact"), model_logits(model))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Run:
+    return train(tmp_path_factory.mktemp("serving"), default_llama())
+
+
+# ---------------------------------------------------------------------------------------------- the engines' rules
+
+
+def _adapter_files(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    return json.loads((directory / "adapter_config.json").read_text()), load_file(
+        directory / "adapter_model.safetensors"
+    )
+
+
+def _with_deltas(deltas: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The base model with `{module name: delta}` added to its weights."""
+    model = tiny_llama_base()
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            modules[name].weight += delta
+    return model
+
+
+def _pairs(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`{base module name: (lora_A, lora_B)}`, named as llama.cpp's `get_base_tensor_name` strips PEFT's prefix."""
+    return {
+        key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): (
+            a,
+            weights[key.replace("lora_A", "lora_B")],
+        )
+        for key, a in weights.items()
+        if key.endswith(".lora_A.weight")
+    }
+
+
+def vllm_logits(directory: Path) -> torch.Tensor:
+    """vLLM's rule: every module scaled by the config's one `lora_alpha / r` (rsLoRA: `/ sqrt(r)`)."""
+    config, weights = _adapter_files(directory)
+    if config.get("modules_to_save"):
+        raise ValueError("vLLM only supports modules_to_save being None.")
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return model_logits(_with_deltas({name: scaling * b @ a for name, (a, b) in _pairs(weights).items()}))
+
+
+def llamacpp_logits(directory: Path) -> torch.Tensor:
+    """llama.cpp's rule: each tensor pair scaled by `lora_alpha / (its own rank)`; nothing else of the config read."""
+    alpha = _adapter_files(directory)[0]["lora_alpha"]
+    pairs = _pairs(_adapter_files(directory)[1])
+    return model_logits(_with_deltas({name: alpha / a.shape[0] * b @ a for name, (a, b) in pairs.items()}))
+
+
+def peft_logits(directory: Path) -> torch.Tensor:
+    return model_logits(PeftModel.from_pretrained(tiny_llama_base(), str(directory)))
+
+
+def merged_logits(directory: Path) -> torch.Tensor:
+    return model_logits(PeftModel.from_pretrained(tiny_llama_base(), str(directory)).merge_and_unload())
+
+
+def assert_close(logits: torch.Tensor, trained: torch.Tensor) -> None:
+    torch.testing.assert_close(logits, trained, rtol=0, atol=RULE_RTOL * float(trained.abs().max()))
+
+
+def assert_wrong(logits: torch.Tensor, trained: torch.Tensor) -> None:
+    assert float((logits - trained).abs().max()) > 1e-2 * float(trained.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------- the forms
+
+
+def test_uniform_form_is_exact_in_peft_and_right_under_every_rule(run, tmp_path):
+    out = export_adapter(run.compact, tmp_path / "uniform", form="uniform")
+    config, weights = _adapter_files(out)
+    assert config["r"] == 8 and not config["rank_pattern"] and not config["alpha_pattern"]
+    assert {tensor.shape[0] for key, tensor in weights.items() if "lora_A" in key} == {8}
+    torch.testing.assert_close(peft_logits(out), run.logits, rtol=0, atol=0)
+    assert_close(vllm_logits(out), run.logits)
+    assert_close(llamacpp_logits(out), run.logits)
+    assert_close(merged_logits(out), run.logits)
+
+
+def test_peft_form_is_right_in_peft_and_llamacpp_and_wrong_under_vllms_rule(run, tmp_path):
+    out = export_adapter(run.compact, tmp_path / "peft", form="peft")
+    config, _ = _adapter_files(out)
+    assert config["rank_pattern"] and set(config["rank_pattern"].values()) == {1}
+    assert_close(peft_logits(out), run.logits)
+    assert_close(llamacpp_logits(out), run.logits)
+    assert_close(merged_logits(out), run.logits)
+    assert_wrong(vllm_logits(out), run.logits)
+
+
+def test_merged_form_computes_the_trained_model(run, tmp_path, capsys):
+    base = tmp_path / "base"
+    tiny_llama_base().save_pretrained(base)
+    assert loradrop(["expand", str(run.compact), str(tmp_path / "merged"), "--for", "merged", "--base", str(base)]) == 0
+    assert "merged model written to" in capsys.readouterr().out
+    merged = type(tiny_llama_base()).from_pretrained(tmp_path / "merged")
+    assert_close(model_logits(merged), run.logits)
+
+
+def test_cli_writes_each_form(run, tmp_path, capsys):
+    for form in ("peft", "uniform", "vllm"):
+        assert loradrop(["expand", str(run.compact), str(tmp_path / form), "--for", form]) == 0
+        assert f"{form} adapter written to" in capsys.readouterr().out
+    uniform, vllm = (tmp_path / form / "adapter_model.safetensors" for form in ("uniform", "vllm"))
+    assert uniform.read_bytes() == vllm.read_bytes()
+
+
+def test_user_patterns_and_rslora_are_folded_too(tmp_path):
+    """A user's own alpha_pattern and rank_pattern, and rsLoRA, are folded into the uniform form as well: vLLM's and
+    llama.cpp's rules give the trained logits (the rank-pattern form is wrong under both)."""
+    model = default_llama(rank_pattern={"down_proj": 4}, alpha_pattern={"up_proj": 4}, use_rslora=True)
+    trained = train(tmp_path, model)
+    uniform = export_adapter(trained.compact, tmp_path / "uniform", form="uniform")
+    assert not _adapter_files(uniform)[0]["use_rslora"]
+    assert_close(peft_logits(uniform), trained.logits)
+    assert_close(vllm_logits(uniform), trained.logits)
+    assert_close(llamacpp_logits(uniform), trained.logits)
+    peft_form = export_adapter(trained.compact, tmp_path / "peft", form="peft")
+    assert_wrong(vllm_logits(peft_form), trained.logits)
+    assert_wrong(llamacpp_logits(peft_form), trained.logits)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+def test_vllm_form_refuses_modules_to_save_in_one_line_before_writing(tmp_path, capsys):
+    trained = train(tmp_path, default_llama(modules_to_save=["lm_head"]))
+    target = tmp_path / "vllm"
+    assert loradrop(["expand", str(trained.compact), str(target), "--for", "vllm"]) == 1
+    assert "modules_to_save" in one_line_error(capsys) and not target.exists()
+    with pytest.raises(CompactFormatError, match="vLLM refuses"):
+        export_adapter(trained.compact, target, form="vllm")
+    assert not target.exists()
+    assert_close(peft_logits(export_adapter(trained.compact, tmp_path / "uniform")), trained.logits)
+
+
+def test_vllm_form_refuses_a_rank_above_its_limit(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("hub_export.serving.VLLM_MAX_RANK", 4)
+    assert loradrop(["expand", str(run.compact), str(tmp_path / "vllm"), "--for", "vllm"]) == 1
+    assert "rank 8, above 4" in one_line_error(capsys) and not (tmp_path / "vllm").exists()
+
+
+def test_merged_needs_a_base_and_only_merged_takes_one(run, tmp_path, capsys):
+    assert loradrop(["expand", str(run.compact), str(tmp_path / "m"), "--for", "merged"]) == 1
+    assert "--base" in one_line_error(capsys)
+    assert loradrop(["expand", str(run.compact), str(tmp_path / "m"), "--for", "uniform", "--base", str(tmp_path)]) == 1
+    assert "--base" in one_line_error(capsys) and not (tmp_path / "m").exists()
