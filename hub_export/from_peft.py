@@ -7,8 +7,10 @@ callback's ``loradrop_plan.json``. Saving untied the copies, so the tying cannot
 when the adapter was saved from the model that plan re-parameterised. In mode "drop" the callback zeroes every dropped
 module's LoRA B at the switch, so the plain adapter computes what the pruned model did; a dropped module whose saved B
 is not zero shows an adapter saved before the switch (or by another run), which dropping would change. In mode
-"truncate" the callback cuts every truncated module to rank k and records its scaling in the PEFT config's
-`alpha_pattern`: a truncated module that is not zero past rank k, or a config without that entry, shows the same.
+"truncate" the callback cuts every truncated module to rank k, and the adapter either records its scaling in the PEFT
+config's `alpha_pattern` (checkpoints of earlier versions) or carries it folded into lora_B (`save_pretrained` since
+issue 30, `loradrop_trainer.saved_form`; unfolded here, `truncation.unfolded`): a truncated module that is not zero
+past rank k, or a config with some of those entries but not all, shows the same.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .files import has_member, read_member
 from .format import COMPACT_LAYOUT, CompactAdapter
 from .jsonfile import parse_json_object
 from .plans import PlanSource, read_plan
-from .truncation import module_value, recorded_alpha_first, without_recorded_alpha
+from .truncation import module_value, recorded_alpha_first, unfolded, without_recorded_alpha
 from .tying import group_by_plan
 from .validate import check_adapter, check_names, check_patterns, check_truncation, check_weights, lora_config
 
@@ -91,6 +93,7 @@ def compact_peft_adapter(
     where = f"the adapter at {source}"
     weights = _read_weights(source)
     check_weights(weights, where)  # before comparing copies: NaN differs even from itself
+    weights, config = unfolded(weights, config, drop_plan)
     _check_dropped_b_is_zero(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
     peft_config = recorded_alpha_first(with_base_model({**config, "inference_mode": True}, base_model), drop_plan)

@@ -22,6 +22,7 @@ from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build
 from .reparam import UntiedLora, reparameterise
 from .report import PLAN_FILE, PLOT_FILE, plan_settings, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
+from .saved_form import save_folded, saved_form, stop_folding, unfold_restored
 from .sharding import check_fsdp_version, parameter_engine
 from .stability import StabilityTracker
 from .truncate import check_truncatable, forget_truncation, record_truncation
@@ -224,6 +225,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             planned = self._plan_config
             self._select_layers(model, self.plan.adapter_name, planned.get("target"), planned.get("exclude"))
         self._tying = reparameterise(self._layers, self.plan, optimizer, at_switch=False)
+        unfold_restored(self._layers, self.plan, saved.get("saved_form"), "the checkpoint being resumed")
         self._record_in_config(model)
         self._schedule_restart = saved.get("schedule_restart")
         if self._schedule_restart is not None:
@@ -298,6 +300,16 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         best_step = state.best_global_step if args.load_best_model_at_end and state.best_model_checkpoint else None
         if self.plan is not None and best_step is not None and best_step < self.plan.step:
             self._restore_untied(kwargs["model"], state.best_model_checkpoint)
+        elif self.plan is not None and best_step is not None:  # the Trainer loaded a checkpoint after the switch
+            self._unfold_best(state.best_model_checkpoint)
+
+    def _unfold_best(self, checkpoint: str) -> None:
+        """`load_best_model_at_end` loaded `checkpoint`: undo the fold if it came from the adapter file (`saved_form`),
+        told by the record in that checkpoint's own callback state."""
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        best = self._saved_state(TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME)))
+        unfold_restored(self._layers, self.plan, best.get("saved_form"), checkpoint)
 
     def _restore_untied(self, model, checkpoint: str) -> None:
         """The Trainer loaded a checkpoint from before the switch into the re-parameterised model; make the model that
@@ -312,6 +324,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         config = _peft_config(model, self.plan.adapter_name)
         if self.plan.mode == "truncate" and config is not None:
             forget_truncation(config, self.plan)
+            stop_folding(model)
         if self._untied.reload_needed:
             model.load_adapter(checkpoint, adapter_name=self.config.adapter_name, is_trainable=True)
         detach_plan(model, restored_from=checkpoint)
@@ -332,6 +345,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             "stability": self._tracker.state_dict() if self._tracker is not None and collector is not None else None,
             "schedule_restart": self._schedule_restart,
             "gave_up": self._gave_up,
+            "saved_form": saved_form(self._layers, self.plan) if self.plan is not None else None,
         }
         return {"args": self.config.to_dict(), "attributes": {"_checkpoint": checkpoint}}
 
@@ -425,11 +439,12 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             self._write_outputs(args, Path(cfg.output_dir or args.output_dir or "."))
 
     def _record_in_config(self, model) -> None:
-        """Mode "truncate": let the PEFT config say how the truncated modules are scaled (`save_pretrained` then
-        writes an adapter that computes what the model does)."""
+        """Mode "truncate": let the PEFT config say how the truncated modules are scaled, and make `save_pretrained`
+        write them folded into lora_B instead, which every engine reads (`saved_form`)."""
         config = _peft_config(model, self.plan.adapter_name)
         if self.plan.mode == "truncate" and config is not None:
             record_truncation(config, self._layers, self.plan)
+            save_folded(model, self._layers, self.plan)
 
     def make_plan(self, importance: dict[str, float], kinds: dict[str, str], step: int) -> DropPlan:
         """Choose the kept modules from the summed importance. Subclasses may choose otherwise (ablations do).

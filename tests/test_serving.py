@@ -16,16 +16,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import LLAMA_TARGETS, TokenDataset, model_logits, one_line_error, tiny_llama_base, training_args
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
-from transformers import Trainer
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
 
-from hub_export import CompactFormatError, export_adapter, save_compact
+from hub_export import CompactFormatError, compact_peft_adapter, export_adapter, load_compact, save_compact
 from hub_export.cli import main as loradrop
 from loradrop_trainer import LoraDropCallback
 
@@ -184,6 +185,85 @@ def test_user_patterns_and_rslora_are_folded_too(tmp_path):
     peft_form = export_adapter(trained.compact, tmp_path / "peft", form="peft")
     assert_wrong(vllm_logits(peft_form), trained.logits)
     assert_wrong(llamacpp_logits(peft_form), trained.logits)
+
+
+# ---------------------------------------------------------------------------------------------- trainer.save_model()
+
+
+def test_save_model_output_is_right_in_every_engine(run, tmp_path):
+    """What the Trainer writes after the switch needs no alpha_pattern: each truncated lora_B carries its scaling, so
+    PEFT gives the trained logits bit for bit and vLLM's and llama.cpp's rules give them too. The same model saved in
+    the form the scaling used to be recorded in (alpha_pattern) is wrong under vLLM's rule and llama.cpp's."""
+    config, _ = _adapter_files(run.saved)
+    assert config["alpha_pattern"] == {} and config["rank_pattern"] == {} and config["r"] == 8
+    torch.testing.assert_close(peft_logits(run.saved), run.logits, rtol=0, atol=0)
+    assert_close(vllm_logits(run.saved), run.logits)
+    assert_close(llamacpp_logits(run.saved), run.logits)
+    assert_close(merged_logits(run.saved), run.logits)
+    assert run.model.peft_config["default"].alpha_pattern, "the model in memory keeps its own record"
+
+    recorded = tmp_path / "recorded"
+    PeftModel.save_pretrained(run.model, str(recorded))  # the class's own method: the scaling in alpha_pattern
+    torch.testing.assert_close(peft_logits(recorded), run.logits, rtol=0, atol=0)
+    assert_wrong(vllm_logits(recorded), run.logits)
+    assert_wrong(llamacpp_logits(recorded), run.logits)
+
+
+def test_a_checkpoint_after_the_switch_is_right_in_every_engine_and_compacts(run, tmp_path):
+    checkpoint = run.saved / "checkpoint-8"
+    as_saved = model_logits(load_compact(tiny_llama_base(), compact_peft_adapter(checkpoint, tmp_path / "compact")))
+    torch.testing.assert_close(peft_logits(checkpoint), as_saved, rtol=0, atol=0)
+    assert_close(vllm_logits(checkpoint), as_saved)
+    assert_close(llamacpp_logits(checkpoint), as_saved)
+
+
+class BestAt(TrainerCallback):
+    """Adds the metric `eval_closeness`, largest at step `best`, so that the Trainer ends by loading that checkpoint."""
+
+    def __init__(self, best: int) -> None:
+        self.best = best
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_closeness"] = -abs(state.global_step - self.best)
+
+
+def test_load_best_model_at_end_after_the_switch_unfolds_what_it_loaded(tmp_path):
+    """The Trainer loads the best checkpoint's adapter file (folded) into the model in training: the model must hold
+    that checkpoint's weights as trained, so it computes what the file computes in PEFT, and saves it again so."""
+    model = default_llama()
+    best = {"eval_strategy": "steps", "eval_steps": 4, "load_best_model_at_end": True}
+    args = training_args(tmp_path, max_steps=12, save_strategy="steps", save_steps=4, **best)
+    args.metric_for_best_model, args.greater_is_better = "closeness", True
+    callback = LoraDropCallback(alpha=0.25)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenDataset(),
+        eval_dataset=TokenDataset(n=8, seed=1),
+        callbacks=[callback, BestAt(8)],
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-8") and callback.plan.step == 3
+    from_file = peft_logits(Path(trainer.state.best_model_checkpoint))
+    torch.testing.assert_close(model_logits(model), from_file, rtol=0, atol=0)
+    trainer.save_model(str(tmp_path / "final"))
+    torch.testing.assert_close(peft_logits(tmp_path / "final"), from_file, rtol=0, atol=0)
+
+
+def test_resume_refuses_weights_that_are_neither_the_model_s_nor_the_file_s(run, tmp_path):
+    checkpoint = Path(shutil.copytree(run.saved / "checkpoint-8", tmp_path / "checkpoint-8"))
+    weights = load_file(checkpoint / "adapter_model.safetensors")
+    name = next(
+        key for key in weights if "lora_B" in key and key.removesuffix(".lora_B.weight") in run.callback.plan.dropped
+    )
+    weights[name] = weights[name] * 3
+    save_file(weights, checkpoint / "adapter_model.safetensors", metadata={"format": "pt"})
+    args = training_args(tmp_path, max_steps=12, save_strategy="no")
+    trainer = Trainer(
+        model=default_llama(), args=args, train_dataset=TokenDataset(), callbacks=[LoraDropCallback(alpha=0.25)]
+    )
+    with pytest.raises(ValueError, match="neither those the model held when it was saved nor those of its adapter"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -223,9 +223,13 @@ def test_a_model_that_was_not_truncated_is_refused(llama, tmp_path):
 
 
 def test_a_saved_adapter_without_the_recorded_scaling_is_refused(llama, tmp_path, capsys):
-    """The zero blocks fit, but the config lacks the alpha_pattern entry that scales a truncated module as rank k (an
-    adapter saved by other means than the run's): PEFT would compute something else than the trained model."""
-    source = Path(shutil.copytree(llama.output_dir / "checkpoint-4", tmp_path / "checkpoint"))
+    """An adapter saved with the scaling recorded in alpha_pattern (PEFT's own save_pretrained, as checkpoints were
+    written before issue 30) whose zero blocks fit, but whose config lacks the entry of one truncated module (saved by
+    other means than the run's): PEFT would compute something else than the trained model."""
+    source = tmp_path / "checkpoint"
+    PeftModel.save_pretrained(llama.model, str(source))  # the class's method: the scaling recorded, nothing folded
+    (source / "README.md").unlink()
+    shutil.copy(llama.output_dir / PLAN_FILE, source)
     config = json.loads((source / CONFIG_FILE).read_text())
     name = llama.callback.plan.dropped[-1]
     del config["alpha_pattern"][pattern_key(name)]
@@ -547,7 +551,10 @@ def test_a_saved_adapters_refused_patterns_are_never_matched_when_spelled_out(ll
     config_path.write_text(json.dumps(config))
     assert loradrop(["compact", str(source), str(tmp_path / "ranks")]) == 0
     written = read_compact(tmp_path / "ranks").peft_config
-    assert written["rank_pattern"] == {} and written["alpha_pattern"] == config["alpha_pattern"]
+    assert (
+        written["rank_pattern"] == {}
+        and written["alpha_pattern"] == read_compact(llama.compact).peft_config["alpha_pattern"]
+    ), "the truncated modules' scaling unfolded from lora_B and recorded as the callback records it"
     torch.testing.assert_close(
         model_logits(load_compact(llama.base(), tmp_path / "ranks")), llama.logits, rtol=0, atol=0
     )
