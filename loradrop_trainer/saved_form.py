@@ -23,6 +23,7 @@ run stays bit-identical), one holding the model's is left alone, and one holding
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -52,34 +53,37 @@ def fold_factors(layers: dict[str, LoraLayer], plan: DropPlan) -> dict[str, floa
 def save_folded(model: nn.Module, layers: dict[str, LoraLayer], plan: DropPlan) -> None:
     """Make `model.save_pretrained` write the truncated modules folded (module docstring); idempotent.
 
+    The method is bound on this instance only, with the factors kept on the model, so a `copy.deepcopy` of the model
+    saves its own weights.
+
     Args:
-        model: the PeftModel in training (its class's `save_pretrained` is wrapped on this instance only).
+        model: the PeftModel in training.
         layers: `{module name: LoRA layer}` of the plan's modules, the plan applied.
         plan: the plan in mode "truncate".
     """
-    factors = fold_factors(layers, plan)
-    ours = {pattern_key(name) for name in plan.dropped}
-    original = type(model).save_pretrained.__get__(model)
+    model.loradrop_fold = (plan.adapter_name, fold_factors(layers, plan), {pattern_key(name) for name in plan.dropped})
+    model.save_pretrained = types.MethodType(save_pretrained, model)
 
-    def save_pretrained(save_directory, *args, **kwargs):
-        state = kwargs.pop("state_dict", None)
-        state = model.state_dict() if state is None else state  # what PEFT's save_pretrained reads when not given one
-        folded = {key: value * factors[key] if key in factors else value for key, value in state.items()}
-        config = model.peft_config[plan.adapter_name]
-        recorded = config.alpha_pattern
-        config.alpha_pattern = {key: value for key, value in recorded.items() if key not in ours}
-        try:
-            return original(save_directory, *args, state_dict=folded, **kwargs)
-        finally:
-            config.alpha_pattern = recorded
 
-    save_pretrained.__doc__ = f"{original.__doc__}\n\nLoRA-drop: truncated modules are written folded (saved_form)."
-    model.save_pretrained = save_pretrained
+def save_pretrained(self: nn.Module, save_directory: str, *args, state_dict=None, **kwargs):
+    """PEFT's `save_pretrained`, writing `self.loradrop_fold`'s modules folded and its alpha_pattern entries left out
+    (`saved_form`); the state dict given (the Trainer gathers it under DeepSpeed and FSDP) or PEFT's own."""
+    adapter, factors, ours = self.loradrop_fold
+    state = self.state_dict() if state_dict is None else state_dict  # what PEFT reads when not given one
+    folded = {key: value * factors[key] if key in factors else value for key, value in state.items()}
+    config = self.peft_config[adapter]
+    recorded = config.alpha_pattern
+    config.alpha_pattern = {key: value for key, value in recorded.items() if key not in ours}
+    try:
+        return type(self).save_pretrained(self, save_directory, *args, state_dict=folded, **kwargs)
+    finally:
+        config.alpha_pattern = recorded
 
 
 def stop_folding(model: nn.Module) -> None:
     """Give `model` its class's `save_pretrained` back (the model is plain LoRA again)."""
     model.__dict__.pop("save_pretrained", None)
+    model.__dict__.pop("loradrop_fold", None)
 
 
 def saved_form(layers: dict[str, LoraLayer], plan: DropPlan) -> dict[str, float] | None:

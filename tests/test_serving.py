@@ -13,6 +13,7 @@ The `peft` (rank_pattern) form is shown wrong under vLLM's rule, so these tests 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -201,6 +202,13 @@ def test_save_model_output_is_right_in_every_engine(run, tmp_path):
     assert_close(llamacpp_logits(run.saved), run.logits)
     assert_close(merged_logits(run.saved), run.logits)
     assert run.model.peft_config["default"].alpha_pattern, "the model in memory keeps its own record"
+
+    twin = copy.deepcopy(run.model)  # saves its own weights, folded
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            param.mul_(0.5 if "lora_B" in name else 1)
+    twin.save_pretrained(str(tmp_path / "twin"))
+    torch.testing.assert_close(peft_logits(tmp_path / "twin"), model_logits(twin), rtol=0, atol=0)
 
     recorded = tmp_path / "recorded"
     PeftModel.save_pretrained(run.model, str(recorded))  # the class's own method: the scaling in alpha_pattern
