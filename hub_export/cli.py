@@ -204,7 +204,7 @@ def _expand(args: argparse.Namespace) -> None:
     source = _source_dir(args.source, args.revision)
     base = _load_base(source, args.base) if args.base is not None else None
     target = export_adapter(source, args.target, form=args.form, base_model=args.base_model, base=base)
-    print(f"{args.form} adapter written to {target}" if base is None else f"merged model written to {target}")
+    print(f"merged model written to {target}" if base else f"plain PEFT adapter written to {target} ({args.form} form)")
 
 
 def _load_base(source: Path, base_dir: str):

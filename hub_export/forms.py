@@ -1,4 +1,5 @@
-"""The forms `loradrop expand --for` writes (`hub_export.serving`), named without importing torch for the parser."""
+"""The forms `loradrop expand --for` writes (`hub_export.serving`) and the engine limits they are checked against,
+named without importing torch, for the command line's parser and the model card."""
 
 from __future__ import annotations
 
@@ -9,3 +10,6 @@ FORMS = {
     "vllm": "the uniform form, refused where vLLM cannot serve it (modules_to_save, a rank above 512)",
     "merged": "the base model with the adapter merged in (needs the base model)",
 }
+# The values vLLM accepts for `max_lora_rank` (`possible_max_ranks` in vllm/config/lora.py, LoRAConfig.__post_init__):
+# an adapter of a higher rank cannot be served there.
+VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)

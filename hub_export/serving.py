@@ -40,13 +40,11 @@ from .errors import CompactFormatError
 from .expand import PEFT_LAYOUT, expanded_state_dict, write_peft
 from .files import write_tensors
 from .format import CompactAdapter
-from .forms import FORMS
+from .forms import FORMS, VLLM_MAX_RANKS
 from .truncation import module_value, rank_axis
 
 logger = logging.get_logger(__name__)
 
-# The largest `max_lora_rank` vLLM accepts (`possible_max_ranks` in vllm/config/lora.py, LoRAConfig.__post_init__).
-VLLM_MAX_RANK = 512
 MERGED_LAYOUT = Layout(
     "merged model",
     frozenset({"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"}),
@@ -105,29 +103,17 @@ def check_form(adapter: CompactAdapter, form: str, where: str) -> None:
             f"{where} trains {config['modules_to_save']} in full (modules_to_save), which vLLM refuses "
             "(vllm/lora/peft_helper.py); serve it with PEFT, or export --for merged."
         )
-    rank = uniform_rank(adapter)
-    if form == "vllm" and rank > VLLM_MAX_RANK:
+    rank = adapter.uniform_rank
+    if form == "vllm" and rank > VLLM_MAX_RANKS[-1]:
         raise CompactFormatError(
-            f"{where} has LoRA rank {rank}, above {VLLM_MAX_RANK}, the largest max_lora_rank vLLM accepts; serve it "
-            "with PEFT, or export --for merged."
+            f"{where} has LoRA rank {rank}, above {VLLM_MAX_RANKS[-1]}, the largest max_lora_rank vLLM accepts; "
+            "serve it with PEFT, or export --for merged."
         )
     if scaling_at_rank(config["lora_alpha"], rank, False) == 0 and any(module_scalings(adapter).values()):
         raise CompactFormatError(
             f"{where} has lora_alpha 0 but modules scaled otherwise (alpha_pattern): a single lora_alpha / r of 0 "
             "cannot carry their scaling; export --for peft."
         )
-
-
-def lora_modules(adapter: CompactAdapter) -> list[str]:
-    """Every LoRA module the adapter holds weights for (modules the plan never scored, by `exclude`, included)."""
-    keys = [*(key for keys in adapter.members.values() for key in keys), *adapter.dropped]
-    return sorted({key.removesuffix(LORA_SUFFIXES[0]) for key in keys if key.endswith(LORA_SUFFIXES[0])})
-
-
-def uniform_rank(adapter: CompactAdapter) -> int:
-    """The rank of the uniform form: the largest rank any LoRA module of `adapter` has in the trained model."""
-    config = adapter.peft_config
-    return max(module_value(config["r"], config.get("rank_pattern") or {}, name) for name in lora_modules(adapter))
 
 
 def module_scalings(adapter: CompactAdapter) -> dict[str, float]:
@@ -143,14 +129,14 @@ def module_scalings(adapter: CompactAdapter) -> dict[str, float]:
             module_value(config["r"], rank_pattern, name),
             rslora,
         )
-        for name in lora_modules(adapter)
+        for name in adapter.lora_modules
     }
 
 
 def uniform_state_dict(adapter: CompactAdapter) -> dict[str, torch.Tensor]:
     """The uniform form's weights: every LoRA weight at rank `uniform_rank` (zero-padded), each `lora_B` multiplied
     by its module's scaling over `lora_alpha / R`; other weights (`modules_to_save`) as they are."""
-    rank = uniform_rank(adapter)
+    rank = adapter.uniform_rank
     common = scaling_at_rank(adapter.peft_config["lora_alpha"], rank, False)
     scalings = module_scalings(adapter)
     state = expanded_state_dict(adapter, padded=True)
@@ -174,7 +160,7 @@ def uniform_config(peft_config: Mapping[str, Any], rank: int) -> dict[str, Any]:
 def write_uniform(adapter: CompactAdapter, directory: Path) -> None:
     """Write the uniform form of `adapter` into the existing, empty `directory`."""
     write_tensors(uniform_state_dict(adapter), directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
-    config = uniform_config(adapter.peft_config, uniform_rank(adapter))
+    config = uniform_config(adapter.peft_config, adapter.uniform_rank)
     (directory / CONFIG_NAME).write_text(config_text(config), "utf-8")
 
 

@@ -156,34 +156,3 @@ def reduced_config(peft_config: Mapping[str, Any], plan: DropPlan) -> dict[str, 
     ours = {pattern_key(name): plan.dropped_rank for name in plan.dropped}
     theirs = {key: value for key, value in (peft_config.get("rank_pattern") or {}).items() if key not in ours}
     return {**without_recorded_alpha(peft_config, plan), "rank_pattern": {**ours, **theirs}}
-
-
-def unfolded(
-    weights: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], plan: DropPlan
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A saved adapter in the form the compact adapter describes: unchanged if its config has loradrop's
-    `alpha_pattern` entries, else (what `save_pretrained` writes since issue 30, `loradrop_trainer.saved_form`) each
-    truncated module's `lora_B` divided by the factor folded into it and the entries recorded, first.
-
-    The factor is the module's rank-k scaling over its rank-r one, from its `lora_alpha` (the user's `alpha_pattern`,
-    checked as readers check it before it is matched) and its rank, the rows of its stored `lora_A`. A module without
-    a matrix `lora_A` is left for the checks that follow to report.
-    """
-    from loradrop_trainer.truncate import alpha_at_rank, scaling_at_rank
-
-    from .validate import check_patterns
-
-    ours = recorded_alpha_keys(plan)
-    alphas = peft_config.get("alpha_pattern") or {}
-    if not ours or any(key in alphas for key in ours):
-        return dict(weights), dict(peft_config)
-    check_patterns({"alpha_pattern": alphas}, "The PEFT config's alpha_pattern")
-    k, rslora, out, recorded = plan.dropped_rank, bool(peft_config.get("use_rslora")), dict(weights), {}
-    for key, name in ours.items():
-        lora_a, lora_b = weights.get(name + LORA_SUFFIXES[0]), weights.get(name + LORA_SUFFIXES[1])
-        if lora_a is None or lora_b is None or lora_a.dim() != 2:
-            continue
-        alpha, r = module_value(peft_config.get("lora_alpha"), alphas, name), lora_a.shape[0]
-        out[name + LORA_SUFFIXES[1]] = lora_b / (scaling_at_rank(alpha, k, rslora) / scaling_at_rank(alpha, r, rslora))
-        recorded[key] = alpha_at_rank(alpha, r, k, rslora)
-    return out, {**peft_config, "alpha_pattern": {**recorded, **alphas}}

@@ -17,17 +17,35 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import LLAMA_TARGETS, TokenDataset, model_logits, one_line_error, tiny_llama_base, training_args
+from helpers import (
+    LLAMA_TARGETS,
+    TokenDataset,
+    model_logits,
+    one_line_error,
+    tiny_llama_base,
+    training_args,
+    tree_bytes,
+)
+from hub_server import DEFAULT_USER
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
-from hub_export import CompactFormatError, compact_peft_adapter, export_adapter, load_compact, save_compact
+from hub_export import (
+    CompactFormatError,
+    compact_peft_adapter,
+    export_adapter,
+    load_compact,
+    pull,
+    push_to_hub,
+    save_compact,
+)
 from hub_export.cli import main as loradrop
 from loradrop_trainer import LoraDropCallback
 
@@ -168,7 +186,7 @@ def test_merged_form_computes_the_trained_model(run, tmp_path, capsys):
 def test_cli_writes_each_form(run, tmp_path, capsys):
     for form in ("peft", "uniform", "vllm"):
         assert loradrop(["expand", str(run.compact), str(tmp_path / form), "--for", form]) == 0
-        assert f"{form} adapter written to" in capsys.readouterr().out
+        assert f"({form} form)" in capsys.readouterr().out
     uniform, vllm = (tmp_path / form / "adapter_model.safetensors" for form in ("uniform", "vllm"))
     assert uniform.read_bytes() == vllm.read_bytes()
 
@@ -274,6 +292,48 @@ def test_resume_refuses_weights_that_are_neither_the_model_s_nor_the_file_s(run,
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
+# ---------------------------------------------------------------------------------------------- the Hub
+
+
+REPO = f"{DEFAULT_USER}/served"
+HUB_BASE = f"{DEFAULT_USER}/tiny-llama-base"
+
+
+def test_the_repo_root_serves_every_engine_and_the_card_says_how(hub, run, tmp_path):
+    """The root is the uniform form (PEFT exact, vLLM's and llama.cpp's rules right), rank_pattern/ the smallest form;
+    the card's Python snippets run as written and give the trained logits, and it gives vLLM's and llama.cpp's lines
+    (bash, for the root). A pull writes the same files again from the compact adapter."""
+    tiny_llama_base().save_pretrained(tmp_path / "base")
+    hub.create_repo(HUB_BASE)
+    hub.commit(HUB_BASE, tree_bytes(tmp_path / "base"))
+    info = push_to_hub(run.compact, REPO, base_model=HUB_BASE)
+    assert {"adapter_model.safetensors", "rank_pattern/adapter_model.safetensors"} <= set(info.files)
+    pulled = pull(REPO, tmp_path / "pulled")
+    assert_close(vllm_logits(pulled), run.logits)
+    assert_close(llamacpp_logits(pulled), run.logits)
+    assert_wrong(vllm_logits(pulled / "rank_pattern"), run.logits)
+    files = hub.files_at(REPO)
+    assert all(files[name] == (pulled / name).read_bytes() for name in info.files if name != "README.md")
+    card = files["README.md"].decode()
+    snippets = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(snippets) == 3 and any('subfolder="rank_pattern"' in snippet for snippet in snippets)
+    for snippet in snippets:
+        namespace: dict = {}
+        exec(snippet, namespace)
+        trained = {"rtol": 0, "atol": 0} if "subfolder" not in snippet else {"rtol": 0, "atol": 1e-5}
+        torch.testing.assert_close(model_logits(namespace["model"]), run.logits, **trained)
+    assert f"vllm serve {HUB_BASE} --enable-lora --max-lora-rank 8 --lora-modules loradrop={REPO}" in card
+    assert f"convert_lora_to_gguf.py $(hf download {REPO} adapter_config.json adapter_model.safetensors)" in card
+
+
+def test_the_card_offers_no_engine_line_that_would_fail_or_compute_otherwise(hub, tmp_path):
+    trained = train(tmp_path, default_llama(modules_to_save=["lm_head"]))
+    push_to_hub(trained.compact, REPO, base_model=HUB_BASE)
+    card = hub.files_at(REPO)["README.md"].decode()
+    assert "vllm serve" not in card and "convert_lora_to_gguf" not in card
+    assert "vLLM and llama.cpp refuse adapters that train modules in full" in card
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 
 
@@ -289,7 +349,7 @@ def test_vllm_form_refuses_modules_to_save_in_one_line_before_writing(tmp_path, 
 
 
 def test_vllm_form_refuses_a_rank_above_its_limit(run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("hub_export.serving.VLLM_MAX_RANK", 4)
+    monkeypatch.setattr("hub_export.serving.VLLM_MAX_RANKS", (4,))
     assert loradrop(["expand", str(run.compact), str(tmp_path / "vllm"), "--for", "vllm"]) == 1
     assert "rank 8, above 4" in one_line_error(capsys) and not (tmp_path / "vllm").exists()
 

@@ -479,15 +479,20 @@ def test_card_and_inspect_say_truncated_to_rank_k(bert, capsys):
 
 
 def test_22_1_push_and_load_from_hub_and_the_repo_root_in_plain_peft(hub, llama):
-    """Through the test Hub: load_from_hub gives the trained logits exactly, and the repo's root (issue 22, item 1)
-    loads in vanilla PEFT at rank k, with the trained logits up to the expansion's float32 rounding."""
+    """Through the test Hub: load_from_hub gives the trained logits exactly; the repo's root (issue 22, item 1) is the
+    uniform form since issue 30, every module at rank r with no pattern, and loads in vanilla PEFT with the trained
+    logits exactly; rank_pattern/ loads at rank k, with the trained logits up to the expansion's float32 rounding."""
     push_to_hub(llama.compact, REPO)
     loaded = load_from_hub(llama.base(), REPO)
     torch.testing.assert_close(model_logits(loaded), llama.logits, rtol=0, atol=0)
     _assert_zero_blocks(loaded, llama.callback.plan)
-    plain = PeftModel.from_pretrained(llama.base(), REPO)
-    assert all(find_lora_layers(plain)[name].r["default"] == 1 for name in llama.callback.plan.dropped)
-    assert _relative_difference(model_logits(plain), llama.logits)[1] < EXPANSION_RTOL
+    root = PeftModel.from_pretrained(llama.base(), REPO)
+    assert {layer.r["default"] for layer in find_lora_layers(root).values()} == {4}
+    assert not root.peft_config["default"].alpha_pattern and not root.peft_config["default"].rank_pattern
+    torch.testing.assert_close(model_logits(root), llama.logits, rtol=0, atol=0)
+    small = PeftModel.from_pretrained(llama.base(), REPO, subfolder="rank_pattern")
+    assert all(find_lora_layers(small)[name].r["default"] == 1 for name in llama.callback.plan.dropped)
+    assert _relative_difference(model_logits(small), llama.logits)[1] < EXPANSION_RTOL
 
 
 # A user's own pattern outside the subset readers accept (four repetitions): training takes it, and so must export.
