@@ -10,6 +10,6 @@ FORMS = {
     "vllm": "the uniform form, refused where vLLM cannot serve it (modules_to_save, a rank above 512)",
     "merged": "the base model with the adapter merged in (needs the base model)",
 }
-# The values vLLM accepts for `max_lora_rank` (`possible_max_ranks` in vllm/config/lora.py, LoRAConfig.__post_init__):
-# an adapter of a higher rank cannot be served there.
+# The values vLLM accepts for `max_lora_rank` (`MaxLoRARanks` in vllm/config/lora.py @a78dc92, which also has 1;
+# `possible_max_ranks` in the LoRAConfig of earlier versions): an adapter of a higher rank cannot be served there.
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
