@@ -12,6 +12,7 @@ Installed as the `loradrop` console command; without installing, `python -m hub_
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -190,7 +191,10 @@ def _inspect(args: argparse.Namespace) -> None:
         f"({ratio:.1%}); {on_disk:,} bytes of files in all"
     )
     if plan.mode == "truncate":
-        print("loradrop expand writes a plain PEFT adapter of this size (truncated modules through rank_pattern)")
+        print(
+            "loradrop expand writes a plain PEFT adapter of this size (truncated modules through rank_pattern, which "
+            "vLLM ignores); --for uniform one that every engine reads, at the unpruned size"
+        )
 
 
 def _expand(args: argparse.Namespace) -> None:
@@ -205,6 +209,8 @@ def _expand(args: argparse.Namespace) -> None:
     base = _load_base(source, args.base) if args.base is not None else None
     target = export_adapter(source, args.target, form=args.form, base_model=args.base_model, base=base)
     print(f"merged model written to {target}" if base else f"plain PEFT adapter written to {target} ({args.form} form)")
+    if args.form == "peft" and json.loads((target / "adapter_config.json").read_text("utf-8")).get("rank_pattern"):
+        print("its rank_pattern is read by PEFT and llama.cpp, not by vLLM, SGLang or LoRAX: for those, --for uniform")
 
 
 def _load_base(source: Path, base_dir: str):

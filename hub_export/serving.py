@@ -78,19 +78,17 @@ def export_adapter(
         raise ValueError(f"Unknown form {form!r}; choose one of {', '.join(FORMS)}.")
     if (form == "merged") != (base is not None):
         raise ValueError("Pass base= (the base model to merge into) for form 'merged', and only for it.")
+    if form == "merged" and base_model is not None:
+        raise ValueError("base_model names the base in an adapter's config; a merged model has none: leave it out.")
     check_disjoint(compact_dir, out_dir)
-    adapter = with_base(read_compact(compact_dir), base_model)
-    where = f"the compact adapter at {compact_dir}"
     if form == "merged":
         return _write_merged(compact_dir, out_dir, base)
-    if form == "peft":
-        layout, write = PEFT_LAYOUT, write_peft
-    else:
-        check_form(adapter, form, where)
-        layout, write = PEFT_LAYOUT, write_uniform
+    adapter = with_base(read_compact(compact_dir), base_model)
+    if form != "peft":
+        check_form(adapter, form, f"the compact adapter at {compact_dir}")
     warn_if_local(adapter.peft_config, f"The adapter in {out_dir}")
-    with atomic_directory(out_dir, layout) as staging:
-        write(adapter, staging)
+    with atomic_directory(out_dir, PEFT_LAYOUT) as staging:
+        (write_peft if form == "peft" else write_uniform)(adapter, staging)
     logger.info(f"LoRA-drop: {form} adapter of {compact_dir} written to {out_dir}.")
     return Path(out_dir)
 

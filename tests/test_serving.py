@@ -186,7 +186,8 @@ def test_merged_form_computes_the_trained_model(run, tmp_path, capsys):
 def test_cli_writes_each_form(run, tmp_path, capsys):
     for form in ("peft", "uniform", "vllm"):
         assert loradrop(["expand", str(run.compact), str(tmp_path / form), "--for", form]) == 0
-        assert f"({form} form)" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"({form} form)" in out and ("not by vLLM" in out) == (form == "peft")
     uniform, vllm = (tmp_path / form / "adapter_model.safetensors" for form in ("uniform", "vllm"))
     assert uniform.read_bytes() == vllm.read_bytes()
 
@@ -359,3 +360,6 @@ def test_merged_needs_a_base_and_only_merged_takes_one(run, tmp_path, capsys):
     assert "--base" in one_line_error(capsys)
     assert loradrop(["expand", str(run.compact), str(tmp_path / "m"), "--for", "uniform", "--base", str(tmp_path)]) == 1
     assert "--base" in one_line_error(capsys) and not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="a merged model has none"):
+        export_adapter(run.compact, tmp_path / "m", form="merged", base=tiny_llama_base(), base_model="org/base")
+    assert not (tmp_path / "m").exists()
