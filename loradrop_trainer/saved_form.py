@@ -3,7 +3,7 @@
 In training a truncated module keeps rank-r shapes and PEFT's rank-k scaling (`truncate.set_truncated_scaling`); the
 PEFT config says so through an `alpha_pattern` entry (`truncate.record_truncation`). PEFT reads that entry, but vLLM
 (`vllm/lora/peft_helper.py` has no such field) and llama.cpp (`convert_lora_to_gguf.py` reads `lora_alpha` alone)
-scale the module by the config's `lora_alpha / r`, 1/r·k of what it was trained with, silently. So once the plan is
+scale the module by the config's `lora_alpha / r`, k/r of what it was trained with, silently. So once the plan is
 applied, the model's `save_pretrained` (which `trainer.save_model()` and every checkpoint call, whatever engine gathered
 the state dict) writes each truncated module's `lora_B` multiplied by `rank-k scaling / rank-r scaling` and a config
 without loradrop's entries: every module is then scaled as the config's `lora_alpha / r` says, which every engine that

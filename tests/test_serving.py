@@ -17,14 +17,19 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
+    INPUTS,
     LLAMA_TARGETS,
+    VOCAB,
     TokenDataset,
     model_logits,
     one_line_error,
@@ -363,3 +368,78 @@ def test_merged_needs_a_base_and_only_merged_takes_one(run, tmp_path, capsys):
     with pytest.raises(ValueError, match="a merged model has none"):
         export_adapter(run.compact, tmp_path / "m", form="merged", base=tiny_llama_base(), base_model="org/base")
     assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------------------------------------- real llama.cpp
+
+
+# llama.cpp's float32 CPU kernels against torch's on the tiny model, relative to the largest logit; a module scaled by
+# 1/8 of its training scaling is off by more than 1e-2 (asserted).
+LLAMACPP_RTOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def llamacpp(tmp_path_factory):
+    """(llama_cpp module, llama.cpp source directory, the tiny base model as GGUF, its Hugging Face directory); the
+    test using it is skipped where llama-cpp-python, sentencepiece or the llama.cpp source are missing."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    spm = pytest.importorskip("sentencepiece")
+    source = Path(os.environ.get("LLAMA_CPP_DIR", ""))
+    if not (source / "convert_lora_to_gguf.py").is_file():
+        pytest.skip("set LLAMA_CPP_DIR to the llama.cpp source llama_cpp was built from (convert_*_to_gguf.py)")
+    root = tmp_path_factory.mktemp("llamacpp")
+    base = root / "base"
+    tiny_llama_base().save_pretrained(base)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(f"word{i} token{i % 7} piece{i % 13}" for i in range(400)), "utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(base / "tokenizer"), vocab_size=VOCAB - 16, model_type="bpe"
+    )
+    _convert(source, "convert_hf_to_gguf.py", str(base), "--outfile", str(root / "base.gguf"), "--outtype", "f32")
+    return llama_cpp, source, root / "base.gguf", base
+
+
+def _convert(source: Path, script: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source / "gguf-py"), *sys.path])}
+    subprocess.run([sys.executable, str(source / script), *args], check=True, env=env, capture_output=True)
+
+
+def real_llamacpp_logits(llamacpp, adapter: Path, tmp_path: Path) -> torch.Tensor:
+    """The logits llama.cpp computes for `INPUTS` with the PEFT adapter directory `adapter`, converted to GGUF."""
+    llama_cpp, source, base_gguf, base = llamacpp
+    lora = tmp_path / f"{adapter.name}.gguf"
+    _convert(source, "convert_lora_to_gguf.py", str(adapter), "--base", str(base), "--outfile", str(lora))
+    model = llama_cpp.Llama(
+        model_path=str(base_gguf), lora_path=str(lora), n_ctx=64, logits_all=True, verbose=False, n_threads=1
+    )
+    rows = []
+    for ids in INPUTS.tolist():
+        model.reset()
+        model.eval(ids)
+        rows.append(torch.tensor(model.scores[: len(ids)], dtype=torch.float32))
+    return torch.stack(rows)
+
+
+def _relative(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((logits - reference).abs().max()) / float(reference.abs().max())
+
+
+@pytest.mark.slow
+def test_real_llamacpp_computes_the_trained_model_from_the_uniform_form_and_the_trainers_output(
+    llamacpp, run, tmp_path
+):
+    """In real llama.cpp (llama-cpp-python on the CPU, each file converted with llama.cpp's own converters): the
+    uniform form and `trainer.save_model()`'s output give the trained logits; the same model saved with its scaling in
+    alpha_pattern (as before issue 30) does not, as llama.cpp reads `lora_alpha` alone.
+
+    Needs `llama_cpp` (llama-cpp-python built from its PyPI sdist), `sentencepiece` (the converter reads the base
+    model's vocabulary from a `tokenizer.model`) and `LLAMA_CPP_DIR`, the llama.cpp source llama_cpp was built from
+    (the sdist's `vendor/llama.cpp`, with its converters and `gguf-py`); skipped without them."""
+    no_adapter = _relative(model_logits(tiny_llama_base()), run.logits)
+    assert no_adapter > 1e-2, "the adapter changes the logits enough to tell a wrong scaling"
+    uniform = export_adapter(run.compact, tmp_path / "uniform", form="uniform")
+    assert _relative(real_llamacpp_logits(llamacpp, uniform, tmp_path), run.logits) < LLAMACPP_RTOL
+    assert _relative(real_llamacpp_logits(llamacpp, run.saved, tmp_path), run.logits) < LLAMACPP_RTOL
+    recorded = tmp_path / "recorded"
+    PeftModel.save_pretrained(run.model, str(recorded))
+    assert _relative(real_llamacpp_logits(llamacpp, recorded, tmp_path), run.logits) > 1e-2
