@@ -75,8 +75,13 @@ REPO_LAYOUT = Layout(
 )
 # What reading a repo downloads: the compact adapter's files, in loradrop/ or at the root of a repo pushed before.
 _COMPACT_PATTERNS = sorted(REPO_COMPACT_FILES | {f"{COMPACT_SUBFOLDER}/{name}" for name in REPO_COMPACT_FILES})
-# What a push deletes if an earlier push left it: the files of the layout before this one that this one has not.
-_SUPERSEDED = sorted({MANIFEST_FILE, WEIGHTS_FILE, PLOT_FILE} | {f"peft/{name}" for name in PEFT_LAYOUT.files})
+# What a push deletes if an earlier push left it and this one does not upload it: the files of the layouts before this
+# one that this one has not, and the rank-pattern form, which only an adapter in mode "truncate" has.
+_SUPERSEDED = sorted(
+    {MANIFEST_FILE, WEIGHTS_FILE, PLOT_FILE}
+    | {f"peft/{name}" for name in PEFT_LAYOUT.files}
+    | {f"{RANK_PATTERN_SUBFOLDER}/{name}" for name in PEFT_LAYOUT.files}
+)
 
 
 class PushInfo(str):

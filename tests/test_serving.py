@@ -29,6 +29,7 @@ import torch
 from helpers import (
     INPUTS,
     LLAMA_TARGETS,
+    SHARING,
     VOCAB,
     TokenDataset,
     model_logits,
@@ -330,6 +331,22 @@ def test_the_repo_root_serves_every_engine_and_the_card_says_how(hub, run, tmp_p
         torch.testing.assert_close(model_logits(namespace["model"]), run.logits, **trained)
     assert f"vllm serve {HUB_BASE} --enable-lora --max-lora-rank 8 --lora-modules loradrop={REPO}" in card
     assert f"convert_lora_to_gguf.py $(hf download {REPO} adapter_config.json adapter_model.safetensors)" in card
+
+
+def test_a_push_of_a_shared_adapter_removes_the_rank_pattern_form_an_earlier_push_left(hub, run, tmp_path):
+    push_to_hub(run.compact, REPO)
+    assert "rank_pattern/adapter_model.safetensors" in hub.files_at(REPO)
+    model = default_llama()
+    args = training_args(tmp_path, max_steps=12)
+    callback = LoraDropCallback(alpha=0.25, **SHARING)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    push_to_hub(save_compact(model, tmp_path / "shared"), REPO)
+    assert not any(name.startswith("rank_pattern/") for name in hub.files_at(REPO))
+    torch.testing.assert_close(peft_logits_from(REPO), model_logits(model), rtol=0, atol=0)
+
+
+def peft_logits_from(repo_id: str) -> torch.Tensor:
+    return model_logits(PeftModel.from_pretrained(tiny_llama_base(), repo_id))
 
 
 def test_the_card_offers_no_engine_line_that_would_fail_or_compute_otherwise(hub, tmp_path):
