@@ -121,8 +121,9 @@ def _intro(adapter: CompactAdapter, repo_id: str | None) -> str:
     )
     return (
         f"{pruned} This repo holds it at its root as a plain PEFT adapter with one rank for every module and each "
-        "module's scaling folded into its weights (no `rank_pattern` or `alpha_pattern`), which PEFT, "
-        f"`merge_and_unload` and the engines that ignore those fields (vLLM, llama.cpp) compute as trained{small}; "
+        "module's scaling folded into its weights (no `rank_pattern` or `alpha_pattern`), which PEFT and "
+        "`merge_and_unload` compute as trained, and so do the engines that ignore those fields (vLLM, llama.cpp) "
+        f"where they serve it (How to load){small}; "
         f"and in `loradrop/` in the `loradrop` compact format, version {adapter.format_version}, which stores each "
         "shared or truncated LoRA once (and nothing of a dropped one) and loads the model as it was trained."
     )
