@@ -41,12 +41,14 @@ _SAME_SUM = 1e-6
 
 def fold_factors(layers: dict[str, LoraLayer], plan: DropPlan) -> dict[str, float]:
     """`{state dict key of a truncated module's lora_B: factor}`: its trained scaling over the one PEFT gives it from
-    the config without loradrop's entries (the user's `lora_alpha` and rank for it)."""
+    the config without loradrop's entries (the user's `lora_alpha` and rank for it); modules scaled as that config
+    says already (factor 1) are left out."""
     adapter, factors = plan.adapter_name, {}
     for name in plan.dropped if plan.mode == "truncate" else ():
         layer = layers[name]
         written = scaling_at_rank(layer.lora_alpha[adapter], layer.r[adapter], layer.use_rslora.get(adapter, False))
-        factors[f"{name}.lora_B.{adapter}.weight"] = layer.scaling[adapter] / written
+        if layer.scaling[adapter] != written:
+            factors[f"{name}.lora_B.{adapter}.weight"] = layer.scaling[adapter] / written
     return factors
 
 
@@ -96,7 +98,7 @@ def saved_form(layers: dict[str, LoraLayer], plan: DropPlan) -> dict[str, float]
     factors = fold_factors(layers, plan)
     return {
         "model": _sum_of_squares(weights.values()),
-        "file": _sum_of_squares(weight * factors[key] for key, weight in weights.items()),
+        "file": _sum_of_squares(weight * factors.get(key, 1.0) for key, weight in weights.items()),
     }
 
 
@@ -125,8 +127,8 @@ def unfold_restored(layers: dict[str, LoraLayer], plan: DropPlan, record: dict[s
         )
     factors = fold_factors(layers, plan)
     with torch.no_grad():
-        for key, weight in weights.items():
-            weight.div_(factors[key])
+        for key, factor in factors.items():
+            weights[key].div_(factor)
 
 
 def _truncated_b(layers: dict[str, LoraLayer], plan: DropPlan) -> dict[str, nn.Parameter]:
