@@ -41,7 +41,7 @@ from .expand import PEFT_LAYOUT, expanded_state_dict, write_peft
 from .files import write_tensors
 from .format import CompactAdapter
 from .forms import FORMS, VLLM_MAX_RANKS
-from .truncation import module_value, rank_axis
+from .truncation import module_value, pad_to_rank, rank_axis
 
 logger = logging.get_logger(__name__)
 
@@ -107,7 +107,7 @@ def check_form(adapter: CompactAdapter, form: str, where: str) -> None:
             f"{where} has LoRA rank {rank}, above {VLLM_MAX_RANKS[-1]}, the largest max_lora_rank vLLM accepts; "
             "serve it with PEFT, or export --for merged."
         )
-    if scaling_at_rank(config["lora_alpha"], rank, False) == 0 and any(module_scalings(adapter).values()):
+    if config["lora_alpha"] == 0 and any(module_scalings(adapter).values()):
         raise CompactFormatError(
             f"{where} has lora_alpha 0 but modules scaled otherwise (alpha_pattern): a single lora_alpha / r of 0 "
             "cannot carry their scaling; export --for peft."
@@ -142,8 +142,8 @@ def uniform_state_dict(adapter: CompactAdapter) -> dict[str, torch.Tensor]:
         suffix = next((suffix for suffix in LORA_SUFFIXES if key.endswith(suffix)), None)
         if suffix is None:
             continue
-        padded = _pad(key, tensor, rank)
-        if suffix == LORA_SUFFIXES[1]:
+        padded = tensor if tensor.shape[rank_axis(key)] == rank else pad_to_rank(key, tensor, rank)
+        if suffix == LORA_SUFFIXES[1] and common:  # lora_alpha 0 scales every module by 0 (`check_form`)
             factor = scalings[key.removesuffix(suffix)] / common
             padded = padded if factor == 1 else padded * factor
         state[key] = padded
@@ -160,18 +160,6 @@ def write_uniform(adapter: CompactAdapter, directory: Path) -> None:
     write_tensors(uniform_state_dict(adapter), directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
     config = uniform_config(adapter.peft_config, adapter.uniform_rank)
     (directory / CONFIG_NAME).write_text(config_text(config), "utf-8")
-
-
-def _pad(key: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
-    """A LoRA weight zero-padded along its rank axis to `rank` (itself when it has that rank)."""
-    axis = rank_axis(key)
-    if tensor.shape[axis] == rank:
-        return tensor
-    shape = list(tensor.shape)
-    shape[axis] = rank
-    out = torch.zeros(shape, dtype=tensor.dtype)
-    out.narrow(axis, 0, tensor.shape[axis]).copy_(tensor)
-    return out
 
 
 def _write_merged(compact_dir: str | os.PathLike, out_dir: str | os.PathLike, base: nn.Module) -> Path:

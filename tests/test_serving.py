@@ -32,6 +32,7 @@ from helpers import (
     SHARING,
     VOCAB,
     TokenDataset,
+    craft_compact,
     model_logits,
     one_line_error,
     tiny_llama_base,
@@ -375,6 +376,19 @@ def test_vllm_form_refuses_a_rank_above_its_limit(run, tmp_path, capsys, monkeyp
     monkeypatch.setattr("hub_export.serving.VLLM_MAX_RANKS", (4,))
     assert loradrop(["expand", str(run.compact), str(tmp_path / "vllm"), "--for", "vllm"]) == 1
     assert "rank 8, above 4" in one_line_error(capsys) and not (tmp_path / "vllm").exists()
+
+
+def test_a_zero_lora_alpha_with_modules_scaled_otherwise_is_refused(run, tmp_path, capsys):
+    """lora_alpha 0 and a kept module scaled by the user's alpha_pattern: one `lora_alpha / r` of 0 cannot carry it."""
+    kept = run.callback.plan.kept[0].removeprefix("base_model.model.")
+
+    def zero_alpha(config: dict) -> None:
+        config["alpha_pattern"] = {**dict.fromkeys(config["alpha_pattern"], 0.0), re.escape(kept): 8}
+        config["lora_alpha"] = 0
+
+    crafted = craft_compact(run.compact, tmp_path / "crafted", config=zero_alpha)
+    assert loradrop(["expand", str(crafted), str(tmp_path / "uniform"), "--for", "uniform"]) == 1
+    assert "lora_alpha 0" in one_line_error(capsys) and not (tmp_path / "uniform").exists()
 
 
 def test_merged_needs_a_base_and_only_merged_takes_one(run, tmp_path, capsys):
