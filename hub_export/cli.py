@@ -25,14 +25,6 @@ from .forms import FORMS
 HUB_PREFIX = "hf://"
 _SOURCE_HELP = f"compact adapter directory (or a pulled repo), or {HUB_PREFIX}user/name for a Hub repo"
 _REVISION_HELP = f"branch, tag or commit of a {HUB_PREFIX} source (default: main)"
-# The transformers class that loads the base model of an adapter, by PEFT's task_type (as peft.auto's classes map it).
-_AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-}
 _BASE_MODEL_HELP = (
     "Hub id of the base model (org/name), recorded in adapter_config.json{} in place of the local path training "
     "may have read it from"
@@ -206,23 +198,14 @@ def _expand(args: argparse.Namespace) -> None:
     if (args.form == "merged") != (args.base is not None):
         raise ValueError("--for merged needs --base DIR (the base model's local directory), and only it takes --base.")
     source = _source_dir(args.source, args.revision)
-    base = _load_base(source, args.base) if args.base is not None else None
-    target = export_adapter(source, args.target, form=args.form, base_model=args.base_model, base=base)
-    print(f"merged model written to {target}" if base else f"plain PEFT adapter written to {target} ({args.form} form)")
+    target = export_adapter(source, args.target, form=args.form, base_model=args.base_model, base=args.base)
+    print(
+        f"merged model written to {target}"
+        if args.base
+        else f"plain PEFT adapter written to {target} ({args.form} form)"
+    )
     if args.form == "peft" and json.loads((target / "adapter_config.json").read_text("utf-8")).get("rank_pattern"):
         print("its rank_pattern is read by PEFT and llama.cpp, not by vLLM, SGLang or LoRAX: for those, --for uniform")
-
-
-def _load_base(source: Path, base_dir: str):
-    """The base model in `base_dir`, loaded with the transformers class of the adapter's task (PEFT's task_type)."""
-    import transformers
-
-    from .format import read_files
-
-    if not Path(base_dir).is_dir():
-        raise FileNotFoundError(f"{base_dir} is not a directory; pass the base model's local directory to --base.")
-    task = read_files(source).peft_config.get("task_type")
-    return getattr(transformers, _AUTO_CLASSES.get(task, "AutoModel")).from_pretrained(base_dir)
 
 
 def _compact(args: argparse.Namespace) -> None:

@@ -23,7 +23,8 @@ TAGS = ("lora", "lora-drop", "peft")
 # `hub_export` is the `loradrop` package's (setup.py), which is installed from a clone of its repository.
 INSTALL = "pip install .  # in a clone of the loradrop repository: installs the loradrop package, with hub_export"
 
-_AUTO_CLASSES = {
+# The transformers class that loads the base model of an adapter of each PEFT task_type (the snippets; the merged form).
+AUTO_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
@@ -295,7 +296,7 @@ def _how_to_load_directory(adapter: CompactAdapter, base: str | None) -> str:
 
 
 def _auto_class(adapter: CompactAdapter) -> str:
-    return _AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
+    return AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
 
 
 def _loaded_again(adapter: CompactAdapter) -> str:

@@ -33,7 +33,7 @@ from transformers.utils import logging
 from loradrop_trainer.peft_keys import LORA_SUFFIXES
 from loradrop_trainer.truncate import scaling_at_rank
 
-from .atomic import Layout, atomic_directory, check_disjoint
+from .atomic import Layout, atomic_directory, check_disjoint, check_replaceable
 from .base_model import warn_if_local
 from .compact import config_text, read_compact, with_base
 from .errors import CompactFormatError
@@ -41,6 +41,7 @@ from .expand import PEFT_LAYOUT, expanded_state_dict, write_peft
 from .files import write_tensors
 from .format import CompactAdapter
 from .forms import FORMS, VLLM_MAX_RANKS
+from .model_card import AUTO_CLASSES
 from .truncation import module_value, pad_to_rank, rank_axis
 
 logger = logging.get_logger(__name__)
@@ -58,7 +59,7 @@ def export_adapter(
     *,
     form: str = "uniform",
     base_model: str | None = None,
-    base: nn.Module | None = None,
+    base: nn.Module | str | os.PathLike | None = None,
 ) -> Path:
     """Write the adapter of `compact_dir` to `out_dir` in the form an engine serves as trained; return `out_dir`.
 
@@ -72,7 +73,9 @@ def export_adapter(
             "vllm" (uniform, with vLLM's limits checked) or "merged" (full weights; needs `base`).
         base_model: the base model's Hub id ("org/name"), recorded in adapter_config.json in place of the one the
             compact adapter names (see `hub_export.base_model`).
-        base: form "merged" only: the base model, as `load_compact` takes it (it is modified in place).
+        base: form "merged" only: the base model, as `load_compact` takes it (it is modified in place), or the local
+            directory of its weights, loaded with the transformers class of the adapter's task once every check
+            passed.
     """
     if form not in FORMS:
         raise ValueError(f"Unknown form {form!r}; choose one of {', '.join(FORMS)}.")
@@ -82,6 +85,7 @@ def export_adapter(
         raise ValueError("base_model names the base in an adapter's config; a merged model has none: leave it out.")
     check_disjoint(compact_dir, out_dir)
     if form == "merged":
+        check_replaceable(Path(out_dir).absolute(), MERGED_LAYOUT)
         return _write_merged(compact_dir, out_dir, base)
     adapter = with_base(read_compact(compact_dir), base_model)
     if form != "peft":
@@ -162,12 +166,32 @@ def write_uniform(adapter: CompactAdapter, directory: Path) -> None:
     (directory / CONFIG_NAME).write_text(config_text(config), "utf-8")
 
 
-def _write_merged(compact_dir: str | os.PathLike, out_dir: str | os.PathLike, base: nn.Module) -> Path:
+def _write_merged(
+    compact_dir: str | os.PathLike, out_dir: str | os.PathLike, base: nn.Module | str | os.PathLike
+) -> Path:
     """The base model with the compact adapter merged in, saved with `save_pretrained`."""
     from .loader import load_compact
 
+    if not isinstance(base, nn.Module):
+        base = load_base(base, read_compact(compact_dir).peft_config.get("task_type"))
     merged = load_compact(base, compact_dir).merge_and_unload()
     with atomic_directory(out_dir, MERGED_LAYOUT) as staging:
         merged.save_pretrained(staging)
     logger.info(f"LoRA-drop: {compact_dir} merged into its base model, written to {out_dir}.")
     return Path(out_dir)
+
+
+def load_base(directory: str | os.PathLike, task_type: str | None) -> nn.Module:
+    """The base model in the local `directory`, loaded with the transformers class of `task_type` (`AutoModel`
+    without one); nothing is downloaded and no code of the directory runs.
+
+    Args:
+        directory: a local directory of the base model's weights and config.
+        task_type: PEFT's task type of the adapter ("CAUSAL_LM", ...).
+    """
+    import transformers
+
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory; pass the base model's local directory.")
+    auto = getattr(transformers, AUTO_CLASSES.get(str(task_type), "AutoModel"))
+    return auto.from_pretrained(directory, local_files_only=True, trust_remote_code=False)

@@ -394,6 +394,12 @@ def test_a_zero_lora_alpha_with_modules_scaled_otherwise_is_refused(run, tmp_pat
 def test_merged_needs_a_base_and_only_merged_takes_one(run, tmp_path, capsys):
     assert loradrop(["expand", str(run.compact), str(tmp_path / "m"), "--for", "merged"]) == 1
     assert "--base" in one_line_error(capsys)
+    assert loradrop(["expand", str(run.compact), str(tmp_path / "m"), "--for", "merged", "--base", "nowhere"]) == 1
+    assert "nowhere is not a directory" in one_line_error(capsys)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+    busy = ["expand", str(run.compact), str(tmp_path / "busy"), "--for", "merged", "--base", "nowhere"]
+    assert loradrop(busy) == 1 and "holds notes.txt" in one_line_error(capsys), "refused before the base is loaded"
     assert loradrop(["expand", str(run.compact), str(tmp_path / "m"), "--for", "uniform", "--base", str(tmp_path)]) == 1
     assert "--base" in one_line_error(capsys) and not (tmp_path / "m").exists()
     with pytest.raises(ValueError, match="a merged model has none"):
