@@ -18,14 +18,16 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["loradrop_trainer", "loradrop_trainer.*", "hub_export", "hub_export.*"]),
+    # Lower bounds are the releases .ci/oldest tests (.ci/oldest-versions.txt); no upper bounds: CI installs what pip
+    # picks today, and tests/test_versions.py fails first when an installed release is outside these ranges.
     install_requires=[
-        "torch>=2.1",
-        "transformers>=4.56",
-        "peft>=0.17",
-        "accelerate>=1.0",
-        "safetensors>=0.4",
-        "huggingface_hub>=1.0",  # typed errors carry the response (RemoteEntryNotFoundError, ...)
-        "matplotlib>=3.7",
+        "torch>=2.11",  # CPU tests on 2.13; 2.11 is the GPU machine's (README, "Tested versions")
+        "transformers>=5.23",  # the first with PreTrainedModel.activation_checkpointing_enable
+        "peft>=0.18",  # the first PEFT that imports with transformers 5
+        "accelerate>=1.7",  # older releases break the bit-identical resume of a Trainer run
+        "safetensors>=0.8",  # transformers 5.23's own bound
+        "huggingface_hub>=1.31",  # transformers 5.23's own bound
+        "matplotlib>=3.9",  # the first built for numpy 2
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],

@@ -15,6 +15,17 @@ Part "front" measures quality per parameter (benchmarks/quality.py's front repor
 LoRA-drop candidates, AdaLoRA and VeRA, on both decoder tasks and both encoder tasks. Its results accumulate in
 --results_dir, which outlasts a command while the GPU machine stays warm: a second command skips every job the first
 one finished and goes on down the queue, and each command copies what has accumulated to --out.
+
+Part "tuned" runs the fair protocol of benchmarks/tuned.py on the decoder tasks: every method (TUNED_ARMS) at every
+learning rate of the grid (TUNED_RATES times the task's) with seed 0, scored on a validation split held out from the
+training data (the last --gsm_val of GSM-Symbolic's training problems; the model trains on the others), then seeds 1
+and 2 at the rate each method's validation loss chose, as soon as its grid is complete; every run also scores the
+test split. The queue is re-derived from the accumulated results whenever a process ends, gsm before gsm_qv. Results
+accumulate as in part "front"; --resume_from merges the rows an earlier machine returned (the copy committed under
+benchmarks/results/), so a machine given back mid-way costs only the runs in flight.
+
+    python3 benchmarks/gpu_batch.py --part tuned --out "$OUT" --gsm_steps 150 \\
+        --resume_from benchmarks/results/tuned_runs.jsonl
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from variants import Variant
+
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 # The variants of each task. CANDIDATE is the scoring the other settings (restart, auto, drop, random selection) are
@@ -46,6 +59,13 @@ FRONT_RANKS = ["lora@r1", "lora@r2", "lora@r4", "lora"]
 FRONT_CANDIDATES = ["kind+T0.5+trunc1", "T0.9+trunc1"]
 FRONT_MORE = ["kind+trunc1", "random:kind+T0.5+trunc1", "kind+T0.5", "adalora@r2", "vera", "lora@r16"]
 FRONT_ONE_SEED = ["lora@r1a2", "lora@r2a4", "lora@r4a8"]  # lora_alpha = 2r: the reference line, one seed
+# Part "tuned": the methods of issue 29's protocol, most decisive first (the plain-LoRA front, the default, random
+# choice of the same size, the default with lora_alpha / r kept, rank 1 with the default's step size on every module
+# (lora_alpha x8), a late switch that compresses what a rank-8 run learnt), and the learning-rate grid.
+TUNED_TASKS = ["gsm", "gsm_qv"]
+TUNED_ARMS = ["lora@r1", "lora", "kind+T0.5+trunc1", "random:kind+T0.5+trunc1", "lora@r2", "lora@r4"]
+TUNED_ARMS += ["kind+T0.5+trunc1+keep", "lora@r1a128", "kind+T0.5+trunc1+alpha0.8"]
+TUNED_RATES = (1, 2, 4, 8, 16)
 
 
 @dataclass
@@ -59,15 +79,21 @@ class Job:
     extra: dict = field(default_factory=dict)
 
 
-def task_args(task: str, args: argparse.Namespace, exact_match: bool = False) -> list[str]:
-    """Model, data and size flags of a task (quality.py and contribution.py take the same)."""
+def task_args(
+    task: str, args: argparse.Namespace, exact_match: bool = False, files: dict[str, Path] | None = None
+) -> list[str]:
+    """Model, data and size flags of a task (quality.py and contribution.py take the same). `files` (GSM: train,
+    val, test) makes the evaluation file the validation split and adds the test split."""
     data = Path(args.data)
     if task in ("gsm", "gsm_qv"):
         sizes = ["--steps", str(args.gsm_steps), "--batch_size", str(args.gsm_batch), "--eval_samples"]
         sizes += [str(args.gsm_eval), "--max_new_tokens", str(args.gsm_new_tokens)]
+        sizes += ["--eval_batch_size", str(args.gsm_eval_batch)]
         sizes += [] if exact_match else ["--no_exact_match"]
-        files = [f"gsm_train={data / 'gsm' / 'train.jsonl'}", f"gsm_eval={data / 'gsm' / 'test.jsonl'}"]
-        return [*sizes, "--model", str(Path(args.models) / "smollm2"), "--data", *files]
+        named = [f"gsm_train={data / 'gsm' / 'train.jsonl'}", f"gsm_eval={data / 'gsm' / 'test.jsonl'}"]
+        if files is not None:
+            named = [f"gsm_train={files['train']}", f"gsm_eval={files['val']}", f"gsm_test={files['test']}"]
+        return [*sizes, "--model", str(Path(args.models) / "smollm2"), "--data", *named]
     sizes = ["--steps", str(args.encoder_steps)]
     return [*sizes, "--model", str(Path(args.models) / "minilm"), "--data", f"{task}={data / f'{task}.jsonl'}"]
 
@@ -126,6 +152,74 @@ def front_jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
+def split_gsm(args: argparse.Namespace) -> dict[str, Path]:
+    """The tuned part's GSM files: the training problems less the last `--gsm_val`, those as the validation split,
+    and the test problems as they are (written once under --work_dir; the same rows on every machine)."""
+    data, out = Path(args.data) / "gsm", Path(args.work_dir) / "gsm_split"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = (data / "train.jsonl").read_text().splitlines()
+    if len(rows) <= args.gsm_val:
+        raise SystemExit(f"{data / 'train.jsonl'} has {len(rows)} problems: too few to hold out {args.gsm_val}.")
+    files = {"train": out / "fit.jsonl", "val": out / "val.jsonl", "test": data / "test.jsonl"}
+    files["train"].write_text("\n".join(rows[: -args.gsm_val]) + "\n")
+    files["val"].write_text("\n".join(rows[-args.gsm_val :]) + "\n")
+    return files
+
+
+def chosen_rates(rows: list[dict], rates: tuple[float, ...] = TUNED_RATES) -> dict[tuple[str, str], float]:
+    """`{(task, arm): learning-rate factor}` for every method whose seed-0 grid (`rates`) is complete: the factor
+    with the lowest validation loss among them (the rule benchmarks/tuned.py reports with)."""
+    grid: dict[tuple[str, str], dict[float, float]] = {}
+    for row in rows:
+        if row["seed"] == 0 and "val_loss" in row:
+            parsed = Variant.parse(row["variant"])
+            grid.setdefault((row["task"], parsed.arm), {})[parsed.lr_factor] = row["val_loss"]
+    return {
+        key: min((float(rate) for rate in rates), key=losses.get)
+        for key, losses in grid.items()
+        if all(float(rate) in losses for rate in rates)
+    }
+
+
+def tuned_jobs(args: argparse.Namespace, files: dict[str, Path]) -> list[Job]:
+    """Part "tuned", in priority order, leaving out the runs already in --results_dir: per task (gsm first), the
+    seed-0 grid method by method, with the other seeds of every method whose grid is complete ahead of it."""
+    results = Path(args.results_dir) / "quality_runs.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+    done = {(row["task"], row["variant"], row["seed"]) for row in rows}
+    chosen = chosen_rates(rows, tuple(args.rates))
+    jobs = []
+    for task in args.tasks:
+        later = [(seed, arm) for arm in args.arms if (task, arm) in chosen for seed in SEEDS[1:]]
+        runs = [(seed, Variant.parse(arm).at_rate(chosen[(task, arm)])) for seed, arm in later]
+        runs += [(0, Variant.parse(arm).at_rate(rate)) for arm in args.arms for rate in args.rates]
+        for seed, variant in runs:
+            if (task, variant, seed) in done:
+                continue
+            argv = ["benchmarks/quality.py", "run", "--task", task, "--variants", variant, "--seeds", str(seed)]
+            argv += ["--out", str(results), *task_args(task, args, files=files), "--curve_every", str(args.curve_every)]
+            jobs.append(Job(f"{task}-{variant}-{seed}", task, argv))
+    return jobs
+
+
+def merge_rows(source: Path, target: Path) -> int:
+    """Append to `target` the rows of `source` whose (task, variant, seed) it lacks; returns how many."""
+    if not source.is_file():
+        return 0
+
+    def key(line: str) -> tuple:
+        row = json.loads(line)
+        return row["task"], row["variant"], row["seed"]
+
+    lines = [line for line in source.read_text().splitlines() if line.strip()]
+    have = {key(line) for line in target.read_text().splitlines() if line.strip()} if target.is_file() else set()
+    new = [line for line in lines if key(line) not in have]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("a") as f:
+        f.writelines(line + "\n" for line in new)
+    return len(new)
+
+
 def contribution_job(task: str, args: argparse.Namespace) -> Job:
     kind = "contribution-gsm" if task.startswith("gsm") else "contribution-encoder"
     argv = ["benchmarks/contribution.py", "run", "--task", task, "--seeds", "0", "--points", str(args.points)]
@@ -134,8 +228,12 @@ def contribution_job(task: str, args: argparse.Namespace) -> Job:
 
 
 class Launcher:
-    def __init__(self, jobs: list[Job], args: argparse.Namespace) -> None:
-        self.queue, self.running, self.args = list(jobs), [], args
+    """Runs `jobs` in order, `--jobs` at a time, within the budget. With `pending` the queue is instead re-derived
+    from it before every start (part "tuned": what to run next depends on the results so far)."""
+
+    def __init__(self, jobs: list[Job], args: argparse.Namespace, pending=None) -> None:
+        self.queue, self.running, self.args, self.pending = list(jobs), [], args, pending
+        self.seen: set[str] = set()  # jobs launched or skipped: a re-derived queue never offers them again
         self.minutes: dict[str, list[float]] = {}
         self.start = time.monotonic()
         self.logs = Path(args.work_dir) / "logs"
@@ -177,12 +275,17 @@ class Launcher:
                 f.write(f"== {job.name}: {outcome}\n" + "\n".join(tail) + "\n")
 
     def run(self) -> None:
-        while self.queue or self.running:
+        while self.queue or self.running or self.pending is not None:
             for job in [j for j in self.running if j.process.poll() is not None]:
                 self.running.remove(job)
                 self.record(job, "ok" if job.process.returncode == 0 else f"exit {job.process.returncode}")
+            if self.pending is not None:
+                self.queue = [job for job in self.pending() if job.name not in self.seen]
+                if not self.queue and not self.running:
+                    break
             while self.queue and len(self.running) < self.args.jobs:
                 job = self.queue.pop(0)
+                self.seen.add(job.name)
                 if self.expected_s(job) > self.left_s():
                     self.record_skipped(job)
                     continue
@@ -196,6 +299,7 @@ class Launcher:
                 for job in self.queue:
                     self.record_skipped(job)
                 self.queue.clear()
+                self.pending = None
             time.sleep(1)
 
     def record_skipped(self, job: Job) -> None:
@@ -205,7 +309,7 @@ class Launcher:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["1", "2", "front"], required=True)
+    parser.add_argument("--part", choices=["1", "2", "front", "tuned"], required=True)
     parser.add_argument(
         "--results_dir", default="/tmp/front", help="part front: where results accumulate from command to command"
     )
@@ -231,24 +335,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gsm_batch", type=int, default=8)
     parser.add_argument("--gsm_eval", type=int, default=200, help="held-out GSM problems (answer loss, exact match)")
     parser.add_argument("--gsm_new_tokens", type=int, default=160)
+    parser.add_argument("--gsm_eval_batch", type=int, default=16, help="gsm: sequences per evaluation batch")
+    parser.add_argument("--gsm_val", type=int, default=200, help="part tuned: training problems held out to validate")
+    parser.add_argument("--curve_every", type=int, default=25, help="part tuned: validation loss every N steps")
+    parser.add_argument("--tasks", nargs="+", default=TUNED_TASKS, help="part tuned: the tasks, in priority order")
+    parser.add_argument("--arms", nargs="+", default=TUNED_ARMS, help="part tuned: the methods, in priority order")
+    parser.add_argument(
+        "--rates", nargs="+", type=float, default=list(TUNED_RATES), help="part tuned: the learning-rate grid"
+    )
+    parser.add_argument(
+        "--resume_from", default=None, help="part tuned: rows of earlier machines (a JSONL) to merge into the results"
+    )
     parser.add_argument("--exact_match_seeds", type=int, default=1, help="gsm: seeds whose runs also generate")
     parser.add_argument("--points", type=int, default=10, help="contribution: removed shares 0, 1/points, ..., 1")
     parser.add_argument("--guess_scale", type=float, default=1.0, help="scales the first guesses of job durations")
     parser.add_argument("--only", nargs="*", default=None, help="run only the jobs whose name contains one of these")
     parser.add_argument("--toy", action="store_true", help="tiny sizes, to test the whole pipeline on a CPU")
     args = parser.parse_args(argv)
-    args.jobs = args.jobs or {"1": 7, "2": 9, "front": 12}[args.part]
+    args.jobs = args.jobs or {"1": 7, "2": 9, "front": 12, "tuned": 12}[args.part]
     if args.toy:
         args.encoder_steps, args.gsm_steps, args.gsm_batch, args.gsm_eval, args.gsm_new_tokens = 40, 30, 2, 4, 8
-        args.points = 2
+        args.points, args.gsm_val, args.curve_every = 2, 8, 10
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = front_jobs(args) if args.part == "front" else jobs_of_part(int(args.part), args)
-    jobs = [j for j in jobs if args.only is None or any(o in j.name for o in args.only)]
+    results = Path(args.results_dir, "quality_runs.jsonl")
+    pending = None
+    if args.part == "tuned":
+        if args.resume_from:
+            print(f"merged {merge_rows(Path(args.resume_from), results)} rows of {args.resume_from}", flush=True)
+        files = split_gsm(args)
+
+        def pending() -> list[Job]:
+            return [j for j in tuned_jobs(args, files) if args.only is None or any(o in j.name for o in args.only)]
+
+        jobs = pending()
+    else:
+        jobs = front_jobs(args) if args.part == "front" else jobs_of_part(int(args.part), args)
+        jobs = [j for j in jobs if args.only is None or any(o in j.name for o in args.only)]
     Path(args.out, "plan.json").write_text(json.dumps({"args": vars(args), "jobs": [j.name for j in jobs]}, indent=1))
     print(f"part {args.part}: {len(jobs)} jobs, {args.jobs} at a time, budget {args.budget_s:.0f} s", flush=True)
-    Launcher(jobs, args).run()
-    if args.part == "front" and Path(args.results_dir, "quality_runs.jsonl").is_file():
-        shutil.copy(Path(args.results_dir, "quality_runs.jsonl"), Path(args.out, "front_runs.jsonl"))
+    Launcher(jobs, args, pending).run()
+    if args.part in ("front", "tuned") and results.is_file():
+        shutil.copy(results, Path(args.out, f"{args.part}_runs.jsonl"))
     print(Path(args.out, "jobs.tsv").read_text(), flush=True)
 
 

@@ -41,10 +41,13 @@ CARRY = ROOT / ".carry"
 TRANSFER_MIB = 64
 
 
-def write_run_files(out: Path) -> None:
-    """Wheels and data: small enough to travel with every command."""
+def write_run_files(out: Path, decoder_only: bool = False) -> None:
+    """Wheels and data: small enough to travel with every command (no encoder data with `decoder_only`)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("sarcasm", assets.load_sarcasm()), ("polarity", assets.load_movie_polarity())):
+    encoder_data = (
+        () if decoder_only else (("sarcasm", assets.load_sarcasm()), ("polarity", assets.load_movie_polarity()))
+    )
+    for name, rows in encoder_data:
         lines = [json.dumps({"text": row["text"], "label": row["label"]}) for row in rows]
         (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     gsm8k_data.write_gsm_symbolic(out / "gsm", 2000, 200, 0)
@@ -59,11 +62,13 @@ def write_run_files(out: Path) -> None:
             shutil.copy(wheel, wheels)
 
 
-def stage_models(staging: Path, smollm2: str) -> None:
-    """The model directories as they will be unpacked there: minilm/, and smollm2/ or smollm2-gguf/."""
-    minilm = assets.minilm_path()
-    AutoModel.from_pretrained(minilm, dtype=torch.float32).to(torch.float16).save_pretrained(staging / "minilm")
-    AutoTokenizer.from_pretrained(minilm).save_pretrained(staging / "minilm")
+def stage_models(staging: Path, smollm2: str, decoder_only: bool = False) -> None:
+    """The model directories as they will be unpacked there: minilm/ (unless `decoder_only`), and smollm2/ or
+    smollm2-gguf/."""
+    if not decoder_only:
+        minilm = assets.minilm_path()
+        AutoModel.from_pretrained(minilm, dtype=torch.float32).to(torch.float16).save_pretrained(staging / "minilm")
+        AutoTokenizer.from_pretrained(minilm).save_pretrained(staging / "minilm")
     converted = assets.smollm2_path()
     if smollm2 == "bf16":
         model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).to(torch.bfloat16)
@@ -99,11 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smollm2", choices=["gguf", "bf16"], default="gguf", help="how SmolLM2 travels")
     parser.add_argument("--part_mib", type=float, default=58.0, help="largest part, in MiB (< 60 leaves room)")
+    parser.add_argument(
+        "--decoder_only",
+        action="store_true",
+        help="only what the GSM tasks need (SmolLM2 and GSM-Symbolic; gpu_batch.py --part tuned): two carries",
+    )
     args = parser.parse_args(argv)
     run = CARRY / "run"
-    write_run_files(run)
+    write_run_files(run, args.decoder_only)
     with tempfile.TemporaryDirectory() as tmp:
-        stage_models(Path(tmp), args.smollm2)
+        stage_models(Path(tmp), args.smollm2, args.decoder_only)
         parts = write_parts(Path(tmp), CARRY / "models", int(args.part_mib * 2**20))
     run_mib = sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) / 2**20
     print(f"{run}: {run_mib:.1f} MiB; {CARRY / 'models'}: {len(parts)} parts")

@@ -20,9 +20,11 @@ budget or share LoRA parameters), or LoRA-drop settings joined by "+" on top of 
   drop       mode="drop": the dropped modules lose their LoRA instead of sharing one (the paper's ablation)
   fresh      shared_init="fresh": the shared LoRA starts afresh
   trunc<k>   mode="truncate", dropped_rank=k: each dropped module keeps its own LoRA, cut to rank k by SVD
+  keep       dropped_scaling="keep": truncated modules keep lora_alpha / r instead of lora_alpha / k
+  alpha<x>   alpha=x: the switch at the end of step ceil(x * steps) (`alpha0.8`: a late switch, importance over 80%)
   random:V   the kept modules chosen at random, as many LoRA parameters as variant V keeps in the same seed (the
              first alpha of the steps are the same run as V's, so the plan it matches is the one V makes)
-e.g. `T0.9`, `relative+kind`, `relative+restart`, `random:relative+kind`, `kind+trunc1`.
+e.g. `T0.9`, `relative+kind`, `relative+restart`, `random:relative+kind`, `kind+trunc1`, `kind+T0.5+trunc1+keep`.
 
 Any variant may end in `@r<r>` or `@r<r>a<lora_alpha>` (default `@r8a16`), and `x<f>` after them (`@x4`,
 `@r1x4`): the LoRA rank and lora_alpha it trains with and a factor on the task's learning rate. So `lora@r2` is plain
@@ -33,7 +35,10 @@ AdaLoRA's average target rank (it starts at rank 8, like LoRA-drop, and prunes t
 vectors).
 
 Every run appends one JSON line to benchmarks/results/quality_runs.jsonl (or --out) as soon as it ends, so rows can
-be (re)made one at a time and a batch killed half-way keeps every finished run:
+be (re)made one at a time and a batch killed half-way keeps every finished run. A GSM run given a test file besides
+its evaluation file (`--data ... gsm_test=FILE`) treats the evaluation file as the validation split (`val_loss`, what
+a learning rate is chosen by) and also reports `test_loss`; `--curve_every N` adds the validation loss every N steps
+(`val_curve`) and the logged training loss (`train_curve`), to show whether a run has flattened:
 
     python benchmarks/quality.py run --task sarcasm --variants lora T0.8 relative --seeds 0 1 2
     python benchmarks/quality.py run --task all --variants all --seeds 0 1 2
@@ -95,6 +100,7 @@ SETTINGS = {
     "auto": {"alpha": "auto"},
     "drop": {"mode": "drop"},
     "fresh": {"shared_init": "fresh"},
+    "keep": {"dropped_scaling": "keep"},
 }
 TASKS = ["sarcasm", "polarity", "gsm", "gsm_qv"]
 GSM_TARGETS = {
@@ -122,11 +128,14 @@ def variant_config(variant: str) -> LoraDropConfig | None:
             settings["threshold"] = float(token[1:])
         elif re.fullmatch(r"trunc\d+", token):
             settings.update(mode="truncate", dropped_rank=int(token[len("trunc") :]))
+        elif re.fullmatch(r"alpha\d*\.\d+", token):
+            settings["alpha"] = float(token[len("alpha") :])
         elif token in SETTINGS:
             settings.update(SETTINGS[token])
         else:
             raise ValueError(
-                f"unknown part {token!r} of variant {variant!r}; use {BASELINES}, T<x>, trunc<k> or {sorted(SETTINGS)}"
+                f"unknown part {token!r} of variant {variant!r}; use {BASELINES}, T<x>, trunc<k>, alpha<x> or "
+                f"{sorted(SETTINGS)}"
             )
     return LoraDropConfig(**settings)
 
@@ -207,6 +216,67 @@ class RandomSelectionCallback(LoraDropCallback):
         settings = {"mode": cfg.mode, "dropped_rank": cfg.dropped_rank, "adapter_name": cfg.adapter_name, "step": step}
         plans = [plan_keeping(importance, kinds, order[:k], cfg.threshold, **settings) for k in range(len(order) + 1)]
         return min(plans, key=lambda plan: abs(plan.kept_fraction(self._sizes, self._ranks) - target))
+
+
+class SplitLosses(TrainerCallback):
+    """The answer loss of a GSM run on its validation and test splits, with the recipe's own loss function.
+
+    The recipe evaluates one file; the fair protocol (benchmarks/tuned.py) chooses each method's learning rate on a
+    validation split and reports it on a test split, so the recipe's evaluation file is the validation split and
+    this callback scores the test split too, at the end of training, on the very model the recipe then evaluates.
+    With `every` > 0 it also scores the validation split every `every` steps (after LoRA-drop's switch, if it comes
+    at that step), which shows whether a run has flattened; the training loss the Trainer logs comes with it.
+
+    Args:
+        recipe_argv: the recipe's flags (tokenisation: max length, chat template, eval batch size).
+        files: `{"val": FILE, "test": FILE}`, GSM8K-format JSONL.
+        every: steps between two validation scores (0: only at the end).
+    """
+
+    def __init__(self, recipe_argv: list[str], files: dict[str, str], every: int = 0) -> None:
+        self.recipe_argv, self.files, self.every = recipe_argv, files, every
+        self.features: dict[str, list[dict]] = {}
+        self.curve: list[tuple[int, float]] = []
+        self.losses: dict[str, float] = {}
+        self.train_curve: list[tuple[int, float]] = []
+
+    def on_train_begin(self, args, state, control, processing_class=None, **kwargs):
+        from datasets import Dataset
+
+        from recipes import llama2_gsm8k
+
+        cfg = llama2_gsm8k.parse_args(self.recipe_argv)
+        use_chat = cfg.chat_template and getattr(processing_class, "chat_template", None) is not None
+        for split, path in self.files.items():
+            rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+            rows = [{"question": row["question"], "answer": row["answer"]} for row in rows][: cfg.max_eval_samples]
+            tokens = llama2_gsm8k.tokenize_split(Dataset.from_list(rows), processing_class, cfg, use_chat, split)
+            self.features[split] = tokens.to_list()
+        self._tokenizer, self._batch = processing_class, cfg.per_device_eval_batch_size
+
+    def _loss(self, model, split: str) -> float:
+        from recipes import llama2_gsm8k
+
+        was_training = model.training
+        total, count = llama2_gsm8k.answer_loss_sums(model, self.features[split], self._tokenizer, self._batch)
+        model.train(was_training)
+        return total / count if count else float("nan")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.curve.append((state.global_step, self._loss(model, "val")))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.losses = {f"{split}_loss": self._loss(model, split) for split in self.features}
+        if self.every:
+            self.curve.append((state.global_step, self.losses["val_loss"]))
+        self.train_curve = [(log["step"], log["loss"]) for log in state.log_history if "loss" in log]
+
+    def metrics(self) -> dict:
+        out = dict(self.losses)
+        if self.every:
+            out.update(val_curve=self.curve, train_curve=self.train_curve)
+        return out
 
 
 def make_callback(variant: str, seed: int) -> LoraDropCallback | None:
@@ -316,8 +386,24 @@ def run_gsm(task: str, variant: str, seed: int, args: argparse.Namespace) -> dic
 
     method = Method.of(variant, task, seed, args.steps or 300)
     argv = gsm_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}", method.variant)
-    results = llama2_gsm8k.main(argv, callbacks=method.callbacks, peft_config=method.peft_config)
+    splits = None
+    if "gsm_test" in args.data:
+        files = {"val": args.data["gsm_eval"], "test": args.data["gsm_test"]}
+        splits = SplitLosses(argv, files, args.curve_every)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    callbacks = method.callbacks + ([splits] if splits is not None else [])
+    if method.loradrop is not None and method.loradrop.config.dropped_scaling == "keep":
+        # The benchmark reads metrics only; the recipe's compact export expects dropped_scaling="rank" (the
+        # alpha_pattern it checks), so a "keep" run's adapter stays the plain PEFT one the recipe also saves.
+        llama2_gsm8k.export_compact = lambda *_, **__: None
+    results = llama2_gsm8k.main(argv, callbacks=callbacks, peft_config=method.peft_config)
     metrics = {"eval_loss": results["eval_loss"], "eval_examples": results["eval_samples"], **method.params()}
+    metrics["train_minutes"] = round(results["train_runtime_s"] / 60, 3)
+    if torch.cuda.is_available():
+        metrics["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if splits is not None:
+        metrics.update(splits.metrics())
     return {**metrics, "exact_match": results["accuracy"]} if args.exact_match else metrics
 
 
@@ -488,7 +574,11 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         default={},
         action=_NamedFiles,
-        help="local data instead of fetching: sarcasm=FILE polarity=FILE gsm_train=FILE gsm_eval=FILE (JSONL)",
+        help="local data instead of fetching: sarcasm=FILE polarity=FILE gsm_train=FILE gsm_eval=FILE (JSONL); "
+        "gsm_test=FILE makes gsm_eval the validation split and scores this test split too",
+    )
+    parser.add_argument(
+        "--curve_every", type=int, default=0, help="gsm with gsm_test: validation loss every N steps (0: at the end)"
     )
     parser.add_argument("--work_dir", default="out/quality")
 

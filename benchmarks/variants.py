@@ -39,6 +39,21 @@ class Variant:
         return cls(name, settings, r, alpha, lr_factor)
 
     @property
+    def arm(self) -> str:
+        """The name without its learning-rate factor: the method the fair protocol (benchmarks/tuned.py) tunes a
+        learning rate for (`lora@r1a128x4` -> `lora@r1a128`, `kind+trunc1@x4` -> `kind+trunc1`)."""
+        match = _SUFFIX.search(self.name)
+        if not match or match["lr"] is None:
+            return self.name
+        return self.name[: match.start("lr") - 1].removesuffix("@")
+
+    def at_rate(self, factor: float) -> str:
+        """The name of this method trained at `factor` times the task's learning rate (`x1` spelt out, so every run
+        of a learning-rate grid names its rate)."""
+        spelt = f"{factor:g}"
+        return f"{self.arm}x{spelt}" if "@" in self.arm else f"{self.arm}@x{spelt}"
+
+    @property
     def is_loradrop(self) -> bool:
         return self.settings not in BASELINES
 

@@ -12,17 +12,22 @@ Which one a name is, is decided from who gave it, the Hub's id grammar and the f
   "./base" or "~/base" never do), and a directory of the same name in the working directory changes nothing (a
   warning says so);
 - a recorded name is a local path when it does not follow the grammar or when it is a directory here, which is what
-  transformers' `from_pretrained` loaded it from. Writing an adapter records a relative directory by its absolute path
-  (`anchored`), so "models/base" read in the training script's directory stays a local path wherever the adapter is
-  pushed from, instead of passing for a Hub id there.
+  transformers' `from_pretrained` loaded it from. Training with LoraDropCallback records a relative directory by its
+  absolute path, and so does writing an adapter (`anchored`), looking for it here and then in the adapter's own
+  directory and those above it (where the training script ran), so "models/base" stays a local path wherever the
+  adapter is pushed from, instead of passing for a Hub id there;
+- a push publishes a recorded name only when it is a model on the Hub (`check_publishable`): one that is neither a
+  directory here nor on the Hub is refused, with the call that names the base model.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
@@ -58,10 +63,13 @@ def recorded_base(peft_config: Mapping[str, Any]) -> str | None:
     return peft_config.get(BASE_KEY) or None
 
 
-def with_base_model(peft_config: Mapping[str, Any], base_model: str | None) -> dict[str, Any]:
-    """`peft_config` naming `base_model` (a Hub id) as its base; when it is None, the recorded name `anchored`."""
+def with_base_model(
+    peft_config: Mapping[str, Any], base_model: str | None, near: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """`peft_config` naming `base_model` (a Hub id) as its base; when it is None, the recorded name `anchored` (with
+    the directory `near`, the adapter's own)."""
     if base_model is None:
-        return anchored(peft_config)
+        return anchored(peft_config, near)
     if not is_hub_id(base_model):
         raise BaseModelPathError(
             f"base_model={base_model!r} is not a Hub model id; pass the id of the model on the Hub, such as "
@@ -77,17 +85,23 @@ def with_base_model(peft_config: Mapping[str, Any], base_model: str | None) -> d
     return {**peft_config, BASE_KEY: base_model}
 
 
-def anchored(peft_config: Mapping[str, Any]) -> dict[str, Any]:
-    """`peft_config` with a base model recorded by a relative path that is a directory here made absolute.
+def anchored(peft_config: Mapping[str, Any], near: str | os.PathLike | None = None) -> dict[str, Any]:
+    """`peft_config` with a base model recorded by a relative path that names a directory made absolute.
 
     PEFT records the path the model was loaded from as given, relative to where the training script ran; read from
-    anywhere else, "models/base" would pass for a Hub id, and a push would point everyone at a model nobody has.
+    anywhere else, "models/base" would pass for a Hub id, and a push would point everyone at a model nobody has. The
+    path is looked up here, then in the adapter's directory `near` and each directory above it: a Trainer's output
+    directory usually lies in the one its script ran in (`loradrop compact project/out ...`, run from elsewhere).
     """
     base = recorded_base(peft_config)
-    if not isinstance(base, str) or os.path.isabs(base) or not os.path.isdir(base):
+    if not isinstance(base, str) or os.path.isabs(base):
         return dict(peft_config)
-    logger.info(f"LoRA-drop: base model {base!r} is a local directory, recorded as {os.path.abspath(base)!r}.")
-    return {**peft_config, BASE_KEY: os.path.abspath(base)}
+    roots = [Path.cwd()] + ([Path(near).absolute(), *Path(near).absolute().parents] if near is not None else [])
+    found = next((root / base for root in roots if (root / base).is_dir()), None)
+    if found is None:
+        return dict(peft_config)
+    logger.info(f"LoRA-drop: base model {base!r} is a local directory, recorded as {str(found)!r}.")
+    return {**peft_config, BASE_KEY: str(found)}
 
 
 def warn_if_local(peft_config: Mapping[str, Any], where: str) -> None:
@@ -101,8 +115,9 @@ def warn_if_local(peft_config: Mapping[str, Any], where: str) -> None:
         )
 
 
-def check_publishable(peft_config: Mapping[str, Any], where: str) -> None:
-    """Refuse to publish an adapter that names its base model by a local path."""
+def check_publishable(peft_config: Mapping[str, Any], where: str, token: str | None = None) -> None:
+    """Refuse to publish an adapter that names its base model by a local path, or by a name that is no model on the
+    Hub (a relative path recorded where training ran passes for a Hub id by its form); `token` sees private models."""
     base = recorded_base(peft_config)
     if base is not None and names_local_path(base):
         raise BaseModelPathError(
@@ -113,5 +128,11 @@ def check_publishable(peft_config: Mapping[str, Any], where: str) -> None:
         logger.warning(
             f"LoRA-drop: {where} names no base model, so its card cannot link one; pass base_model='org/name'."
         )
+    elif not HfApi(token=token).repo_exists(base):
+        raise BaseModelPathError(
+            f"{where} names its base model {base!r}, which is neither a directory here nor a model on the Hub (a path "
+            "relative to where training ran?). Pass the Hub id of that model: push_to_hub(..., base_model='org/name') "
+            "or `loradrop push --base_model org/name`."
+        )
     else:
-        logger.info(f"LoRA-drop: {where} names its base model by the Hub id {base!r} (no directory of that name here).")
+        logger.info(f"LoRA-drop: {where} names its base model by the Hub id {base!r}, a model on the Hub.")

@@ -154,12 +154,12 @@ def _inspect(args: argparse.Namespace) -> None:
     """Print a compact adapter's format version, plan per kind with the settings that decided it, LoRA settings and
     sizes. Reads the files with the checks that need no PEFT (format, checksum, plan against weights, sizes), so it
     answers without importing PEFT; loading and `loradrop expand` check the rest."""
+    directory = _source_dir(args.source, args.revision)  # before importing torch: a wrong path answers at once
     from loradrop_trainer.report import plan_settings, summary_table
 
     from .format import COMPACT_LAYOUT, compact_folder, read_files
     from .validate import check_format
 
-    directory = _source_dir(args.source, args.revision)
     adapter = read_files(directory)
     check_format(adapter, f"the compact adapter at {directory}")
     plan, config = adapter.plan, adapter.peft_config
@@ -193,11 +193,11 @@ def _expand(args: argparse.Namespace) -> None:
     """Write a compact adapter in the form an engine serves as trained: the plain PEFT adapter with rank_pattern
     (--for peft, the default), the uniform one that needs no pattern (--for uniform or vllm), or the merged model
     (--for merged --base DIR). Every check runs before anything is written."""
-    from .serving import export_adapter
-
     if (args.form == "merged") != (args.base is not None):
         raise ValueError("--for merged needs --base DIR (the base model's local directory), and only it takes --base.")
-    source = _source_dir(args.source, args.revision)
+    source = _source_dir(args.source, args.revision)  # before importing torch: a wrong path answers at once
+    from .serving import export_adapter
+
     target = export_adapter(source, args.target, form=args.form, base_model=args.base_model, base=args.base)
     print(
         f"merged model written to {target}"
@@ -211,6 +211,9 @@ def _expand(args: argparse.Namespace) -> None:
 def _compact(args: argparse.Namespace) -> None:
     """Write the compact adapter of what a training script saved (trainer.save_model(), a checkpoint-N directory),
     after checking that every shared group's weights are equal."""
+    for path in (args.source, args.plan):
+        if path is not None and not os.path.lexists(path):  # before importing torch: a wrong path answers at once
+            raise FileNotFoundError(f"{path} does not exist.")
     from .from_peft import compact_peft_adapter
 
     target = compact_peft_adapter(args.source, args.target, plan=args.plan, base_model=args.base_model)
@@ -243,9 +246,9 @@ def _push(args: argparse.Namespace) -> None:
 def _pull(args: argparse.Namespace) -> None:
     """Download a Hub repo's compact adapter into a directory laid out as the repo is (the plain PEFT adapter at the
     root, expanded locally from the checked compact one in loradrop/); it appears only once it is complete."""
+    repo_id = _repo_id(args.repo_id)  # before importing torch: a wrong id answers at once
     from .hub import pull
 
-    repo_id = _repo_id(args.repo_id)
     print(f"{repo_id} pulled into {pull(repo_id, args.target, revision=args.revision)}")
 
 

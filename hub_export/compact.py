@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import peft
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.utils import logging
 
 import loradrop_trainer
-from loradrop_trainer import DropPlan
+from loradrop_trainer.lora_layers import named_modules
 from loradrop_trainer.report import PLOT_FILE, plot_importance
 from loradrop_trainer.sharding import barrier, is_writing_rank
 
@@ -43,7 +44,7 @@ from .format import (
 from .model_card import model_card
 from .plans import PlanSource, resolve_plan
 from .truncation import recorded_alpha_first
-from .tying import plan_layers, read_tying
+from .tying import read_tying
 from .validate import check_adapter
 
 logger = logging.get_logger(__name__)
@@ -91,7 +92,7 @@ def save_compact(
             ),
             drop_plan,
             "the adapter of this model",
-            lambda: _layer_settings(model, drop_plan),
+            lambda: _layer_settings(model, drop_plan.adapter_name),
         ),
         tensors=tying.tensors,
         members=tying.members,
@@ -110,10 +111,14 @@ def save_compact(
     return Path(out_dir)
 
 
-def _layer_settings(model: nn.Module, plan: DropPlan) -> dict[str, tuple[int, float]]:
-    """What PEFT gave each LoRA module of the trained model, `{module: (rank, lora_alpha)}` (`spelled_out`)."""
-    adapter = plan.adapter_name
-    return {name: (layer.r[adapter], layer.lora_alpha[adapter]) for name, layer in plan_layers(model, plan).items()}
+def _layer_settings(model: nn.Module, adapter: str) -> dict[str, tuple[int, float]]:
+    """What PEFT gave each LoRA module of the trained model's `adapter`, `{module: (rank, lora_alpha)}`
+    (`spelled_out`): those the plan prunes and those it leaves alone (`LoraDropConfig(target=..., exclude=...)`)."""
+    return {
+        name: (layer.r[adapter], layer.lora_alpha[adapter])
+        for name, layer in named_modules(model)
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A
+    }
 
 
 def write_compact(adapter: CompactAdapter, directory: Path) -> None:
@@ -151,9 +156,10 @@ def read_compact(path: str | os.PathLike) -> CompactAdapter:
     return adapter
 
 
-def with_base(adapter: CompactAdapter, base_model: str | None) -> CompactAdapter:
-    """`adapter` naming the Hub id `base_model` as its base model (unchanged when it is None)."""
-    return replace(adapter, peft_config=with_base_model(adapter.peft_config, base_model))
+def with_base(adapter: CompactAdapter, base_model: str | None, near: str | os.PathLike | None = None) -> CompactAdapter:
+    """`adapter` naming the Hub id `base_model` as its base model; when it is None, its recorded name `anchored` (a
+    relative path looked up here and near `near`, the adapter's directory)."""
+    return replace(adapter, peft_config=with_base_model(adapter.peft_config, base_model, near))
 
 
 def config_text(peft_config: dict[str, Any]) -> str:

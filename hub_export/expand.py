@@ -62,7 +62,7 @@ def expand_to_peft(
             compact adapter names (see `hub_export.base_model`).
     """
     check_disjoint(compact_dir, out_dir)
-    adapter = with_base(read_compact(compact_dir), base_model)
+    adapter = with_base(read_compact(compact_dir), base_model, near=compact_dir)
     warn_if_local(adapter.peft_config, f"The plain PEFT adapter in {out_dir}")
     with atomic_directory(out_dir, PEFT_LAYOUT) as staging:
         write_peft(adapter, staging)

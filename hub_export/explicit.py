@@ -26,7 +26,7 @@ from loradrop_trainer.plan import DropPlan
 
 from .errors import CompactFormatError
 from .truncation import recorded_alpha_keys
-from .validate import MAX_REPEATS, check_patterns
+from .validate import MAX_REPEATS, check_counts, check_patterns, matched_keys_only
 
 logger = logging.get_logger(__name__)
 
@@ -45,23 +45,29 @@ def spelled_out(
     Args:
         peft_config: the adapter's PEFT config, as written (`adapter_config_dict`), with loradrop's recorded
             `alpha_pattern` entries first.
-        plan: the run's plan, which lists every LoRA module of the adapter.
+        plan: the run's plan, whose truncated modules keep loradrop's `alpha_pattern` entries.
         where: names the adapter in the warning, and in the error for a pattern names cannot replace
             (`modules_to_save`).
-        settings: gives `{module: (rank, lora_alpha)}`, what PEFT gave each LoRA module, without matching the
-            config's patterns; called only when they are refused.
+        settings: gives `{module: (rank, lora_alpha)}` for every LoRA module of the adapter, what PEFT gave it, without
+            matching the config's patterns. Every one, not only the plan's: a run may prune some of them
+            (`LoraDropConfig(target=..., exclude=...)`), and the others are LoRA all the same.
+
+    Pattern keys that match none of the modules are left out either way: PEFT never uses them, and readers refuse
+    them (`validate.check_entries`).
     """
+    selected = settings()
     try:
+        check_counts(peft_config, selected, where)
         check_patterns(peft_config, where)
     except CompactFormatError:
         pass  # spelled out below
     else:
-        return dict(peft_config)
+        return matched_keys_only(peft_config, selected)
     r, lora_alpha = peft_config.get("r"), peft_config.get("lora_alpha")
     ours = recorded_alpha_keys(plan)
     alpha_pattern = {key: value for key, value in (peft_config.get("alpha_pattern") or {}).items() if key in ours}
     rank_pattern = {}
-    for name, (rank, alpha) in settings().items():
+    for name, (rank, alpha) in selected.items():
         key = re.escape(name.removeprefix(PEFT_PREFIX))
         if rank != r:
             rank_pattern[key] = rank
@@ -70,16 +76,17 @@ def spelled_out(
     explicit = {
         **peft_config,
         **dict.fromkeys(_SELECTING),
-        "target_modules": sorted(name.removeprefix(PEFT_PREFIX) for name in plan.kinds),
+        "target_modules": sorted(name.removeprefix(PEFT_PREFIX) for name in selected),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
     }
+    check_counts(explicit, selected, where)
     check_patterns(explicit, where)  # what names cannot replace (modules_to_save) is refused as before
     logger.warning(
         f"LoRA-drop: the PEFT config of {where} selects modules with regular expressions that readers of compact "
-        f"adapters refuse (more than {MAX_REPEATS} repetitions, or repetitions of more than one character: untrusted, "
-        f"such patterns can take hours to match). It records instead the {len(plan.kinds)} LoRA modules by name "
-        "(target_modules), with the ranks and lora_alpha that differ from r and lora_alpha (rank_pattern, "
-        "alpha_pattern); PEFT builds the same model from it."
+        f"adapters refuse (more than {MAX_REPEATS} repetitions, repetitions of more than one character, or more "
+        "entries than its modules need: untrusted, such patterns can take hours to match). It records instead the "
+        f"{len(selected)} LoRA modules by name (target_modules), with the ranks and lora_alpha that differ from r and "
+        "lora_alpha (rank_pattern, alpha_pattern); PEFT builds the same model from it."
     )
     return explicit

@@ -34,8 +34,9 @@ def has_member(directory: Path, name: str) -> bool:
     return os.path.lexists(directory / name)
 
 
-def read_member(directory: Path, name: str) -> bytes:
-    """The bytes of the adapter file `name` (a fixed name, possibly in one subfolder) of `directory`."""
+def read_member(directory: Path, name: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of the adapter file `name` (a fixed name, possibly in one subfolder) of `directory`; one larger than
+    `max_bytes` is refused before it is read."""
     path = directory / name
     for folder in reversed(Path(name).parents[:-1]):
         if (directory / folder).is_symlink():
@@ -52,9 +53,14 @@ def read_member(directory: Path, name: str) -> bytes:
     except OSError as err:
         raise CompactFormatError(f"{path} cannot be opened ({err.strerror}); export the adapter again.") from err
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
             raise CompactFormatError(
                 f"{path} is not a regular file; an adapter consists of regular files. Export the adapter again."
+            )
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise CompactFormatError(
+                f"{path} holds {info.st_size:,} bytes, more than the {max_bytes:,} any adapter needs; export it again."
             )
         return handle.read()
 

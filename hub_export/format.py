@@ -43,7 +43,7 @@ from loradrop_trainer.report import PLAN_FILE, PLOT_FILE
 from .atomic import Layout
 from .errors import CompactFileNotFoundError, CompactFormatError, PlanError, UnsupportedFormatVersionError
 from .files import has_member, read_member
-from .jsonfile import parse_json_object
+from .jsonfile import MAX_JSON_BYTES, parse_json_object
 from .plans import split_payload
 from .truncation import module_value, numel_at_rank, truncated_keys
 
@@ -60,6 +60,37 @@ COMPACT_LAYOUT = Layout(
     "compact adapter", frozenset({MANIFEST_FILE, WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, PLOT_FILE}), marker=MANIFEST_FILE
 )
 
+_JSON_TYPES = {
+    "a string": lambda value: isinstance(value, str),
+    "true or false": lambda value: isinstance(value, bool),
+    "an integer": lambda value: type(value) is int,
+    "a number": lambda value: isinstance(value, (int, float)) and not isinstance(value, bool),
+    "null": lambda value: value is None,
+    "a list of strings": lambda value: isinstance(value, list) and all(isinstance(item, str) for item in value),
+    "a list of integers": lambda value: isinstance(value, list) and all(type(item) is int for item in value),
+    "an object": lambda value: isinstance(value, dict),
+}
+# The fields of a PEFT LoRA config that PEFT or loradrop reads, and the JSON types PEFT writes them as.
+_CONFIG_TYPES = {
+    "peft_type": ("a string",),
+    "task_type": ("a string", "null"),
+    "base_model_name_or_path": ("a string", "null"),
+    "revision": ("a string", "null"),
+    "target_modules": ("a string", "a list of strings", "null"),
+    "exclude_modules": ("a string", "a list of strings", "null"),
+    "modules_to_save": ("a list of strings", "null"),
+    "layers_to_transform": ("an integer", "a list of integers", "null"),
+    "layers_pattern": ("a string", "a list of strings", "null"),
+    "rank_pattern": ("an object",),
+    "alpha_pattern": ("an object",),
+    "lora_dropout": ("a number",),
+    "bias": ("a string",),
+    "use_rslora": ("true or false",),
+    "fan_in_fan_out": ("true or false",),
+    "inference_mode": ("true or false",),
+    "init_lora_weights": ("true or false", "a string"),
+    "auto_mapping": ("an object", "null"),
+}
 _LORA_KEY = re.compile(r"^(?P<module>.+?)(?P<suffix>\.lora_[AB]\.[^.]+)$")
 
 
@@ -180,6 +211,7 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
     manifest = _read_json(directory, folder + MANIFEST_FILE)
     version = _check_version(manifest, manifest_path)
     peft_config = _read_json(directory, folder + CONFIG_FILE)
+    check_config_types(peft_config, directory / folder / CONFIG_FILE)
     if str(peft_config.get("peft_type", "")).upper() != "LORA":
         raise CompactFormatError(
             f"{directory / folder / CONFIG_FILE} describes a {peft_config.get('peft_type')!r} adapter; compact "
@@ -200,7 +232,7 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
     try:
         plan, extra = split_payload(plan_payload, str(manifest_path))
     except PlanError as err:
-        raise CompactFormatError(f"{err}. Export the adapter again.") from err
+        raise CompactFormatError(f"{str(err).rstrip('.')}. Export the adapter again.") from err
     tensors = _read_weights(directory, folder + WEIGHTS_FILE, digest, version)
     if set(tensors) != set(members):
         missing = sorted(set(members) - set(tensors)) or sorted(set(tensors) - set(members))
@@ -208,8 +240,11 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
             f"{directory / folder / WEIGHTS_FILE} and {manifest_path} disagree on the stored tensors (first: "
             f"{missing[0]!r}); the adapter was assembled from different exports. Export it again."
         )
+    adapter_name = manifest.get("adapter_name", plan.adapter_name)
+    if not isinstance(adapter_name, str):
+        raise CompactFormatError(f"{manifest_path} gives adapter_name {adapter_name!r}, not a name; export it again.")
     return CompactAdapter(
-        adapter_name=str(manifest.get("adapter_name", plan.adapter_name)),
+        adapter_name=adapter_name,
         plan=plan,
         plan_extra=extra,
         peft_config=peft_config,
@@ -218,6 +253,18 @@ def read_files(path: str | os.PathLike) -> CompactAdapter:
         dropped=dropped,
         format_version=version,
     )
+
+
+def check_config_types(peft_config: dict[str, Any], path: Path) -> None:
+    """Refuse a PEFT config field of another JSON type than PEFT writes and reads there (`_CONFIG_TYPES`): it would
+    end a reader with a TypeError, or be written on into the expanded adapter. Ranks, `lora_alpha` and the pattern
+    fields' values are checked with their bounds (`hub_export.validate.check_lora_fields`)."""
+    for name, kinds in _CONFIG_TYPES.items():
+        if name in peft_config and not any(_JSON_TYPES[kind](peft_config[name]) for kind in kinds):
+            raise CompactFormatError(
+                f"{path} gives {name} {peft_config[name]!r}; PEFT reads {' or '.join(kinds)} there. Export the adapter "
+                "again."
+            )
 
 
 def compact_folder(directory: Path) -> str:
@@ -248,7 +295,7 @@ def _not_compact(directory: Path) -> str:
 
 def _read_json(directory: Path, name: str) -> dict[str, Any]:
     return parse_json_object(
-        read_member(directory, name),
+        read_member(directory, name, MAX_JSON_BYTES),
         directory / name,
         invalid=CompactFormatError,
         what="the file is corrupt or truncated.",
@@ -305,7 +352,7 @@ def _read_weights(directory: Path, name: str, digest: Any, version: int) -> dict
         header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # the safetensors header
         written = (header.get("__metadata__") or {}).get(METADATA_VERSION_KEY)
         tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, AttributeError) as err:
+    except (SafetensorError, ValueError, AttributeError, RecursionError, MemoryError) as err:
         raise CompactFormatError(f"{path} is not a readable safetensors file ({err}); export it again.") from err
     if written != str(version):
         raise CompactFormatError(

@@ -38,12 +38,20 @@ from .compact import write_compact
 from .errors import CompactFileNotFoundError, CompactFormatError, PlanError
 from .explicit import spelled_out
 from .files import has_member, read_member
-from .format import COMPACT_LAYOUT, CompactAdapter
-from .jsonfile import parse_json_object
+from .format import COMPACT_LAYOUT, CompactAdapter, check_config_types
+from .jsonfile import MAX_JSON_BYTES, parse_json_object
 from .plans import PlanSource, read_plan
 from .truncation import module_value, recorded_alpha_first, recorded_alpha_keys, without_recorded_alpha
 from .tying import group_by_plan
-from .validate import check_adapter, check_names, check_patterns, check_truncation, check_weights, lora_config
+from .validate import (
+    check_adapter,
+    check_counts,
+    check_names,
+    check_patterns,
+    check_truncation,
+    check_weights,
+    lora_config,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -81,6 +89,8 @@ def compact_peft_adapter(
     if not source.is_dir():
         raise CompactFileNotFoundError(f"{source} is not a directory; pass the directory of a plain PEFT adapter.")
     _check_target(source, Path(out_dir))
+    if not any(has_member(source, name) for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise CompactFileNotFoundError(_no_adapter(source))
     if plan is None and not has_member(source, PLAN_FILE):
         raise CompactFileNotFoundError(_no_plan(source))
     drop_plan, extra = read_plan(source if plan is None else plan)
@@ -89,15 +99,21 @@ def compact_peft_adapter(
     if license is not None:
         extra["license"] = license
     config = parse_json_object(
-        read_member(source, CONFIG_NAME), source / CONFIG_NAME, invalid=CompactFormatError, what="export it again."
+        read_member(source, CONFIG_NAME, MAX_JSON_BYTES),
+        source / CONFIG_NAME,
+        invalid=CompactFormatError,
+        what="export it again.",
     )
+    check_config_types(config, source / CONFIG_NAME)
     where = f"the adapter at {source}"
     weights = _read_weights(source)
     check_weights(weights, where)  # before comparing copies: NaN differs even from itself
     weights, config = unfolded(weights, config, drop_plan)
     _check_dropped_b_is_zero(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
-    peft_config = recorded_alpha_first(with_base_model({**config, "inference_mode": True}, base_model), drop_plan)
+    peft_config = recorded_alpha_first(
+        with_base_model({**config, "inference_mode": True}, base_model, near=source), drop_plan
+    )
     peft_config = spelled_out(peft_config, drop_plan, where, lambda: _stored_settings(weights, peft_config, drop_plan))
     check_truncation(lora_config(peft_config, f"The PEFT config of {where}"), drop_plan, where, PlanError)
     adapter = CompactAdapter(
@@ -150,18 +166,19 @@ def unfolded(
 def _stored_settings(
     weights: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], plan: DropPlan
 ) -> dict[str, tuple[int | None, Any]]:
-    """What PEFT gave each LoRA module of a saved adapter, `{module: (rank, lora_alpha)}` (`spelled_out`): the rows of
-    its stored lora_A, and its entry in the user's `alpha_pattern`, matched only once that passes the readers' check
-    on its own."""
+    """What PEFT gave each LoRA module of a saved adapter, `{module: (rank, lora_alpha)}` (`spelled_out`): every
+    module with a stored lora_A, the plan's and any other (a run may prune only some), its rank the rows of that
+    lora_A, and its entry in the user's `alpha_pattern`, matched only once that passes the readers' check on its own
+    and the names are bounded (a module of the plan without weights is refused by the checks that follow)."""
     theirs = without_recorded_alpha(peft_config, plan).get("alpha_pattern") or {}
+    lora_a = {key.removesuffix(LORA_SUFFIXES[0]): t for key, t in weights.items() if key.endswith(LORA_SUFFIXES[0])}
+    check_names(lora_a, "the adapter's weights")
+    check_counts({"alpha_pattern": theirs}, lora_a, "The PEFT config's alpha_pattern")
     check_patterns({"alpha_pattern": theirs}, "The PEFT config's alpha_pattern")
-    settings = {}
-    for name in plan.kinds:
-        lora_a = weights.get(name + LORA_SUFFIXES[0])
-        if lora_a is not None:  # a module without weights is refused by the checks that follow
-            rank = lora_a.shape[0] if lora_a.dim() == 2 else None
-            settings[name] = (rank, module_value(peft_config.get("lora_alpha"), theirs, name))
-    return settings
+    return {
+        name: (a.shape[0] if a.dim() == 2 else None, module_value(peft_config.get("lora_alpha"), theirs, name))
+        for name, a in lora_a.items()
+    }
 
 
 def _check_adapter_name(source: Path, plan: DropPlan, plan_source: PlanSource) -> None:
@@ -250,6 +267,17 @@ def _check_dropped_b_is_zero(weights: dict[str, torch.Tensor], plan: DropPlan) -
             "a checkpoint saved after the switch, with the plan of the same run; an adapter from before the switch "
             "is a plain LoRA adapter, to use as it is."
         )
+
+
+def _no_adapter(source: Path) -> str:
+    """What a directory without any adapter file holds, and what to run instead."""
+    held = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in os.scandir(source))
+    holds = f"it holds {', '.join(held[:6])}{', ...' if len(held) > 6 else ''}" if held else "it is empty"
+    return (
+        f"{source} holds no PEFT adapter (no {CONFIG_NAME}; {holds}). loradrop compact reads what "
+        f"trainer.save_model() or a checkpoint-N saved after the switch: save the trained model with "
+        f"trainer.save_model(DIR), then run loradrop compact DIR DIR/compact."
+    )
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -129,8 +129,6 @@ def push_to_hub(
         folder = Path(staging) / "repo"
         folder.mkdir()
         adapter = _write_repo(source, folder, repo_id)
-        if base_model is None:  # one given is the Hub id it names, whatever directories are here (`with_base_model`)
-            check_publishable(adapter.peft_config, where)
         files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
         message = commit_message or (
             f"Upload LoRA-drop adapter ({len(adapter.plan.kept)}/{len(adapter.plan.kinds)} modules kept): uniform "
@@ -138,6 +136,8 @@ def push_to_hub(
         )
         api = HfApi(token=token)
         with hub_errors(repo_id, revision=revision, action="push to"):
+            if base_model is None:  # one given is the Hub id it names, whatever directories are here
+                check_publishable(adapter.peft_config, where, token)
             _check_visibility(api, repo_id, private)
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision is not None and not revision.startswith("refs/"):

@@ -14,31 +14,35 @@ it trains on: their gradients are zero and the optimizer state starts empty.
 
 PEFT modifies the base model in place, so everything is checked first: the adapter against itself (`read_compact`),
 then against the base model (every module the adapter names exists with its widths, and the config puts LoRA on no
-module the adapter has no weights for). Should PEFT still fail, the base model is put back as it was, so a retry
-with the right adapter works on the same object.
+module the adapter has no weights for), and, once PEFT has built the model but before any weight is written, every
+key against what PEFT built: each loads into a LoRA layer or a modules_to_save copy, never into a base weight
+(`_check_destinations`). Should PEFT still fail, the base model is put back as it was (no weight of it having been
+written), so a retry with the right adapter works on the same object.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, LoraConfig, PeftModel, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from torch import nn
+from peft.utils import ModulesToSaveWrapper
+from torch import Tensor, nn
 from transformers.utils import logging
 
 from loradrop_trainer import apply_plan
-from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX
+from loradrop_trainer.lora_layers import named_modules
+from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX, is_saved_module
 from loradrop_trainer.plan import attach_plan
 from loradrop_trainer.truncate import record_truncation
 
 from .compact import read_compact
 from .errors import BaseModelMismatchError, CompactFormatError
 from .expand import expanded_state_dict
-from .format import CompactAdapter
+from .format import CompactAdapter, split_key
 from .truncation import without_recorded_alpha
 from .tying import plan_layers
 from .validate import lora_config, lora_module, targets
@@ -68,6 +72,7 @@ def load_compact(
     peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
     with _undone_on_failure(base_model):
         model = peft_class(base_model, config, adapter_name)
+        _check_destinations(model, state, adapter_name, str(path))
         _load_state(model, state, adapter_name, str(path))
         plan = dataclasses.replace(adapter.plan, adapter_name=adapter_name)
         layers = plan_layers(model, plan)
@@ -79,6 +84,44 @@ def load_compact(
     attach_plan(model, plan, adapter.plan_extra)
     logger.info(f"LoRA-drop: loaded {path} ({len(plan.kept)}/{len(plan.kinds)} modules with their own LoRA).")
     return model
+
+
+def _check_destinations(model: PeftModel, state: Mapping[str, Tensor], adapter_name: str, source: str) -> None:
+    """Refuse, before a weight is written, a key that PEFT would load into anything but the adapter's own tensors.
+
+    `set_peft_model_state_dict` moves the weights of modules_to_save into the copies PEFT made of those modules and
+    the LoRA weights into the LoRA layers, and hands any other key as it is to `load_state_dict(strict=False)`, which
+    writes it into the base model's own weight of that name. The checks before PEFT match names on the base model as
+    it was; this one asks the model PEFT built (each copy's own map of the keys it loads), so no key reaches a base
+    weight, and no copy goes without its weights (PEFT would fail with a bare KeyError), whatever the names.
+    """
+    copies = _copy_keys(model, adapter_name)
+    modules = dict(named_modules(model))
+    for key in state:
+        parts = split_key(key)
+        layer = modules.get(parts[0]) if parts is not None and parts[1] in LORA_SUFFIXES else None
+        if key not in copies and not (isinstance(layer, LoraLayer) and adapter_name in layer.lora_A):
+            raise CompactFormatError(
+                f"The adapter at {source} stores {key!r}, which PEFT would load into this base model's own weight: it "
+                "is neither a LoRA weight of a module PEFT gave LoRA nor a weight of a copy PEFT made for "
+                "modules_to_save. Compact adapters never change the base model; export the adapter again."
+            )
+    missing = [key for key in copies if key not in state]
+    if missing:
+        raise CompactFormatError(
+            f"The adapter at {source} does not store {missing[0]!r}, a weight of a module PEFT copies for its "
+            f"modules_to_save {model.peft_config[adapter_name].modules_to_save!r}; PEFT would fail to load it. "
+            "Export the adapter again."
+        )
+
+
+def _copy_keys(model: PeftModel, adapter_name: str) -> set[str]:
+    """The keys PEFT loads into the copies it made for modules_to_save, as an adapter's state dict names them."""
+    keys = set()
+    for name, module in named_modules(model):
+        if isinstance(module, ModulesToSaveWrapper):
+            keys.update(f"{name}.{key}" for key in module.adapter_state_dict_load_map(adapter_name))
+    return keys
 
 
 def _load_state(model: PeftModel, state: dict, adapter_name: str, source: str) -> None:
@@ -101,20 +144,30 @@ def _load_state(model: PeftModel, state: dict, adapter_name: str, source: str) -
 
 @contextmanager
 def _undone_on_failure(model: nn.Module) -> Iterator[None]:
-    """Put `model` back as it was if the body raises: PEFT swaps its layers into it in place and freezes it."""
-    children = [(module, dict(module._modules)) for module in model.modules()]
+    """Put `model` back as it was if the body raises: PEFT swaps its layers into it, freezes it and hooks into it (a
+    trainable load with activation checkpointing hooks the input embeddings) in place. Every module's attributes and
+    the contents of its own dicts (children, Parameters, buffers, hooks) are put back; no weight of it is written
+    before the load is checked (`_check_destinations`), so its tensors are as they were."""
+    saved = [
+        (
+            module,
+            dict(vars(module)),
+            {key: dict(value) for key, value in vars(module).items() if isinstance(value, dict)},
+        )
+        for module in model.modules()
+    ]
     trainable = [(param, param.requires_grad) for param in model.parameters()]
-    attributes = set(vars(model))
     try:
         yield
     except BaseException:
-        for module, saved in children:
-            module._modules.clear()
-            module._modules.update(saved)
+        for module, attributes, contents in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for key, content in contents.items():
+                attributes[key].clear()
+                attributes[key].update(content)
         for param, requires_grad in trainable:
             param.requires_grad_(requires_grad)
-        for name in set(vars(model)) - attributes:
-            delattr(model, name)
         raise
 
 
@@ -143,7 +196,7 @@ def _check_base_model(base_model: nn.Module, adapter: CompactAdapter, config: Lo
             if problem:
                 problems[module] = problem
     for name, module in modules.items():  # every module PEFT will copy for modules_to_save needs its weights
-        if name and any(name.endswith(entry) for entry in config.modules_to_save or ()):
+        if name and any(is_saved_module(PEFT_PREFIX + name, entry) for entry in config.modules_to_save or ()):
             missing = [f"{PEFT_PREFIX}{name}.{pname}" for pname, _ in module.named_parameters()]
             missing = [key for key in missing if key not in shapes]
             if missing:

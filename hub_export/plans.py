@@ -61,6 +61,15 @@ def read_plan(plan: DropPlan | Mapping[str, Any] | str | os.PathLike) -> tuple[D
     return split_payload(_read_plan_file(Path(plan)), str(plan))
 
 
+# The run's facts recorded next to a plan that the model card, the chart and `inspect` read: their JSON types.
+_EXTRA_TYPES = {
+    "config": (dict, "an object (the run's LoraDropConfig settings)"),
+    "license": (str, "a string (an SPDX licence id)"),
+    "lora_params_before": (int, "an integer"),
+    "lora_params_after": (int, "an integer"),
+}
+
+
 def split_payload(payload: Mapping[str, Any], where: str) -> tuple[DropPlan, dict[str, Any]]:
     """Split a plan file's JSON into the `DropPlan` and the extra fields stored next to it."""
     try:
@@ -68,7 +77,11 @@ def split_payload(payload: Mapping[str, Any], where: str) -> tuple[DropPlan, dic
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise PlanError(f"{where} does not hold a usable drop plan: {err}") from err
     own = set(plan.to_dict())
-    return plan, {key: value for key, value in payload.items() if key not in own}
+    extra = {key: value for key, value in payload.items() if key not in own}
+    for key, (kind, label) in _EXTRA_TYPES.items():
+        if extra.get(key) is not None and not (isinstance(extra[key], kind) and not isinstance(extra[key], bool)):
+            raise PlanError(f"{where} gives {key} {extra[key]!r}; it is {label}, when recorded.")
+    return plan, extra
 
 
 def _read_plan_file(path: Path) -> Mapping[str, Any]:

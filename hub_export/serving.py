@@ -87,7 +87,7 @@ def export_adapter(
     if form == "merged":
         check_replaceable(Path(out_dir).absolute(), MERGED_LAYOUT)
         return _write_merged(compact_dir, out_dir, base)
-    adapter = with_base(read_compact(compact_dir), base_model)
+    adapter = with_base(read_compact(compact_dir), base_model, near=compact_dir)
     if form != "peft":
         check_form(adapter, form, f"the compact adapter at {compact_dir}")
     warn_if_local(adapter.peft_config, f"The adapter in {out_dir}")

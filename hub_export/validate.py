@@ -13,7 +13,8 @@ parsed as PEFT parses it:
 - mapping: every module of the plan stores, shares or drops its LoRA exactly as `DropPlan.source_of` says, and any
   other module stands alone;
 - patterns: every regular expression PEFT will match against module names (`check_patterns`) is one whose matching
-  time is bounded;
+  time is bounded, their number is bounded by the adapter's LoRA modules, and every `rank_pattern` / `alpha_pattern`
+  key matches one of them (`check_entries`);
 - shapes: matrices whose rank is the one the config gives the module (``r`` or ``rank_pattern``), or the plan's
   ``dropped_rank`` k for a module it truncates (mode "truncate"), one shape per kind and rank, widths bounded by
   `MAX_WIDTH`, and what is allocated without being stored bounded by what is stored (`_check_unstored`); dtypes
@@ -31,12 +32,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX
+from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX, is_saved_module
 
 from .errors import CompactFormatError
 from .format import CompactAdapter, split_key
@@ -52,13 +53,6 @@ if TYPE_CHECKING:
 
     from loradrop_trainer import DropPlan
 
-# The heads PEFT adds to modules_to_save by itself for a task type, whether or not the model has them (BERT has a
-# `classifier`, Llama a `score`): a name of these without stored weights is PEFT's doing, not an inconsistency.
-_AUTOMATIC_HEADS = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
 # Wider than any layer of any released model; bounds what expanding a crafted "dropped" entry may allocate.
 MAX_WIDTH = 2**20
 # Longer than any module name of any released model: regular expressions are matched against these names.
@@ -71,6 +65,18 @@ MAX_NAME = 256
 # takes at most about a millisecond.
 MAX_REPEATS = 3
 MAX_REPEATING = 16
+# Longer than any escaped module name (`MAX_NAME`, each character escaped at most once) and any pattern users write.
+MAX_PATTERN = 1024
+# PEFT matches the rank_pattern and alpha_pattern keys against every module it gives LoRA until one matches, about
+# 5 us a match while `re` caches every key (512 patterns), ten times that once there are more: 3,000 keys on 28
+# modules took 20 s. A config names each LoRA module at most twice in one field (its own key, loradrop's entry for a
+# truncated module), beside a user's few entries, and PEFT ignores a key that matches no LoRA module: readers hold
+# configs to that (`check_entries`), and to at most MAX_KEY_MATCHES matches in all: about 10 s within `re`'s cache,
+# two minutes past it, which only adapters of hundreds of truncated modules reach (Llama-3-70B with LoRA on all
+# seven kinds at the default plan: about 840 keys, 470,000 matches; a legitimate adapter is never refused for it).
+ENTRIES_PER_MODULE = 2
+MAX_OTHER_ENTRIES = 64
+MAX_KEY_MATCHES = 2**21  # pattern keys times LoRA modules, the most regular-expression matches PEFT makes for them
 # How PEFT embeds each field's patterns in the expression it matches (tuners_utils.check_target_module_exists,
 # other.get_pattern_key); "{}" is the pattern.
 _PEFT_WRAPPERS = {
@@ -81,6 +87,7 @@ _PEFT_WRAPPERS = {
     "rank_pattern": r"(.*\.)?({})$",
     "alpha_pattern": r"(.*\.)?({})$",
 }
+_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
 _ONE_CHARACTER = {getattr(regex_parser, op) for op in ("LITERAL", "NOT_LITERAL", "ANY", "IN", "CATEGORY")}
 _REPEATS = {
     getattr(regex_parser, op) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(regex_parser, op)
@@ -114,6 +121,7 @@ def check_adapter(adapter: CompactAdapter, where: str) -> LoraConfig:
         adapter: the adapter as read from its files (or about to be written).
         where: names the adapter in messages ("the compact adapter at out/compact").
     """
+    check_entries(adapter.peft_config, lora_modules(adapter), f"The PEFT config of {where}")
     config = lora_config(adapter.peft_config, f"The PEFT config of {where}")  # its fields: `check_lora_fields`
     check_names([*adapter.plan.kinds, *adapter.members, *adapter.dropped], where)
     _check_keys(adapter, config, where)
@@ -128,6 +136,7 @@ def check_format(adapter: CompactAdapter, where: str) -> None:
     lengths, the plan against the stored tensors module by module, the sizes, and the weights' dtypes and values.
     Enough to show the adapter (`loradrop inspect`); `check_adapter` runs them with the rest before anything uses
     it."""
+    check_entries(adapter.peft_config, lora_modules(adapter), f"The PEFT config of {where}")
     check_lora_fields(adapter.peft_config, f"The PEFT config of {where}")
     check_names([*adapter.plan.kinds, *adapter.members, *adapter.dropped], where)
     _check_contents(adapter, where)
@@ -192,9 +201,19 @@ def check_patterns(data: Mapping[str, Any], where: str) -> None:
     than `MAX_REPEATING`. A list of module names, which PEFT matches without regular expressions, is never refused."""
     repeating = 0
     for field, pattern in _patterns(data):
+        if isinstance(pattern, str) and len(pattern) > MAX_PATTERN:
+            raise CompactFormatError(
+                f"{where} gives {field} a pattern of {len(pattern):,} characters ({pattern[:40]!r}...); patterns are "
+                f"at most {MAX_PATTERN:,}. Name the modules (a list), or use a shorter pattern."
+            )
         try:
             own = _repetitions(pattern)
             total = _repetitions(_PEFT_WRAPPERS[field].format(pattern))
+        except (RecursionError, MemoryError) as err:
+            raise CompactFormatError(
+                f"{where} gives {field} the pattern {pattern[:40]!r}..., which nests groups too deeply to be parsed "
+                f"({type(err).__name__}). Name the modules (a list), or use a simpler pattern."
+            ) from err
         except (re.error, TypeError) as err:
             raise CompactFormatError(
                 f"{where} gives {field} the pattern {pattern!r}, which is no regular expression ({err}); PEFT matches "
@@ -220,6 +239,69 @@ def check_patterns(data: Mapping[str, Any], where: str) -> None:
         )
 
 
+def lora_modules(adapter: CompactAdapter) -> set[str]:
+    """The PEFT names of the adapter's LoRA modules: those it stores LoRA weights for, or lists as dropped."""
+    keys = [*(key for keys in adapter.members.values() for key in keys), *adapter.dropped]
+    return {module for module in map(_lora_weight_module, keys) if module is not None}
+
+
+def check_entries(data: Mapping[str, Any], modules: Collection[str], where: str) -> None:
+    """Refuse a PEFT config whose lists and pattern keys cost PEFT more matching than the LoRA `modules` (PEFT names)
+    justify (`check_counts`), or with a `rank_pattern` / `alpha_pattern` key that matches none of them: PEFT never
+    uses such a key, and only a crafted file holds thousands. Needs no PEFT."""
+    check_counts(data, modules, where)
+    check_patterns(data, where)  # each key a bounded regular expression before it meets a name
+    used = matched_keys_only(data, modules)
+    for field in _PATTERN_FIELDS:
+        unused = [key for key in _pattern_keys(data, field) if key not in used.get(field, {})]
+        if unused:
+            raise CompactFormatError(
+                f"{where} gives {field} the key {unused[0]!r}, which matches none of its {len(modules):,} LoRA "
+                "modules; PEFT never uses such a key, and a crafted file holds thousands. Export the adapter again."
+            )
+
+
+def check_counts(data: Mapping[str, Any], modules: Collection[str], where: str) -> None:
+    """Bound the entries of the config's lists and pattern fields by the number of LoRA `modules`, before any is
+    matched (see `ENTRIES_PER_MODULE`)."""
+    limit = ENTRIES_PER_MODULE * len(modules) + MAX_OTHER_ENTRIES
+    for field in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", *_PATTERN_FIELDS):
+        value = data.get(field)
+        count = len(value) if isinstance(value, (list, dict)) else 0
+        if count > limit:
+            raise CompactFormatError(
+                f"{where} gives {field} {count:,} entries; an adapter of {len(modules):,} LoRA modules has at most "
+                f"{limit:,} (PEFT matches each against every module). Export the adapter again."
+            )
+    keys = sum(len(_pattern_keys(data, field)) for field in _PATTERN_FIELDS)
+    if keys * len(modules) > MAX_KEY_MATCHES:
+        raise CompactFormatError(
+            f"{where} gives {keys:,} rank_pattern and alpha_pattern keys for {len(modules):,} LoRA modules; PEFT "
+            f"matches each key against every module, which past {MAX_KEY_MATCHES:,} matches takes minutes. Export the "
+            "adapter again."
+        )
+
+
+def matched_keys_only(data: Mapping[str, Any], modules: Collection[str]) -> dict[str, Any]:
+    """`data` without the `rank_pattern` and `alpha_pattern` keys that match none of the LoRA `modules` (PEFT
+    names), which PEFT never uses; the writers drop them, readers refuse them. Its keys must have passed
+    `check_counts` and `check_patterns`."""
+    names = [name.removeprefix(PEFT_PREFIX) for name in modules]
+    used = dict(data)
+    for field in _PATTERN_FIELDS:
+        if isinstance(data.get(field), dict):
+            matchers = {key: re.compile(_PEFT_WRAPPERS[field].format(key)).match for key in data[field]}
+            used[field] = {key: data[field][key] for key, match in matchers.items() if any(map(match, names))}
+    return used
+
+
+def _pattern_keys(data: Mapping[str, Any], field: str) -> list[Any]:
+    """The keys of the pattern field `field` of `data` (none unless it is a mapping, which `check_lora_fields`
+    requires)."""
+    value = data.get(field)
+    return list(value) if isinstance(value, dict) else []
+
+
 def _patterns(data: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     """`(field, pattern)` for every regular expression of the PEFT config `data` that PEFT matches against module
     names."""
@@ -231,8 +313,8 @@ def _patterns(data: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         value = data.get(field)
         for pattern in [value] if isinstance(value, str) else value or ():
             yield field, pattern
-    for field in ("rank_pattern", "alpha_pattern"):
-        for key in data.get(field) or {}:
+    for field in _PATTERN_FIELDS:
+        for key in _pattern_keys(data, field):
             yield field, key
 
 
@@ -285,15 +367,14 @@ def _lora_weight_module(key: str) -> str | None:
     return parts[0] if parts is not None and parts[1] in LORA_SUFFIXES else None
 
 
-def _saved_under(key: str, name: str) -> bool:
-    """Whether the weight `key` belongs to a module whose name ends with the modules_to_save entry `name`."""
-    path = key.removeprefix(PEFT_PREFIX).split(".")[:-1]
-    return any(".".join(path[:i]).endswith(name) for i in range(1, len(path) + 1))
-
-
 def is_saved_module_weight(key: str, config: LoraConfig) -> bool:
-    """Whether `key` is a weight of a module `config` lists in modules_to_save (matched as PEFT matches them)."""
-    return key.startswith(PEFT_PREFIX) and any(_saved_under(key, name) for name in config.modules_to_save or ())
+    """Whether `key` is a weight of a module (or of a submodule of one) that `config` lists in modules_to_save,
+    matched at module boundaries as PEFT matches them (`is_saved_module`)."""
+    if not key.startswith(PEFT_PREFIX):
+        return False
+    path = key.split(".")[:-1]
+    modules = [".".join(path[:i]) for i in range(len(PEFT_PREFIX.split(".")), len(path) + 1)]
+    return any(is_saved_module(module, entry) for module in modules for entry in config.modules_to_save or ())
 
 
 def check_names(names: Iterable[str], where: str) -> None:
@@ -313,15 +394,10 @@ def _check_keys(adapter: CompactAdapter, config: LoraConfig, where: str) -> None
                 f"{where}: its plan names {name!r}, a module its PEFT config puts no LoRA on; the plan and the config "
                 "come from different adapters. Export the adapter again."
             )
+    # An entry of modules_to_save that stores no weight is not checked here: PEFT lists heads the model may not have
+    # (every sequence-classification adapter names `classifier`, `score` and, since PEFT 0.22, `pre_classifier`), and
+    # only the base model tells which; the loader refuses an entry that matches a module and stores none of its weights.
     stored = [key for keys in adapter.members.values() for key in keys]
-    heads = _AUTOMATIC_HEADS.get(str(config.task_type), ())
-    for name in config.modules_to_save or ():
-        saved = any(_saved_under(key, name) for key in stored)
-        if not saved and name not in heads:
-            raise CompactFormatError(
-                f"{where} lists {name!r} in modules_to_save but stores no weight of it; PEFT would look for them when "
-                "loading (and fail). Export the adapter again."
-            )
     for key in [*stored, *adapter.dropped]:
         dropped = key in adapter.dropped
         if lora_module(key, config) is None and (dropped or not is_saved_module_weight(key, config)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from .grad_tying import GradientTying
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters, lora_shape
 from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build_plan, coverage_warning, detach_plan
-from .reparam import UntiedLora, reparameterise
+from .reparam import UntiedLora, reparameterise, untied_before_plan
 from .report import PLAN_FILE, PLOT_FILE, plan_settings, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
 from .saved_form import save_folded, saved_form, stop_folding, unfold_restored
@@ -122,6 +123,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             self._outcome = original._outcome  # the Trainer restored this copy; report to the caller's instance
         self._reset()
         _check_training_setup(args, model)
+        _anchor_base_path(_peft_config(model, self.config.adapter_name))
         if self.config.restart:
             check_restartable(model, self.config.adapter_name, kwargs.get("lr_scheduler"))
         previous, _ = attached_plan(model)
@@ -200,10 +202,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         """Take the LoRA layers that `target` and `exclude` choose: what the run prunes, its parameter count before
         the switch, and their state before any plan (to undo one)."""
         self._layers = find_lora_layers(model, adapter_name, target, exclude)
-        self._outcome.lora_params_before = count_distinct(
-            [p for layer in self._layers.values() for p in lora_parameters(layer, adapter_name)]
-        )
-        self._untied = UntiedLora(self._layers, adapter_name)
+        self._untied = untied_before_plan(model, self._layers, adapter_name)
+        params = [p for layer in self._layers.values() for p in lora_parameters(layer, adapter_name)]
+        self._outcome.lora_params_before = count_distinct(self._untied.parameters if self._untied else params)
 
     def _resume_after_switch(self, saved: dict, model, args: TrainingArguments, optimizer, scheduler) -> None:
         """Re-apply the checkpoint's plan, under the settings it was made with, whatever the settings are now."""
@@ -224,7 +225,16 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if any(key in changed for key in ("target", "exclude")):  # the plan's modules, as its settings chose them
             planned = self._plan_config
             self._select_layers(model, self.plan.adapter_name, planned.get("target"), planned.get("exclude"))
-        self._tying = reparameterise(self._layers, self.plan, optimizer, at_switch=False)
+        if self._untied is None and args.load_best_model_at_end:
+            raise ValueError(
+                f"Resuming past the LoRA-drop switch into a model that was already re-parameterised (plan of step "
+                f"{self.plan.step}) without its state from before the plan, with load_best_model_at_end=True: a best "
+                "checkpoint from before the switch could not be restored as the plain LoRA it is. Build the PEFT "
+                "model afresh (get_peft_model on a freshly loaded base model) and resume with it."
+            )
+        self._tying = reparameterise(
+            self._layers, self.plan, optimizer, at_switch=False, dropped_scaling=self._dropped_scaling()
+        )
         unfold_restored(self._layers, self.plan, saved.get("saved_form"), "the checkpoint being resumed")
         self._record_in_config(model)
         self._schedule_restart = saved.get("schedule_restart")
@@ -322,7 +332,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         """
         self._untied.restore()
         config = _peft_config(model, self.plan.adapter_name)
-        if self.plan.mode == "truncate" and config is not None:
+        if self.plan.mode == "truncate" and config is not None and self._dropped_scaling() == "rank":
             forget_truncation(config, self.plan)
             stop_folding(model)
         if self._untied.reload_needed:
@@ -407,7 +417,9 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if self._tracker is not None:
             plan.stability = self._tracker.history
         fresh_seed = args.seed + state.global_step if cfg.shared_init == "fresh" and not cfg.restart else None
-        self._tying = reparameterise(self._layers, plan, optimizer, at_switch=True, fresh_seed=fresh_seed)
+        self._tying = reparameterise(
+            self._layers, plan, optimizer, at_switch=True, fresh_seed=fresh_seed, dropped_scaling=cfg.dropped_scaling
+        )
         self._outcome.plan = plan
         self._record_in_config(model)
         if cfg.restart:
@@ -440,11 +452,18 @@ class LoraDropCallback(TrainerCallback, ExportableState):
 
     def _record_in_config(self, model) -> None:
         """Mode "truncate": let the PEFT config say how the truncated modules are scaled, and make `save_pretrained`
-        write them folded into lora_B instead, which every engine reads (`saved_form`)."""
+        write them folded into lora_B instead, which every engine reads (`saved_form`). With dropped_scaling="keep"
+        they are scaled as the config already says: nothing is recorded, nothing folded."""
         config = _peft_config(model, self.plan.adapter_name)
-        if self.plan.mode == "truncate" and config is not None:
+        if self.plan.mode == "truncate" and config is not None and self._dropped_scaling() == "rank":
             record_truncation(config, self._layers, self.plan)
             save_folded(model, self._layers, self.plan)
+
+    def _dropped_scaling(self) -> str:
+        """The `dropped_scaling` the plan is applied with: the settings it was made under (a checkpoint's, when
+        resuming; checkpoints written before the setting existed used "rank"), else this run's."""
+        settings = self._plan_config if self._plan_config is not None else self.config.to_dict()
+        return settings.get("dropped_scaling", "rank")
 
     def make_plan(self, importance: dict[str, float], kinds: dict[str, str], step: int) -> DropPlan:
         """Choose the kept modules from the summed importance. Subclasses may choose otherwise (ablations do).
@@ -499,6 +518,15 @@ class LoraDropCallback(TrainerCallback, ExportableState):
 def _peft_config(model, adapter_name: str) -> object | None:
     """The PEFT config of `adapter_name` on `model` (None for a model PEFT did not wrap)."""
     return getattr(model, "peft_config", {}).get(adapter_name)
+
+
+def _anchor_base_path(config: object | None) -> None:
+    """Record a base model loaded from a relative directory by its absolute path, in the PEFT config the adapter and
+    its checkpoints are saved with: PEFT keeps the path as given, which read from anywhere but where this script runs
+    names nothing (and "models/base" would pass for a Hub id)."""
+    name = getattr(config, "base_model_name_or_path", None)
+    if isinstance(name, str) and name and not os.path.isabs(name) and os.path.isdir(name):
+        config.base_model_name_or_path = os.path.abspath(name)
 
 
 def _show(args: TrainingArguments, text: str) -> None:

@@ -10,6 +10,7 @@ SCORES = ("output", "relative")
 AGGREGATES = ("sum", "rank")
 SHARED_INITS = ("most_important", "fresh")
 MODES = ("share", "drop", "truncate")
+DROPPED_SCALINGS = ("rank", "keep")
 NORMALIZE = ("global", "kind", "layer")
 AUTO = "auto"
 
@@ -123,6 +124,19 @@ class LoraDropConfig:
             "truncated to rank k costs k / r of its LoRA parameters."
         },
     )
+    dropped_scaling: Literal["rank", "keep"] = field(
+        default="rank",
+        metadata={
+            "help": "With mode='truncate': how a truncated module is scaled from the switch on. 'rank' (the "
+            "default): as PEFT scales a rank-`dropped_rank` LoRA, lora_alpha / dropped_rank (/ sqrt with rsLoRA), so "
+            "it learns as a plain rank-k LoRA with the same lora_alpha would, a larger step than before the switch; "
+            "the PEFT config records it in `alpha_pattern`. 'keep': it keeps the adapter's own scaling, lora_alpha "
+            "/ r, so the switch changes the module's rank and nothing else (its update per step stays the size it "
+            "was), and the saved adapter is a plain uniform LoRA with zero-padded rows and columns and no "
+            "`alpha_pattern`, which servers that ignore `alpha_pattern` (vLLM, llama.cpp) compute correctly. Export "
+            "a 'keep' run with `save_pretrained`: hub_export's compact format expects the 'rank' scaling."
+        },
+    )
     score: Literal["output", "relative"] = field(
         default="output",
         metadata={
@@ -218,6 +232,15 @@ class LoraDropConfig:
             raise ValueError(
                 f"dropped_rank must be a positive integer (the rank dropped modules keep with mode='truncate'), got "
                 f"{self.dropped_rank!r}. For no LoRA at all on dropped modules use mode='drop'."
+            )
+        if self.dropped_scaling not in DROPPED_SCALINGS:
+            raise ValueError(
+                f"dropped_scaling must be one of {DROPPED_SCALINGS}, got {self.dropped_scaling!r}: 'rank' scales a "
+                "truncated module as a rank-`dropped_rank` LoRA, 'keep' keeps the adapter's lora_alpha / r."
+            )
+        if self.mode != "truncate" and self.dropped_scaling != "rank":
+            raise ValueError(
+                f"dropped_scaling only applies to mode='truncate'; leave it at its default with mode={self.mode!r}."
             )
         if self.mode == "truncate" and self.restart:
             raise ValueError(

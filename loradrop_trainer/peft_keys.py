@@ -10,6 +10,15 @@ LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # a plain LoRA module's we
 PATTERN_MARK = "(?#loradrop)"  # a regular-expression comment: matches nothing, sorts before any usual key
 
 
+def is_saved_module(name: str, entry: str) -> bool:
+    """Whether PEFT wraps the module `name` (a PeftModel module name) for the `modules_to_save` entry `entry`.
+
+    PEFT's own rule (`peft.utils.other._is_valid_match`): the whole name, or its end at a module boundary. A plain
+    suffix match would take `"orm"` to cover `model.norm`, whose weights would then load into the base model.
+    """
+    return name == entry or name.endswith("." + entry)
+
+
 def pattern_key(name: str) -> str:
     """The `rank_pattern` / `alpha_pattern` key that names exactly the module `name` (a PEFT module name).
 

@@ -111,6 +111,7 @@ class DropPlan:
         missing = {"kept", "shared", "kinds", "importance", "threshold"} - set(data)
         if missing:
             raise ValueError(f"Drop plan is missing {sorted(missing)}; the file is truncated or not a LoRA-drop plan.")
+        _check_types(data)
         plan = cls(
             importance={k: float(v) for k, v in data["importance"].items()},
             kept=list(data["kept"]),
@@ -158,6 +159,39 @@ class DropPlan:
         for kind, members in self.shared.items():
             if not members or any(self.kinds[name] != kind for name in members):
                 raise ValueError(f"Drop plan is inconsistent: shared group {kind!r} holds modules of another kind.")
+
+
+def _check_types(data: Mapping[str, Any]) -> None:
+    """Refuse a plan file whose fields are not of the JSON types `DropPlan.to_dict` writes: a kind that is a list, an
+    importance that is a string, a step that is a float would fail later with a TypeError, or be written on."""
+    found = {
+        "kept": _names(data["kept"]),
+        "shared": isinstance(data["shared"], dict) and all(_names(group) for group in data["shared"].values()),
+        "kinds": isinstance(data["kinds"], dict) and all(isinstance(kind, str) for kind in data["kinds"].values()),
+        "importance": isinstance(data["importance"], dict) and all(map(_is_number, data["importance"].values())),
+        "threshold": _is_number(data["threshold"]),
+        "mode": isinstance(data.get("mode", "share"), str),
+        "adapter_name": isinstance(data.get("adapter_name", "default"), str),
+        "step": data.get("step") is None or type(data["step"]) is int,
+        "total": data.get("total") is None or _is_number(data["total"]),
+        "stability": data.get("stability") is None
+        or (isinstance(data["stability"], list) and all(isinstance(record, dict) for record in data["stability"])),
+        "scored": data.get("scored") is None or isinstance(data["scored"], dict),
+    }
+    wrong = [name for name, ok in found.items() if not ok]
+    if wrong:
+        raise ValueError(
+            f"Drop plan field {wrong[0]!r} is {data.get(wrong[0])!r}, not of the type a plan holds there (module names "
+            "are strings, importances, threshold and total numbers, step an integer); the plan is corrupt."
+        )
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(name, str) for name in value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def build_plan(

@@ -19,15 +19,15 @@ from torch import nn
 
 from .grad_tying import GradientTying, fresh_values, reset_sharded, shared_groups
 from .lora_layers import lora_parameters
-from .plan import DropPlan
+from .plan import DropPlan, attached_plan
 from .sharding import is_deepspeed_optimizer, parameter_engine
 from .truncate import set_truncated_scaling, truncated_dropped_values
 
 
-def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
+def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan, *, dropped_scaling: str = "rank") -> None:
     """Tie (mode "share"), switch off (mode "drop") or scale as their lower rank (mode "truncate") the dropped modules
     of `plan`, in place. The values of truncated modules are the model's own (`reparameterise` sets them at the
-    switch).
+    switch); with `dropped_scaling="keep"` their scaling stays the adapter's, so mode "truncate" changes nothing here.
 
     Idempotent: applying the plan to an already re-parameterised model changes nothing, which is what resuming from
     a checkpoint relies on.
@@ -41,7 +41,8 @@ def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
             "engine. Use reparameterise(..., optimizer), which ties their gradients instead."
         )
     if plan.mode == "truncate":
-        set_truncated_scaling(layers, plan)
+        if dropped_scaling == "rank":
+            set_truncated_scaling(layers, plan)
         return
     adapter = plan.adapter_name
     for members in plan.shared.values():
@@ -64,6 +65,7 @@ def reparameterise(
     *,
     at_switch: bool,
     fresh_seed: int | None = None,
+    dropped_scaling: str = "rank",
 ) -> GradientTying | None:
     """Apply `plan` to a model in training, on whatever engine holds its LoRA; every rank must call it.
 
@@ -75,6 +77,8 @@ def reparameterise(
             a checkpoint written after the switch, which already holds them equal (or tied).
         fresh_seed: start the shared LoRA afresh from this seed (`shared_init="fresh"`); None keeps the most
             important dropped module's weights. Only used at the switch.
+        dropped_scaling: mode "truncate": "rank" scales truncated modules as a rank-k LoRA, "keep" leaves the
+            adapter's scaling (`LoraDropConfig.dropped_scaling`).
 
     Returns:
         The `GradientTying` that keeps sharded members equal (remove it when training ends), or None when the plan
@@ -83,8 +87,8 @@ def reparameterise(
     if plan.mode == "truncate":
         _check_plan_matches(layers, plan)
         if at_switch:
-            set_values(truncated_dropped_values(layers, plan, optimizer), optimizer)
-        apply_plan(layers, plan)
+            set_values(truncated_dropped_values(layers, plan, optimizer, dropped_scaling), optimizer)
+        apply_plan(layers, plan, dropped_scaling=dropped_scaling)
         return None
     if plan.mode == "drop":
         apply_plan(layers, plan)
@@ -185,6 +189,25 @@ def _reset_parameters(values: dict[nn.Parameter, torch.Tensor], optimizer: torch
                 inner.state.pop(param, None)
 
 
+_UNTIED_ATTR = "_loradrop_untied"  # where a model keeps the state of its layers before its first plan
+
+
+def untied_before_plan(model: nn.Module, layers: dict[str, LoraLayer], adapter: str) -> UntiedLora | None:
+    """The state of `layers` before any plan was applied to `model`, to undo the plan later; None if unknown.
+
+    A model that carries no plan is captured as it is, and the capture kept on the model. A model that carries one
+    (an earlier `train()` in this process re-parameterised it, and this one resumes past the switch) holds tied
+    Parameters, truncated scalings or switched-off modules: capturing it would "undo" the plan into the plan, so the
+    capture its first run kept is returned, if it covers `layers`.
+    """
+    if attached_plan(model)[0] is None:
+        untied = UntiedLora(layers, adapter)
+        setattr(model, _UNTIED_ATTR, untied)
+        return untied
+    untied = getattr(model, _UNTIED_ATTR, None)
+    return untied if untied is not None and untied.covers(layers, adapter) else None
+
+
 class UntiedLora:
     """The LoRA Parameters, active adapters, scalings and `requires_grad` of layers as they are before the plan is
     applied, to undo the plan later.
@@ -212,6 +235,19 @@ class UntiedLora:
         self._active = {name: list(layer.active_adapters) for name, layer in layers.items()}
         self._scaling = {name: layer.scaling[adapter] for name, layer in layers.items()}
         self.engine = parameter_engine(self._requires_grad)
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """The layers' own LoRA Parameters, as they were before the plan tied any of them."""
+        return list(self._requires_grad)
+
+    def covers(self, layers: dict[str, LoraLayer], adapter: str) -> bool:
+        """Whether this is the state of exactly `layers` (the same layer objects) for `adapter`."""
+        return (
+            adapter == self._adapter
+            and self._layers.keys() == layers.keys()
+            and all(self._layers[name] is layer for name, layer in layers.items())
+        )
 
     @property
     def reload_needed(self) -> bool:

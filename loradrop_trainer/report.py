@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,9 @@ def plot_importance(plan: DropPlan, path: str | os.PathLike, config: Mapping[str
 
     kinds = list(dict.fromkeys(plan.kinds.values()))
     kept = set(plan.kept)
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 1.6 * len(kinds) + 1), sharex=True, sharey=True, squeeze=False)
+    # Each kind on its own scale: one shared scale hid every kind but the largest (a decoder's down_proj can carry
+    # most of the importance), while the plan compares modules within their kind (normalize="kind", the default).
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 1.6 * len(kinds) + 1.4), sharex=True, squeeze=False)
     for ax, kind in zip(axes[:, 0], kinds):
         names = [name for name in plan.kinds if plan.kinds[name] == kind]
         xs = [_layer_index(name, i) for i, name in enumerate(names)]
@@ -125,7 +128,7 @@ def plot_importance(plan: DropPlan, path: str | os.PathLike, config: Mapping[str
     verb = _DROPPED_AS[plan.mode] + (f" to rank {plan.dropped_rank}" if plan.mode == "truncate" else "")
     settings = plan_settings(plan, config)
     fig.suptitle(f"LoRA-drop importance (blue: kept, grey: {verb}; threshold {plan.threshold})")
-    axes[0, 0].set_title(settings, fontsize=8)
+    axes[0, 0].set_title(textwrap.fill(settings, 150), fontsize=8)  # one line of it was clipped at the figure's width
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110, metadata={"Description": settings})

@@ -103,11 +103,12 @@ def lora_state_dict(model: nn.Module, adapter_name: str) -> tuple[dict[str, torc
     """
     named = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if "lora_" in name]
     if parameter_engine(p for _, p in named) == "replicated":
-        # CheckpointWrapper's state_dict() drops the wrapper from its keys while PEFT matches them against the
-        # wrapped module names; give PEFT the tensors under the names it looks for.
+        # CheckpointWrapper's state_dict() drops the wrapper from its keys; PEFT before 0.22 matched them against the
+        # wrapped module names, PEFT 0.22 against the unwrapped ones. Give PEFT the tensors under both.
         own = None
         if any(_CHECKPOINT_PREFIX in name for name, _ in named):
-            own = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+            tensors = [*model.named_buffers(), *model.named_parameters(remove_duplicate=False)]
+            own = {key: t for name, t in tensors for key in (name, unwrapped_name(name))}
         state, live = get_peft_model_state_dict(model, state_dict=own, adapter_name=adapter_name), True
     else:
         gathered = dict(zip((name for name, _ in named), whole_tensors([p for _, p in named], cpu=True)))

@@ -11,10 +11,14 @@ columns. That zero block stays exactly zero: its gradient is zero (each zero row
 and the module's optimizer state is reset at the switch, so Adam, AdamW, SGD and the like never move it. A module
 truncated to rank k then computes exactly what a rank-k LoRA computes, and exports as one (`rank_pattern`).
 
-Scaling follows PEFT: a rank-k LoRA is scaled by `lora_alpha / k` (`lora_alpha / sqrt(k)` with rsLoRA), so from the
-switch on a truncated module learns as a plain rank-k LoRA with the same `lora_alpha` does; its values are rescaled
-so that its output is unchanged at the switch. The PEFT config records that scaling (`record_truncation`), so the
-adapter `save_pretrained` and the Trainer's checkpoints write computes what the model computes.
+Scaling follows PEFT by default (`dropped_scaling="rank"`): a rank-k LoRA is scaled by `lora_alpha / k`
+(`lora_alpha / sqrt(k)` with rsLoRA), so from the switch on a truncated module learns as a plain rank-k LoRA with the
+same `lora_alpha` does; its values are rescaled so that its output is unchanged at the switch. The PEFT config records
+that scaling (`record_truncation`), so the adapter `save_pretrained` and the Trainer's checkpoints write computes what
+the model computes. With `dropped_scaling="keep"` a truncated module keeps the adapter's `lora_alpha / r`: its values
+are not rescaled, the config records nothing, and the saved adapter is a plain uniform LoRA. The two differ only in
+the step size a truncated module learns with after the switch (`lora_alpha / k` is r / k times larger), which is what
+the benchmarks separate with it.
 """
 
 from __future__ import annotations
@@ -78,10 +82,11 @@ def truncated_values(
 
 
 def truncated_dropped_values(
-    layers: dict[str, LoraLayer], plan: DropPlan, optimizer: object = None
+    layers: dict[str, LoraLayer], plan: DropPlan, optimizer: object = None, dropped_scaling: str = "rank"
 ) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """`(Parameter, new whole float32 value)` for the A and B of every dropped module, cut to `plan.dropped_rank` and
-    rescaled for the scaling `set_truncated_scaling` then gives it (`reparam.set_values` writes them on any engine).
+    """`(Parameter, new whole float32 value)` for the A and B of every dropped module, cut to `plan.dropped_rank` and,
+    with `dropped_scaling="rank"`, rescaled for the scaling `set_truncated_scaling` then gives it (`reparam.set_values`
+    writes them on any engine); with "keep" the module's scaling stays, and so do the values' magnitudes.
 
     The SVD is taken of what the optimizer trains: under DeepSpeed its fp32 master weights (the module's bf16 or fp16
     weights are their rounding, and the truncated values become the new masters), otherwise the Parameters. Sharded
@@ -92,6 +97,7 @@ def truncated_dropped_values(
         layers: `{module name: LoRA layer}` of the plan's modules.
         plan: a plan in mode "truncate".
         optimizer: the optimizer as the Trainer holds it (None: the Parameters' own values).
+        dropped_scaling: "rank" or "keep" (`LoraDropConfig.dropped_scaling`).
     """
     adapter, rank = plan.adapter_name, plan.dropped_rank
     weights = [(layers[name].lora_A[adapter].weight, layers[name].lora_B[adapter].weight) for name in plan.dropped]
@@ -99,7 +105,7 @@ def truncated_dropped_values(
     values: list[tuple[nn.Parameter, torch.Tensor]] = []
     for index, (name, (a, b)) in enumerate(zip(plan.dropped, weights)):
         layer = layers[name]
-        scale = layer.scaling[adapter] / rank_scaling(layer, adapter, rank)
+        scale = 1.0 if dropped_scaling == "keep" else layer.scaling[adapter] / rank_scaling(layer, adapter, rank)
         new_a, new_b = truncated_values(whole[2 * index], whole[2 * index + 1], rank, scale)
         values += [(a, new_a), (b, new_b)]
     if parameter_engine(p for pair in weights for p in pair) == "replicated":

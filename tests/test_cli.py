@@ -71,6 +71,17 @@ def test_22_6_importing_the_packages_imports_no_bitsandbytes():
     assert _imported_after(code, "bitsandbytes", "peft") == []
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["inspect", "missing"], ["expand", "missing", "out"], ["compact", "missing", "out"], ["pull", "a/b/c", "o"]],
+)
+def test_27_n5_a_wrong_path_is_answered_without_importing_torch(command, tmp_path):
+    """Issue 27, newcomer item 5: saying that a path does not exist took up to 48 s under load, importing torch and
+    transformers first."""
+    code = f"import os\nos.chdir({str(tmp_path)!r})\nfrom hub_export.cli import main\nassert main({command!r}) == 1"
+    assert _imported_after(code, "torch", "peft") == []
+
+
 def test_inspect_bad_path_fails_with_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 1
     error = one_line_error(capsys)
@@ -166,3 +177,14 @@ def test_22_5_the_local_path_warning_names_the_command_line_flag(compact, tmp_pa
     with caplog.at_level("WARNING"):
         assert main(["expand", str(local), str(tmp_path / "peft")]) == 0
     assert "--base_model org/name" in caplog.text
+
+
+def test_27_n3_compact_of_a_directory_without_an_adapter_says_what_it_holds(tmp_path, capsys):
+    """Issue 27, newcomer item 3: the quickstart's output directory of before (a plan, results, compact/) was called
+    an incomplete adapter to download or export again."""
+    (tmp_path / "compact").mkdir()
+    (tmp_path / "loradrop_plan.json").write_text("{}")
+    assert main(["compact", str(tmp_path), str(tmp_path / "compact2")]) == 1
+    error = one_line_error(capsys)
+    assert "holds no PEFT adapter (no adapter_config.json; it holds compact/, loradrop_plan.json)" in error
+    assert "trainer.save_model(DIR)" in error and not (tmp_path / "compact2").exists()

@@ -24,10 +24,12 @@ from helpers import (
     VOCAB,
     TokenDataset,
     model_logits,
+    one_line_error,
     tiny_llama,
     tiny_llama_base,
     training_args,
     tree_bytes,
+    validate_card,
 )
 from hub_server import DEFAULT_USER, clear_client_cache
 from huggingface_hub import ModelCard
@@ -668,7 +670,7 @@ def test_base_model_id_goes_into_the_config_card_and_snippets(hub, local_base, t
     compact = save_compact(local_base, tmp_path / "compact", base_model=HUB_BASE)
     assert _base_name(compact) == HUB_BASE
     card = ModelCard.load(compact / "README.md")
-    card.validate()  # huggingface_hub's metadata check, against the test Hub
+    validate_card(card)  # huggingface_hub's metadata check, against the test Hub
     assert card.data.base_model == HUB_BASE and card.data.library_name == "peft"
     assert f"# LoRA-drop adapter for {HUB_BASE}" in card.text
     assert card.text.count(f'.from_pretrained("{HUB_BASE}")') == 2, "both snippets load the base by its id"
@@ -733,6 +735,50 @@ def test_21_6_a_base_model_is_what_who_named_it_the_id_grammar_and_the_filesyste
             push_to_hub(tmp_path / "compact", REPO, base_model=bad)
 
 
+def test_28_6_a_relative_base_model_path_is_never_published_as_a_hub_id(hub, tmp_path, monkeypatch, capsys):
+    """Issue 28, item 6: a run trained with `--model models/base`, compacted and pushed from another directory,
+    recorded "models/base", which was not found there, passed for a Hub id by its form and was published. Training
+    records the directory by its absolute path, `loradrop compact` and `expand` look a relative one up next to the
+    adapter too, and a push refuses a name that is neither a directory here nor a model on the Hub."""
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    tiny_llama_base(seed=0).save_pretrained("models/base")
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained("models/base"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    args = training_args(Path("."))
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[LoraDropCallback(**SHARING)])
+    trainer.train()
+    trainer.save_model()
+    absolute = str(project / "models" / "base")
+    assert _base_name(project / "out") == absolute, "recorded by its absolute path at the source"
+
+    saved = json.loads((project / "out" / "adapter_config.json").read_text())
+    saved["base_model_name_or_path"] = "models/base"  # as a script without the callback saves it
+    (project / "out" / "adapter_config.json").write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path)
+    assert loradrop(["compact", "project/out", "project/out/compact"]) == 0
+    assert _base_name(project / "out" / "compact") == absolute
+
+    recorded = project / "old-compact"  # an adapter written with the relative path recorded
+    shutil.copytree(project / "out" / "compact", recorded)
+    (recorded / "adapter_config.json").write_text(json.dumps({**saved, "base_model_name_or_path": "models/base"}))
+    assert loradrop(["expand", "project/old-compact", "plain"]) == 0
+    assert _base_name(tmp_path / "plain") == absolute
+    hub.clear_requests()
+    assert loradrop(["push", "project/old-compact", REPO]) == 1
+    error = one_line_error(capsys)
+    assert (
+        "'models/base', which is neither a directory here nor a model on the Hub" in error and "--base_model" in error
+    )
+    assert hub.requests_matching("POST", "") == [], "nothing is created or committed"
+    hub.create_repo("models/base")  # a model of that id on the Hub: the name is its id
+    assert loradrop(["push", "project/old-compact", REPO]) == 0
+    assert json.loads(hub.files_at(REPO)["adapter_config.json"])["base_model_name_or_path"] == "models/base"
+
+
 def _tiny_bert_classifier() -> BertForSequenceClassification:
     torch.manual_seed(0)
     config = BertConfig(
@@ -771,7 +817,7 @@ def test_quickstart_style_adapter_from_a_local_copy_loads_from_the_hub_with_plai
     assert set(url.files) <= set(pushed)
     assert not [name for name, data in pushed.items() if str(tmp_path).encode() in data], "no local path is published"
     card = ModelCard(pushed["README.md"].decode())
-    card.validate()
+    validate_card(card)
     assert card.data.base_model == assets.MINILM_HUB_ID
 
     # someone else: no local copy, a clean cache and nothing but the repo id

@@ -47,7 +47,8 @@ def test_22_6_the_readme_installs_into_an_existing_environment_with_extras_that_
     """Issue 22, item 6: the fresh-machine commands come first, then the line for the environment one already has,
     and every extra the README tells to install is one setup.py declares."""
     first_block = README.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
-    assert [line.split("&&")[0].strip() for line in first_block[:2]] == ["bash .ci/install.sh"] * 2
+    setup = "python3 -m venv .venv && . .venv/bin/activate && bash .ci/install.sh"
+    assert [line.startswith(setup) for line in first_block[:2]] == [True, True]
     assert any(line.startswith("pip install . ") for line in first_block[2:])
     named = set(re.findall(r'"\.\[(\w+)\]"', README))
     assert {"deepspeed", "qlora"} <= named <= _setup_extras()
@@ -119,3 +120,11 @@ def test_20_the_overhead_table_is_rendered_from_the_h200_results(monkeypatch):
     paths = [str(path) for folder in ("h200_pinned", "cpu_host") for path in sorted((results / folder).glob("*.json"))]
     table = "\n".join(overhead.summarise(paths))
     assert f"\n{table}\n" in README
+
+
+def test_27_2_ci_runs_exactly_the_readme_test_command_in_a_fresh_environment():
+    """Issue 27, item 2: CI was green on a machine that still had an older PEFT installed; `.ci/run` is the README's
+    test command, which creates the virtual environment it installs into."""
+    readme_command = README.split("```bash\n", 1)[1].splitlines()[1]
+    ci_commands = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and line[0] not in "#"]
+    assert ci_commands[-1] == readme_command and "pytest" in readme_command and "python3 -m venv" in readme_command

@@ -279,3 +279,53 @@ def test_a_non_finite_score_is_skipped_and_counted(tmp_path):
     others = [n for n in layers if n != victim]
     assert all(second[n] == pytest.approx(2 * first[n], rel=1e-5) for n in others)
     assert collector.skipped() == {victim: 1}
+
+
+class InterruptedAt(TrainerCallback):
+    """Raises once, at the start of step `step + 1` (after checkpoint-`step` is written): a Ctrl-C in a notebook."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step and self.step is not None:
+            self.step = None
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("mode", ["truncate", "share"])
+def test_28_1_same_process_resume_past_the_switch_restores_the_best_checkpoint_before_it(tmp_path, mode):
+    """Issue 28, item 1: a run interrupted after the switch and resumed on the same trainer, whose best checkpoint
+    predates the switch, ended with a model 0.19 logits off that checkpoint (0.075 in mode "share"): the untied state
+    used to undo the plan was captured from the model the first train() had re-parameterised (and the LoRA parameters
+    before the switch were counted on it, tied Parameters once)."""
+    callback = _callback(alpha=0.5, mode=mode)  # switch at step 6 of 12; the best checkpoint is step 2
+    trainer = _trainer(
+        tmp_path,
+        callback,
+        model=random_lora_b(tiny_llama()),
+        max_steps=12,
+        save_steps=2,
+        eval_dataset=TokenDataset(n=8, seed=9),
+        **EARLIEST_IS_BEST,
+    )
+    trainer.add_callback(EarliestIsBest())
+    trainer.add_callback(InterruptedAt(8))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert callback.plan.step == 6
+    before, after = callback.lora_params_before, callback.lora_params_after
+    untied = trainer.model.__dict__.pop("_loradrop_untied")  # a model re-parameterised elsewhere has no such record
+    with pytest.raises(ValueError, match=r"already re-parameterised.*without its state from before the plan.*afresh"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-8"))
+    trainer.model._loradrop_untied = untied
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-8"))
+    assert (callback.lora_params_before, callback.lora_params_after) == (before, after), "counted as it was"
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-2") and getattr(trainer.model, MODEL_PLAN_ATTR, None) is None
+    expected = PeftModel.from_pretrained(random_lora_b(tiny_llama_base()), best)
+    inputs = {"input_ids": torch.randint(1, 90, (2, 12))}
+    trainer.model.eval()
+    expected.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model(**inputs).logits, expected(**inputs).logits, rtol=0, atol=0)

@@ -570,3 +570,34 @@ def test_a_saved_adapters_refused_patterns_are_never_matched_when_spelled_out(ll
     refused = "alpha_pattern the pattern '(a+)+_proj', which repeats more than a single character"
     assert refused in one_line_error(capsys)
     assert not (tmp_path / "alphas").exists()
+
+
+def test_28_4_a_run_pruning_some_modules_is_spelled_out_with_all_its_lora_modules(tmp_path):
+    """Issue 28, item 4: with `LoraDropConfig(target=...)` and a `target_modules` pattern readers refuse, the
+    spelled-out config named only the plan's modules, the others dropped out, and `save_compact` / `loradrop compact`
+    failed at the end of training with a message about base-model weights. Every LoRA module of the adapter is
+    spelled out, with its rank and lora_alpha."""
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=UNBOUNDED_TARGETS,
+        rank_pattern={r"layers\.0\..*_proj": 8},
+        alpha_pattern={r"layers\.1\..*_proj": 16},
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(tiny_llama_base(), lora)
+    callback = LoraDropCallback(alpha=0.25, target=["self_attn"], **{**SHARING, "mode": "truncate"})
+    args = training_args(tmp_path, max_steps=8)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    assert callback.plan.dropped and all("self_attn" in name for name in callback.plan.kinds)
+    compact = save_compact(model, tmp_path / "compact")
+    config = read_compact(compact).peft_config
+    assert sorted(PEFT_PREFIX + name for name in config["target_modules"]) == sorted(find_lora_layers(model))
+    assert config["rank_pattern"] == {re.escape(f"model.layers.0.{name}"): 8 for name in _LAYER_MODULES}
+    torch.testing.assert_close(
+        model_logits(load_compact(tiny_llama_base(), compact)), model_logits(model), rtol=0, atol=0
+    )
+    model.save_pretrained(tmp_path / "saved")
+    shutil.copy(Path(args.output_dir) / PLAN_FILE, tmp_path / "saved" / PLAN_FILE)
+    assert loradrop(["compact", str(tmp_path / "saved"), str(tmp_path / "from_saved")]) == 0
+    assert read_compact(tmp_path / "from_saved").peft_config == config

@@ -1,0 +1,366 @@
+"""The fair protocol of issue 29: every method at its own best learning rate, against plain LoRA at a lower rank.
+
+A user who wants a smaller adapter can lower `r` and tune the learning rate, as every recipe they copy does. So each
+method here gets its own rate from one grid (x1, x2, x4, x8, x16 of the task's base rate), chosen by the lowest answer
+loss on a validation split held out from the training problems with seed 0, and is reported on the test split with
+three seeds at that rate (`benchmarks/gpu_batch.py --part tuned` runs them; the rows are `benchmarks/quality.py`'s,
+with `val_loss`, `test_loss` and the validation curve). The report says, per task:
+
+- the learning-rate grid (validation loss per method and rate) and the rate each method got; a rate at the edge of
+  the grid is flagged, since a larger or smaller one might have been better still;
+- every method against the plain-LoRA front at the tuned rates: plain LoRA (lora_alpha 16) at the largest rank with no
+  more adapter parameters, each at its own best rate; "above"/"below" when better/worse by more than the larger seed
+  spread (standard deviation over the three seeds) of the two, "on" otherwise;
+- the questions of the issue: does the default beat the front, does output importance beat a random choice of the
+  same size, does keeping lora_alpha / r (`+keep`) do as well as the rank-k scaling, does a late switch compress
+  what a rank-8 run learnt, and does rank matter at all at the tuned rate (r=1 against r=8, in seed spreads);
+- whether plain LoRA r=8 at its best rate has flattened: its validation loss over the last third of the steps.
+
+    python benchmarks/tuned.py            # results/tuned.md and results/tuned.png from results/tuned_runs.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from variants import DEFAULT_ALPHA, Variant
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS_FILE = RESULTS / "tuned_runs.jsonl"
+BASE_RATE = {"gsm": 5e-4, "gsm_qv": 5e-4}  # benchmarks/quality.py's learning rate of each task (x1)
+TASK_ORDER = ["gsm", "gsm_qv"]
+DEFAULT = "kind+T0.5+trunc1"  # LoraDropConfig()'s settings, in benchmarks/quality.py's variant names
+RANDOM, KEEP, LATE = f"random:{DEFAULT}", f"{DEFAULT}+keep", f"{DEFAULT}+alpha0.8"
+RANK_MATTERS_SPREADS = 3.0  # issue 29: rank matters where r=1 trails r=8 by more than three seed spreads
+
+
+@dataclass
+class Arm:
+    """One method on one task under the protocol: its grid (seed 0) and its runs at the chosen rate."""
+
+    task: str
+    name: str
+    grid: dict[float, float]  # learning-rate factor -> validation loss, seed 0
+    runs: dict[float, list[dict]]  # learning-rate factor -> rows (every seed)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.grid) >= 2
+
+    @property
+    def rate(self) -> float:
+        """The factor with the lowest seed-0 validation loss."""
+        return min(self.grid, key=self.grid.get)
+
+    @property
+    def at_rate(self) -> list[dict]:
+        return sorted(self.runs.get(self.rate, []), key=lambda row: row["seed"])
+
+    @property
+    def seeds(self) -> int:
+        return len(self.at_rate)
+
+    def _values(self, metric: str) -> list[float]:
+        return [row[metric] for row in self.at_rate if metric in row]
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self._values("test_loss"))
+
+    @property
+    def spread(self) -> float:
+        values = self._values("test_loss")
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def params(self) -> float:
+        return statistics.mean(row["adapter_params"] for row in self.at_rate)
+
+    @property
+    def parsed(self) -> Variant:
+        return Variant.parse(self.name)
+
+    @property
+    def front_rank(self) -> int | None:
+        """The rank of a plain LoRA on the front (lora_alpha 16), None for every other method."""
+        parsed = self.parsed
+        return parsed.r if parsed.is_plain_lora and parsed.lora_alpha == DEFAULT_ALPHA else None
+
+    @property
+    def edge(self) -> bool:
+        return self.rate in (min(self.grid), max(self.grid))
+
+    def curve(self) -> list[tuple[int, float, float]]:
+        """(step, mean, spread) of the validation loss over the seeds at the chosen rate."""
+        by_step: dict[int, list[float]] = defaultdict(list)
+        for row in self.at_rate:
+            for step, loss in row.get("val_curve") or []:
+                by_step[step].append(loss)
+        return [
+            (step, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+            for step, v in sorted(by_step.items())
+        ]
+
+
+def arms(rows: list[dict]) -> dict[str, dict[str, Arm]]:
+    """`{task: {method: Arm}}` from the run rows that carry a test loss."""
+    out: dict[str, dict[str, Arm]] = defaultdict(dict)
+    for row in rows:
+        if "test_loss" not in row:
+            continue
+        parsed = Variant.parse(row["variant"])
+        arm = out[row["task"]].setdefault(parsed.arm, Arm(row["task"], parsed.arm, {}, {}))
+        arm.runs.setdefault(parsed.lr_factor, []).append(row)
+        if row["seed"] == 0:
+            arm.grid[parsed.lr_factor] = row["val_loss"]
+    return {task: {name: arm for name, arm in by.items() if arm.complete} for task, by in out.items()}
+
+
+def baseline_of(arm: Arm, front: list[Arm]) -> Arm | None:
+    """Plain LoRA at the largest rank with no more adapter parameters than `arm` (None on the front, or below r=1)."""
+    if arm.front_rank is not None:
+        return None
+    fitting = [point for point in front if point.params <= arm.params * 1.0001]
+    return max(fitting, key=lambda point: point.params) if fitting else None
+
+
+def compare(a: Arm, b: Arm) -> tuple[float, float, str]:
+    """How much better `a` is than `b` (test loss, positive: lower), the larger seed spread, and the verdict."""
+    gain, spread = b.mean - a.mean, max(a.spread, b.spread)
+    return gain, spread, "above" if gain > spread else "below" if gain < -spread else "on"
+
+
+def in_spreads(gain: float, spread: float) -> str:
+    return f"{abs(gain) / spread:.1f} seed spreads" if spread > 0 else "no seed spread"
+
+
+def flattened(arm: Arm) -> str:
+    """What the validation curve of `arm` at its rate did over the last third of the steps, against its spread."""
+    curve = arm.curve()
+    if len(curve) < 3:
+        return "no validation curve recorded"
+    last_step = curve[-1][0]
+    start = min(curve, key=lambda point: abs(point[0] - 2 * last_step / 3))
+    change = curve[-1][1] - start[1]
+    state = "flattened" if abs(change) <= arm.spread else "still falling" if change < 0 else "rising (over-fitting)"
+    return (
+        f"validation loss {start[1]:.3f} at step {start[0]} -> {curve[-1][1]:.3f} at step {last_step} "
+        f"({change:+.3f}; test seed spread {arm.spread:.3f}): {state}"
+    )
+
+
+def rate_label(task: str, factor: float) -> str:
+    return f"x{factor:g} ({BASE_RATE[task] * factor:.0e})"
+
+
+def grid_table(task: str, by_name: dict[str, Arm]) -> list[str]:
+    factors = sorted({factor for arm in by_name.values() for factor in arm.grid})
+    lines = ["| method | " + " | ".join(f"x{f:g}" for f in factors) + " | chosen |"]
+    lines.append("|---|" + "---:|" * len(factors) + "---|")
+    for arm in sorted(by_name.values(), key=_order):
+        cells = []
+        for factor in factors:
+            value = arm.grid.get(factor)
+            cell = "" if value is None else f"{value:.3f}"
+            cells.append(f"**{cell}**" if factor == arm.rate else cell)
+        edge = " (edge of the grid)" if arm.edge else ""
+        lines.append(f"| {arm.name} | " + " | ".join(cells) + f" | {rate_label(task, arm.rate)}{edge} |")
+    return lines
+
+
+def verdict_table(task: str, by_name: dict[str, Arm]) -> list[str]:
+    front = sorted((arm for arm in by_name.values() if arm.front_rank is not None), key=lambda arm: arm.params)
+    r8 = next((arm for arm in front if arm.front_rank == 8), None)
+    lines = [
+        "| method | lr | seeds | adapter params | of r=8 | test loss | plain LoRA with no more params (its lr) "
+        "| difference | spread | verdict | min/run | peak GiB |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|",
+    ]
+    for arm in sorted(by_name.values(), key=lambda arm: (arm.params, _order(arm))):
+        of_r8 = f"{arm.params / r8.params:.1%}" if r8 else ""
+        base = baseline_of(arm, front)
+        cells = ["", "", "", "front" if arm.front_rank is not None else "(no plain LoRA this small)"]
+        if base is not None:
+            gain, spread, word = compare(arm, base)
+            base_name = f"r={base.front_rank}: {base.mean:.3f} ({rate_label(task, base.rate)})"
+            cells = [base_name, f"{gain:+.3f}", f"{spread:.3f}", f"**{word}**"]
+        minutes = statistics.mean(row.get("train_minutes", row["wall_minutes"]) for row in arm.at_rate)
+        peaks = [row["peak_gib"] for row in arm.at_rate if "peak_gib" in row]
+        peak = f"{max(peaks):.1f}" if peaks else ""
+        lines.append(
+            f"| {arm.name} | {rate_label(task, arm.rate)} | {arm.seeds} | {arm.params:,.0f} | {of_r8} | "
+            f"{arm.mean:.3f} ± {arm.spread:.3f} | " + " | ".join(cells) + f" | {minutes:.2f} | {peak} |"
+        )
+    return lines
+
+
+def findings(task: str, by_name: dict[str, Arm]) -> list[str]:
+    """The issue's questions, answered in words from the numbers (only those whose arms have three seeds)."""
+    front = sorted((arm for arm in by_name.values() if arm.front_rank is not None), key=lambda arm: arm.params)
+    ranks = {arm.front_rank: arm for arm in front}
+    done = {name: arm for name, arm in by_name.items() if arm.seeds >= 3}
+    out = []
+
+    def line(text: str) -> None:
+        out.append(f"- {text}")
+
+    if 1 in ranks and 8 in ranks and ranks[1].seeds >= 3 and ranks[8].seeds >= 3:
+        gain, spread, _ = compare(ranks[8], ranks[1])
+        matters = abs(gain) > RANK_MATTERS_SPREADS * spread
+        line(
+            f"**Rank {'matters' if matters else 'does not matter'} at the tuned rate.** Plain LoRA r=8 "
+            f"({rate_label(task, ranks[8].rate)}) {ranks[8].mean:.3f} ± {ranks[8].spread:.3f} against r=1 "
+            f"({rate_label(task, ranks[1].rate)}) {ranks[1].mean:.3f} ± {ranks[1].spread:.3f}: r=8 is {gain:+.3f} "
+            f"better, {in_spreads(gain, spread)} (the issue's bar: {RANK_MATTERS_SPREADS:g})."
+        )
+    for name, question in (
+        (DEFAULT, "The default (per-kind T 0.5, dropped modules truncated to rank 1)"),
+        (KEEP, "The default with `dropped_scaling='keep'`"),
+        (LATE, "A late switch (alpha 0.8: rank 8 for 80% of the steps, then truncated)"),
+        ("lora@r1a128", "Plain LoRA r=1 with lora_alpha 128 (the default's rank-1 step size on every module)"),
+    ):
+        arm = done.get(name)
+        base = baseline_of(arm, front) if arm is not None else None
+        if base is None or base.seeds < 3:
+            continue
+        gain, spread, word = compare(arm, base)
+        line(
+            f"{question}: {arm.mean:.3f} ± {arm.spread:.3f} at {rate_label(task, arm.rate)} with "
+            f"{arm.params:,.0f} adapter parameters, against plain LoRA r={base.front_rank} {base.mean:.3f} ± "
+            f"{base.spread:.3f} at {rate_label(task, base.rate)}: **{word}** the front ({gain:+.3f}, "
+            f"{in_spreads(gain, spread)})."
+        )
+    pairs = (
+        (DEFAULT, RANDOM, "Output importance against a random choice of the same size"),
+        (KEEP, DEFAULT, "`keep` (lora_alpha / r) against the default's `rank` scaling (lora_alpha / 1)"),
+        (LATE, DEFAULT, "The late switch against the default's switch at 10%"),
+    )
+    for first, second, question in pairs:
+        if first in done and second in done:
+            gain, spread, word = compare(done[first], done[second])
+            word = {"above": "better", "below": "worse", "on": "no different"}[word]
+            line(
+                f"{question}: {done[first].mean:.3f} ± {done[first].spread:.3f} ({rate_label(task, done[first].rate)}) "
+                f"against {done[second].mean:.3f} ± {done[second].spread:.3f} "
+                f"({rate_label(task, done[second].rate)}): **{word}** ({gain:+.3f}, {in_spreads(gain, spread)})."
+            )
+    if 8 in ranks:
+        line(f"Plain LoRA r=8 at its rate, {flattened(ranks[8])}.")
+    edges = [arm.name for arm in by_name.values() if arm.edge]
+    if edges:
+        line(f"Chosen at the edge of the grid (a rate beyond it might be better still): {', '.join(edges)}.")
+    missing = [arm.name for arm in by_name.values() if arm.seeds < 3]
+    if missing:
+        line(f"Fewer than three seeds at the chosen rate (no verdict drawn from them): {', '.join(missing)}.")
+    return out
+
+
+def _order(arm: Arm) -> tuple[int, str]:
+    rank = arm.front_rank
+    return (0, f"{rank:03d}") if rank is not None else (1, arm.name)
+
+
+def markdown(by_task: dict[str, dict[str, Arm]], source: str) -> str:
+    lines = [
+        "# Every method at its own best learning rate (issue 29's protocol)",
+        "",
+        f"Each method's learning rate is chosen from {grid_of(by_task)} times the task's base rate (5e-4) by the "
+        "lowest answer loss on a validation split (the last 200 of GSM-Symbolic's 2,000 training problems, held "
+        "out; the model trains on the other 1,800), seed 0; it is reported on the 200 test problems with seeds 0, "
+        "1, 2 at that rate. SmolLM2-135M-Instruct, 150 steps of 8 sequences, cosine schedule, lora_alpha 16 unless "
+        "the name says otherwise (`lora@r1a128`: lora_alpha 128); `gsm` has LoRA on all seven linear kinds, "
+        "`gsm_qv` on q and v. Names as in `benchmarks/quality.py`: `+keep` is `dropped_scaling='keep'`, `+alpha0.8` "
+        "a switch at 80% "
+        f"of the steps, `random:` the same number of full-rank modules chosen at random (one draw per seed). Made by "
+        f"`python benchmarks/tuned.py` from `{source}`.",
+    ]
+    for task in sorted(by_task, key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER)):
+        by_name = by_task[task]
+        if not by_name:
+            continue
+        hardware = sorted({row["hardware"] for arm in by_name.values() for rows in arm.runs.values() for row in rows})
+        steps = sorted({row["steps"] for arm in by_name.values() for rows in arm.runs.values() for row in rows})
+        lines += ["", f"## {task} (test answer loss, lower is better; {', '.join(hardware)}; steps {steps})", ""]
+        lines += ["**Verdict at the tuned rates**", "", *findings(task, by_name), ""]
+        lines += verdict_table(task, by_name)
+        lines += ["", "Validation loss (seed 0) per learning-rate factor; bold: the chosen rate.", ""]
+        lines += grid_table(task, by_name)
+    lines += [
+        "",
+        "Mean ± standard deviation over the seeds at the chosen rate; adapter parameters are what the method exports "
+        "(LoRA-drop's after the switch). Verdict against plain LoRA (lora_alpha 16) at the largest rank with no more "
+        "parameters, each at its own chosen rate: above/below means better/worse by more than the larger seed spread.",
+        "",
+        "![tuned](tuned.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def grid_of(by_task: dict[str, dict[str, Arm]]) -> str:
+    """The learning-rate factors any method was run at, spelt `x2, x4, ...`."""
+    factors = sorted({factor for by_name in by_task.values() for arm in by_name.values() for factor in arm.grid})
+    return ", ".join(f"x{factor:g}" for factor in factors)
+
+
+def plot(by_task: dict[str, dict[str, Arm]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [task for task in TASK_ORDER if by_task.get(task)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(14, 4.5 * len(tasks)), squeeze=False)
+    for (grid_ax, curve_ax), task in zip(axes, tasks):
+        for arm in sorted(by_task[task].values(), key=_order):
+            factors = sorted(arm.grid)
+            style = "-" if arm.front_rank is not None else "--"
+            grid_ax.plot(factors, [arm.grid[f] for f in factors], style, marker="o", label=arm.name)
+            curve = arm.curve()
+            if curve and (arm.front_rank in (1, 8) or arm.name in (DEFAULT, LATE)):
+                steps, means, spreads = zip(*curve)
+                curve_ax.errorbar(steps, means, yerr=spreads, fmt=style, marker=".", capsize=2, label=arm.name)
+        grid_ax.set_xscale("log", base=2)
+        grid_ax.set_yscale("log")
+        grid_ax.set_xlabel("learning-rate factor (x 5e-4)")
+        grid_ax.set_ylabel("validation answer loss (seed 0)")
+        grid_ax.set_title(f"{task}: learning-rate grid")
+        grid_ax.legend(fontsize=7)
+        curve_ax.set_yscale("log")
+        curve_ax.set_xlabel("optimizer step")
+        curve_ax.set_ylabel("validation answer loss (mean over seeds)")
+        curve_ax.set_title(f"{task}: validation loss over training, each at its chosen rate")
+        curve_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=str(RUNS_FILE))
+    parser.add_argument("--results", default=str(RESULTS), help="where tuned.md and tuned.png go")
+    args = parser.parse_args(argv)
+    rows = [json.loads(line) for line in Path(args.runs).read_text().splitlines() if line.strip()]
+    by_task = arms(rows)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    try:
+        source = Path(args.runs).resolve().relative_to(ROOT)
+    except ValueError:
+        source = Path(args.runs)
+    text = markdown(by_task, str(source))
+    (results / "tuned.md").write_text(text)
+    plot(by_task, results / "tuned.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
