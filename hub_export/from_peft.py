@@ -46,6 +46,7 @@ from .tying import group_by_plan
 from .validate import (
     check_adapter,
     check_counts,
+    check_lora_fields,
     check_names,
     check_patterns,
     check_truncation,
@@ -108,7 +109,7 @@ def compact_peft_adapter(
     where = f"the adapter at {source}"
     weights = _read_weights(source)
     check_weights(weights, where)  # before comparing copies: NaN differs even from itself
-    weights, config = unfolded(weights, config, drop_plan)
+    weights, config = unfolded(weights, config, drop_plan, (extra.get("config") or {}).get("dropped_scaling"))
     _check_dropped_b_is_zero(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
     peft_config = recorded_alpha_first(
@@ -137,28 +138,42 @@ def compact_peft_adapter(
 
 
 def unfolded(
-    weights: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], plan: DropPlan
+    weights: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], plan: DropPlan, dropped_scaling: object
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A saved adapter in the form the compact adapter describes: unchanged if its config has loradrop's
-    `alpha_pattern` entries, else (what `save_pretrained` writes since issue 30, `loradrop_trainer.saved_form`) each
-    truncated module's `lora_B` divided by the factor folded into it and the entries recorded, first.
+    `alpha_pattern` entries (checkpoints of earlier versions) or its run kept the adapter's scaling for truncated
+    modules (`dropped_scaling="keep"`, which records and folds nothing); else (what `save_pretrained` writes since
+    issue 30, `loradrop_trainer.saved_form`) each truncated module's `lora_B` divided by the factor folded into it, and
+    the entries recorded, first.
 
     The factor is the module's rank-k scaling over its rank-r one, from its `lora_alpha` (the user's `alpha_pattern`,
-    checked as readers check it before it is matched) and its rank, the rows of its stored `lora_A`. A module without
-    a matrix `lora_A` is left for the checks that follow to report.
+    checked as readers check it, the names bounded, before it is matched) and its rank, the rows of its stored
+    `lora_A`. A module without a matrix `lora_A` is left for the checks that follow to report.
+
+    Args:
+        weights: the saved adapter's tensors, by PEFT key.
+        peft_config: its `adapter_config.json`.
+        plan: the run's plan.
+        dropped_scaling: the run's `LoraDropConfig.dropped_scaling`, as its plan file records it (None: "rank").
     """
     ours = recorded_alpha_keys(plan)
     alphas = peft_config.get("alpha_pattern") or {}
-    if not ours or any(key in alphas for key in ours):
+    if not ours or dropped_scaling == "keep" or any(key in alphas for key in ours):
         return dict(weights), dict(peft_config)
-    check_patterns({"alpha_pattern": alphas}, "The PEFT config's alpha_pattern")
+    check_lora_fields(peft_config, "The PEFT config")
+    modules = [key.removesuffix(LORA_SUFFIXES[0]) for key in weights if key.endswith(LORA_SUFFIXES[0])]
+    check_names(modules, "the adapter's weights")
+    check_counts({"alpha_pattern": alphas}, modules, "The PEFT config's alpha_pattern")
     k, rslora, out, recorded = plan.dropped_rank, bool(peft_config.get("use_rslora")), dict(weights), {}
     for key, name in ours.items():
         lora_a, lora_b = weights.get(name + LORA_SUFFIXES[0]), weights.get(name + LORA_SUFFIXES[1])
         if lora_a is None or lora_b is None or lora_a.dim() != 2:
             continue
         alpha, r = module_value(peft_config.get("lora_alpha"), alphas, name), lora_a.shape[0]
-        out[name + LORA_SUFFIXES[1]] = lora_b / (scaling_at_rank(alpha, k, rslora) / scaling_at_rank(alpha, r, rslora))
+        if alpha:  # lora_alpha 0 scales the module by 0 at every rank: nothing was folded
+            out[name + LORA_SUFFIXES[1]] = lora_b / (
+                scaling_at_rank(alpha, k, rslora) / scaling_at_rank(alpha, r, rslora)
+            )
         recorded[key] = alpha_at_rank(alpha, r, k, rslora)
     return out, {**peft_config, "alpha_pattern": {**recorded, **alphas}}
 

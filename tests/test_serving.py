@@ -46,6 +46,7 @@ from transformers import Trainer, TrainerCallback
 
 from hub_export import (
     CompactFormatError,
+    PlanError,
     compact_peft_adapter,
     export_adapter,
     load_compact,
@@ -249,6 +250,21 @@ def test_a_checkpoint_after_the_switch_is_right_in_every_engine_and_compacts(run
     torch.testing.assert_close(peft_logits(checkpoint), as_saved, rtol=0, atol=0)
     assert_close(vllm_logits(checkpoint), as_saved)
     assert_close(llamacpp_logits(checkpoint), as_saved)
+
+
+def test_keep_scaling_folds_nothing_and_its_output_is_never_unfolded(tmp_path):
+    """dropped_scaling="keep": truncated modules are scaled as the config says already, so save_pretrained is PEFT's
+    own and its output is right under vLLM's rule as it is; `loradrop compact` reads the run's setting from its plan
+    file and never divides that output by a factor it does not hold (it is refused as on main, not unfolded)."""
+    model = default_llama()
+    callback = LoraDropCallback(alpha=0.25, dropped_scaling="keep")
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback])
+    trainer.train()
+    trainer.save_model()
+    assert "save_pretrained" not in vars(model) and callback.plan.dropped
+    assert_close(vllm_logits(tmp_path / "out"), model_logits(model))
+    with pytest.raises(PlanError, match="has no entry for it"):
+        compact_peft_adapter(tmp_path / "out", tmp_path / "compact")
 
 
 class BestAt(TrainerCallback):
