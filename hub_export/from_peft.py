@@ -160,7 +160,8 @@ def unfolded(
     alphas = peft_config.get("alpha_pattern") or {}
     if not ours or dropped_scaling == "keep" or any(key in alphas for key in ours):
         return dict(weights), dict(peft_config)
-    check_lora_fields(peft_config, "The PEFT config")
+    scaling_fields = {key: peft_config.get(key) for key in ("r", "lora_alpha")}
+    check_lora_fields({**scaling_fields, "alpha_pattern": alphas}, "The PEFT config")  # the fields matched below
     modules = [key.removesuffix(LORA_SUFFIXES[0]) for key in weights if key.endswith(LORA_SUFFIXES[0])]
     check_names(modules, "the adapter's weights")
     check_counts({"alpha_pattern": alphas}, modules, "The PEFT config's alpha_pattern")
