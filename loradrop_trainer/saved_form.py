@@ -28,11 +28,14 @@ import types
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers.utils import logging
 
 from .peft_keys import pattern_key
 from .plan import DropPlan
 from .sharding import parameter_engine
 from .truncate import scaling_at_rank
+
+logger = logging.get_logger(__name__)
 
 # Relative difference within which a restored sum of squares is the recorded one (they are the same float32 values,
 # summed in float64, perhaps on another device); the folded and unfolded sums differ by a factor of 2 at least.
@@ -63,8 +66,18 @@ def save_folded(model: nn.Module, layers: dict[str, LoraLayer], plan: DropPlan) 
         layers: `{module name: LoRA layer}` of the plan's modules, the plan applied.
         plan: the plan in mode "truncate".
     """
-    model.loradrop_fold = (plan.adapter_name, fold_factors(layers, plan), {pattern_key(name) for name in plan.dropped})
+    ours = {pattern_key(name) for name in plan.dropped}
+    model.loradrop_fold = (plan.adapter_name, fold_factors(layers, plan), ours)
     model.save_pretrained = types.MethodType(save_pretrained, model)
+    config = model.peft_config[plan.adapter_name]
+    theirs = [field for field in ("rank_pattern", "alpha_pattern") if set(getattr(config, field)) - ours]
+    if theirs or config.use_rslora:
+        settings = " and ".join(theirs + (["use_rslora"] if config.use_rslora else []))
+        logger.warning(
+            f"LoRA-drop: the adapter trainer.save_model() writes keeps your LoraConfig's {settings}, as PEFT writes "
+            "them; vLLM, SGLang and LoRAX ignore rank_pattern and alpha_pattern, and llama.cpp those and use_rslora. "
+            "To serve it there, export it with `loradrop expand COMPACT DIR --for uniform`, which folds them."
+        )
 
 
 def save_pretrained(self: nn.Module, save_directory: str, *args, state_dict=None, **kwargs):

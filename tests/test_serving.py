@@ -200,11 +200,15 @@ def test_cli_writes_each_form(run, tmp_path, capsys):
     assert uniform.read_bytes() == vllm.read_bytes()
 
 
-def test_user_patterns_and_rslora_are_folded_too(tmp_path):
+def test_user_patterns_and_rslora_are_folded_too(tmp_path, caplog):
     """A user's own alpha_pattern and rank_pattern, and rsLoRA, are folded into the uniform form as well: vLLM's and
-    llama.cpp's rules give the trained logits (the rank-pattern form is wrong under both)."""
+    llama.cpp's rules give the trained logits (the rank-pattern form is wrong under both). trainer.save_model() keeps
+    them, as PEFT does, and the switch warns so, naming the export that folds them."""
     model = default_llama(rank_pattern={"down_proj": 4}, alpha_pattern={"up_proj": 4}, use_rslora=True)
-    trained = train(tmp_path, model)
+    with caplog.at_level("WARNING"):
+        trained = train(tmp_path, model)
+    assert "keeps your LoraConfig's rank_pattern and alpha_pattern and use_rslora" in caplog.text
+    assert "--for uniform" in caplog.text
     uniform = export_adapter(trained.compact, tmp_path / "uniform", form="uniform")
     assert not _adapter_files(uniform)[0]["use_rslora"]
     assert_close(peft_logits(uniform), trained.logits)
@@ -277,7 +281,7 @@ class BestAt(TrainerCallback):
         metrics["eval_closeness"] = -abs(state.global_step - self.best)
 
 
-def test_load_best_model_at_end_after_the_switch_unfolds_what_it_loaded(tmp_path):
+def test_load_best_model_at_end_after_the_switch_unfolds_what_it_loaded(tmp_path, caplog):
     """The Trainer loads the best checkpoint's adapter file (folded) into the model in training: the model must hold
     that checkpoint's weights as trained, so it computes what the file computes in PEFT, and saves it again so."""
     model = default_llama()
@@ -292,7 +296,9 @@ def test_load_best_model_at_end_after_the_switch_unfolds_what_it_loaded(tmp_path
         eval_dataset=TokenDataset(n=8, seed=1),
         callbacks=[callback, BestAt(8)],
     )
-    trainer.train()
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "keeps your LoraConfig" not in caplog.text, "no warning where the user set no pattern of their own"
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-8") and callback.plan.step == 3
     from_file = peft_logits(Path(trainer.state.best_model_checkpoint))
     torch.testing.assert_close(model_logits(model), from_file, rtol=0, atol=0)
