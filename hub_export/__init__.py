@@ -6,6 +6,7 @@ from hub_export import save_compact, load_compact, expand_to_peft, push_to_hub, 
 save_compact(trainer.model, "out/compact", plan=callback.plan)   # each distinct LoRA once, plus the plan
 model = load_compact(base_model, "out/compact")                  # PeftModel, shared modules tied again
 expand_to_peft("out/compact", "out/peft")                        # plain PEFT adapter, no loradrop needed to load
+export_adapter("out/compact", "out/vllm", form="vllm")           # one rank, one scaling: vLLM, llama.cpp, ...
 compact_peft_adapter("out/checkpoint-500", "out/compact")        # what trainer.save_model() wrote, compacted
 push_to_hub("out/compact", "user/repo", base_model="org/base")   # returns the commit URL
 model = load_from_hub(base_model, "user/repo", revision=None)
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from .from_peft import compact_peft_adapter
     from .hub import PushInfo, load_from_hub, pull, push_to_hub
     from .loader import load_compact
+    from .serving import export_adapter
 
 _NAMES_IN = {
     "compact": ("read_compact", "save_compact"),
@@ -74,6 +76,7 @@ _NAMES_IN = {
     "from_peft": ("compact_peft_adapter",),
     "hub": ("PushInfo", "load_from_hub", "pull", "push_to_hub"),
     "loader": ("load_compact",),
+    "serving": ("export_adapter",),
 }
 
 __all__ = sorted(name for names in _NAMES_IN.values() for name in names)

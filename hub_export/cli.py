@@ -12,12 +12,15 @@ Installed as the `loradrop` console command; without installing, `python -m hub_
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from loradrop_trainer import __version__
+
+from .forms import FORMS
 
 HUB_PREFIX = "hf://"
 _SOURCE_HELP = f"compact adapter directory (or a pulled repo), or {HUB_PREFIX}user/name for a Hub repo"
@@ -60,11 +63,21 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--revision", help=_REVISION_HELP)
     inspect.set_defaults(command=_inspect, source_parser=inspect)
 
-    expand = commands.add_parser("expand", help="write a plain PEFT adapter", description=_expand.__doc__)
+    expand = commands.add_parser(
+        "expand", help="write a plain PEFT adapter, or the form an engine serves (--for)", description=_expand.__doc__
+    )
     expand.add_argument("source", metavar="SOURCE", help=_SOURCE_HELP)
     expand.add_argument("target", metavar="DST", help="output directory (missing, empty or an earlier expansion)")
     expand.add_argument("--revision", help=_REVISION_HELP)
     expand.add_argument("--base_model", metavar="ID", help=_BASE_MODEL_HELP.format(""))
+    expand.add_argument(
+        "--for",
+        dest="form",
+        choices=FORMS,
+        default="peft",
+        help="; ".join(f"{name}: {what}" for name, what in FORMS.items()),
+    )
+    expand.add_argument("--base", metavar="DIR", help="--for merged: local directory of the base model's weights")
     expand.set_defaults(command=_expand, source_parser=expand)
 
     compact = commands.add_parser(
@@ -170,16 +183,29 @@ def _inspect(args: argparse.Namespace) -> None:
         f"({ratio:.1%}); {on_disk:,} bytes of files in all"
     )
     if plan.mode == "truncate":
-        print("loradrop expand writes a plain PEFT adapter of this size (truncated modules through rank_pattern)")
+        print(
+            "loradrop expand writes a plain PEFT adapter of this size (truncated modules through rank_pattern, which "
+            "vLLM ignores); --for uniform one that every engine reads, at the unpruned size"
+        )
 
 
 def _expand(args: argparse.Namespace) -> None:
-    """Write the plain PEFT adapter of a compact one (loads with peft.PeftModel.from_pretrained)."""
+    """Write a compact adapter in the form an engine serves as trained: the plain PEFT adapter with rank_pattern
+    (--for peft, the default), the uniform one that needs no pattern (--for uniform or vllm), or the merged model
+    (--for merged --base DIR). Every check runs before anything is written."""
+    if (args.form == "merged") != (args.base is not None):
+        raise ValueError("--for merged needs --base DIR (the base model's local directory), and only it takes --base.")
     source = _source_dir(args.source, args.revision)  # before importing torch: a wrong path answers at once
-    from .expand import expand_to_peft
+    from .serving import export_adapter
 
-    target = expand_to_peft(source, args.target, base_model=args.base_model)
-    print(f"plain PEFT adapter written to {target}")
+    target = export_adapter(source, args.target, form=args.form, base_model=args.base_model, base=args.base)
+    print(
+        f"merged model written to {target}"
+        if args.base
+        else f"plain PEFT adapter written to {target} ({args.form} form)"
+    )
+    if args.form == "peft" and json.loads((target / "adapter_config.json").read_text("utf-8")).get("rank_pattern"):
+        print("its rank_pattern is read by PEFT and llama.cpp, not by vLLM, SGLang or LoRAX: for those, --for uniform")
 
 
 def _compact(args: argparse.Namespace) -> None:

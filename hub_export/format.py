@@ -37,6 +37,7 @@ from safetensors.torch import load as load_safetensors
 
 import loradrop_trainer
 from loradrop_trainer import DropPlan
+from loradrop_trainer.peft_keys import LORA_SUFFIXES
 from loradrop_trainer.report import PLAN_FILE, PLOT_FILE
 
 from .atomic import Layout
@@ -163,6 +164,19 @@ class CompactAdapter:
         types `hub_export.validate` checks)."""
         r, pattern = self.peft_config.get("r"), self.peft_config.get("rank_pattern") or {}
         return {key: module_value(r, pattern, name) for key, name in truncated_keys(self.plan).items()}
+
+    @cached_property
+    def lora_modules(self) -> list[str]:
+        """Every LoRA module the adapter holds weights for (modules the plan never scored, by `exclude`, included)."""
+        keys = [*(key for keys in self.members.values() for key in keys), *self.dropped]
+        return sorted({key.removesuffix(LORA_SUFFIXES[0]) for key in keys if key.endswith(LORA_SUFFIXES[0])})
+
+    @property
+    def uniform_rank(self) -> int:
+        """The largest rank a LoRA module of the trained model has: the rank of every module in the uniform form
+        (`hub_export.serving`)."""
+        r, pattern = self.peft_config["r"], self.peft_config.get("rank_pattern") or {}
+        return max(module_value(r, pattern, name) for name in self.lora_modules)
 
     def _plain_numel(self, key: str, tensor: torch.Tensor) -> int:
         rank = self.full_ranks.get(key)

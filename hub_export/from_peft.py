@@ -7,8 +7,10 @@ callback's ``loradrop_plan.json``. Saving untied the copies, so the tying cannot
 when the adapter was saved from the model that plan re-parameterised. In mode "drop" the callback zeroes every dropped
 module's LoRA B at the switch, so the plain adapter computes what the pruned model did; a dropped module whose saved B
 is not zero shows an adapter saved before the switch (or by another run), which dropping would change. In mode
-"truncate" the callback cuts every truncated module to rank k and records its scaling in the PEFT config's
-`alpha_pattern`: a truncated module that is not zero past rank k, or a config without that entry, shows the same.
+"truncate" the callback cuts every truncated module to rank k, and the adapter either records its scaling in the PEFT
+config's `alpha_pattern` (checkpoints of earlier versions) or carries it folded into lora_B (`save_pretrained` since
+issue 30, `loradrop_trainer.saved_form`; unfolded here, `unfolded`): a truncated module that is not zero
+past rank k, or a config with some of those entries but not all, shows the same.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transformers.utils import logging
 from loradrop_trainer import DropPlan
 from loradrop_trainer.peft_keys import LORA_SUFFIXES
 from loradrop_trainer.report import PLAN_FILE
+from loradrop_trainer.truncate import alpha_at_rank, scaling_at_rank
 
 from .atomic import atomic_directory, check_disjoint
 from .base_model import warn_if_local, with_base_model
@@ -38,11 +41,12 @@ from .files import has_member, read_member
 from .format import COMPACT_LAYOUT, CompactAdapter, check_config_types
 from .jsonfile import MAX_JSON_BYTES, parse_json_object
 from .plans import PlanSource, read_plan
-from .truncation import module_value, recorded_alpha_first, without_recorded_alpha
+from .truncation import module_value, recorded_alpha_first, recorded_alpha_keys, without_recorded_alpha
 from .tying import group_by_plan
 from .validate import (
     check_adapter,
     check_counts,
+    check_lora_fields,
     check_names,
     check_patterns,
     check_truncation,
@@ -105,6 +109,7 @@ def compact_peft_adapter(
     where = f"the adapter at {source}"
     weights = _read_weights(source)
     check_weights(weights, where)  # before comparing copies: NaN differs even from itself
+    weights, config = unfolded(weights, config, drop_plan, (extra.get("config") or {}).get("dropped_scaling"))
     _check_dropped_b_is_zero(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
     peft_config = recorded_alpha_first(
@@ -130,6 +135,48 @@ def compact_peft_adapter(
         f"{adapter.plain_bytes:,} bytes)."
     )
     return Path(out_dir)
+
+
+def unfolded(
+    weights: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], plan: DropPlan, dropped_scaling: object
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A saved adapter in the form the compact adapter describes: unchanged if its config has loradrop's
+    `alpha_pattern` entries (checkpoints of earlier versions) or its run kept the adapter's scaling for truncated
+    modules (`dropped_scaling="keep"`, which records and folds nothing); else (what `save_pretrained` writes since
+    issue 30, `loradrop_trainer.saved_form`) each truncated module's `lora_B` divided by the factor folded into it, and
+    the entries recorded, first.
+
+    The factor is the module's rank-k scaling over its rank-r one, from its `lora_alpha` (the user's `alpha_pattern`,
+    checked as readers check it, the names bounded, before it is matched) and its rank, the rows of its stored
+    `lora_A`. A module without a matrix `lora_A` is left for the checks that follow to report.
+
+    Args:
+        weights: the saved adapter's tensors, by PEFT key.
+        peft_config: its `adapter_config.json`.
+        plan: the run's plan.
+        dropped_scaling: the run's `LoraDropConfig.dropped_scaling`, as its plan file records it (None: "rank").
+    """
+    ours = recorded_alpha_keys(plan)
+    alphas = peft_config.get("alpha_pattern") or {}
+    if not ours or dropped_scaling == "keep" or any(key in alphas for key in ours):
+        return dict(weights), dict(peft_config)
+    scaling_fields = {key: peft_config.get(key) for key in ("r", "lora_alpha")}
+    check_lora_fields({**scaling_fields, "alpha_pattern": alphas}, "The PEFT config")  # the fields matched below
+    modules = [key.removesuffix(LORA_SUFFIXES[0]) for key in weights if key.endswith(LORA_SUFFIXES[0])]
+    check_names(modules, "the adapter's weights")
+    check_counts({"alpha_pattern": alphas}, modules, "The PEFT config's alpha_pattern")
+    k, rslora, out, recorded = plan.dropped_rank, bool(peft_config.get("use_rslora")), dict(weights), {}
+    for key, name in ours.items():
+        lora_a, lora_b = weights.get(name + LORA_SUFFIXES[0]), weights.get(name + LORA_SUFFIXES[1])
+        if lora_a is None or lora_b is None or lora_a.dim() != 2:
+            continue
+        alpha, r = module_value(peft_config.get("lora_alpha"), alphas, name), lora_a.shape[0]
+        if alpha:  # lora_alpha 0 scales the module by 0 at every rank: nothing was folded
+            out[name + LORA_SUFFIXES[1]] = lora_b / (
+                scaling_at_rank(alpha, k, rslora) / scaling_at_rank(alpha, r, rslora)
+            )
+        recorded[key] = alpha_at_rank(alpha, r, k, rslora)
+    return out, {**peft_config, "alpha_pattern": {**recorded, **alphas}}
 
 
 def _stored_settings(

@@ -1,14 +1,19 @@
 """Sharing LoRA-drop adapters through the Hugging Face Hub: push, pull, and load straight from a repo.
 
-A repo holds the adapter twice (`REPO_LAYOUT`). Its root is a plain PEFT adapter (``adapter_config.json`` and
-``adapter_model.safetensors``, expanded from the compact one), so `PeftModel.from_pretrained(base, "user/repo")`,
-vLLM, TGI and every tool that reads a LoRA adapter load it as any other, and the card at the root (``README.md``,
-`library_name: peft`) says what it is and names the repo in its snippets. ``loradrop/`` holds the compact adapter
-(its manifest, weights, config and importance chart), which `load_from_hub` reads and which loads with the modules
-tied as trained. A pull writes the same layout, except that the plain adapter is never downloaded: it is expanded
-again from the compact one once that is checked, so a repo cannot ship a plain copy that computes something else.
-Repos pushed before the plain adapter moved to the root (the compact adapter at the root, a plain copy in ``peft/``)
-are still read, and a push into one moves it to this layout.
+A repo holds the adapter in the forms its users load (`REPO_LAYOUT`). Its root is the uniform plain PEFT adapter
+(``adapter_config.json`` and ``adapter_model.safetensors``, `hub_export.serving`): every module at one rank with its
+own scaling folded into lora_B, no `rank_pattern` or `alpha_pattern`. `PeftModel.from_pretrained(base, "user/repo")`
+gives the trained logits from it (bit for bit where the folded factors are powers of two, the default; the
+rank-pattern form differs by float32 summation order), and so do the engines that ignore PEFT's patterns, which the
+rank-pattern form is wrong in: vLLM scales every module by one `lora_alpha / r`, llama.cpp by `lora_alpha` over each
+tensor's rank (README, "Serving"). In mode "truncate", ``rank_pattern/`` holds the smallest plain adapter, truncated
+modules at rank k through `rank_pattern` (`expand_to_peft`), for PEFT and llama.cpp. ``loradrop/`` holds the compact
+adapter (its manifest, weights, config and importance chart), which `load_from_hub` reads and which loads with the
+modules tied as trained. The card at the root (``README.md``, `library_name: peft`) says which file serves which
+engine, with the line that loads it. A pull writes the same layout, except that no plain adapter is ever downloaded:
+both are written again from the compact one once that is checked, so a repo cannot ship a plain copy that computes
+something else. Repos pushed before (the rank-pattern form at the root, or the compact adapter at the root and a plain
+copy in ``peft/``) are still read, and a push into one moves it to this layout.
 
 All transfers go through the official `huggingface_hub` client (`HfApi.create_repo`/`upload_folder`,
 `snapshot_download`), so HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, the cache, progress bars and the "skip unchanged
@@ -50,21 +55,33 @@ from .format import (
 from .loader import load_compact
 from .model_card import model_card
 from .remote import fetch, hub_errors
+from .serving import check_form, write_uniform
 
 logger = logging.get_logger(__name__)
 
 # The compact adapter's files a repo holds in loradrop/ (its card is the repo's, at the root).
 REPO_COMPACT_FILES = COMPACT_LAYOUT.files - {CARD_FILE}
-# A repo, and what a pull writes: the plain PEFT adapter and the card at the root, the compact adapter in loradrop/.
+# Where a repo holds the rank-pattern form (mode "truncate"), next to the uniform one at its root.
+RANK_PATTERN_SUBFOLDER = "rank_pattern"
+# A repo, and what a pull writes: the uniform PEFT adapter and the card at the root, the rank-pattern adapter in
+# rank_pattern/, the compact adapter in loradrop/.
 REPO_LAYOUT = Layout(
     "pulled LoRA-drop repo",
-    PEFT_LAYOUT.files | {CARD_FILE} | {f"{COMPACT_SUBFOLDER}/{name}" for name in REPO_COMPACT_FILES},
+    PEFT_LAYOUT.files
+    | {CARD_FILE}
+    | {f"{RANK_PATTERN_SUBFOLDER}/{name}" for name in PEFT_LAYOUT.files}
+    | {f"{COMPACT_SUBFOLDER}/{name}" for name in REPO_COMPACT_FILES},
     marker=f"{COMPACT_SUBFOLDER}/{MANIFEST_FILE}",
 )
 # What reading a repo downloads: the compact adapter's files, in loradrop/ or at the root of a repo pushed before.
 _COMPACT_PATTERNS = sorted(REPO_COMPACT_FILES | {f"{COMPACT_SUBFOLDER}/{name}" for name in REPO_COMPACT_FILES})
-# What a push deletes if an earlier push left it: the files of the layout before this one that this one has not.
-_SUPERSEDED = sorted({MANIFEST_FILE, WEIGHTS_FILE, PLOT_FILE} | {f"peft/{name}" for name in PEFT_LAYOUT.files})
+# What a push deletes if an earlier push left it and this one does not upload it: the files of the layouts before this
+# one that this one has not, and the rank-pattern form, which only an adapter in mode "truncate" has.
+_SUPERSEDED = sorted(
+    {MANIFEST_FILE, WEIGHTS_FILE, PLOT_FILE}
+    | {f"peft/{name}" for name in PEFT_LAYOUT.files}
+    | {f"{RANK_PATTERN_SUBFOLDER}/{name}" for name in PEFT_LAYOUT.files}
+)
 
 
 class PushInfo(str):
@@ -93,8 +110,9 @@ def push_to_hub(
 ) -> PushInfo:
     """Upload a compact adapter (a directory, or a tied model saved on the fly) to `repo_id`; return the commit URL.
 
-    The repo gets the layout of the module docstring: the plain PEFT adapter at its root, for
-    `PeftModel.from_pretrained(base, repo_id)`, and the compact adapter's own files in ``loradrop/`` (read as regular
+    The repo gets the layout of the module docstring: the uniform PEFT adapter at its root, for
+    `PeftModel.from_pretrained(base, repo_id)` and the engines that ignore PEFT's patterns, the rank-pattern one in
+    ``rank_pattern/`` (mode "truncate"), and the compact adapter's own files in ``loradrop/`` (read as regular
     files: a symbolic link among them is refused), with the card naming `repo_id` in its snippets. Files an earlier
     push left in the layout before this one are deleted, so they cannot go stale. The repo is created if needed, and
     so is the branch `revision`. `private` is the visibility asked for: a new repo gets it, and an existing repo of
@@ -113,8 +131,8 @@ def push_to_hub(
         adapter = _write_repo(source, folder, repo_id)
         files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
         message = commit_message or (
-            f"Upload LoRA-drop adapter ({len(adapter.plan.kept)}/{len(adapter.plan.kinds)} modules kept): plain PEFT "
-            f"adapter at the root, compact adapter in {COMPACT_SUBFOLDER}/"
+            f"Upload LoRA-drop adapter ({len(adapter.plan.kept)}/{len(adapter.plan.kinds)} modules kept): uniform "
+            f"PEFT adapter at the root, compact adapter in {COMPACT_SUBFOLDER}/"
         )
         api = HfApi(token=token)
         with hub_errors(repo_id, revision=revision, action="push to"):
@@ -200,15 +218,21 @@ def _compact_source(
 
 def _write_repo(source: Path, target: Path, repo_id: str) -> CompactAdapter:
     """Write the files of `repo_id` into the existing, empty `target`, from the compact adapter in `source` (a compact
-    adapter directory, or a repo's download in either layout): its own files byte for byte into loradrop/, where they
-    are read back and checked; the plain PEFT adapter expanded from that copy at the root; the repo's card."""
+    adapter directory, or a repo's download in any layout): its own files byte for byte into loradrop/, where they
+    are read back and checked; from that copy, the uniform PEFT adapter at the root and, in mode "truncate", the
+    rank-pattern one in rank_pattern/; the repo's card. Refused before anything is written where the uniform form
+    cannot carry the adapter (`serving.check_form`)."""
     folder = compact_folder(source)
     (target / COMPACT_SUBFOLDER).mkdir()
     for name in sorted(REPO_COMPACT_FILES):
         if has_member(source, folder + name):
             (target / COMPACT_SUBFOLDER / name).write_bytes(read_member(source, folder + name))
     adapter = read_compact(target)  # what goes up, or into a pulled directory, is exactly what was checked
-    write_peft(adapter, target)
+    check_form(adapter, "uniform", f"the adapter for {repo_id}")
+    write_uniform(adapter, target)
+    if adapter.plan.mode == "truncate":
+        (target / RANK_PATTERN_SUBFOLDER).mkdir()
+        write_peft(adapter, target / RANK_PATTERN_SUBFOLDER)
     model_card(adapter, f"{COMPACT_SUBFOLDER}/{PLOT_FILE}", repo_id).save(target / CARD_FILE)
     return adapter
 

@@ -17,12 +17,14 @@ from loradrop_trainer.report import plan_settings, plan_table
 
 from .base_model import names_local_path, recorded_base
 from .format import CompactAdapter
+from .forms import VLLM_MAX_RANKS
 
 TAGS = ("lora", "lora-drop", "peft")
 # `hub_export` is the `loradrop` package's (setup.py), which is installed from a clone of its repository.
 INSTALL = "pip install .  # in a clone of the loradrop repository: installs the loradrop package, with hub_export"
 
-_AUTO_CLASSES = {
+# The transformers class that loads the base model of an adapter of each PEFT task_type (the snippets; the merged form).
+AUTO_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
@@ -112,11 +114,19 @@ def _intro(adapter: CompactAdapter, repo_id: str | None) -> str:
     )
     if repo_id is None:
         return f"{pruned} It is stored in the `loradrop` compact format, version {adapter.format_version}."
+    small = (
+        "; in `rank_pattern/` as the smallest plain PEFT adapter, truncated modules at their rank through "
+        "`rank_pattern`, which PEFT and llama.cpp read (vLLM does not)"
+        if plan.mode == "truncate"
+        else ""
+    )
     return (
-        f"{pruned} This repo holds it twice: at its root as a plain PEFT adapter, which PEFT and the tools that read "
-        "LoRA adapters (vLLM, TGI, `merge_and_unload`) load as they load any other, and in `loradrop/` in the "
-        f"`loradrop` compact format, version {adapter.format_version}, which stores each shared or truncated LoRA "
-        "once (and nothing of a dropped one) and loads the model as it was trained."
+        f"{pruned} This repo holds it at its root as a plain PEFT adapter with one rank for every module and each "
+        "module's scaling folded into its weights (no `rank_pattern` or `alpha_pattern`), which PEFT and "
+        "`merge_and_unload` compute as trained, and so do the engines that ignore those fields (vLLM, llama.cpp) "
+        f"where they serve it (How to load){small}; "
+        f"and in `loradrop/` in the `loradrop` compact format, version {adapter.format_version}, which stores each "
+        "shared or truncated LoRA once (and nothing of a dropped one) and loads the model as it was trained."
     )
 
 
@@ -135,11 +145,13 @@ def _size_table(adapter: CompactAdapter, repo_id: str | None) -> str:
             f"\n\nBoth also hold {adapter.other_params:,} parameters of modules trained in full (`modules_to_save`)."
         )
     if truncate:
-        where = "at this repo's root" if repo_id else "`loradrop expand` writes"
+        where = "in `rank_pattern/`" if repo_id else "`loradrop expand` writes"
         table += (
             f"\n\nThe plain PEFT adapter {where} is as small as the compact one: it gives the truncated modules rank "
             f"{adapter.plan.dropped_rank} through `rank_pattern`."
         )
+    if repo_id:
+        table += "\n\nThe uniform adapter at the root holds every module at the adapter's rank: the unpruned size."
     return table
 
 
@@ -192,22 +204,31 @@ def _settings_table(adapter: CompactAdapter) -> str:
 
 
 def _how_to_load(adapter: CompactAdapter, base: str | None, repo_id: str) -> str:
-    """The repo card's snippets, naming the repo by its id: plain PEFT at the root first, then `hub_export`."""
+    """The repo card's snippets, naming the repo by its id: plain PEFT at the root first, then the line that serves
+    it in each engine whose rules it meets (`_engine_lines`), then `hub_export`."""
     auto, base_id = _auto_class(adapter), base or "<base model id>"
-    plain = (
-        " (truncated modules at their rank through `rank_pattern`; its logits agree with the trained model's up to "
-        "float32 rounding)"
+    small = (
+        "\n\nThe smallest plain adapter, in `rank_pattern/`, loads the same way with PEFT (to float32 rounding: a "
+        "rank-1 product sums in another order than a zero-padded one):\n\n"
+        "```python\n"
+        "from peft import PeftModel\n"
+        f"from transformers import {auto}\n\n"
+        f'base = {auto}.from_pretrained("{base_id}")\n'
+        f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="rank_pattern")\n'
+        "```"
         if adapter.plan.mode == "truncate"
-        else " (every module with its own copy of the weights, as large as an unpruned adapter)"
+        else ""
     )
     return (
-        f"The repo's root is a plain PEFT adapter{plain}:\n\n"
+        "The repo's root is a plain PEFT adapter that needs no `rank_pattern` or `alpha_pattern`; PEFT computes the "
+        "trained model from it (and `model.merge_and_unload()` merges it into the base):\n\n"
         "```python\n"
         "from peft import PeftModel\n"
         f"from transformers import {auto}\n\n"
         f'base = {auto}.from_pretrained("{base_id}")\n'
         f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
-        "```\n\n"
+        "```"
+        f"{small}{_engine_lines(adapter, base_id, repo_id)}\n\n"
         f"The compact adapter in `loradrop/` loads with `hub_export` ({_loaded_again(adapter)}), which comes with the "
         "`loradrop` package:\n\n"
         f"```bash\n{INSTALL}\n```\n\n"
@@ -218,7 +239,36 @@ def _how_to_load(adapter: CompactAdapter, base: str | None, repo_id: str) -> str
         f'model = load_from_hub(base, "{repo_id}")\n'
         "```\n\n"
         f"`loradrop inspect hf://{repo_id}` shows the plan and the settings; `loradrop pull {repo_id} <directory>` "
-        "downloads the compact adapter and rebuilds the plain one from it."
+        "downloads the compact adapter and writes the plain ones again from it."
+    )
+
+
+def _engine_lines(adapter: CompactAdapter, base_id: str, repo_id: str) -> str:
+    """The one line that serves the root in vLLM and in llama.cpp, where the adapter meets their rules: a causal LM
+    with nothing trained in full (both refuse `modules_to_save`), and for vLLM a rank it accepts. Otherwise the card
+    says why there is none, so it never offers a line that computes something else or fails."""
+    if adapter.peft_config.get("task_type") != "CAUSAL_LM":
+        return ""
+    if adapter.peft_config.get("modules_to_save"):
+        return (
+            "\n\nvLLM and llama.cpp refuse adapters that train modules in full (`modules_to_save`), as this one does: "
+            "serve it with PEFT, or merged (`loradrop expand hf://{repo} <directory> --for merged --base <base "
+            "directory>`).".replace("{repo}", repo_id)
+        )
+    rank = adapter.uniform_rank
+    vllm_rank = next((allowed for allowed in VLLM_MAX_RANKS if allowed >= rank), None)
+    vllm = (
+        f"\n\nvLLM (the root; it reads `lora_alpha / r` for every module):\n\n```bash\nvllm serve {base_id} "
+        f"--enable-lora --max-lora-rank {vllm_rank} --lora-modules loradrop={repo_id}\n```"
+        if vllm_rank is not None
+        else f"\n\nvLLM serves LoRA ranks up to {VLLM_MAX_RANKS[-1]}; this adapter's is {rank}."
+    )
+    return (
+        f"{vllm}\n\nllama.cpp (the root, downloaded; its converter reads `lora_alpha` and each tensor's rank, nothing "
+        "else of the config):\n\n```bash\n"
+        f"python convert_lora_to_gguf.py $(hf download {repo_id} adapter_config.json adapter_model.safetensors) "
+        "--base <base model directory> "
+        "--outfile adapter.gguf\n```\n\nthen `llama-cli -m <base model>.gguf --lora adapter.gguf`."
     )
 
 
@@ -235,7 +285,9 @@ def _how_to_load_directory(adapter: CompactAdapter, base: str | None) -> str:
         "```\n\n"
         "With plain PEFT, expand it first (`loradrop expand <this directory> <peft directory>`), or push it "
         "(`loradrop push <this directory> <user/name>`): the repo's root is the plain PEFT adapter, and its card "
-        "shows the snippets with the repo's id.\n\n"
+        "shows the snippets with the repo's id. For engines that ignore `rank_pattern` and `alpha_pattern` (vLLM, "
+        "SGLang, LoRAX), expand it with `--for uniform` (every module at one rank and one scaling); "
+        "`--for merged --base <base model directory>` writes the merged model.\n\n"
         "```python\n"
         "from peft import PeftModel\n"
         f"from transformers import {auto}\n\n"
@@ -246,7 +298,7 @@ def _how_to_load_directory(adapter: CompactAdapter, base: str | None) -> str:
 
 
 def _auto_class(adapter: CompactAdapter) -> str:
-    return _AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
+    return AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
 
 
 def _loaded_again(adapter: CompactAdapter) -> str:

@@ -23,6 +23,7 @@ from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build
 from .reparam import UntiedLora, reparameterise, untied_before_plan
 from .report import PLAN_FILE, PLOT_FILE, plan_settings, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
+from .saved_form import save_folded, saved_form, stop_folding, unfold_restored
 from .sharding import check_fsdp_version, parameter_engine
 from .stability import StabilityTracker
 from .truncate import check_truncatable, forget_truncation, record_truncation
@@ -234,6 +235,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         self._tying = reparameterise(
             self._layers, self.plan, optimizer, at_switch=False, dropped_scaling=self._dropped_scaling()
         )
+        unfold_restored(self._layers, self.plan, saved.get("saved_form"), "the checkpoint being resumed")
         self._record_in_config(model)
         self._schedule_restart = saved.get("schedule_restart")
         if self._schedule_restart is not None:
@@ -308,6 +310,16 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         best_step = state.best_global_step if args.load_best_model_at_end and state.best_model_checkpoint else None
         if self.plan is not None and best_step is not None and best_step < self.plan.step:
             self._restore_untied(kwargs["model"], state.best_model_checkpoint)
+        elif self.plan is not None and best_step is not None:  # the Trainer loaded a checkpoint after the switch
+            self._unfold_best(state.best_model_checkpoint)
+
+    def _unfold_best(self, checkpoint: str) -> None:
+        """`load_best_model_at_end` loaded `checkpoint`: undo the fold if it came from the adapter file (`saved_form`),
+        told by the record in that checkpoint's own callback state."""
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        best = self._saved_state(TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME)))
+        unfold_restored(self._layers, self.plan, best.get("saved_form"), checkpoint)
 
     def _restore_untied(self, model, checkpoint: str) -> None:
         """The Trainer loaded a checkpoint from before the switch into the re-parameterised model; make the model that
@@ -322,6 +334,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         config = _peft_config(model, self.plan.adapter_name)
         if self.plan.mode == "truncate" and config is not None and self._dropped_scaling() == "rank":
             forget_truncation(config, self.plan)
+            stop_folding(model)
         if self._untied.reload_needed:
             model.load_adapter(checkpoint, adapter_name=self.config.adapter_name, is_trainable=True)
         detach_plan(model, restored_from=checkpoint)
@@ -342,6 +355,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             "stability": self._tracker.state_dict() if self._tracker is not None and collector is not None else None,
             "schedule_restart": self._schedule_restart,
             "gave_up": self._gave_up,
+            "saved_form": saved_form(self._layers, self.plan) if self.plan is not None else None,
         }
         return {"args": self.config.to_dict(), "attributes": {"_checkpoint": checkpoint}}
 
@@ -437,12 +451,13 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             self._write_outputs(args, Path(cfg.output_dir or args.output_dir or "."))
 
     def _record_in_config(self, model) -> None:
-        """Mode "truncate": let the PEFT config say how the truncated modules are scaled (`save_pretrained` then
-        writes an adapter that computes what the model does). With dropped_scaling="keep" they are scaled as the
-        config already says, and nothing is recorded."""
+        """Mode "truncate": let the PEFT config say how the truncated modules are scaled, and make `save_pretrained`
+        write them folded into lora_B instead, which every engine reads (`saved_form`). With dropped_scaling="keep"
+        they are scaled as the config already says: nothing is recorded, nothing folded."""
         config = _peft_config(model, self.plan.adapter_name)
         if self.plan.mode == "truncate" and config is not None and self._dropped_scaling() == "rank":
             record_truncation(config, self._layers, self.plan)
+            save_folded(model, self._layers, self.plan)
 
     def _dropped_scaling(self) -> str:
         """The `dropped_scaling` the plan is applied with: the settings it was made under (a checkpoint's, when

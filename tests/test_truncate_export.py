@@ -223,9 +223,13 @@ def test_a_model_that_was_not_truncated_is_refused(llama, tmp_path):
 
 
 def test_a_saved_adapter_without_the_recorded_scaling_is_refused(llama, tmp_path, capsys):
-    """The zero blocks fit, but the config lacks the alpha_pattern entry that scales a truncated module as rank k (an
-    adapter saved by other means than the run's): PEFT would compute something else than the trained model."""
-    source = Path(shutil.copytree(llama.output_dir / "checkpoint-4", tmp_path / "checkpoint"))
+    """An adapter saved with the scaling recorded in alpha_pattern (PEFT's own save_pretrained, as checkpoints were
+    written before issue 30) whose zero blocks fit, but whose config lacks the entry of one truncated module (saved by
+    other means than the run's): PEFT would compute something else than the trained model."""
+    source = tmp_path / "checkpoint"
+    PeftModel.save_pretrained(llama.model, str(source))  # the class's method: the scaling recorded, nothing folded
+    (source / "README.md").unlink()
+    shutil.copy(llama.output_dir / PLAN_FILE, source)
     config = json.loads((source / CONFIG_FILE).read_text())
     name = llama.callback.plan.dropped[-1]
     del config["alpha_pattern"][pattern_key(name)]
@@ -475,15 +479,20 @@ def test_card_and_inspect_say_truncated_to_rank_k(bert, capsys):
 
 
 def test_22_1_push_and_load_from_hub_and_the_repo_root_in_plain_peft(hub, llama):
-    """Through the test Hub: load_from_hub gives the trained logits exactly, and the repo's root (issue 22, item 1)
-    loads in vanilla PEFT at rank k, with the trained logits up to the expansion's float32 rounding."""
+    """Through the test Hub: load_from_hub gives the trained logits exactly; the repo's root (issue 22, item 1) is the
+    uniform form since issue 30, every module at rank r with no pattern, and loads in vanilla PEFT with the trained
+    logits exactly; rank_pattern/ loads at rank k, with the trained logits up to the expansion's float32 rounding."""
     push_to_hub(llama.compact, REPO)
     loaded = load_from_hub(llama.base(), REPO)
     torch.testing.assert_close(model_logits(loaded), llama.logits, rtol=0, atol=0)
     _assert_zero_blocks(loaded, llama.callback.plan)
-    plain = PeftModel.from_pretrained(llama.base(), REPO)
-    assert all(find_lora_layers(plain)[name].r["default"] == 1 for name in llama.callback.plan.dropped)
-    assert _relative_difference(model_logits(plain), llama.logits)[1] < EXPANSION_RTOL
+    root = PeftModel.from_pretrained(llama.base(), REPO)
+    assert {layer.r["default"] for layer in find_lora_layers(root).values()} == {4}
+    assert not root.peft_config["default"].alpha_pattern and not root.peft_config["default"].rank_pattern
+    torch.testing.assert_close(model_logits(root), llama.logits, rtol=0, atol=0)
+    small = PeftModel.from_pretrained(llama.base(), REPO, subfolder="rank_pattern")
+    assert all(find_lora_layers(small)[name].r["default"] == 1 for name in llama.callback.plan.dropped)
+    assert _relative_difference(model_logits(small), llama.logits)[1] < EXPANSION_RTOL
 
 
 # A user's own pattern outside the subset readers accept (four repetitions): training takes it, and so must export.
@@ -547,7 +556,10 @@ def test_a_saved_adapters_refused_patterns_are_never_matched_when_spelled_out(ll
     config_path.write_text(json.dumps(config))
     assert loradrop(["compact", str(source), str(tmp_path / "ranks")]) == 0
     written = read_compact(tmp_path / "ranks").peft_config
-    assert written["rank_pattern"] == {} and written["alpha_pattern"] == config["alpha_pattern"]
+    assert (
+        written["rank_pattern"] == {}
+        and written["alpha_pattern"] == read_compact(llama.compact).peft_config["alpha_pattern"]
+    ), "the truncated modules' scaling unfolded from lora_B and recorded as the callback records it"
     torch.testing.assert_close(
         model_logits(load_compact(llama.base(), tmp_path / "ranks")), llama.logits, rtol=0, atol=0
     )
