@@ -22,9 +22,11 @@ from torch import nn
 from transformers.utils import logging
 
 import loradrop_trainer
+from loradrop_trainer import DropPlan
 from loradrop_trainer.lora_layers import named_modules
 from loradrop_trainer.report import PLOT_FILE, plot_importance
 from loradrop_trainer.sharding import barrier, is_writing_rank
+from loradrop_trainer.truncate import rank_scaling
 
 from .atomic import atomic_directory
 from .base_model import warn_if_local, with_base_model
@@ -43,8 +45,8 @@ from .format import (
 )
 from .model_card import model_card
 from .plans import PlanSource, resolve_plan
-from .truncation import recorded_alpha_first
-from .tying import read_tying
+from .truncation import recorded_alpha_first, refuse_kept_scaling, truncated_modules
+from .tying import plan_layers, read_tying
 from .validate import check_adapter
 
 logger = logging.get_logger(__name__)
@@ -77,7 +79,8 @@ def save_compact(
     drop_plan, extra = resolve_plan(model, plan)
     if license is not None:
         extra["license"] = license
-    tying = read_tying(model, drop_plan)
+    tying = read_tying(model, drop_plan)  # a model never truncated is refused here, before it reads as "keep"
+    refuse_kept_scaling(_dropped_scaling(model, drop_plan), "This model")
     if not is_writing_rank():
         if tying.gathered:
             barrier()
@@ -109,6 +112,18 @@ def save_compact(
     if tying.gathered:
         barrier()
     return Path(out_dir)
+
+
+def _dropped_scaling(model: nn.Module, plan: DropPlan) -> str:
+    """How the model scales its truncated modules: "keep" when as a LoRA of the adapter's rank r
+    (`LoraDropConfig(dropped_scaling="keep")`), else "rank"."""
+    adapter, layers = plan.adapter_name, plan_layers(model, plan)
+    for name in truncated_modules(plan):
+        layer = layers[name]
+        kept, truncated = (rank_scaling(layer, adapter, rank) for rank in (layer.r[adapter], plan.dropped_rank))
+        if layer.scaling[adapter] == kept != truncated:
+            return "keep"
+    return "rank"
 
 
 def _layer_settings(model: nn.Module, adapter: str) -> dict[str, tuple[int, float]]:

@@ -41,7 +41,13 @@ from .files import has_member, read_member
 from .format import COMPACT_LAYOUT, CompactAdapter, check_config_types
 from .jsonfile import MAX_JSON_BYTES, parse_json_object
 from .plans import PlanSource, read_plan
-from .truncation import module_value, recorded_alpha_first, recorded_alpha_keys, without_recorded_alpha
+from .truncation import (
+    module_value,
+    recorded_alpha_first,
+    recorded_alpha_keys,
+    refuse_kept_scaling,
+    without_recorded_alpha,
+)
 from .tying import group_by_plan
 from .validate import (
     check_adapter,
@@ -109,7 +115,9 @@ def compact_peft_adapter(
     where = f"the adapter at {source}"
     weights = _read_weights(source)
     check_weights(weights, where)  # before comparing copies: NaN differs even from itself
-    weights, config = unfolded(weights, config, drop_plan, (extra.get("config") or {}).get("dropped_scaling"))
+    dropped_scaling = (extra.get("config") or {}).get("dropped_scaling")
+    refuse_kept_scaling(dropped_scaling, f"The adapter at {source}")
+    weights, config = unfolded(weights, config, drop_plan)
     _check_dropped_b_is_zero(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
     peft_config = recorded_alpha_first(
@@ -138,13 +146,12 @@ def compact_peft_adapter(
 
 
 def unfolded(
-    weights: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], plan: DropPlan, dropped_scaling: object
+    weights: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], plan: DropPlan
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A saved adapter in the form the compact adapter describes: unchanged if its config has loradrop's
-    `alpha_pattern` entries (checkpoints of earlier versions) or its run kept the adapter's scaling for truncated
-    modules (`dropped_scaling="keep"`, which records and folds nothing); else (what `save_pretrained` writes since
-    issue 30, `loradrop_trainer.saved_form`) each truncated module's `lora_B` divided by the factor folded into it, and
-    the entries recorded, first.
+    `alpha_pattern` entries (checkpoints of earlier versions); else (what `save_pretrained` writes since issue 30,
+    `loradrop_trainer.saved_form`) each truncated module's `lora_B` divided by the factor folded into it, and the
+    entries recorded, first. Runs with `dropped_scaling="keep"`, which fold nothing, are refused before this.
 
     The factor is the module's rank-k scaling over its rank-r one, from its `lora_alpha` (the user's `alpha_pattern`,
     checked as readers check it, the names bounded, before it is matched) and its rank, the rows of its stored
@@ -154,11 +161,10 @@ def unfolded(
         weights: the saved adapter's tensors, by PEFT key.
         peft_config: its `adapter_config.json`.
         plan: the run's plan.
-        dropped_scaling: the run's `LoraDropConfig.dropped_scaling`, as its plan file records it (None: "rank").
     """
     ours = recorded_alpha_keys(plan)
     alphas = peft_config.get("alpha_pattern") or {}
-    if not ours or dropped_scaling == "keep" or any(key in alphas for key in ours):
+    if not ours or any(key in alphas for key in ours):
         return dict(weights), dict(peft_config)
     scaling_fields = {key: peft_config.get(key) for key in ("r", "lora_alpha")}
     check_lora_fields({**scaling_fields, "alpha_pattern": alphas}, "The PEFT config")  # the fields matched below

@@ -121,6 +121,18 @@ def check_zero_block(state: Mapping[str, torch.Tensor], plan: DropPlan) -> None:
         )
 
 
+def refuse_kept_scaling(dropped_scaling: object, where: str) -> None:
+    """Refuse a run trained with `LoraDropConfig(dropped_scaling="keep")`: the compact format rebuilds truncated
+    modules at the rank-k scaling only, and a "keep" run's `trainer.save_model()` output needs no compacting to be
+    served (a uniform LoRA, no patterns)."""
+    if dropped_scaling == "keep":
+        raise PlanError(
+            f"{where} was trained with LoraDropConfig(dropped_scaling='keep'), which the compact format does not hold "
+            "yet (it stores truncated modules at the rank-k scaling). Its trainer.save_model() output is already a "
+            "plain LoRA with one scaling that PEFT, vLLM and llama.cpp load as trained: share that directory."
+        )
+
+
 def recorded_alpha_keys(plan: DropPlan) -> dict[str, str]:
     """`{alpha_pattern key: module name}` of the entries LoraDropCallback records for the truncated modules."""
     return {pattern_key(name): name for name in truncated_modules(plan)}
