@@ -233,3 +233,22 @@ def validate_card(card) -> None:
 
     if "https://huggingface.co/api/validate-yaml" not in inspect.getsource(ModelCard.validate):
         card.validate()
+
+
+class LoraDeltas(TrainerCallback):
+    """The LoRA term `scaling * B @ A` of every module at the end of the switch step (placed before or after the
+    LoRA-drop callback in the list, it sees the model before or after the switch)."""
+
+    def __init__(self, step: int):
+        self.step, self.deltas = step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        from loradrop_trainer import find_lora_layers
+
+        if state.global_step == self.step:
+            self.deltas = {
+                name: (layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+                .detach()
+                .double()
+                for name, layer in find_lora_layers(model).items()
+            }

@@ -3,9 +3,9 @@ uniform LoRA (no alpha_pattern) that vanilla PEFT reloads exactly; resuming past
 
 import pytest
 import torch
-from helpers import SHARING, TokenDataset, tiny_llama, tiny_llama_base, training_args
+from helpers import SHARING, LoraDeltas, TokenDataset, tiny_llama, tiny_llama_base, training_args
 from peft import PeftModel
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from loradrop_trainer import LoraDropCallback, LoraDropConfig, find_lora_layers
 
@@ -71,7 +71,7 @@ def test_keep_and_rank_give_the_same_lora_term_at_the_switch_and_differ_in_scali
     for scaling in ("keep", "rank"):
         model = tiny_llama()
         callback = LoraDropCallback(alpha=0.25, **{**KEEP, "dropped_scaling": scaling})
-        after = LoraTerms(step=3)  # ceil(0.25 * 12): the switch step; placed after the callback, it sees the switch
+        after = LoraDeltas(step=3)  # ceil(0.25 * 12): the switch step; placed after the callback, it sees the switch
         trainer = Trainer(
             model=model,
             args=training_args(tmp_path / scaling, max_steps=12, lr_scheduler_type="linear", warmup_steps=2),
@@ -83,25 +83,9 @@ def test_keep_and_rank_give_the_same_lora_term_at_the_switch_and_differ_in_scali
         layers = find_lora_layers(model)
         factor = 8 / 4 if scaling == "keep" else 8 / 1
         assert all(layers[n].scaling["default"] == factor for n in callback.plan.dropped)
-        terms[scaling] = after.terms
+        terms[scaling] = after.deltas
     for name in terms["keep"]:
         assert torch.allclose(terms["keep"][name], terms["rank"][name], atol=1e-6), name
-
-
-class LoraTerms(TrainerCallback):
-    """Every module's LoRA term `scaling * B @ A` at the end of one step."""
-
-    def __init__(self, step: int):
-        self.step, self.terms = step, None
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.step:
-            self.terms = {
-                name: (layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
-                .detach()
-                .double()
-                for name, layer in find_lora_layers(model).items()
-            }
 
 
 def test_resume_past_the_switch_continues_bit_identically_with_keep(tmp_path):

@@ -4,31 +4,14 @@ import math
 
 import pytest
 import torch
-from helpers import SHARING, TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
+from helpers import SHARING, LoraDeltas, TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
 from peft import PeftModel
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from loradrop_trainer import DropPlan, LoraDropCallback, LoraDropConfig, find_lora_layers
 from loradrop_trainer.truncate import pattern_key, truncated_values
 
 TRUNCATE = {**SHARING, "mode": "truncate"}
-
-
-class LoraDeltas(TrainerCallback):
-    """The LoRA term `scaling * B @ A` of every module at the end of the switch step (placed before or after the
-    LoRA-drop callback in the list, it sees the model before or after the switch)."""
-
-    def __init__(self, step: int):
-        self.step, self.deltas = step, None
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.step:
-            self.deltas = {
-                name: (layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
-                .detach()
-                .double()
-                for name, layer in find_lora_layers(model).items()
-            }
 
 
 def _train(tmp_path, make_model=tiny_llama, task="causal", **config):
