@@ -23,7 +23,7 @@ setup(
     install_requires=[
         "torch>=2.11",  # CPU tests on 2.13; 2.11 is the GPU machine's (README, "Tested versions")
         "transformers>=5.23",  # the first with PreTrainedModel.activation_checkpointing_enable
-        "peft>=0.18",  # the first PEFT that imports with transformers 5
+        "peft>=0.22",  # modules_to_save matched at module boundaries; older PEFT wraps every name that ends alike
         "accelerate>=1.7",  # older releases break the bit-identical resume of a Trainer run
         "safetensors>=0.8",  # transformers 5.23's own bound
         "huggingface_hub>=1.31",  # transformers 5.23's own bound

@@ -13,8 +13,9 @@ PATTERN_MARK = "(?#loradrop)"  # a regular-expression comment: matches nothing, 
 def is_saved_module(name: str, entry: str) -> bool:
     """Whether PEFT wraps the module `name` (a PeftModel module name) for the `modules_to_save` entry `entry`.
 
-    PEFT's own rule (`peft.utils.other._is_valid_match`): the whole name, or its end at a module boundary. A plain
-    suffix match would take `"orm"` to cover `model.norm`, whose weights would then load into the base model.
+    PEFT's own rule since 0.22, the oldest PEFT this package declares (`peft.utils.other._is_valid_match`): the whole
+    name, or its end at a module boundary. A plain suffix match would take `"orm"` to cover `model.norm`, whose
+    weights would then load into the base model.
     """
     return name == entry or name.endswith("." + entry)
 
