@@ -52,6 +52,21 @@ def _trainer(tmp_path, callback, model=None, max_steps=20, save_steps=None, eval
     )
 
 
+def _best_is_earliest_trainer(tmp_path, callback) -> Trainer:
+    """12 steps, a checkpoint every 2 and an evaluation at each, the earliest checkpoint the best one."""
+    trainer = _trainer(
+        tmp_path,
+        callback,
+        model=random_lora_b(tiny_llama()),
+        max_steps=12,
+        save_steps=2,
+        eval_dataset=TokenDataset(n=8, seed=9),
+        **EARLIEST_IS_BEST,
+    )
+    trainer.add_callback(EarliestIsBest())
+    return trainer
+
+
 def _callback(**settings) -> LoraDropCallback:
     return LoraDropCallback(**{**SHARING, **settings})
 
@@ -213,16 +228,7 @@ def test_an_already_pruned_model_is_refused_for_a_fresh_run(tmp_path):
 
 def test_best_checkpoint_before_the_switch_is_restored_untied(tmp_path, warnings_log):
     callback = _callback(alpha=0.5)  # switch at step 6 of 12
-    trainer = _trainer(
-        tmp_path,
-        callback,
-        model=random_lora_b(tiny_llama()),
-        max_steps=12,
-        save_steps=2,
-        eval_dataset=TokenDataset(n=8, seed=9),
-        **EARLIEST_IS_BEST,
-    )
-    trainer.add_callback(EarliestIsBest())
+    trainer = _best_is_earliest_trainer(tmp_path, callback)
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best is not None and int(best.rsplit("-", 1)[1]) < callback.plan.step
@@ -300,16 +306,7 @@ def test_28_1_same_process_resume_past_the_switch_restores_the_best_checkpoint_b
     used to undo the plan was captured from the model the first train() had re-parameterised (and the LoRA parameters
     before the switch were counted on it, tied Parameters once)."""
     callback = _callback(alpha=0.5, mode=mode)  # switch at step 6 of 12; the best checkpoint is step 2
-    trainer = _trainer(
-        tmp_path,
-        callback,
-        model=random_lora_b(tiny_llama()),
-        max_steps=12,
-        save_steps=2,
-        eval_dataset=TokenDataset(n=8, seed=9),
-        **EARLIEST_IS_BEST,
-    )
-    trainer.add_callback(EarliestIsBest())
+    trainer = _best_is_earliest_trainer(tmp_path, callback)
     trainer.add_callback(InterruptedAt(8))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()

@@ -502,13 +502,9 @@ _LAYER_MODULES = [f"self_attn.{kind}" for kind in ("q_proj", "k_proj", "v_proj",
 UNBOUNDED_TARGETS = r"^(?!.*vision).*\.layers\.\d+\..*_proj$"
 
 
-def test_a_users_pattern_readers_refuse_is_exported_as_the_modules_it_selected(tmp_path, caplog):
-    """Readers hold an adapter's regular expressions to a subset whose matching time is bounded (issue 21, item 11),
-    which a user's own `target_modules` can fall outside of. Exporting the trained model (save_compact, `loradrop
-    compact` of save_model's output) records the modules by name instead, with each module's own rank and lora_alpha,
-    so the export loads back to the trained logits exactly and expands to a plain adapter PEFT builds the same model
-    from."""
-    lora = LoraConfig(
+def unbounded_lora() -> LoraConfig:
+    """A user's LoRA whose `target_modules` readers refuse (more than 3 repetitions), with patterns of its own."""
+    return LoraConfig(
         r=4,
         lora_alpha=8,
         target_modules=UNBOUNDED_TARGETS,
@@ -516,6 +512,15 @@ def test_a_users_pattern_readers_refuse_is_exported_as_the_modules_it_selected(t
         alpha_pattern={r"layers\.1\..*_proj": 16},
         task_type="CAUSAL_LM",
     )
+
+
+def test_a_users_pattern_readers_refuse_is_exported_as_the_modules_it_selected(tmp_path, caplog):
+    """Readers hold an adapter's regular expressions to a subset whose matching time is bounded (issue 21, item 11),
+    which a user's own `target_modules` can fall outside of. Exporting the trained model (save_compact, `loradrop
+    compact` of save_model's output) records the modules by name instead, with each module's own rank and lora_alpha,
+    so the export loads back to the trained logits exactly and expands to a plain adapter PEFT builds the same model
+    from."""
+    lora = unbounded_lora()
     with caplog.at_level("WARNING"):
         run = _train(tmp_path, get_peft_model(tiny_llama_base(), lora), tiny_llama_base, "causal", rank=1)
     assert "It records instead the 28 LoRA modules by name" in caplog.text
@@ -577,14 +582,7 @@ def test_28_4_a_run_pruning_some_modules_is_spelled_out_with_all_its_lora_module
     spelled-out config named only the plan's modules, the others dropped out, and `save_compact` / `loradrop compact`
     failed at the end of training with a message about base-model weights. Every LoRA module of the adapter is
     spelled out, with its rank and lora_alpha."""
-    lora = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=UNBOUNDED_TARGETS,
-        rank_pattern={r"layers\.0\..*_proj": 8},
-        alpha_pattern={r"layers\.1\..*_proj": 16},
-        task_type="CAUSAL_LM",
-    )
+    lora = unbounded_lora()
     model = get_peft_model(tiny_llama_base(), lora)
     callback = LoraDropCallback(alpha=0.25, target=["self_attn"], **{**SHARING, "mode": "truncate"})
     args = training_args(tmp_path, max_steps=8)
