@@ -252,3 +252,19 @@ class LoraDeltas(TrainerCallback):
                 .double()
                 for name, layer in find_lora_layers(model).items()
             }
+
+
+def assert_saved_adapter_reloads_exactly(model, directory):
+    """Save `model` (a tiny Llama PeftModel) with its own `save_pretrained`, reload the directory in plain PEFT onto a
+    fresh base, and check the logits are the model's bit for bit; return the reloaded model."""
+    from peft import PeftModel
+
+    batch = {key: torch.stack([row[key] for row in TokenDataset(n=4).rows]) for key in ("input_ids", "attention_mask")}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(directory)
+    reloaded = PeftModel.from_pretrained(tiny_llama_base(), directory).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, expected)
+    return reloaded

@@ -3,8 +3,14 @@ uniform LoRA (no alpha_pattern) that vanilla PEFT reloads exactly; resuming past
 
 import pytest
 import torch
-from helpers import SHARING, LoraDeltas, TokenDataset, tiny_llama, tiny_llama_base, training_args
-from peft import PeftModel
+from helpers import (
+    SHARING,
+    LoraDeltas,
+    TokenDataset,
+    assert_saved_adapter_reloads_exactly,
+    tiny_llama,
+    training_args,
+)
 from transformers import Trainer
 
 from loradrop_trainer import LoraDropCallback, LoraDropConfig, find_lora_layers
@@ -42,15 +48,8 @@ def test_keep_trains_at_the_adapters_scaling_and_saves_a_uniform_lora(tmp_path):
         assert a[0].any() and b[:, 0].any(), f"{name}: its rank-1 LoRA did not survive"
     assert model.peft_config["default"].alpha_pattern == {}, "keep records no alpha_pattern entries"
 
-    batch = {key: torch.stack([row[key] for row in TokenDataset(n=4).rows]) for key in ("input_ids", "attention_mask")}
-    model.eval()
-    with torch.no_grad():
-        expected = model(**batch).logits
-    model.save_pretrained(tmp_path / "plain")
-    reloaded = PeftModel.from_pretrained(tiny_llama_base(), tmp_path / "plain").eval()
+    reloaded = assert_saved_adapter_reloads_exactly(model, tmp_path / "plain")
     assert reloaded.peft_config["default"].alpha_pattern == {}
-    with torch.no_grad():
-        assert torch.equal(reloaded(**batch).logits, expected)
 
 
 def test_the_compact_format_refuses_a_keep_model_rather_than_reload_it_at_the_rank_scaling(tmp_path):

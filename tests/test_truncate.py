@@ -4,8 +4,15 @@ import math
 
 import pytest
 import torch
-from helpers import SHARING, LoraDeltas, TokenDataset, tiny_bert, tiny_llama, tiny_llama_base, training_args
-from peft import PeftModel
+from helpers import (
+    SHARING,
+    LoraDeltas,
+    TokenDataset,
+    assert_saved_adapter_reloads_exactly,
+    tiny_bert,
+    tiny_llama,
+    training_args,
+)
 from transformers import Trainer
 
 from loradrop_trainer import DropPlan, LoraDropCallback, LoraDropConfig, find_lora_layers
@@ -73,14 +80,7 @@ def test_the_saved_plain_peft_adapter_computes_what_the_truncated_model_computes
     config = model.peft_config["default"]
     first = pattern_key(callback.plan.dropped[0])
     assert next(iter(config.alpha_pattern)) == first, "loradrop's entries come first: PEFT takes the first match"
-    batch = {key: torch.stack([row[key] for row in TokenDataset(n=4).rows]) for key in ("input_ids", "attention_mask")}
-    model.eval()
-    with torch.no_grad():
-        expected = model(**batch).logits
-    model.save_pretrained(tmp_path / "plain")
-    reloaded = PeftModel.from_pretrained(tiny_llama_base(), tmp_path / "plain").eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(**batch).logits, expected)
+    assert_saved_adapter_reloads_exactly(model, tmp_path / "plain")
 
 
 def test_plan_records_the_dropped_rank_and_round_trips():
