@@ -65,6 +65,7 @@ FRONT_ONE_SEED = ["lora@r1a2", "lora@r2a4", "lora@r4a8"]  # lora_alpha = 2r: the
 TUNED_TASKS = ["gsm", "gsm_qv"]
 TUNED_ARMS = ["lora@r1", "lora", "kind+T0.5+trunc1", "random:kind+T0.5+trunc1", "lora@r2", "lora@r4"]
 TUNED_ARMS += ["kind+T0.5+trunc1+keep", "lora@r1a128", "kind+T0.5+trunc1+alpha0.8"]
+TUNED_ARMS += ["random:kind+T0.5+trunc1+alpha0.8", "kind+T0.5+trunc1+resid", "kind+T0.5+trunc1+resid+alpha0.8"]
 TUNED_RATES = (1, 2, 4, 8, 16)
 
 

@@ -21,6 +21,7 @@ budget or share LoRA parameters), or LoRA-drop settings joined by "+" on top of 
   fresh      shared_init="fresh": the shared LoRA starts afresh
   trunc<k>   mode="truncate", dropped_rank=k: each dropped module keeps its own LoRA, cut to rank k by SVD
   keep       dropped_scaling="keep": truncated modules keep lora_alpha / r instead of lora_alpha / k
+  resid      score="residual": what truncation to rank k takes from the output, not the output (mode truncate)
   alpha<x>   alpha=x: the switch at the end of step ceil(x * steps) (`alpha0.8`: a late switch, importance over 80%)
   random:V   the kept modules chosen at random, as many LoRA parameters as variant V keeps in the same seed (the
              first alpha of the steps are the same run as V's, so the plan it matches is the one V makes)
@@ -101,6 +102,7 @@ SETTINGS = {
     "drop": {"mode": "drop"},
     "fresh": {"shared_init": "fresh"},
     "keep": {"dropped_scaling": "keep"},
+    "resid": {"score": "residual"},
 }
 TASKS = ["sarcasm", "polarity", "gsm", "gsm_qv"]
 GSM_TARGETS = {

@@ -38,6 +38,7 @@ BASE_RATE = {"gsm": 5e-4, "gsm_qv": 5e-4}  # benchmarks/quality.py's learning ra
 TASK_ORDER = ["gsm", "gsm_qv"]
 DEFAULT = "kind+T0.5+trunc1"  # LoraDropConfig()'s settings, in benchmarks/quality.py's variant names
 RANDOM, KEEP, LATE = f"random:{DEFAULT}", f"{DEFAULT}+keep", f"{DEFAULT}+alpha0.8"
+RESID, RESID_LATE, RANDOM_LATE = f"{DEFAULT}+resid", f"{DEFAULT}+resid+alpha0.8", f"random:{LATE}"
 RANK_MATTERS_SPREADS = 3.0  # issue 29: rank matters where r=1 trails r=8 by more than three seed spreads
 
 
@@ -233,6 +234,8 @@ def findings(task: str, by_name: dict[str, Arm]) -> list[str]:
         (DEFAULT, "The default (per-kind T 0.5, dropped modules truncated to rank 1)"),
         (KEEP, "The default with `dropped_scaling='keep'`"),
         (LATE, "A late switch (alpha 0.8: rank 8 for 80% of the steps, then truncated)"),
+        (RESID, "The default scored by the truncation residual (`score='residual'`)"),
+        (RESID_LATE, "A late switch scored by the truncation residual"),
         ("lora@r1a128", "Plain LoRA r=1 with lora_alpha 128 (the default's rank-1 step size on every module)"),
     ):
         arm = done.get(name)
@@ -260,6 +263,10 @@ def findings(task: str, by_name: dict[str, Arm]) -> list[str]:
         (DEFAULT, RANDOM, "Output importance against a random choice of the same size"),
         (KEEP, DEFAULT, "`keep` (lora_alpha / r) against the default's `rank` scaling (lora_alpha / 1)"),
         (LATE, DEFAULT, "The late switch against the default's switch at 10%"),
+        (LATE, RANDOM_LATE, "Output importance against a random choice of the same size, at the late switch"),
+        (RESID, RANDOM, "The truncation residual against a random choice of the default's size"),
+        (RESID_LATE, RANDOM_LATE, "The truncation residual against a random choice, at the late switch"),
+        (RESID, DEFAULT, "The truncation residual against output importance"),
     )
     for first, second, question in pairs:
         if first in done and second in done:

@@ -184,7 +184,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             self._tracker.load_state_dict(saved.get("stability") or {})
         self._collector.skip_forwards(state.global_step * args.gradient_accumulation_steps)
         if saved.get("totals") and args.process_index == 0:
-            self._collector.load_totals(saved["totals"], saved.get("skipped"), saved.get("scored"))
+            self._collector.load_totals(saved["totals"], saved.get("skipped"), saved.get("scored"), saved.get("grams"))
         if state.global_step >= self._switch_step:
             logger.warning(
                 f"LoRA-drop: resumed at step {state.global_step}, at or past the switch that alpha={cfg.alpha} and "
@@ -261,7 +261,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         if self._tracker is None or state.global_step % self.config.window_steps(state.max_steps):
             return False
         self._collector.all_reduce(args.device)
-        totals = self._collector.totals()
+        totals = self._importance(self._collector)
         if args.process_index != 0:
             self._collector.zero()
         try:
@@ -352,6 +352,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             "totals": collector.totals() if collector is not None else None,
             "skipped": collector.skipped() if collector is not None else None,
             "scored": collector.scored() if collector is not None else None,
+            "grams": collector.grams() if collector is not None else None,
             "stability": self._tracker.state_dict() if self._tracker is not None and collector is not None else None,
             "schedule_restart": self._schedule_restart,
             "gave_up": self._gave_up,
@@ -389,7 +390,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             f"LoRA-drop: the checkpoint's importance was measured with {', '.join(changed)}; it is left out and the "
             f"collection starts again at step {state.global_step} (the switch stays at step {self._switch_step})."
         )
-        return {key: value for key, value in saved.items() if key not in ("totals", "skipped", "scored", "stability")}
+        measured = ("totals", "skipped", "scored", "grams", "stability")
+        return {key: value for key, value in saved.items() if key not in measured}
 
     def _switch(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model, optimizer, scheduler
@@ -397,7 +399,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         cfg = self.config
         collector, self._collector = self._collector, None
         collector.all_reduce(args.device)
-        totals, skipped, scored = collector.totals(), collector.skipped(), collector.scored()
+        totals, skipped, scored = self._importance(collector), collector.skipped(), collector.scored()
         collector.remove()
         if skipped:
             worst = max(skipped, key=skipped.get)
@@ -449,6 +451,13 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         control.should_log = True
         if state.is_world_process_zero:
             self._write_outputs(args, Path(cfg.output_dir or args.output_dir or "."))
+
+    def _importance(self, collector: ImportanceCollector) -> dict[str, float]:
+        """The summed importance the plan is made from (after `all_reduce`; every rank calls it): the collector's
+        totals, or with score="residual" what truncation to `dropped_rank` would take from each module's output."""
+        if self.config.score != "residual":
+            return collector.totals()
+        return collector.residual_totals(self._layers, self.config.adapter_name, self.config.dropped_rank)
 
     def _record_in_config(self, model) -> None:
         """Mode "truncate": let the PEFT config say how the truncated modules are scaled, and make `save_pretrained`

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-SCORES = ("output", "relative")
+SCORES = ("output", "relative", "residual")
 AGGREGATES = ("sum", "rank")
 SHARED_INITS = ("most_important", "fresh")
 MODES = ("share", "drop", "truncate")
@@ -137,13 +137,16 @@ class LoraDropConfig:
             "a 'keep' run with `save_pretrained`: hub_export's compact format expects the 'rank' scaling."
         },
     )
-    score: Literal["output", "relative"] = field(
+    score: Literal["output", "relative", "residual"] = field(
         default="output",
         metadata={
             "help": "What a scored micro-batch measures per module. 'output' (the paper): the squared norm of the "
             "LoRA term, sum over real tokens of ||scaling * B A x||^2. 'relative': that norm divided by the squared "
             "norm of the frozen layer's output on the same tokens, ||scaling * B A x||^2 / ||W0 x||^2, so modules "
-            "behind massive activations (a few down_proj of most decoders) do not dominate by their scale alone."
+            "behind massive activations (a few down_proj of most decoders) do not dominate by their scale alone. "
+            "'residual' (mode='truncate' only): what the truncation would take away, sum over real tokens of "
+            "||scaling * (B A - [B A]_k) x||^2 with [B A]_k the rank-`dropped_rank` SVD truncation, so the modules "
+            "kept at full rank are those whose update needs more than rank k, not those with the largest output."
         },
     )
     aggregate: Literal["sum", "rank"] = field(
@@ -213,6 +216,12 @@ class LoraDropConfig:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}.")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}.")
+        if self.score == "residual" and (self.mode != "truncate" or self.aggregate != "sum"):
+            raise ValueError(
+                f"score='residual' measures what truncation to dropped_rank takes away, so it needs mode='truncate' "
+                f"and aggregate='sum' (got mode={self.mode!r}, aggregate={self.aggregate!r}); use score='output' "
+                "otherwise."
+            )
         if not isinstance(self.restart, bool):
             raise ValueError(f"restart must be True or False, got {self.restart!r}.")
         if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1):

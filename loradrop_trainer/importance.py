@@ -28,6 +28,15 @@ What one scored forward contributes, per module (`score`):
   in absolute terms; relative to their layer's output they are ordinary. The frozen output's norm comes from a
   forward hook on each `base_layer` that reduces the output to one number per token, on scored forwards only.
 
+- "residual": what truncation to rank k would take away, `||scaling (B A - [B A]_k) x||^2`, where `[B A]_k` is the
+  best rank-k approximation mode "truncate" keeps (SVD). With `u = A x` it is `scaling^2 <B_res^T B_res, U^T M U>`,
+  `B_res = (I - P_k) B` and `P_k` the projection on the top k left singular vectors of `B A`: so the collector sums
+  each module's r x r token Gram `U^T M U` over the scored forwards (as cheap as "output": the Gram is computed for
+  it anyway) and `residual_totals` reads the score out at the switch, from the Gram and the weights then. The Gram
+  sums inputs `A x` of every scored step while the score uses the last `A` and `B`: exact while A moves slowly,
+  which the collection's small learning rates keep it near. A module whose update is nearly rank k scores near zero
+  even when its output is large, and is the one to truncate.
+
 How forwards add up (`aggregate`):
 
 - "sum" (the paper): the scores are summed over the scored forwards.
@@ -59,7 +68,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import AGGREGATES, SCORES
 from .plan import SCORED_KEYS
-from .sharding import parameter_engine
+from .sharding import parameter_engine, whole_tensors
 
 _MASK_KEYS = ("attention_mask", "decoder_attention_mask")
 
@@ -72,7 +81,7 @@ class ImportanceCollector:
         layers: `{name: LoRA layer}` to score, as `find_lora_layers` returns them.
         adapter_name: the adapter whose LoRA is scored.
         score_every: score one training forward in every `score_every`.
-        score: what one forward measures per module, "output" or "relative" (see the module docstring).
+        score: what one forward measures per module, "output", "relative" or "residual" (see the module docstring).
         aggregate: how forwards add up, "sum" or "rank" (see the module docstring).
     """
 
@@ -100,6 +109,8 @@ class ImportanceCollector:
         )
         self._score_every = score_every
         self._relative = score == "relative"
+        rank = max(b.weight.shape[1] for b in self._lora_b)  # "residual": each module's token Gram, zero-padded
+        self._grams = torch.zeros(len(self.names), rank, rank, device=device) if score == "residual" else None
         self._rank = aggregate == "rank"
         self._gram_in_hook = parameter_engine(b.weight for b in self._lora_b) != "replicated"
         self._forwards = 0
@@ -190,11 +201,14 @@ class ImportanceCollector:
             self._masks.clear()
 
     def _score(self) -> None:
-        scores = self._output_norms()
+        grams = torch.zeros_like(self._grams) if self._grams is not None else None
+        scores = self._output_norms(grams)
         if self._relative:
             scores = scores / self._base_output_norms().clamp_min(torch.finfo(torch.float32).tiny)
         finite = torch.isfinite(scores)
         self._skipped += (~finite).float()
+        if grams is not None:
+            self._grams += torch.where(finite.reshape(-1, 1, 1), grams, 0.0)
         scores = torch.where(finite, scores, 0.0)
         if self._rank:  # a forward in which every score is zero (B still zero) ranks nothing
             scores = mid_ranks(scores) * (scores.amax() > 0)
@@ -202,8 +216,9 @@ class ImportanceCollector:
         self._scored[0] += 1
         self._scored[1] += self._tokens.to(self._scored) if isinstance(self._tokens, torch.Tensor) else self._tokens
 
-    def _output_norms(self) -> torch.Tensor:
-        """`scaling^2 sum_t m_t ||B u_t||^2` of this forward, per module (zero for modules it did not run)."""
+    def _output_norms(self, grams: torch.Tensor | None = None) -> torch.Tensor:
+        """`scaling^2 sum_t m_t ||B u_t||^2` of this forward, per module (zero for modules it did not run); the token
+        Grams `sum_t m_t u_t u_t^T` are added into `grams` (modules x r x r, zero-padded) when it is given."""
         out = torch.zeros_like(self._totals)
         groups: dict[tuple[torch.Size, torch.device], list[tuple[int, torch.Tensor, torch.Tensor | None]]]
         groups = defaultdict(list)
@@ -215,6 +230,9 @@ class ImportanceCollector:
             mask = self._masks.get(shape[:-1])
             masked = u * mask.reshape(1, -1, 1).to(u) if mask is not None else u
             token_gram = torch.bmm(masked.transpose(1, 2), u)
+            if grams is not None:
+                rank = shape[-1]
+                grams[:, :rank, :rank].index_add_(0, targets.to(grams.device), token_gram.to(grams.device))
             if self._gram_in_hook:
                 weight_gram = torch.stack([gram for _, _, gram in items]).to(device)
             else:
@@ -261,6 +279,32 @@ class ImportanceCollector:
         """This process's totals so far (reads them back to the host)."""
         return dict(zip(self.names, self._totals.tolist()))
 
+    def residual_totals(self, layers: Mapping[str, LoraLayer], adapter_name: str, rank: int) -> dict[str, float]:
+        """Score "residual": each module's `scaling^2 sum_t ||(B A - [B A]_rank) x_t||^2` from the summed token Grams
+        and the module's weights now (gathered when sharded: every rank must call it, after `all_reduce`).
+
+        Args:
+            layers: `{name: LoRA layer}`, the layers this collector scores.
+            adapter_name: the adapter whose LoRA is scored.
+            rank: the rank mode "truncate" would cut a module to (`dropped_rank`).
+        """
+        if self._grams is None:
+            raise ValueError("residual_totals needs a collector made with score='residual'.")
+        modules = [layers[name] for name in self.names]
+        params = [p for m in modules for p in (m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight)]
+        whole = whole_tensors(params)
+        grams = self._grams.to(torch.float64).cpu()
+        return {
+            name: truncation_residual(whole[2 * i], whole[2 * i + 1], grams[i], rank, float(m.scaling[adapter_name]))
+            for i, (name, m) in enumerate(zip(self.names, modules))
+        }
+
+    def grams(self) -> dict[str, list[float]] | None:
+        """Score "residual": this process's token Grams so far, per module, row by row (None for other scores)."""
+        if self._grams is None:
+            return None
+        return {name: gram.flatten().tolist() for name, gram in zip(self.names, self._grams.cpu())}
+
     def skipped(self) -> dict[str, int]:
         """How many scores of each module were left out for not being finite (modules with none are omitted)."""
         return {name: int(n) for name, n in zip(self.names, self._skipped.tolist()) if n}
@@ -275,11 +319,22 @@ class ImportanceCollector:
         totals: Mapping[str, float],
         skipped: Mapping[str, int] | None = None,
         scored: Mapping[str, int] | None = None,
+        grams: Mapping[str, list[float]] | None = None,
     ) -> None:
-        """Continue from the totals (and counts of left-out scores and of scored data) saved in a checkpoint."""
+        """Continue from the totals (and counts of left-out scores and of scored data, and score "residual"'s token
+        Grams) saved in a checkpoint."""
         for tensor, saved in ((self._totals, totals), (self._skipped, skipped or {})):
             values = [float(saved.get(name, 0.0)) for name in self.names]
             tensor.copy_(torch.tensor(values, dtype=torch.float32))
+        if self._grams is not None:
+            size = self._grams.shape[1:].numel()
+            values = [(grams or {}).get(name) or [0.0] * size for name in self.names]
+            if any(len(value) != size for value in values):
+                raise ValueError(
+                    f"The checkpoint's LoRA-drop token Grams do not fit this model's LoRA ranks ({size} values a "
+                    "module expected): resume with the adapter the checkpoint was trained with."
+                )
+            self._grams.copy_(torch.tensor(values, dtype=torch.float32).reshape(self._grams.shape))
         self._scored_known = scored is not None
         counts = [int((scored or {}).get(key, 0)) for key in SCORED_KEYS]
         self._scored.copy_(torch.tensor(counts, dtype=torch.int64))
@@ -292,6 +347,10 @@ class ImportanceCollector:
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
         self._totals.copy_(summed[0])
         self._skipped.copy_(summed[1])
+        if self._grams is not None:
+            grams = self._grams.to(device)
+            dist.all_reduce(grams, op=dist.ReduceOp.SUM)
+            self._grams.copy_(grams)
         scored = self._scored.to(device)  # integers: a float32 count of tokens would round past 2**24
         dist.all_reduce(scored, op=dist.ReduceOp.SUM)
         self._scored.copy_(scored)
@@ -301,6 +360,8 @@ class ImportanceCollector:
         self._totals.zero_()
         self._skipped.zero_()
         self._scored.zero_()
+        if self._grams is not None:
+            self._grams.zero_()
 
     def remove(self) -> None:
         """Take the hooks and wrappers off the model (the totals stay readable; `attach` puts them back)."""
@@ -338,6 +399,34 @@ def _weight_gram(weight: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         b = weight.float()
         return b.T @ b
+
+
+def truncation_residual(a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, rank: int, scaling: float) -> float:
+    """`scaling^2 sum_t ||(B A - [B A]_rank) x_t||^2` given `gram = sum_t (A x_t)(A x_t)^T`: what cutting this LoRA to
+    its best rank-`rank` approximation (as mode "truncate" does) would take from its output on those inputs.
+
+    `[B A]_rank = P B A`, with `P` the projection on the top `rank` left singular vectors of `B A` (found from thin QR
+    factors, as `truncate.truncated_values` finds them, so the full product is never formed); the residual is then
+    `(I - P) B u` with `u = A x`, and its energy `<B_res^T B_res, gram>`. Computed in float64.
+
+    Args:
+        a: `lora_A` weight, shape (r, in_features).
+        b: `lora_B` weight, shape (out_features, r).
+        gram: the r x r token Gram of `lora_B`'s inputs (a larger zero-padded one is cut to r x r).
+        rank: the rank the truncation keeps.
+        scaling: the module's LoRA scaling during the collection.
+    """
+    r = a.shape[0]
+    a64, b64 = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
+    if rank >= r:
+        return 0.0
+    q_b, r_b = torch.linalg.qr(b64)
+    _, r_a = torch.linalg.qr(a64.T)
+    u, _, _ = torch.linalg.svd(r_b @ r_a.T)
+    left = q_b @ u[:, :rank]
+    residual = b64 - left @ (left.T @ b64)
+    energy = (residual.T @ residual * gram[:r, :r].to(torch.float64)).sum()
+    return float(energy) * scaling**2
 
 
 def mid_ranks(scores: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,10 @@ TRUNCATING = {**SHARING, "mode": "truncate", "dropped_rank": 1}  # the `trunc` f
 
 
 def drop_settings(flags: list[str]) -> dict:
-    """The LoraDropConfig fields a variant's flags choose (besides alpha, restart and shared_init)."""
+    """The LoraDropConfig fields a variant's flags choose (besides alpha, restart and shared_init); `resid` scores
+    with score="residual" (mode "truncate")."""
+    if "resid" in flags:
+        return {**TRUNCATING, "score": "residual"}
     return TRUNCATING if "trunc" in flags else SHARING
 
 

@@ -41,6 +41,7 @@ LAUNCHES = {
         "ddp-bf16-fresh": RESUMES,
         "ddp-restart-auto": RESUMES,
         "ddp-trunc": RESUMES,
+        "ddp-trunc-resid": RESUMES,
     },
     "deepspeed": {
         "zero2-fresh": RESUMES,
@@ -53,13 +54,17 @@ LAUNCHES = {
         "zero2-bf16-trunc": RESUMES,
         "zero3-trunc": RESUMES,
         "zero2-trunc": ["full"],  # zero3-trunc's reference, see TRUNCATED_REFERENCES
+        "zero3-trunc-resid": RESUMES,
+        "zero2-trunc-resid": ["full"],
     },
     "fsdp2": {
         "fsdp2": [*RESUMES, "load-best"],
         "fsdp2-fresh-clip": RESUMES,
         "fsdp2-trunc": RESUMES,
+        "fsdp2-trunc-resid": RESUMES,
         "ddploop": ["full"],
         "ddploop-trunc": ["full"],
+        "ddploop-trunc-resid": ["full"],
     },
 }
 WORKERS = {"ddp": "distributed_worker.py", "deepspeed": "distributed_worker.py", "fsdp2": "fsdp2_worker.py"}
@@ -78,7 +83,12 @@ REFERENCES = {"zero3": "ddp", "fsdp2": "ddploop"}
 # Parameter's optimizer state as torch does: its Adam step count belongs to a whole flat partition, so the reset at
 # the switch zeroes the truncated modules' moments while the bias correction goes on counting from step 1, and from
 # the first step after the switch ZeRO-3 trains them as ZeRO-1/2 do, not as DDP does.
-TRUNCATED_REFERENCES = {"zero3-trunc": ("zero2-trunc", "ddp-trunc"), "fsdp2-trunc": ("ddploop-trunc", "ddploop-trunc")}
+TRUNCATED_REFERENCES = {
+    "zero3-trunc": ("zero2-trunc", "ddp-trunc"),
+    "fsdp2-trunc": ("ddploop-trunc", "ddploop-trunc"),
+    "zero3-trunc-resid": ("zero2-trunc-resid", "ddp-trunc-resid"),
+    "fsdp2-trunc-resid": ("ddploop-trunc-resid", "ddploop-trunc-resid"),
+}
 VARIANTS = {variant: group for group, variants in LAUNCHES.items() for variant in variants}
 
 
