@@ -109,8 +109,10 @@ class ImportanceCollector:
         )
         self._score_every = score_every
         self._relative = score == "relative"
-        rank = max(b.weight.shape[1] for b in self._lora_b)  # "residual": each module's token Gram, zero-padded
-        self._grams = torch.zeros(len(self.names), rank, rank, device=device) if score == "residual" else None
+        self._grams = None  # "residual": each module's token Gram, zero-padded to the largest rank
+        if score == "residual":
+            rank = max(layer.r[adapter_name] for layer in layers.values())
+            self._grams = torch.zeros(len(self.names), rank, rank, device=device)
         self._rank = aggregate == "rank"
         self._gram_in_hook = parameter_engine(b.weight for b in self._lora_b) != "replicated"
         self._forwards = 0

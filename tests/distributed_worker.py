@@ -133,11 +133,12 @@ class LocalTotals(TrainerCallback):
     def __init__(self, drop: LoraDropCallback):
         self.drop = drop
         self.totals: dict[str, float] | None = None
+        self.grams: dict[str, list[float]] | None = None  # score "residual"
 
     def on_step_end(self, args, state, control, **kwargs):
         collector = self.drop._collector
         if collector is not None and state.global_step == self.drop._switch_step:
-            self.totals = collector.totals()
+            self.totals, self.grams = collector.totals(), collector.grams()
 
 
 class BeforeSwitch(TrainerCallback):
@@ -365,6 +366,7 @@ def run_training(variant: str, scenario: str, out: Path) -> dict:
     record.update(
         plan=drop.plan.to_dict() if drop.plan is not None else None,
         local_totals=local.totals,
+        local_grams=local.grams,
         final_lora=lora_tensors(model),
         global_step=trainer.state.global_step,
         losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],

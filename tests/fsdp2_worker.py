@@ -157,6 +157,7 @@ def run(variant: str, scenario: str, out: Path) -> dict:
     record.update(
         plan=drop.plan.to_dict() if drop.plan is not None else None,
         local_totals=callbacks[2].totals,
+        local_grams=callbacks[2].grams,
         final_lora=lora_tensors(peft_model),
         global_step=state.global_step,
         grad_norms=grad_norms,

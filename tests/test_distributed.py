@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from loradrop_trainer.importance import truncation_residual
 from loradrop_trainer.truncate import truncated_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -136,6 +137,7 @@ class Case:
         self.auto = "auto" in flags
         self.clip = "clip" in flags
         self.trunc = "trunc" in flags  # mode "truncate", dropped_rank 1
+        self.resid = "resid" in flags  # score "residual"
         self.out = launch.out / variant
 
     def __getitem__(self, scenario: str) -> list[dict]:
@@ -185,6 +187,18 @@ def _saved_totals(checkpoint: Path) -> dict[str, float]:
     return state["stateful_callbacks"]["LoraDropCallback"]["attributes"]["_checkpoint"]["totals"]
 
 
+def _residual_of_summed_grams(ranks: list[dict]) -> float:
+    """Score "residual": the total the plan must rest on, from the sum of the ranks' token Grams and the LoRA weights
+    the switch found (the same on every rank)."""
+    record = ranks[0]["before_switch"]
+    total = 0.0
+    for name, scaling in record["scaling"].items():
+        gram = torch.tensor([sum(values) for values in zip(*(r["local_grams"][name] for r in ranks))])
+        a, b = (record["lora"][f"{name}.{part}.weight"] for part in ("lora_A", "lora_B"))
+        total += truncation_residual(a, b, gram.reshape(a.shape[0], a.shape[0]).double(), 1, scaling)
+    return total
+
+
 @variants("full", "before")
 def test_every_rank_derives_the_same_plan_from_all_reduced_importance(case):
     for scenario in ("full", "before"):
@@ -199,7 +213,8 @@ def test_every_rank_derives_the_same_plan_from_all_reduced_importance(case):
         # The plan is built from the sum of the ranks' own totals, each counted once.
         local = [math.fsum(r["local_totals"].values()) for r in ranks]
         assert all(total > 0 for total in local), local
-        assert plans[0]["total"] == pytest.approx(sum(local), rel=1e-6)
+        expected = _residual_of_summed_grams(ranks) if case.resid else sum(local)
+        assert plans[0]["total"] == pytest.approx(expected, rel=1e-6)
     # The ranks saw different batches: a plan from one rank's totals would not be the plan of the sum.
     full = case["full"]
     assert case.auto or full[0]["local_totals"] != full[1]["local_totals"]
