@@ -268,3 +268,26 @@ def assert_saved_adapter_reloads_exactly(model, directory):
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, expected)
     return reloaded
+
+
+def padded_batches(count: int = 3) -> list[dict]:
+    """`count` batches of 6 token sequences, each holding padding (for scoring on real tokens only)."""
+    from torch.utils.data import default_collate
+
+    data = TokenDataset(n=6 * count, seed=3)
+    batches = [default_collate([data[i] for i in range(k * 6, k * 6 + 6)]) for k in range(count)]
+    assert all((b["attention_mask"] == 0).any() for b in batches), "the batches must hold padding"
+    return batches
+
+
+def record_training_batches(model) -> list[dict]:
+    """The list that will hold a copy of every training forward's keyword inputs (the micro-batches the Trainer
+    formed), filled by a forward pre-hook on `model`."""
+    batches: list[dict] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: (
+            batches.append({k: v.clone() for k, v in kwargs.items()}) if module.training else None
+        ),
+        with_kwargs=True,
+    )
+    return batches

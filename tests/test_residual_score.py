@@ -7,12 +7,13 @@ from helpers import (
     TokenDataset,
     assert_saved_adapter_reloads_exactly,
     model_logits,
+    padded_batches,
     random_lora_b,
+    record_training_batches,
     tiny_llama,
     tiny_llama_base,
     training_args,
 )
-from torch.utils.data import default_collate
 from transformers import Trainer
 
 from hub_export import load_compact, save_compact
@@ -52,13 +53,6 @@ def _residual_reference(model, batches, rank=1):
     return expected
 
 
-def _batches(count=3):
-    data = TokenDataset(n=6 * count, seed=3)
-    batches = [default_collate([data[i] for i in range(k * 6, k * 6 + 6)]) for k in range(count)]
-    assert all((b["attention_mask"] == 0).any() for b in batches), "the batches must hold padding"
-    return batches
-
-
 def test_truncation_residual_matches_a_full_svd():
     torch.manual_seed(0)
     a, b, x = torch.randn(6, 20), torch.randn(12, 6), torch.randn(50, 20)
@@ -83,9 +77,9 @@ def test_a_rank_one_update_loses_nothing_and_a_large_output_does_not_make_it_imp
     assert truncation_residual(a, spread, gram, 1, 1.0) > 0.1 * float((x @ (spread @ a).T).square().sum())
 
 
-def test_collector_sums_the_residual_over_the_real_tokens_of_padded_batches():
+def test_collector_sums_the_residual_over_the_real_tokens_of_paddedpadded_batches():
     model = random_lora_b(tiny_llama())
-    batches = _batches()
+    batches = padded_batches()
     expected = _residual_reference(model, batches)
     model.train()
     layers = find_lora_layers(model)
@@ -102,13 +96,7 @@ def test_trainer_plans_by_the_residual_of_the_micro_batches_it_scored(tmp_path):
     """Learning rate 0: the plan's importance is the reference residual over the micro-batches the Trainer formed,
     and the kept modules are those that lose the most (the output score keeps others)."""
     model = random_lora_b(tiny_llama())
-    micro_batches = []
-    model.register_forward_pre_hook(
-        lambda module, args, kwargs: (
-            micro_batches.append({k: v.clone() for k, v in kwargs.items()}) if module.training else None
-        ),
-        with_kwargs=True,
-    )
+    micro_batches = record_training_batches(model)
     callback = LoraDropCallback(alpha=0.5, **RESIDUAL)
     args = training_args(tmp_path, max_steps=8, learning_rate=0.0, per_device_train_batch_size=4)
     Trainer(model=model, args=args, train_dataset=TokenDataset(n=32, seed=5), callbacks=[callback]).train()

@@ -4,9 +4,17 @@ import logging
 
 import pytest
 import torch
-from helpers import SHARING, TokenDataset, lora_and_frozen_norms, random_lora_b, tiny_llama, training_args
+from helpers import (
+    SHARING,
+    TokenDataset,
+    lora_and_frozen_norms,
+    padded_batches,
+    random_lora_b,
+    record_training_batches,
+    tiny_llama,
+    training_args,
+)
 from scipy.stats import rankdata
-from torch.utils.data import default_collate
 from transformers import Trainer
 
 from loradrop_trainer import LoraDropCallback, build_plan, find_lora_layers
@@ -20,18 +28,11 @@ def _reference(model, batch, score):
     return {name: lora[name] / frozen[name] if score == "relative" else lora[name] for name in lora}
 
 
-def _batches(count=3):
-    data = TokenDataset(n=6 * count, seed=3)
-    batches = [default_collate([data[i] for i in range(k * 6, k * 6 + 6)]) for k in range(count)]
-    assert all((b["attention_mask"] == 0).any() for b in batches), "the batches must hold padding"
-    return batches
-
-
 @pytest.mark.parametrize("score", ["output", "relative"])
 @pytest.mark.parametrize("aggregate", ["sum", "rank"])
-def test_importance_matches_reference_on_padded_batches(score, aggregate):
+def test_importance_matches_reference_on_paddedpadded_batches(score, aggregate):
     model = random_lora_b(tiny_llama())
-    batches = _batches()
+    batches = padded_batches()
     names = list(find_lora_layers(model))
     expected = dict.fromkeys(names, 0.0)
     for batch in batches:
@@ -53,7 +54,7 @@ def test_importance_matches_reference_on_padded_batches(score, aggregate):
 def test_relative_score_removes_the_scale_of_the_layer():
     """Scaling a layer's frozen weight (a massive activation) scales its LoRA output, not its relative score."""
     model = random_lora_b(tiny_llama())
-    batch = _batches(1)[0]
+    batch = padded_batches(1)[0]
     layers = find_lora_layers(model)
     name = next(n for n in layers if n.endswith("layers.1.mlp.down_proj"))
     before = {s: _reference(model, batch, s)[name] for s in ("output", "relative")}
@@ -75,13 +76,13 @@ def test_rank_ignores_forwards_with_all_zero_scores():
     model = tiny_llama()  # PEFT's B is zero: no module changes anything yet
     model.train()
     collector = ImportanceCollector(model, find_lora_layers(model), aggregate="rank")
-    model(**_batches(1)[0])
+    model(**padded_batches(1)[0])
     assert set(collector.totals().values()) == {0.0}
 
 
 def test_base_output_norm_not_counted_under_activation_checkpointing_recompute():
     model = random_lora_b(tiny_llama())
-    batch = _batches(1)[0]
+    batch = padded_batches(1)[0]
     expected = _reference(model, batch, "relative")
     model.activation_checkpointing_enable({"use_reentrant": False})
     model.enable_input_require_grads()
@@ -97,13 +98,7 @@ def test_trainer_scores_each_micro_batch_once(tmp_path, config):
     """Gradient accumulation with learning rate 0: one score per micro-batch, as the reference computes it for the
     micro-batches the Trainer actually formed."""
     model = random_lora_b(tiny_llama())
-    micro_batches = []
-    model.register_forward_pre_hook(
-        lambda module, args, kwargs: (
-            micro_batches.append({k: v.clone() for k, v in kwargs.items()}) if module.training else None
-        ),
-        with_kwargs=True,
-    )
+    micro_batches = record_training_batches(model)
     callback = LoraDropCallback(alpha=0.5, **config)
     args = training_args(
         tmp_path, max_steps=8, learning_rate=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=2
