@@ -15,6 +15,7 @@ from torch import nn
 
 from .grad_tying import GradientTying, reset_sharded
 from .modes import mode_of
+from .modes.base import Run
 from .plan import DropPlan, attached_plan
 from .sharding import is_deepspeed_optimizer, parameter_engine
 
@@ -63,9 +64,7 @@ def reparameterise(
         The `GradientTying` that keeps sharded members equal (remove it when training ends), or None when the plan
         was applied in place.
     """
-    return mode_of(plan.mode).reparameterise(
-        layers, plan, optimizer, at_switch=at_switch, fresh_seed=fresh_seed, dropped_scaling=dropped_scaling
-    )
+    return mode_of(plan.mode).reparameterise(layers, plan, Run(optimizer, at_switch, fresh_seed, dropped_scaling))
 
 
 def set_values(values: list[tuple[nn.Parameter, torch.Tensor]], optimizer: object) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from loradrop_trainer.modes.base import Registry
+
 from ..errors import PlanError
 from .base import ExportMode
 from .drop import Drop
@@ -21,17 +23,12 @@ from .truncate import Truncate
 if TYPE_CHECKING:
     from loradrop_trainer import DropPlan
 
-REGISTRY: dict[str, ExportMode] = {}
+__all__ = ["REGISTRY", "ExportMode", "export_mode", "register"]
 
-
-def register(mode: ExportMode) -> ExportMode:
-    """Make `mode` known by its name to the exporters and loaders; return it.
-
-    Args:
-        mode: the mode; one registered under the same name before is replaced.
-    """
-    REGISTRY[mode.name] = mode
-    return mode
+REGISTRY: Registry[ExportMode] = Registry(
+    lambda name, known: PlanError(f"Plans in mode {name!r} cannot be exported: hub_export knows modes {known}.")
+)
+register = REGISTRY.register
 
 
 def export_mode(plan: DropPlan) -> ExportMode:
@@ -40,10 +37,7 @@ def export_mode(plan: DropPlan) -> ExportMode:
     Args:
         plan: a checked plan (its mode is one `loradrop_trainer.modes` knows).
     """
-    mode = REGISTRY.get(plan.mode)
-    if mode is None:
-        raise PlanError(f"Plans in mode {plan.mode!r} cannot be exported: hub_export knows modes {tuple(REGISTRY)}.")
-    return mode
+    return REGISTRY.find(plan.mode)
 
 
 register(Share())

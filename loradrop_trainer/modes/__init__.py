@@ -12,35 +12,19 @@ mode is a module with a `Mode` subclass, passed to `register` (and, to train wit
 
 from __future__ import annotations
 
-from .base import Mode
+from .base import Mode, Registry, Run
 from .drop import Drop
 from .share import Share
 from .truncate import Truncate
 
-REGISTRY: dict[str, Mode] = {}
+__all__ = ["REGISTRY", "Mode", "Run", "mode_of", "register"]
 
-
-def register(mode: Mode) -> Mode:
-    """Make `mode` known by its name to plans and to the re-parameterisation; return it.
-
-    Args:
-        mode: the mode; one registered under the same name before is replaced.
-    """
-    REGISTRY[mode.name] = mode
-    return mode
-
-
-def mode_of(name: str) -> Mode:
-    """The registered mode called `name`; `ValueError` for a name no mode has (a corrupt or newer plan).
-
-    Args:
-        name: a plan's `mode`.
-    """
-    mode = REGISTRY.get(name)
-    if mode is None:
-        raise ValueError(f"Drop plan mode {name!r} is not one of {tuple(REGISTRY)}; the plan is corrupt.")
-    return mode
-
+# `mode_of` raises ValueError for a name no mode has: a corrupt plan, or one of a newer release.
+REGISTRY: Registry[Mode] = Registry(
+    lambda name, known: ValueError(f"Drop plan mode {name!r} is not one of {known}; the plan is corrupt.")
+)
+register = REGISTRY.register
+mode_of = REGISTRY.find
 
 register(Share())
 register(Drop())

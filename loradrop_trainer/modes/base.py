@@ -12,7 +12,9 @@ modes are part of reading it; so the mode modules import the machinery that chan
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
@@ -20,6 +22,16 @@ if TYPE_CHECKING:
     from ..config import LoraDropConfig
     from ..grad_tying import GradientTying
     from ..plan import DropPlan
+
+
+@dataclass(frozen=True)
+class Run:
+    """How a model in training meets a plan (`reparam.reparameterise`, whose docstring says what each field is)."""
+
+    optimizer: object
+    at_switch: bool
+    fresh_seed: int | None
+    dropped_scaling: str
 
 
 class Mode:
@@ -58,18 +70,8 @@ class Mode:
         (`reparam.apply_plan`, which checks the plan fits the layers first)."""
         raise NotImplementedError
 
-    def reparameterise(
-        self,
-        layers: dict[str, LoraLayer],
-        plan: DropPlan,
-        optimizer: object,
-        *,
-        at_switch: bool,
-        fresh_seed: int | None,
-        dropped_scaling: str,
-    ) -> GradientTying | None:
-        """Apply `plan` to a model in training, on whatever engine holds its LoRA (`reparam.reparameterise`, whose
-        docstring says what the arguments are)."""
+    def reparameterise(self, layers: dict[str, LoraLayer], plan: DropPlan, run: Run) -> GradientTying | None:
+        """Apply `plan` to a model in training, on whatever engine holds its LoRA (`reparam.reparameterise`)."""
         raise NotImplementedError
 
     def record(
@@ -80,3 +82,33 @@ class Mode:
 
     def forget(self, model: Any, config: Any, plan: DropPlan, dropped_scaling: str) -> None:
         """Take back what `record` did: the model is plain LoRA again (a best checkpoint from before the switch)."""
+
+
+M = TypeVar("M")
+
+
+class Registry(dict[str, M], Generic[M]):
+    """Modes by name, in the order they were registered (this package's and `hub_export.modes`'s)."""
+
+    def __init__(self, unknown: Callable[[str, tuple[str, ...]], Exception]) -> None:
+        super().__init__()
+        self._unknown = unknown
+
+    def register(self, mode: M) -> M:
+        """Make `mode` known by its name; return it.
+
+        Args:
+            mode: the mode; one registered under the same name before is replaced.
+        """
+        self[mode.name] = mode
+        return mode
+
+    def find(self, name: str) -> M:
+        """The mode called `name`; the error `unknown` makes of the name and the known ones if there is none.
+
+        Args:
+            name: a plan's `mode`.
+        """
+        if name not in self:
+            raise self._unknown(name, tuple(self))
+        return self[name]

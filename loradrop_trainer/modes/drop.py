@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Mode
+from .base import Mode, Run
 
 if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
@@ -31,24 +31,15 @@ class Drop(Mode):
             layer = layers[name]
             layer._active_adapter = [active for active in layer.active_adapters if active != plan.adapter_name]
 
-    def reparameterise(
-        self,
-        layers: dict[str, LoraLayer],
-        plan: DropPlan,
-        optimizer: object,
-        *,
-        at_switch: bool,
-        fresh_seed: int | None,
-        dropped_scaling: str,
-    ) -> None:
+    def reparameterise(self, layers: dict[str, LoraLayer], plan: DropPlan, run: Run) -> None:
         """Switch the dropped modules off on any engine; at the switch, zero their B (module docstring)."""
         from ..lora_layers import lora_parameters
         from ..reparam import apply_plan
         from ..sharding import parameter_engine
 
         apply_plan(layers, plan)
-        if at_switch:
-            zero_dropped(layers, plan, optimizer)
+        if run.at_switch:
+            zero_dropped(layers, plan, run.optimizer)
         dropped = [p for name in plan.dropped for p in lora_parameters(layers[name], plan.adapter_name)]
         if parameter_engine(dropped) == "zero3":
             # ZeRO-3 steps every partition with the gradient it last reduced for it, also for a Parameter that got

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Mode
+from .base import Mode, Run
 
 if TYPE_CHECKING:
     import torch
@@ -54,16 +54,7 @@ class Share(Mode):
                     for pname, param in getattr(source, part)[adapter].named_parameters(recurse=False):
                         setattr(target_module, pname, param)
 
-    def reparameterise(
-        self,
-        layers: dict[str, LoraLayer],
-        plan: DropPlan,
-        optimizer: object,
-        *,
-        at_switch: bool,
-        fresh_seed: int | None,
-        dropped_scaling: str,
-    ) -> GradientTying | None:
+    def reparameterise(self, layers: dict[str, LoraLayer], plan: DropPlan, run: Run) -> GradientTying | None:
         """Tie in place where the LoRA is replicated, else tie the gradients (the `GradientTying` returned); at the
         switch, with `fresh_seed`, start every shared LoRA afresh."""
         from ..grad_tying import GradientTying, shared_groups
@@ -72,13 +63,13 @@ class Share(Mode):
 
         if parameter_engine(p for _, group in shared_groups(layers, plan) for p in group) == "replicated":
             apply_plan(layers, plan)
-            if at_switch and fresh_seed is not None:
-                reinit_shared(layers, plan, optimizer, fresh_seed)
+            if run.at_switch and run.fresh_seed is not None:
+                reinit_shared(layers, plan, run.optimizer, run.fresh_seed)
             return None
         check_plan_matches(layers, plan)
-        tying = GradientTying(layers, plan, optimizer)
-        if at_switch:
-            tying.align(fresh_seed)
+        tying = GradientTying(layers, plan, run.optimizer)
+        if run.at_switch:
+            tying.align(run.fresh_seed)
         tying.attach()
         return tying
 

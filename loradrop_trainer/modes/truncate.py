@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Mode
+from .base import Mode, Run
 
 if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
@@ -49,25 +49,17 @@ class Truncate(Mode):
         if dropped_scaling == "rank":
             set_truncated_scaling(layers, plan)
 
-    def reparameterise(
-        self,
-        layers: dict[str, LoraLayer],
-        plan: DropPlan,
-        optimizer: object,
-        *,
-        at_switch: bool,
-        fresh_seed: int | None,
-        dropped_scaling: str,
-    ) -> None:
+    def reparameterise(self, layers: dict[str, LoraLayer], plan: DropPlan, run: Run) -> None:
         """At the switch, cut every dropped module to rank k (values and optimizer state, on any engine); then scale
         them as `apply` does."""
         from ..reparam import apply_plan, check_plan_matches, set_values
         from ..truncate import truncated_dropped_values
 
         check_plan_matches(layers, plan)
-        if at_switch:
-            set_values(truncated_dropped_values(layers, plan, optimizer, dropped_scaling), optimizer)
-        apply_plan(layers, plan, dropped_scaling=dropped_scaling)
+        if run.at_switch:
+            values = truncated_dropped_values(layers, plan, run.optimizer, run.dropped_scaling)
+            set_values(values, run.optimizer)
+        apply_plan(layers, plan, dropped_scaling=run.dropped_scaling)
         return None
 
     def record(
