@@ -198,6 +198,7 @@ def _how_to_load(adapter: CompactAdapter, base: str | None, repo_id: str) -> str
     """The repo card's snippets, naming the repo by its id: plain PEFT at the root first, then the line that serves
     it in each engine whose rules it meets (`_engine_lines`), then `hub_export`."""
     auto, base_id = _auto_class(adapter), base or "<base model id>"
+    loaded = export_mode(adapter.plan).loaded_again(adapter.plan)
     small = (
         "\n\nThe smallest plain adapter, in `rank_pattern/`, loads the same way with PEFT (to float32 rounding: a "
         "rank-1 product sums in another order than a zero-padded one):\n\n"
@@ -220,7 +221,7 @@ def _how_to_load(adapter: CompactAdapter, base: str | None, repo_id: str) -> str
         f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
         "```"
         f"{small}{_engine_lines(adapter, base_id, repo_id)}\n\n"
-        f"The compact adapter in `loradrop/` loads with `hub_export` ({_loaded_again(adapter)}), which comes with the "
+        f"The compact adapter in `loradrop/` loads with `hub_export` ({loaded}), which comes with the "
         "`loradrop` package:\n\n"
         f"```bash\n{INSTALL}\n```\n\n"
         "```python\n"
@@ -267,7 +268,8 @@ def _how_to_load_directory(adapter: CompactAdapter, base: str | None) -> str:
     """The snippets of a compact adapter directory's card: `load_compact`, or plain PEFT after `loradrop expand`."""
     auto, base_id = _auto_class(adapter), base or "<base model id>"
     return (
-        f"With `hub_export`, from the `loradrop` package ({_loaded_again(adapter)}):\n\n"
+        f"With `hub_export`, from the `loradrop` package ({export_mode(adapter.plan).loaded_again(adapter.plan)})"
+        ":\n\n"
         "```python\n"
         f"from transformers import {auto}\n\n"
         "from hub_export import load_compact\n\n"
@@ -290,11 +292,6 @@ def _how_to_load_directory(adapter: CompactAdapter, base: str | None) -> str:
 
 def _auto_class(adapter: CompactAdapter) -> str:
     return AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
-
-
-def _loaded_again(adapter: CompactAdapter) -> str:
-    """What loading the compact adapter gives back."""
-    return export_mode(adapter.plan).loaded_again(adapter.plan)
 
 
 def _truncates(plan: DropPlan) -> bool:
