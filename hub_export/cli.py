@@ -155,9 +155,11 @@ def _inspect(args: argparse.Namespace) -> None:
     sizes. Reads the files with the checks that need no PEFT (format, checksum, plan against weights, sizes), so it
     answers without importing PEFT; loading and `loradrop expand` check the rest."""
     directory = _source_dir(args.source, args.revision)  # before importing torch: a wrong path answers at once
+    from loradrop_trainer.modes import mode_of
     from loradrop_trainer.report import plan_settings, summary_table
 
     from .format import COMPACT_LAYOUT, compact_folder, read_files
+    from .modes import export_mode
     from .validate import check_format
 
     adapter = read_files(directory)
@@ -171,18 +173,19 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"{args.source}: LoRA-drop compact adapter, format version {adapter.format_version}")
     print(f"adapter {adapter.adapter_name!r}, mode {plan.mode}, threshold {plan.threshold}, switch at step {plan.step}")
     print(f"base model: {config.get('base_model_name_or_path') or 'unknown'}")
-    truncated = f"; {len(plan.dropped)} truncated to rank {plan.dropped_rank}" if plan.mode == "truncate" else ""
+    truncated = f"; {len(plan.dropped)} truncated to rank {plan.dropped_rank}" if mode_of(plan.mode).truncates else ""
     print(f"LoRA r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, targets: {targets}{truncated}")
     print(summary_table(plan, adapter.plain_params, adapter.stored_params))
     print(f"settings: {plan_settings(plan, adapter.plan_extra.get('config'))}")
     if adapter.other_params:
         print(f"plus {adapter.other_params:,} parameters of modules trained in full (modules_to_save)")
-    plain = "the unpruned adapter" if plan.mode == "truncate" else "a plain PEFT adapter"
+    smaller = export_mode(plan).rank_pattern_form
+    plain = "the unpruned adapter" if smaller else "a plain PEFT adapter"
     print(
         f"weights: {adapter.stored_bytes:,} bytes instead of {adapter.plain_bytes:,} for {plain} "
         f"({ratio:.1%}); {on_disk:,} bytes of files in all"
     )
-    if plan.mode == "truncate":
+    if smaller:
         print(
             "loradrop expand writes a plain PEFT adapter of this size (truncated modules through rank_pattern, which "
             "vLLM ignores); --for uniform one that every engine reads, at the unpruned size"

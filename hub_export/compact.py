@@ -45,7 +45,7 @@ from .format import (
 )
 from .model_card import model_card
 from .plans import PlanSource, resolve_plan
-from .truncation import recorded_alpha_first, refuse_kept_scaling, truncated_modules
+from .truncation import recorded_alpha_first, refuse_kept_scaling
 from .tying import plan_layers, read_tying
 from .validate import check_adapter
 
@@ -118,7 +118,7 @@ def _dropped_scaling(model: nn.Module, plan: DropPlan) -> str:
     """How the model scales its truncated modules: "keep" when as a LoRA of the adapter's rank r
     (`LoraDropConfig(dropped_scaling="keep")`), else "rank"."""
     adapter, layers = plan.adapter_name, plan_layers(model, plan)
-    for name in truncated_modules(plan):
+    for name in plan.truncated:
         layer = layers[name]
         kept, truncated = (rank_scaling(layer, adapter, rank) for rank in (layer.r[adapter], plan.dropped_rank))
         if layer.scaling[adapter] == kept != truncated:

@@ -8,7 +8,7 @@ Mode "truncate" needs no copies: the plain adapter keeps the reduced size. Each 
 its rank k as stored, and the config's `rank_pattern` gives those modules rank k (ahead of the user's own entries)
 while loradrop's `alpha_pattern` entries, which scale a zero-padded rank-r module, are removed: PEFT then scales them
 by `lora_alpha / k` (`/ sqrt(k)` with rsLoRA), which is `loradrop_trainer.truncate.rank_scaling`, the scaling they
-trained with (`truncation.reduced_config`).
+trained with (the mode's `peft_config`, `hub_export.modes.truncate`).
 
 Its logits equal the trained model's up to float32 rounding, not bit for bit: the trained model (and
 `load_compact`) multiplies by a rank-r A and B whose rows and columns past k are zero, the expanded one by rank-k
@@ -34,7 +34,8 @@ from .base_model import warn_if_local
 from .compact import config_text, read_compact, with_base
 from .files import write_tensors
 from .format import CompactAdapter
-from .truncation import pad_to_rank, reduced_config
+from .modes import export_mode
+from .truncation import pad_to_rank
 
 logger = logging.get_logger(__name__)
 
@@ -74,7 +75,8 @@ def write_peft(adapter: CompactAdapter, directory: Path) -> None:
     """Write the plain PEFT adapter of `adapter` into the existing, empty `directory`."""
     state = expanded_state_dict(adapter, padded=False)
     write_tensors(state, directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(config_text(reduced_config(adapter.peft_config, adapter.plan)), "utf-8")
+    config = export_mode(adapter.plan).peft_config(adapter.peft_config, adapter.plan)
+    (directory / CONFIG_NAME).write_text(config_text(config), "utf-8")
 
 
 def expanded_state_dict(adapter: CompactAdapter, *, padded: bool) -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ from .explicit import spelled_out
 from .files import has_member, read_member
 from .format import COMPACT_LAYOUT, CompactAdapter, check_config_types
 from .jsonfile import MAX_JSON_BYTES, parse_json_object
+from .modes import export_mode
 from .plans import PlanSource, read_plan
 from .truncation import (
     module_value,
@@ -55,7 +56,6 @@ from .validate import (
     check_lora_fields,
     check_names,
     check_patterns,
-    check_truncation,
     check_weights,
     lora_config,
 )
@@ -118,13 +118,14 @@ def compact_peft_adapter(
     dropped_scaling = (extra.get("config") or {}).get("dropped_scaling")
     refuse_kept_scaling(dropped_scaling, f"The adapter at {source}")
     weights, config = unfolded(weights, config, drop_plan)
-    _check_dropped_b_is_zero(weights, drop_plan)
+    mode = export_mode(drop_plan)
+    mode.check_saved(weights, drop_plan)
     tying = group_by_plan(weights, drop_plan, same=torch.equal, differs=_UNEQUAL)  # checks truncated zero blocks
     peft_config = recorded_alpha_first(
         with_base_model({**config, "inference_mode": True}, base_model, near=source), drop_plan
     )
     peft_config = spelled_out(peft_config, drop_plan, where, lambda: _stored_settings(weights, peft_config, drop_plan))
-    check_truncation(lora_config(peft_config, f"The PEFT config of {where}"), drop_plan, where, PlanError)
+    mode.check_config(lora_config(peft_config, f"The PEFT config of {where}"), drop_plan, where, PlanError)
     adapter = CompactAdapter(
         adapter_name=drop_plan.adapter_name,
         plan=drop_plan,
@@ -266,29 +267,6 @@ def _no_plan(source: Path) -> str:
         "output directory of a run that pruned, or pass that run's plan (--plan on the command line, plan=... in "
         "Python)."
     )
-
-
-def _check_dropped_b_is_zero(weights: dict[str, torch.Tensor], plan: DropPlan) -> None:
-    """Mode "drop": refuse an adapter in which a module the plan drops has a LoRA B that is not zero.
-
-    The compact adapter stores nothing for dropped modules, which is exact only when their saved LoRA adds nothing:
-    the callback zeroes their B at the switch, and they get no update after it. A non-zero B means the adapter was
-    saved before the switch (a checkpoint from before it, `load_best_model_at_end` going back to one) or by another
-    run than the plan's; compacting it would silently change what it computes.
-    """
-    if plan.mode != "drop":
-        return
-    keys = [f"{name}.lora_B.weight" for name in plan.dropped]
-    moved = [key for key in keys if key in weights and weights[key].any()]
-    if moved:
-        raise PlanError(
-            f"The adapter does not match the plan (mode 'drop'): {moved[0]!r} is not zero, yet the plan "
-            f"drops that module ({len(moved)} of {len(plan.dropped)} dropped modules have a non-zero LoRA B). "
-            f"LoraDropCallback zeroes it at the switch (step {plan.step}), so the adapter was saved before the switch "
-            "(or by another run than the plan's) and dropping those modules would change what it computes. Compact "
-            "a checkpoint saved after the switch, with the plan of the same run; an adapter from before the switch "
-            "is a plain LoRA adapter, to use as it is."
-        )
 
 
 def _no_adapter(source: Path) -> str:

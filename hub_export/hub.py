@@ -54,6 +54,7 @@ from .format import (
 )
 from .loader import load_compact
 from .model_card import model_card
+from .modes import export_mode
 from .remote import fetch, hub_errors
 from .serving import check_form, write_uniform
 
@@ -230,7 +231,7 @@ def _write_repo(source: Path, target: Path, repo_id: str) -> CompactAdapter:
     adapter = read_compact(target)  # what goes up, or into a pulled directory, is exactly what was checked
     check_form(adapter, "uniform", f"the adapter for {repo_id}")
     write_uniform(adapter, target)
-    if adapter.plan.mode == "truncate":
+    if export_mode(adapter.plan).rank_pattern_form:
         (target / RANK_PATTERN_SUBFOLDER).mkdir()
         write_peft(adapter, target / RANK_PATTERN_SUBFOLDER)
     model_card(adapter, f"{COMPACT_SUBFOLDER}/{PLOT_FILE}", repo_id).save(target / CARD_FILE)

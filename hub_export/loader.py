@@ -37,12 +37,12 @@ from loradrop_trainer import apply_plan
 from loradrop_trainer.lora_layers import named_modules
 from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX, is_saved_module
 from loradrop_trainer.plan import attach_plan
-from loradrop_trainer.truncate import record_truncation
 
 from .compact import read_compact
 from .errors import BaseModelMismatchError, CompactFormatError
 from .expand import expanded_state_dict
 from .format import CompactAdapter, split_key
+from .modes import export_mode
 from .truncation import without_recorded_alpha
 from .tying import plan_layers
 from .validate import lora_config, lora_module, targets
@@ -77,8 +77,7 @@ def load_compact(
         plan = dataclasses.replace(adapter.plan, adapter_name=adapter_name)
         layers = plan_layers(model, plan)
         apply_plan(layers, plan)
-        if plan.mode == "truncate":
-            record_truncation(model.peft_config[adapter_name], layers, plan)
+        export_mode(plan).loaded(model.peft_config[adapter_name], layers, plan)
     if not is_trainable:
         model.eval()
     attach_plan(model, plan, adapter.plan_extra)

@@ -8,16 +8,21 @@ pull of one) the card of the repo, whose snippets name the repo by its id and lo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from loradrop_trainer.modes import mode_of
 from loradrop_trainer.peft_keys import PEFT_PREFIX
 from loradrop_trainer.report import plan_settings, plan_table
 
 from .base_model import names_local_path, recorded_base
 from .format import CompactAdapter
 from .forms import VLLM_MAX_RANKS
+from .modes import export_mode
+
+if TYPE_CHECKING:
+    from loradrop_trainer import DropPlan
 
 TAGS = ("lora", "lora-drop", "peft")
 # `hub_export` is the `loradrop` package's (setup.py), which is installed from a clone of its repository.
@@ -99,25 +104,20 @@ def model_card(adapter: CompactAdapter, chart_file: str, repo_id: str | None = N
 
 
 def _intro(adapter: CompactAdapter, repo_id: str | None) -> str:
-    plan = adapter.plan
-    rest = {
-        "share": "share one LoRA per kind",
-        "drop": "have their LoRA removed",
-        "truncate": f"are truncated to rank {plan.dropped_rank}, each keeping its own LoRA cut by SVD at the switch",
-    }[plan.mode]
+    plan, mode = adapter.plan, export_mode(adapter.plan)
     patterned = ", or their rank_pattern entry" if adapter.peft_config.get("rank_pattern") else ""
-    own = f" at their full rank (r={adapter.peft_config.get('r')}{patterned})" if plan.mode == "truncate" else ""
+    own = f" at their full rank (r={adapter.peft_config.get('r')}{patterned})" if _truncates(plan) else ""
     pruned = (
         f"A LoRA adapter pruned with [LoRA-drop](https://arxiv.org/abs/2402.07721): {len(plan.kept)} of "
-        f"{len(plan.kinds)} LoRA modules keep their own weights{own}, the other {len(plan.dropped)} {rest} "
-        f"(mode `{plan.mode}`)."
+        f"{len(plan.kinds)} LoRA modules keep their own weights{own}, the other {len(plan.dropped)} "
+        f"{mode.dropped_clause(plan)} (mode `{plan.mode}`)."
     )
     if repo_id is None:
         return f"{pruned} It is stored in the `loradrop` compact format, version {adapter.format_version}."
     small = (
         "; in `rank_pattern/` as the smallest plain PEFT adapter, truncated modules at their rank through "
         "`rank_pattern`, which PEFT and llama.cpp read (vLLM does not)"
-        if plan.mode == "truncate"
+        if mode.rank_pattern_form
         else ""
     )
     return (
@@ -132,8 +132,8 @@ def _intro(adapter: CompactAdapter, repo_id: str | None) -> str:
 
 def _size_table(adapter: CompactAdapter, repo_id: str | None) -> str:
     ratio = adapter.stored_bytes / adapter.plain_bytes if adapter.plain_bytes else 0.0
-    truncate = adapter.plan.mode == "truncate"
-    plain = "unpruned PEFT adapter" if truncate else "plain PEFT adapter" + (" (this repo's root)" if repo_id else "")
+    smaller = export_mode(adapter.plan).rank_pattern_form
+    plain = "unpruned PEFT adapter" if smaller else "plain PEFT adapter" + (" (this repo's root)" if repo_id else "")
     compact = "compact adapter (`loradrop/`)" if repo_id else "this compact adapter"
     table = (
         "| | LoRA parameters | weight bytes |\n|---|---:|---:|\n"
@@ -144,7 +144,7 @@ def _size_table(adapter: CompactAdapter, repo_id: str | None) -> str:
         table += (
             f"\n\nBoth also hold {adapter.other_params:,} parameters of modules trained in full (`modules_to_save`)."
         )
-    if truncate:
+    if smaller:
         where = "in `rank_pattern/`" if repo_id else "`loradrop expand` writes"
         table += (
             f"\n\nThe plain PEFT adapter {where} is as small as the compact one: it gives the truncated modules rank "
@@ -159,16 +159,7 @@ def _plan_tables(adapter: CompactAdapter) -> str:
     plan = adapter.plan
     modules = ["| module | kind | importance | LoRA |", "|---|---|---:|---|"]
     for name, kind in plan.kinds.items():
-        if name in plan.kept:
-            status = "own"
-        elif plan.mode == "drop":
-            status = "dropped"
-        elif plan.mode == "truncate":
-            status = f"truncated to rank {plan.dropped_rank}"
-        elif plan.source_of(name) == name:
-            status = f"shared: its LoRA serves the {len(plan.shared[kind])} modules of its group"
-        else:
-            status = f"shared: uses the LoRA of `{_short(plan.source_of(name))}`"
+        status = "own" if name in plan.kept else export_mode(plan).status(plan, name)
         modules.append(f"| `{_short(name)}` | {kind} | {plan.importance[name]:.4f} | {status} |")
     settings = plan_settings(plan, adapter.plan_extra.get("config"))
     return (
@@ -192,7 +183,7 @@ def _settings_table(adapter: CompactAdapter) -> str:
     ]
     if "threshold" not in config:
         rows.append(f"| LoRA-drop threshold T | {plan.threshold} |")
-    if plan.mode == "truncate":
+    if _truncates(plan):
         rows.append(f"| LoRA-drop dropped_rank (rank of truncated modules) | `{plan.dropped_rank}` |")
     if plan.step is not None:
         rows.append(f"| switch at optimizer step | {plan.step} |")
@@ -207,6 +198,7 @@ def _how_to_load(adapter: CompactAdapter, base: str | None, repo_id: str) -> str
     """The repo card's snippets, naming the repo by its id: plain PEFT at the root first, then the line that serves
     it in each engine whose rules it meets (`_engine_lines`), then `hub_export`."""
     auto, base_id = _auto_class(adapter), base or "<base model id>"
+    loaded = export_mode(adapter.plan).loaded_again(adapter.plan)
     small = (
         "\n\nThe smallest plain adapter, in `rank_pattern/`, loads the same way with PEFT (to float32 rounding: a "
         "rank-1 product sums in another order than a zero-padded one):\n\n"
@@ -216,7 +208,7 @@ def _how_to_load(adapter: CompactAdapter, base: str | None, repo_id: str) -> str
         f'base = {auto}.from_pretrained("{base_id}")\n'
         f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="rank_pattern")\n'
         "```"
-        if adapter.plan.mode == "truncate"
+        if export_mode(adapter.plan).rank_pattern_form
         else ""
     )
     return (
@@ -229,7 +221,7 @@ def _how_to_load(adapter: CompactAdapter, base: str | None, repo_id: str) -> str
         f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
         "```"
         f"{small}{_engine_lines(adapter, base_id, repo_id)}\n\n"
-        f"The compact adapter in `loradrop/` loads with `hub_export` ({_loaded_again(adapter)}), which comes with the "
+        f"The compact adapter in `loradrop/` loads with `hub_export` ({loaded}), which comes with the "
         "`loradrop` package:\n\n"
         f"```bash\n{INSTALL}\n```\n\n"
         "```python\n"
@@ -276,7 +268,8 @@ def _how_to_load_directory(adapter: CompactAdapter, base: str | None) -> str:
     """The snippets of a compact adapter directory's card: `load_compact`, or plain PEFT after `loradrop expand`."""
     auto, base_id = _auto_class(adapter), base or "<base model id>"
     return (
-        f"With `hub_export`, from the `loradrop` package ({_loaded_again(adapter)}):\n\n"
+        f"With `hub_export`, from the `loradrop` package ({export_mode(adapter.plan).loaded_again(adapter.plan)})"
+        ":\n\n"
         "```python\n"
         f"from transformers import {auto}\n\n"
         "from hub_export import load_compact\n\n"
@@ -301,19 +294,9 @@ def _auto_class(adapter: CompactAdapter) -> str:
     return AUTO_CLASSES.get(str(adapter.peft_config.get("task_type")), "AutoModel")
 
 
-def _loaded_again(adapter: CompactAdapter) -> str:
-    """What loading the compact adapter gives back."""
-    if adapter.plan.mode == "truncate":
-        return (
-            f"the model as trained, truncated modules at rank r with zeros past rank {adapter.plan.dropped_rank}; "
-            "`is_trainable=True` continues training at the same ranks"
-        )
-    if adapter.plan.mode == "drop":
-        return (
-            "the model as trained, dropped modules without LoRA; `is_trainable=True` continues training with them "
-            "switched off"
-        )
-    return "ties the shared modules again; `is_trainable=True` continues training with the same tying"
+def _truncates(plan: DropPlan) -> bool:
+    """Whether the plan's dropped modules keep their own LoRA at its `dropped_rank`, which the card then states."""
+    return mode_of(plan.mode).truncates
 
 
 def _short(name: str) -> str:

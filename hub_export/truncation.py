@@ -1,5 +1,5 @@
-"""Mode "truncate" in the export: truncated modules stored at their rank k, padded back to r, and the PEFT config
-entries that say how PEFT scales them.
+"""Truncated modules in the export: stored at their rank k, padded back to r, and the PEFT config entries that say how
+PEFT scales them; for the modules a plan truncates (`DropPlan.truncated`, none unless its mode truncates).
 
 In training a truncated module keeps the shapes of a rank-r LoRA (`loradrop_trainer.truncate`): `lora_A` holds its k
 rows then zero rows, `lora_B` its k columns then zero columns, and the PEFT config's `alpha_pattern` gets an entry
@@ -13,7 +13,7 @@ rows then zero rows, `lora_B` its k columns then zero columns, and the PEFT conf
   `apply_plan` gives it the rank-k scaling, as in training;
 - the plain PEFT adapter `expand_to_peft` writes is rank k for real: the stored tensors, and a config whose
   `rank_pattern` says k for those modules and whose `alpha_pattern` has loradrop's entries removed
-  (`reduced_config`), so PEFT's own scaling, `lora_alpha / k`, is the trained one.
+  (`hub_export.modes.truncate`), so PEFT's own scaling, `lora_alpha / k`, is the trained one.
 
 PEFT reads pattern keys as regular expressions and takes the first key that matches a module, so loradrop's entries
 go first. PEFT's `save_pretrained` writes the keys sorted; loradrop's begin with a regular-expression comment that
@@ -34,14 +34,9 @@ from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX, pattern_key
 from .errors import PlanError
 
 
-def truncated_modules(plan: DropPlan) -> list[str]:
-    """The modules `plan` truncates to `plan.dropped_rank` (none unless it is in mode "truncate")."""
-    return list(plan.dropped) if plan.mode == "truncate" else []
-
-
 def truncated_keys(plan: DropPlan) -> dict[str, str]:
     """`{PEFT key: module name}` of the LoRA A and B weights of every module `plan` truncates."""
-    return {name + suffix: name for name in truncated_modules(plan) for suffix in LORA_SUFFIXES}
+    return {name + suffix: name for name in plan.truncated for suffix in LORA_SUFFIXES}
 
 
 def module_value(default: Any, pattern: Mapping[str, Any], module: str) -> Any:
@@ -135,7 +130,7 @@ def refuse_kept_scaling(dropped_scaling: object, where: str) -> None:
 
 def recorded_alpha_keys(plan: DropPlan) -> dict[str, str]:
     """`{alpha_pattern key: module name}` of the entries LoraDropCallback records for the truncated modules."""
-    return {pattern_key(name): name for name in truncated_modules(plan)}
+    return {pattern_key(name): name for name in plan.truncated}
 
 
 def without_recorded_alpha(peft_config: Mapping[str, Any], plan: DropPlan) -> dict[str, Any]:
@@ -157,14 +152,3 @@ def recorded_alpha_first(peft_config: Mapping[str, Any], plan: DropPlan) -> dict
         return dict(peft_config)
     first = {key: pattern[key] for key in ours if key in pattern}
     return {**peft_config, "alpha_pattern": {**first, **{k: v for k, v in pattern.items() if k not in first}}}
-
-
-def reduced_config(peft_config: Mapping[str, Any], plan: DropPlan) -> dict[str, Any]:
-    """The PEFT config of the plain adapter at the reduced size: `rank_pattern` gives every truncated module rank k
-    (ahead of the user's own entries) and loradrop's `alpha_pattern` entries are gone, so PEFT scales those modules by
-    `lora_alpha / k` (`/ sqrt(k)` with rsLoRA), the scaling they trained with."""
-    if plan.mode != "truncate":
-        return dict(peft_config)
-    ours = {pattern_key(name): plan.dropped_rank for name in plan.dropped}
-    theirs = {key: value for key, value in (peft_config.get("rank_pattern") or {}).items() if key not in ours}
-    return {**without_recorded_alpha(peft_config, plan), "rank_pattern": {**ours, **theirs}}

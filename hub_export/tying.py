@@ -52,7 +52,7 @@ def read_tying(model: nn.Module, plan: DropPlan) -> Tying:
         )
     layers = plan_layers(model, plan)
     switched_off = {name for name, layer in layers.items() if adapter not in layer.active_adapters}
-    expected_off = set(plan.dropped) if plan.mode == "drop" else set()
+    expected_off = {name for name in plan.kinds if plan.source_of(name) is None}
     if switched_off != expected_off:
         odd = sorted(switched_off ^ expected_off)
         raise PlanError(

@@ -21,7 +21,7 @@ parsed as PEFT parses it:
   floating point; weights finite;
 - truncation (mode "truncate"): k is below every truncated module's rank r, and the config's ``alpha_pattern`` has,
   first among the keys that match the module, the entry LoraDropCallback records for it, with the ``lora_alpha``
-  that scales it as a rank-k LoRA (`check_truncation`).
+  that scales it as a rank-k LoRA (the mode's `check_config`, `hub_export.modes`).
 
 What needs the base model (do the modules exist, are the widths theirs) is checked by `hub_export.loader`. PEFT is
 imported by the checks that parse the config as PEFT does, when they run: `check_format`, the part that reads the
@@ -41,7 +41,8 @@ from loradrop_trainer.peft_keys import LORA_SUFFIXES, PEFT_PREFIX, is_saved_modu
 
 from .errors import CompactFormatError
 from .format import CompactAdapter, split_key
-from .truncation import module_value, rank_axis, recorded_alpha_keys, truncated_keys
+from .modes import export_mode
+from .truncation import module_value, rank_axis, truncated_keys
 
 try:
     from re import _parser as regex_parser  # Python 3.11+: the parser `re.compile` itself uses
@@ -126,7 +127,7 @@ def check_adapter(adapter: CompactAdapter, where: str) -> LoraConfig:
     check_names([*adapter.plan.kinds, *adapter.members, *adapter.dropped], where)
     _check_keys(adapter, config, where)
     _check_contents(adapter, where)
-    check_truncation(config, adapter.plan, where)
+    export_mode(adapter.plan).check_config(config, adapter.plan, where)
     _check_shapes(adapter, config, where)
     return config
 
@@ -459,7 +460,7 @@ def _found(key: str, holder: Mapping[str, str], dropped: Mapping[str, Any]) -> s
 def _plan_says(plan: DropPlan, name: str) -> str:
     if name in plan.kept:
         return f"the plan gives {name!r} its own LoRA"
-    if plan.mode == "truncate":
+    if name in plan.truncated:
         return f"the plan gives {name!r} its own LoRA, truncated to rank {plan.dropped_rank}"
     source = plan.source_of(name)
     return f"the plan drops the LoRA of {name!r}" if source is None else f"the plan ties {name!r} to {source!r}"
@@ -549,53 +550,6 @@ def _check_unstored(adapter: CompactAdapter, where: str) -> None:
                 f"({' and '.join(str(w) for w in sides.values())}); a LoRA's rank is at most the larger of the two, "
                 "and loading it would allocate what the file does not hold. Export the adapter again."
             )
-
-
-def check_truncation(
-    config: LoraConfig, plan: DropPlan, where: str, error: type[ValueError] = CompactFormatError
-) -> None:
-    """Mode "truncate": refuse a plan whose `dropped_rank` k is not below a truncated module's rank r, and a config
-    that does not scale every truncated module as a rank-k LoRA.
-
-    The adapter's config is the model's, at rank r everywhere: what PEFT builds from it computes the truncated
-    modules' LoRA only with the `alpha_pattern` entry LoraDropCallback records for each of them, the `lora_alpha`
-    that makes PEFT's rank-r scaling the rank-k one. It must be the first key PEFT finds for the module, and its
-    value the one the user's own `lora_alpha` (or `alpha_pattern`) gives.
-    """
-    if plan.mode != "truncate":
-        return
-    from peft.utils.other import get_pattern_key
-
-    from loradrop_trainer.truncate import alpha_at_rank
-
-    k, ours = plan.dropped_rank, recorded_alpha_keys(plan)
-    theirs = {key: value for key, value in config.alpha_pattern.items() if key not in ours}
-    for key, name in ours.items():
-        r, short = module_value(config.r, config.rank_pattern, name), name.removeprefix(PEFT_PREFIX)
-        if k >= r:
-            raise error(
-                f"{where}: its plan truncates {name!r} to rank {k} (dropped_rank), but its PEFT config gives that "
-                f"module rank {r}; truncation keeps fewer ranks than r. The plan and the config come from different "
-                "adapters: export the adapter again."
-            )
-        alpha = module_value(config.lora_alpha, theirs, name)
-        wanted = alpha_at_rank(alpha, r, k, config.use_rslora)
-        first = get_pattern_key(config.alpha_pattern.keys(), short)
-        if key not in config.alpha_pattern:
-            found = "has no entry for it"
-        elif first != key:
-            found = f"has {first!r} first among the keys that match it"
-        elif config.alpha_pattern[key] != wanted:
-            found = f"maps it to lora_alpha {config.alpha_pattern[key]!r}"
-        else:
-            continue
-        raise error(
-            f"{where}: its plan truncates {name!r} to rank {k}, but the alpha_pattern of its PEFT config {found}; "
-            f"LoraDropCallback records {key!r}: {wanted!r} there at the switch, so that PEFT scales the rank-{r} "
-            f"module as a rank-{k} LoRA. The config was saved before the switch or by another run than the plan's: "
-            "export the adapter again from the model (or a checkpoint) saved after the switch, with the plan of "
-            "the same run."
-        )
 
 
 # The dtypes adapter weights are trained and saved in; others (float8, integers) are refused before any arithmetic,

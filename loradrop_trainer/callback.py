@@ -19,14 +19,14 @@ from .config import LoraDropConfig
 from .grad_tying import GradientTying
 from .importance import ImportanceCollector
 from .lora_layers import count_distinct, find_lora_layers, lora_kinds, lora_parameters, lora_shape
+from .modes import mode_of
 from .plan import DropPlan, NoImportanceError, attach_plan, attached_plan, build_plan, coverage_warning, detach_plan
 from .reparam import UntiedLora, reparameterise, untied_before_plan
 from .report import PLAN_FILE, PLOT_FILE, plan_settings, plot_importance, summary_table, write_plan
 from .restart import check_restartable, restart_adapter, restart_schedule, scheduler_step
-from .saved_form import save_folded, saved_form, stop_folding, unfold_restored
+from .saved_form import saved_form, unfold_restored
 from .sharding import check_fsdp_version, parameter_engine
 from .stability import StabilityTracker
-from .truncate import check_truncatable, forget_truncation, record_truncation
 
 logger = logging.get_logger(__name__)
 
@@ -135,8 +135,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         cfg = self.config
         self._select_layers(model, cfg.adapter_name, cfg.target, cfg.exclude)
         _check_adapter_trains(model, self._layers, cfg.adapter_name)
-        if cfg.mode == "truncate":
-            check_truncatable(self._layers, cfg.adapter_name, cfg.dropped_rank)
+        mode_of(cfg.mode).check_layers(self._layers, cfg)
         if state.max_steps <= 0:
             raise ValueError(
                 "LoraDropCallback needs the number of optimizer steps to place the switch; set "
@@ -332,9 +331,8 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         """
         self._untied.restore()
         config = _peft_config(model, self.plan.adapter_name)
-        if self.plan.mode == "truncate" and config is not None and self._dropped_scaling() == "rank":
-            forget_truncation(config, self.plan)
-            stop_folding(model)
+        if config is not None:
+            mode_of(self.plan.mode).forget(model, config, self.plan, self._dropped_scaling())
         if self._untied.reload_needed:
             model.load_adapter(checkpoint, adapter_name=self.config.adapter_name, is_trainable=True)
         detach_plan(model, restored_from=checkpoint)
@@ -460,13 +458,12 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         return collector.residual_totals(self._layers, self.config.adapter_name, self.config.dropped_rank)
 
     def _record_in_config(self, model) -> None:
-        """Mode "truncate": let the PEFT config say how the truncated modules are scaled, and make `save_pretrained`
-        write them folded into lora_B instead, which every engine reads (`saved_form`). With dropped_scaling="keep"
-        they are scaled as the config already says: nothing is recorded, nothing folded."""
+        """Let the plan's mode record in the PEFT config what the config would not say of the applied plan (mode
+        "truncate": how the truncated modules are scaled, written folded into lora_B by `save_pretrained`, which
+        every engine reads: `saved_form`)."""
         config = _peft_config(model, self.plan.adapter_name)
-        if self.plan.mode == "truncate" and config is not None and self._dropped_scaling() == "rank":
-            record_truncation(config, self._layers, self.plan)
-            save_folded(model, self._layers, self.plan)
+        if config is not None:
+            mode_of(self.plan.mode).record(model, config, self._layers, self.plan, self._dropped_scaling())
 
     def _dropped_scaling(self) -> str:
         """The `dropped_scaling` the plan is applied with: the settings it was made under (a checkpoint's, when
@@ -493,15 +490,14 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         )
 
     def _count_after(self) -> int:
-        """The kept modules' LoRA and, in mode "share", one LoRA per group (tied in place, or gradient-tied copies);
-        in mode "truncate", each dropped module's rank-k part (the rest of its Parameters is a zero block)."""
+        """The LoRA of the plan's owners (kept modules, and in mode "share" one per group: tied in place, or
+        gradient-tied copies), and each truncated module's rank-k part (the rest of its Parameters is a zero block)."""
         plan = self.plan
-        owners = plan.kept + ([members[0] for members in plan.shared.values()] if plan.mode == "share" else [])
-        count = count_distinct([p for name in owners for p in lora_parameters(self._layers[name], plan.adapter_name)])
-        if plan.mode == "truncate":
-            shapes = [lora_shape(self._layers[name], plan.adapter_name) for name in plan.dropped]
-            count += sum(plan.dropped_rank * (in_features + out_features) for in_features, _, out_features in shapes)
-        return count
+        owned = [p for name in plan.owners for p in lora_parameters(self._layers[name], plan.adapter_name)]
+        shapes = [lora_shape(self._layers[name], plan.adapter_name) for name in plan.truncated]
+        return count_distinct(owned) + sum(
+            plan.dropped_rank * (in_features + out_features) for in_features, _, out_features in shapes
+        )
 
     def _plan_extra(self) -> dict:
         """The run's facts that travel with the plan into its file, the exported adapter and its model card."""

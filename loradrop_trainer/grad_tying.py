@@ -50,8 +50,6 @@ class GradientTying:
     """
 
     def __init__(self, layers: dict[str, LoraLayer], plan: DropPlan, optimizer: object) -> None:
-        if plan.mode != "share":
-            raise ValueError("Gradient tying applies to mode 'share' only; mode 'drop' switches modules off instead.")
         self._parts = shared_groups(layers, plan)
         self.groups: list[list[nn.Parameter]] = [params for _, params in self._parts]
         self.engine: Engine = parameter_engine(p for group in self.groups for p in group)

@@ -7,7 +7,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import MODES
+from .modes import mode_of
 
 SCORED_KEYS = ("micro_batches", "tokens")  # how much data the importance rests on (`DropPlan.scored`)
 
@@ -54,25 +54,33 @@ class DropPlan:
     def dropped(self) -> list[str]:
         return [name for members in self.shared.values() for name in members]
 
+    @property
+    def truncated(self) -> list[str]:
+        """The dropped modules that keep a LoRA of their own at rank `dropped_rank` (none unless the mode truncates)."""
+        return self.dropped if mode_of(self.mode).truncates else []
+
+    @property
+    def owners(self) -> list[str]:
+        """The modules whose own LoRA trains at its full rank after the switch: every kept module and every module
+        whose LoRA others use (a shared group's source), not the truncated ones nor those whose LoRA was dropped."""
+        truncated = set(self.truncated)
+        sources = dict.fromkeys(self.source_of(name) for name in self.kinds if name not in truncated)
+        return [name for name in sources if name is not None]
+
     def source_of(self, name: str) -> str | None:
         """The module whose LoRA `name` uses after the switch (itself if kept or truncated, None if its LoRA was
-        dropped)."""
-        if name in self.kept or name not in self.kinds or self.mode == "truncate":
+        dropped): a dropped module's is its mode's answer."""
+        if name in self.kept or name not in self.kinds:
             return name
-        if self.mode == "drop":
-            return None
-        return self.shared[self.kinds[name]][0]
+        return mode_of(self.mode).source_of(self, name)
 
     def kept_fraction(self, sizes: Mapping[str, int], ranks: Mapping[str, int] | None = None) -> float:
         """Fraction of the LoRA parameters left after the switch, given each module's LoRA parameter count (and, in
-        mode "truncate", its rank r: a module truncated to rank k keeps k / r of them)."""
-        after = sum(sizes[name] for name in self.kept)
-        if self.mode == "share":
-            after += sum(sizes[members[0]] for members in self.shared.values())
-        elif self.mode == "truncate":
-            if ranks is None:
-                raise ValueError("kept_fraction of a plan in mode 'truncate' needs each module's rank (ranks=...).")
-            after += sum(sizes[name] * self.dropped_rank // ranks[name] for name in self.dropped)
+        a mode that truncates, its rank r: a module truncated to rank k keeps k / r of them)."""
+        if mode_of(self.mode).truncates and ranks is None:
+            raise ValueError(f"kept_fraction of a plan in mode {self.mode!r} needs each module's rank (ranks=...).")
+        after = sum(sizes[name] for name in self.owners)
+        after += sum(sizes[name] * self.dropped_rank // ranks[name] for name in self.truncated)
         return after / sum(sizes[name] for name in self.kinds)
 
     def summary(self) -> dict[str, dict[str, int]]:
@@ -96,7 +104,7 @@ class DropPlan:
             "kinds": dict(self.kinds),
             "importance": dict(self.importance),
             "stability": [dict(record) for record in self.stability] if self.stability is not None else None,
-            **({"dropped_rank": self.dropped_rank} if self.mode == "truncate" else {}),
+            **({"dropped_rank": self.dropped_rank} if mode_of(self.mode).truncates else {}),
             **({"scored": dict(self.scored)} if self.scored is not None else {}),
         }
 
@@ -131,11 +139,10 @@ class DropPlan:
 
     def validate(self) -> None:
         """Check the plan is self-consistent: every module is kept or in its own kind's shared group, exactly once,
-        with a finite, non-negative importance, in a mode the re-parameterisation knows."""
-        if self.mode not in MODES:
-            raise ValueError(f"Drop plan mode {self.mode!r} is not one of {MODES}; the plan is corrupt.")
+        with a finite, non-negative importance, in a mode the re-parameterisation knows (`modes`)."""
+        mode = mode_of(self.mode)
         rank = self.dropped_rank
-        valid_rank = type(rank) is int and rank >= 1 if self.mode == "truncate" else rank is None
+        valid_rank = type(rank) is int and rank >= 1 if mode.truncates else rank is None
         if not valid_rank:
             raise ValueError(
                 f"Drop plan dropped_rank {rank!r} does not fit mode {self.mode!r} (a positive integer in mode "
@@ -299,19 +306,16 @@ def plan_keeping(
 ) -> DropPlan:
     """The plan that keeps `kept` and groups every other module by kind, most important first.
 
-    `build_plan` chooses `kept` by importance; ablations (a random choice of the same size) choose it otherwise. In
-    mode "share", a module left alone in its kind shares with nobody: it keeps its own LoRA, so it is kept, and
-    "kept" means the same thing in every count (a module with LoRA weights of its own).
+    `build_plan` chooses `kept` by importance; ablations (a random choice of the same size) choose it otherwise. The
+    mode has its say on both (`Mode.settle`: in mode "share", a module left alone in its kind is kept).
     """
+    rules = mode_of(mode)
     total, normalised, order = _rank(importance, kinds)
     shared: dict[str, list[str]] = {}
     for name in order:
         if name not in kept:
             shared.setdefault(kinds[name], []).append(name)
-    if mode == "share":
-        alone = {members[0] for members in shared.values() if len(members) == 1}
-        kept = {*kept, *alone}
-        shared = {kind: members for kind, members in shared.items() if members[0] not in alone}
+    kept, shared = rules.settle(set(kept), shared)
     return DropPlan(
         importance=normalised,
         kept=[name for name in order if name in kept],
@@ -323,7 +327,7 @@ def plan_keeping(
         step=step,
         total=total,
         stability=stability,
-        dropped_rank=dropped_rank if mode == "truncate" else None,
+        dropped_rank=dropped_rank if rules.truncates else None,
     )
 
 

@@ -1,14 +1,10 @@
-"""Re-parameterising a PEFT model according to a drop plan.
+"""Re-parameterising a PEFT model according to a drop plan, and undoing it.
 
-Where the LoRA Parameters are whole on every rank (one process, DDP, DeepSpeed ZeRO-1/2), dropped modules of one kind
-are tied in place to the LoRA Parameters of the most important dropped module of that kind. Those Parameters are
-already known to the optimizer, to DDP's reducer and to DeepSpeed's flat buffers, so training goes on with no
-optimizer surgery: autograd sums the gradients of every user of a shared Parameter, and the Parameters the dropped
-modules used to own simply stop receiving gradients (torch optimizers skip them).
-
-Where they are sharded (FSDP2, ZeRO-3), tying in place cannot survive the engine's own handling of Parameters, and
-`reparameterise` ties their gradients instead (`grad_tying`). Mode "drop" only switches modules off, and mode
-"truncate" only sets values and scalings (`truncate`), on any engine.
+What the switch does to the dropped modules is their mode's (`modes`: tied in place or by their gradients in "share",
+switched off in "drop", cut to a lower rank in "truncate"); `apply_plan` and `reparameterise` hand the layers to the
+plan's mode. Setting new values on any engine (`set_values`) is written once here, for every mode and for
+`restart`. `UntiedLora` keeps the layers as they were before the plan, so that a best-model restore to a checkpoint
+from before the switch makes them plain LoRA again, whatever the mode did.
 """
 
 from __future__ import annotations
@@ -17,45 +13,28 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .grad_tying import GradientTying, fresh_values, reset_sharded, shared_groups
-from .lora_layers import lora_parameters
+from .grad_tying import GradientTying, reset_sharded
+from .modes import mode_of
+from .modes.base import Run
 from .plan import DropPlan, attached_plan
 from .sharding import is_deepspeed_optimizer, parameter_engine
-from .truncate import set_truncated_scaling, truncated_dropped_values
 
 
 def apply_plan(layers: dict[str, LoraLayer], plan: DropPlan, *, dropped_scaling: str = "rank") -> None:
-    """Tie (mode "share"), switch off (mode "drop") or scale as their lower rank (mode "truncate") the dropped modules
-    of `plan`, in place. The values of truncated modules are the model's own (`reparameterise` sets them at the
-    switch); with `dropped_scaling="keep"` their scaling stays the adapter's, so mode "truncate" changes nothing here.
+    """Re-parameterise the dropped modules of `plan` in place, as its mode says (`modes`): tie them to one LoRA per
+    kind ("share"), switch them off ("drop"), or scale them as their lower rank ("truncate"; their values are the
+    model's own, which `reparameterise` sets at the switch, and with `dropped_scaling="keep"` it changes nothing here).
 
     Idempotent: applying the plan to an already re-parameterised model changes nothing, which is what resuming from
     a checkpoint relies on.
+
+    Args:
+        layers: `{module name: LoRA layer}` of the plan's modules.
+        plan: the drop plan.
+        dropped_scaling: `LoraDropConfig.dropped_scaling`, for a mode that rescales the dropped modules.
     """
-    _check_plan_matches(layers, plan)
-    if plan.mode == "share" and parameter_engine(p for _, group in shared_groups(layers, plan) for p in group) != (
-        "replicated"
-    ):
-        raise ValueError(
-            "The LoRA Parameters are sharded (FSDP2 or DeepSpeed ZeRO-3): tying them in place would not survive the "
-            "engine. Use reparameterise(..., optimizer), which ties their gradients instead."
-        )
-    if plan.mode == "truncate":
-        if dropped_scaling == "rank":
-            set_truncated_scaling(layers, plan)
-        return
-    adapter = plan.adapter_name
-    for members in plan.shared.values():
-        if plan.mode == "drop":
-            for name in members:
-                _deactivate(layers[name], adapter)
-            continue
-        source = layers[members[0]]
-        for name in members[1:]:
-            for part in ("lora_A", "lora_B"):
-                target_module = getattr(layers[name], part)[adapter]
-                for pname, param in getattr(source, part)[adapter].named_parameters(recurse=False):
-                    setattr(target_module, pname, param)
+    check_plan_matches(layers, plan)
+    mode_of(plan.mode).apply(layers, plan, dropped_scaling=dropped_scaling)
 
 
 def reparameterise(
@@ -67,7 +46,8 @@ def reparameterise(
     fresh_seed: int | None = None,
     dropped_scaling: str = "rank",
 ) -> GradientTying | None:
-    """Apply `plan` to a model in training, on whatever engine holds its LoRA; every rank must call it.
+    """Apply `plan` to a model in training, on whatever engine holds its LoRA, as its mode says; every rank must call
+    it.
 
     Args:
         layers: `{module name: LoRA layer}` of the plan's modules.
@@ -84,56 +64,7 @@ def reparameterise(
         The `GradientTying` that keeps sharded members equal (remove it when training ends), or None when the plan
         was applied in place.
     """
-    if plan.mode == "truncate":
-        _check_plan_matches(layers, plan)
-        if at_switch:
-            set_values(truncated_dropped_values(layers, plan, optimizer, dropped_scaling), optimizer)
-        apply_plan(layers, plan, dropped_scaling=dropped_scaling)
-        return None
-    if plan.mode == "drop":
-        apply_plan(layers, plan)
-        if at_switch:
-            zero_dropped(layers, plan, optimizer)
-        dropped = [p for name in plan.dropped for p in lora_parameters(layers[name], plan.adapter_name)]
-        if parameter_engine(dropped) == "zero3":
-            # ZeRO-3 steps every partition with the gradient it last reduced for it, also for a Parameter that got
-            # none since; it steps those that do not require gradients with zeros (and DDP must not see this change).
-            for param in dropped:
-                param.requires_grad_(False)
-        return None
-    if parameter_engine(p for _, group in shared_groups(layers, plan) for p in group) == "replicated":
-        apply_plan(layers, plan)
-        if at_switch and fresh_seed is not None:
-            reinit_shared(layers, plan, optimizer, fresh_seed)
-        return None
-    _check_plan_matches(layers, plan)
-    tying = GradientTying(layers, plan, optimizer)
-    if at_switch:
-        tying.align(fresh_seed)
-    tying.attach()
-    return tying
-
-
-def reinit_shared(
-    layers: dict[str, LoraLayer], plan: DropPlan, optimizer: torch.optim.Optimizer | None, seed: int
-) -> None:
-    """Start every shared LoRA afresh (A as PEFT initialises it, B zero) and forget its optimizer state.
-
-    The random A comes from its own generator seeded with `seed`: every rank draws the same values, and the global
-    RNG stream (dropout, data order) is left as an uninterrupted run would have it.
-    """
-    sources = [(part, params[:1]) for part, params in shared_groups(layers, plan)]
-    set_values(fresh_values(sources, seed), optimizer)
-
-
-def zero_dropped(layers: dict[str, LoraLayer], plan: DropPlan, optimizer: object) -> None:
-    """Set the B of every dropped module (mode "drop") to zero, in the module and in the optimizer's copies.
-
-    A dropped module no longer computes its LoRA, but `save_pretrained` still writes its weights, and plain PEFT
-    switches every module on when it loads them: with B at zero that adapter computes what the trained model did.
-    """
-    weights = [layers[name].lora_B[plan.adapter_name].weight for name in plan.dropped]
-    set_values([(w, torch.zeros(getattr(w, "ds_shape", None) or w.shape)) for w in weights], optimizer)
+    return mode_of(plan.mode).reparameterise(layers, plan, Run(optimizer, at_switch, fresh_seed, dropped_scaling))
 
 
 def set_values(values: list[tuple[nn.Parameter, torch.Tensor]], optimizer: object) -> None:
@@ -144,12 +75,8 @@ def set_values(values: list[tuple[nn.Parameter, torch.Tensor]], optimizer: objec
         _reset_parameters({param: value.to(param.device) for param, value in values}, optimizer)
 
 
-def _deactivate(layer: LoraLayer, adapter: str) -> None:
-    """Stop `layer` from computing its LoRA: it then returns exactly the frozen layer's output, at its cost."""
-    layer._active_adapter = [name for name in layer.active_adapters if name != adapter]
-
-
-def _check_plan_matches(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
+def check_plan_matches(layers: dict[str, LoraLayer], plan: DropPlan) -> None:
+    """Refuse a plan that names modules `layers` does not hold."""
     unknown = [name for name in plan.kinds if name not in layers]
     if unknown:
         raise ValueError(

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write
+from .modes import mode_of
 from .plan import DropPlan
 
 PLAN_FILE = "loradrop_plan.json"
 PLOT_FILE = "loradrop_importance.png"
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
-_DROPPED_AS = {"share": "shared", "drop": "dropped", "truncate": "truncated"}  # what a dropped module became
 # The LoraDropConfig fields that decide which modules a plan keeps (the same run prunes to 100% or 64.5% of its
 # modules by `normalize` alone), in the order `plan_settings` shows them.
 PLAN_SETTINGS = ("normalize", "score", "aggregate", "restart", "alpha", "mode", "threshold", "dropped_rank")
@@ -32,8 +32,7 @@ _SHOWN_CHARS = 40  # of one recorded setting: they come from files anyone may ha
 def plan_table(plan: DropPlan) -> str:
     """Modules per kind, how many keep their own LoRA, and the kind's share of the importance, as a Markdown table
     whose columns line up, so it reads the same on a console and in a model card."""
-    verb = _DROPPED_AS[plan.mode]
-    rows = [("kind", "modules", "kept", verb, "importance")]
+    rows = [("kind", "modules", "kept", mode_of(plan.mode).dropped_as, "importance")]
     for kind, counts in plan.summary().items():
         weight = sum(value for name, value in plan.importance.items() if plan.kinds[name] == kind)
         total = counts["kept"] + counts["shared"]
@@ -58,11 +57,8 @@ def summary_table(plan: DropPlan, params_before: int, params_after: int) -> str:
 
 
 def kept_line(plan: DropPlan) -> str:
-    """How many modules kept what: in mode "truncate" every module has a LoRA of its own, at one of two ranks."""
-    kept = f"{len(plan.kept)}/{len(plan.kinds)} modules keep"
-    if plan.mode == "truncate":
-        return f"{kept} their full-rank LoRA, {len(plan.dropped)} are truncated to rank {plan.dropped_rank}"
-    return f"{kept} their own LoRA"
+    """How many modules kept what, as the plan's mode says it (`Mode.summary`)."""
+    return f"{len(plan.kept)}/{len(plan.kinds)} modules keep {mode_of(plan.mode).summary(plan)}"
 
 
 def plan_settings(plan: DropPlan, config: Mapping[str, Any] | None) -> str:
@@ -77,7 +73,7 @@ def plan_settings(plan: DropPlan, config: Mapping[str, Any] | None) -> str:
     shown = [
         f"{key}={_setting(recorded[key])}"
         for key in PLAN_SETTINGS
-        if key in recorded and (key != "dropped_rank" or plan.mode == "truncate")
+        if key in recorded and (key != "dropped_rank" or mode_of(plan.mode).truncates)
     ]
     if not isinstance(config, Mapping):
         shown.append("other settings not recorded")
@@ -125,9 +121,9 @@ def plot_importance(plan: DropPlan, path: str | os.PathLike, config: Mapping[str
         ax.set_ylabel(kind, rotation=0, ha="right", va="center")
         ax.grid(axis="y", alpha=0.3)
     axes[-1, 0].set_xlabel("layer")
-    verb = _DROPPED_AS[plan.mode] + (f" to rank {plan.dropped_rank}" if plan.mode == "truncate" else "")
     settings = plan_settings(plan, config)
-    fig.suptitle(f"LoRA-drop importance (blue: kept, grey: {verb}; threshold {plan.threshold})")
+    became = mode_of(plan.mode).became(plan)
+    fig.suptitle(f"LoRA-drop importance (blue: kept, grey: {became}; threshold {plan.threshold})")
     axes[0, 0].set_title(textwrap.fill(settings, 150), fontsize=8)  # one line of it was clipped at the figure's width
     fig.tight_layout()
     png = io.BytesIO()

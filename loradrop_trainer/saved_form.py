@@ -47,7 +47,7 @@ def fold_factors(layers: dict[str, LoraLayer], plan: DropPlan) -> dict[str, floa
     the config without loradrop's entries (the user's `lora_alpha` and rank for it); modules scaled as that config
     says already (factor 1) are left out."""
     adapter, factors = plan.adapter_name, {}
-    for name in plan.dropped if plan.mode == "truncate" else ():
+    for name in plan.truncated:
         layer = layers[name]
         written = scaling_at_rank(layer.lora_alpha[adapter], layer.r[adapter], layer.use_rslora.get(adapter, False))
         if layer.scaling[adapter] != written:
@@ -146,8 +146,7 @@ def unfold_restored(layers: dict[str, LoraLayer], plan: DropPlan, record: dict[s
 
 def _truncated_b(layers: dict[str, LoraLayer], plan: DropPlan) -> dict[str, nn.Parameter]:
     adapter = plan.adapter_name
-    names = plan.dropped if plan.mode == "truncate" else []
-    return {f"{name}.lora_B.{adapter}.weight": layers[name].lora_B[adapter].weight for name in names}
+    return {f"{name}.lora_B.{adapter}.weight": layers[name].lora_B[adapter].weight for name in plan.truncated}
 
 
 def _sum_of_squares(tensors) -> float:
