@@ -171,7 +171,7 @@ def recipe_argv(args: argparse.Namespace, work: Path) -> list[str]:
         "--model", args.model, "--train_file", str(data / "train.jsonl"), "--eval_file", str(data / "test.jsonl"),
         "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.micro_batch),
         "--gradient_accumulation_steps", str(max(1, args.batch // args.micro_batch)),
-        "--learning_rate", str(args.lr), "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03",
+        "--learning_rate", str(args.lr), "--lr_scheduler_type", "cosine", "--warmup_ratio", str(args.warmup_ratio),
         "--target_modules", TARGETS, "--lora_r", str(variant.r), "--lora_alpha", str(variant.lora_alpha),
         "--max_length", str(args.max_length), "--max_new_tokens", str(args.max_new_tokens),
         "--per_device_eval_batch_size", str(args.eval_batch), "--generation_batch_size", str(args.generation_batch),
@@ -186,8 +186,29 @@ def recipe_argv(args: argparse.Namespace, work: Path) -> list[str]:
 
 
 def _bytes(directory: Path) -> int | None:
-    files = list(directory.glob("adapter_model.safetensors")) if directory.is_dir() else []
+    """Bytes of the adapter weights in `directory` (the plain PEFT adapter, or the compact one)."""
+    files = list(directory.glob("adapter_*.safetensors")) if directory.is_dir() else []
     return sum(f.stat().st_size for f in files) or None
+
+
+def compact_export(loradrop):
+    """A callback writing, when training ends, the LoRA-drop compact adapter to <output_dir>/compact (the recipe
+    does so only for its own callback; the arms' come in through `callbacks`). A failure is logged, not raised: the
+    run's metrics matter more than the bytes."""
+    from transformers import TrainerCallback
+
+    from recipes import llama2_gsm8k
+
+    class CompactExport(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if loradrop is None or loradrop.plan is None or not state.is_world_process_zero:
+                return
+            try:
+                llama2_gsm8k.export_compact(model, loradrop.plan, Path(args.output_dir))
+            except Exception as err:
+                print(f"compact export failed: {err!r}", flush=True)
+
+    return CompactExport()
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
@@ -206,7 +227,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
     splits = SplitLosses(argv, {"val": str(Path(args.data) / "val.jsonl")}, args.curve_every)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    results = llama2_gsm8k.main(argv, callbacks=[*method.callbacks, splits])
+    callbacks = [*method.callbacks, compact_export(method.loradrop), splits]
+    results = llama2_gsm8k.main(argv, callbacks=callbacks)
     task, variant, seed = run_key(args.arm, args.lr, args.seed)
     row = {
         "task": task,
@@ -267,19 +289,23 @@ def chosen_rate(rows: list[dict], rates: tuple[float, ...], arm: str = R8) -> fl
 def middle_first(rates: tuple[float, ...]) -> list[float]:
     """The rates ordered by distance from the grid's geometric middle: the likeliest choice first."""
     centre = statistics.mean(math.log(rate) for rate in rates)
-    return sorted(rates, key=lambda rate: abs(math.log(rate) - centre))
+    return sorted(rates, key=lambda rate: (round(abs(math.log(rate) - centre), 9), -rate))  # ties: the higher
 
 
-def planned_runs(rows: list[dict], arms: list[str], rates: tuple[float, ...], seeds: tuple[int, ...]) -> list[tuple]:
+def planned_runs(
+    rows: list[dict], arms: list[str], rates: tuple[float, ...], seeds: tuple[int, ...], own_grids: bool = True
+) -> list[tuple]:
     """(arm, rate, seed) in priority order, leaving out those with a row: r=8's grid (seed 0); once it is complete,
-    every arm at its chosen rate (seed 0 of all, then seed 1 of all, ...); then the other arms' own grids (seed 0)."""
+    every arm at its chosen rate (seed 0 of all, then seed 1 of all, ...); then (`own_grids`) the other arms' own
+    grids (seed 0), which also fill the slots r=8's grid leaves free."""
     done = {(row["arm"], round(row["lr"], 12), row["seed"]) for row in rows}
     first = arms[0]
     runs = [(first, rate, 0) for rate in rates]
     chosen = chosen_rate(rows, rates, first)
     if chosen is not None:
         runs += [(arm, chosen, seed) for seed in seeds for arm in arms]
-    runs += [(arm, rate, 0) for rate in middle_first(rates) for arm in arms[1:]]
+    if own_grids:
+        runs += [(arm, rate, 0) for rate in middle_first(rates) for arm in arms[1:]]
     seen, out = set(), []
     for arm, rate, seed in runs:
         key = (arm, round(rate, 12), seed)
@@ -294,19 +320,22 @@ def batch_jobs(args: argparse.Namespace) -> list:
 
     results = Path(args.results_dir) / "runs.jsonl"
     jobs = []
-    for arm, rate, seed in planned_runs(read_rows(results), args.arms, tuple(args.rates), tuple(args.seeds)):
+    rows = read_rows(results)
+    for arm, rate, seed in planned_runs(rows, args.arms, tuple(args.rates), tuple(args.seeds), args.own_grids):
         name = job_name(arm, rate, seed)
         if args.only is not None and not any(o in name for o in args.only):
             continue
         argv = ["benchmarks/gsm8k_real.py", "run", "--arm", arm, "--lr", f"{rate:g}", "--seed", str(seed)]
         argv += ["--out", str(results), "--predictions_dir", str(Path(args.results_dir) / "predictions")]
         argv += [f"--{k}={getattr(args, k)}" for k in RUN_SETTINGS if getattr(args, k) is not None]
+        if arm != args.arms[0]:
+            argv.append("--curve_every=0")  # the validation curve only for r=8, whose flattening is the question
         jobs.append(Job(name, "gemma", argv))
     return jobs
 
 
 RUN_SETTINGS = ["model", "data", "steps", "batch", "micro_batch", "max_length", "eval_batch", "generation_batch"]
-RUN_SETTINGS += ["max_new_tokens", "curve_every", "eval_limit", "train_limit"]
+RUN_SETTINGS += ["max_new_tokens", "curve_every", "eval_limit", "train_limit", "warmup_ratio"]
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
@@ -496,7 +525,10 @@ def verdicts(summary: dict, arms: list[str], chosen: float | None) -> list[str]:
             gap = (mine[0] - theirs[0]) * better
             spread = max(mine[1], theirs[1])
             word = "above" if gap > spread else "below" if gap < -spread else "on"
-            parts.append(f"{key.replace('_', ' ')} {mine[0] * scale:.3g} vs {theirs[0] * scale:.3g} ({word})")
+            digits = 1 if scale == 100 else 4
+            parts.append(
+                f"{key.replace('_', ' ')} {mine[0] * scale:.{digits}f} vs {theirs[0] * scale:.{digits}f} ({word})"
+            )
         seeds = f"{len(runs)} seed(s)"
         out.append(
             f"- {arm} ({stats['adapter_params'][0]:,.0f} params) vs plain LoRA r={rank} "
@@ -530,19 +562,44 @@ def add_run_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=16, help="sequences per optimizer step")
     parser.add_argument(
-        "--micro_batch", type=int, default=4, help="sequences per forward (262k-vocabulary logits dominate memory)"
+        "--micro_batch",
+        type=int,
+        default=8,
+        help="sequences per forward: the 262k-vocabulary logits dominate memory (8 x 512 tokens: about 13 GB at the "
+        "loss), and the number of kernel launches dominates time (a 270M model is launch-bound)",
     )
     parser.add_argument("--max_length", type=int, default=512)
-    parser.add_argument("--eval_batch", type=int, default=4, help="sequences per answer-loss batch")
-    parser.add_argument("--generation_batch", type=int, default=128, help="problems per generation batch")
+    parser.add_argument("--eval_batch", type=int, default=8, help="sequences per answer-loss batch")
+    parser.add_argument(
+        "--generation_batch", type=int, default=660, help="problems per generation batch (1,319: two batches)"
+    )
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--curve_every", type=int, default=100, help="validation loss every N steps (0: at the end)")
     parser.add_argument("--eval_limit", type=int, default=None, help="score the first N problems of each split only")
     parser.add_argument("--train_limit", type=int, default=None, help="train on the first N problems only")
+    parser.add_argument("--warmup_ratio", type=float, default=0.03)
 
 
-SMOKE = dict(steps=2, batch=2, micro_batch=2, eval_limit=4, train_limit=16, max_new_tokens=16, curve_every=1)
-SMOKE.update(eval_batch=2, generation_batch=4, max_length=256)
+# A CPU run of the whole pipeline: 20 steps (LoRA-drop's default switches after step 2, when LoRA's B has moved),
+# 4 problems per split, 16 new tokens. With the real Gemma a CPU step takes a minute: use `tiny`'s model.
+SMOKE = dict(steps=20, batch=2, micro_batch=2, eval_limit=4, train_limit=40, max_new_tokens=16, curve_every=10)
+SMOKE.update(eval_batch=2, generation_batch=4, max_length=256, warmup_ratio=0.0)
+
+
+def tiny_model(tokenizer: Path, out: Path) -> None:
+    """A random Gemma-3 of two layers, 64 wide, with the real tokenizer (262,144 tokens), for CPU smoke tests."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tokenizer)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, head_dim=32)
+    shape.update(num_key_value_heads=1, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32)
+    for key, value in shape.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
+    print(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -567,14 +624,28 @@ def main(argv: list[str] | None = None) -> None:
     batch.add_argument("--work_dir", default="/tmp/gsm8k_gemma/batch")
     batch.add_argument("--resume_from", nargs="*", default=None, help="rows (JSONL) of earlier machines to merge")
     batch.add_argument("--budget_s", type=float, default=420)
-    batch.add_argument("--jobs", type=int, default=8, help="processes at a time")
-    batch.add_argument("--first_guess_min", type=float, default=4.0, help="minutes a run takes, until one has ended")
+    batch.add_argument(
+        "--jobs",
+        type=int,
+        default=5,
+        help="processes at a time (5 x about 13 GB fits an H100; gsm8k_real_gpu.sh: 8 on 141 GB)",
+    )
+    batch.add_argument("--first_guess_min", type=float, default=4.5, help="minutes a run takes, until one has ended")
     batch.add_argument("--arms", nargs="+", default=ARMS, help="in priority order; the first one's grid picks the rate")
     batch.add_argument("--rates", nargs="+", type=float, default=list(RATES))
     batch.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     batch.add_argument("--only", nargs="*", default=None, help="run only the jobs whose name contains one of these")
+    batch.add_argument(
+        "--no_own_grids",
+        dest="own_grids",
+        action="store_false",
+        help="leave out the other arms' own learning-rate grids (they fill free slots, and run last otherwise)",
+    )
     batch.add_argument("--smoke", action="store_true", help="tiny sizes (2 steps, 4 problems), for a CPU")
     add_run_settings(batch)
+    tiny = sub.add_parser("tiny", help="a random two-layer Gemma-3 with the real tokenizer, for CPU smoke tests")
+    tiny.add_argument("--tokenizer", type=Path, required=True, help="the converted Gemma-3-270M directory")
+    tiny.add_argument("--out", type=Path, required=True)
     rep = sub.add_parser("report", help="results/gsm8k_gemma.md from the rows")
     rep.add_argument("--runs", default=str(RUNS_FILE))
     rep.add_argument("--md", default=str(REPORT))
@@ -592,6 +663,8 @@ def main(argv: list[str] | None = None) -> None:
             for key, value in SMOKE.items():
                 setattr(args, key, value)
         cmd_batch(args)
+    elif args.command == "tiny":
+        tiny_model(args.tokenizer, args.out)
     else:
         cmd_report(args)
 

@@ -32,8 +32,10 @@ if [ ! -f /tmp/models/gemma3-270m/config.json ]; then
 fi
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 15 >"${OUT:?}/smi.csv" 2>&1 &
 smi=$!
+mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+jobs=5 && [ "${mem:-0}" -gt 120000 ] && jobs=8  # about 13 GB a run at its peak: 5 on an H100, 8 on an H200
 resume=()
 [ -f benchmarks/results/gsm8k_gemma_runs.jsonl ] && resume=(--resume_from benchmarks/results/gsm8k_gemma_runs.jsonl)
 python3 benchmarks/gsm8k_real.py batch --out "$OUT" --model /tmp/models/gemma3-270m --data "$RUN/gsm8k" \
-  --results_dir /tmp/gsm8k_gemma "${resume[@]}" "$@"
+  --results_dir /tmp/gsm8k_gemma --jobs "$jobs" "${resume[@]}" "$@"
 kill "$smi"
