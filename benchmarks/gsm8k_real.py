@@ -65,6 +65,7 @@ GSM8K_SHA256 = {
 }
 GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
 MODEL_DIR = "gemma3-270m"  # what benchmarks/carry_models.py unpacks the carried GGUF to
+HUB_ID = "google/gemma-3-270m"  # named as the base model of the compact adapters
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,17 +133,24 @@ def call_sequence(where: Path, parts: list[dict], run_mib: float) -> str:
         if part is parts[-1] and mib + run_mib < 60:
             carry = [manifest, f"{where}/{part['name']}", f"{where}/run"]
             lines.append(f"  {index + 1}. carry {carry} ({mib + run_mib:.1f} MiB):")
-            lines.append("       bash benchmarks/gsm8k_real_gpu.sh --budget_s 420   # stash, unpack, convert, batch 1")
+            lines.append(
+                "       bash benchmarks/gsm8k_real_gpu.sh --budget_s 420 --start_late  # unpack, convert, batch"
+            )
         else:
             carry = [manifest, f"{where}/{part['name']}"]
             lines.append(f"  {index + 1}. carry {carry} ({mib:.1f} MiB):")
             lines.append(f"       python3 benchmarks/carry_models.py --dir {where} stash")
     if parts[-1]["bytes"] / 2**20 + run_mib >= 60:
-        lines.append(f"  {len(parts) + 1}. carry ['{where}/run']: bash benchmarks/gsm8k_real_gpu.sh --budget_s 420")
+        lines.append(
+            f"  {len(parts) + 1}. carry ['{where}/run']: bash benchmarks/gsm8k_real_gpu.sh --budget_s 420 --start_late"
+        )
     lines.append(
         f"  then, on the same warm machine, carry ['{where}/run']: bash benchmarks/gsm8k_real_gpu.sh --budget_s 480"
     )
-    lines.append("  (every call after the first that runs the batch goes on down the same queue; bring $OUT back)")
+    lines.append(
+        "  (each batch call goes on down the same queue and resumes the runs the last one stopped, from their "
+        "checkpoints; --start_late on every call but the last; bring $OUT back after each)"
+    )
     return "\n".join(lines)
 
 
@@ -175,7 +183,8 @@ def recipe_argv(args: argparse.Namespace, work: Path) -> list[str]:
         "--target_modules", TARGETS, "--lora_r", str(variant.r), "--lora_alpha", str(variant.lora_alpha),
         "--max_length", str(args.max_length), "--max_new_tokens", str(args.max_new_tokens),
         "--per_device_eval_batch_size", str(args.eval_batch), "--generation_batch_size", str(args.generation_batch),
-        "--save_steps", "0", "--logging_steps", "10", "--seed", str(args.seed), "--output_dir", str(work),
+        "--save_steps", str(args.save_every), "--save_total_limit", "1", "--logging_steps", "10",
+        "--seed", str(args.seed), "--output_dir", str(work),
         "--no_loradrop",  # the recipe's own callback stays off; the arm's comes in through `callbacks`
     ]  # fmt: skip
     if args.eval_limit:
@@ -185,13 +194,28 @@ def recipe_argv(args: argparse.Namespace, work: Path) -> list[str]:
     return argv + (["--bf16"] if torch.cuda.is_available() else [])
 
 
+def latest_checkpoint(work: Path) -> Path | None:
+    """The newest complete checkpoint in `work`, or None. The Trainer writes trainer_state.json last; a checkpoint
+    without it (or with half of it: a run killed while saving) is removed."""
+    found = sorted(work.glob("checkpoint-*"), key=lambda path: int(path.name.rpartition("-")[2]), reverse=True)
+    for path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            if (path / "optimizer.pt").is_file() and (path / "scheduler.pt").is_file():
+                return path
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 def _bytes(directory: Path) -> int | None:
     """Bytes of the adapter weights in `directory` (the plain PEFT adapter, or the compact one)."""
     files = list(directory.glob("adapter_*.safetensors")) if directory.is_dir() else []
     return sum(f.stat().st_size for f in files) or None
 
 
-def compact_export(loradrop):
+def compact_export(loradrop, base_model: str | None = None):
     """A callback writing, when training ends, the LoRA-drop compact adapter to <output_dir>/compact (the recipe
     does so only for its own callback; the arms' come in through `callbacks`). A failure is logged, not raised: the
     run's metrics matter more than the bytes."""
@@ -204,7 +228,7 @@ def compact_export(loradrop):
             if loradrop is None or loradrop.plan is None or not state.is_world_process_zero:
                 return
             try:
-                llama2_gsm8k.export_compact(model, loradrop.plan, Path(args.output_dir))
+                llama2_gsm8k.export_compact(model, loradrop.plan, Path(args.output_dir), base_model)
             except Exception as err:
                 print(f"compact export failed: {err!r}", flush=True)
 
@@ -224,10 +248,15 @@ def cmd_run(args: argparse.Namespace) -> dict:
     if method.peft_config is not None:
         raise SystemExit(f"{args.arm}: only plain LoRA and LoRA-drop arms run here.")
     argv = recipe_argv(args, work)
+    checkpoint = latest_checkpoint(work) if args.save_every else None
+    if checkpoint is not None:  # a run the end of an earlier command's budget stopped: go on from where it was
+        argv += ["--resume_from_checkpoint", str(checkpoint)]
+        print(f"resuming from {checkpoint}", flush=True)
     splits = SplitLosses(argv, {"val": str(Path(args.data) / "val.jsonl")}, args.curve_every)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    callbacks = [*method.callbacks, compact_export(method.loradrop), splits]
+    hub_id = HUB_ID if Path(args.model).name == MODEL_DIR else None  # the Q4_K_M copy stands in for it
+    callbacks = [*method.callbacks, compact_export(method.loradrop, hub_id), splits]
     results = llama2_gsm8k.main(argv, callbacks=callbacks)
     task, variant, seed = run_key(args.arm, args.lr, args.seed)
     row = {
@@ -252,6 +281,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
         "train_minutes": round(results["train_runtime_s"] / 60, 3),
         "eval_minutes": round(results["eval_runtime_s"] / 60, 3),
         "wall_minutes": round((time.perf_counter() - start) / 60, 3),
+        "resumed_from_step": int(checkpoint.name.rpartition("-")[2]) if checkpoint is not None else None,
         "max_new_tokens": args.max_new_tokens,
     }
     if torch.cuda.is_available():
@@ -335,7 +365,7 @@ def batch_jobs(args: argparse.Namespace) -> list:
 
 
 RUN_SETTINGS = ["model", "data", "steps", "batch", "micro_batch", "max_length", "eval_batch", "generation_batch"]
-RUN_SETTINGS += ["max_new_tokens", "curve_every", "eval_limit", "train_limit", "warmup_ratio"]
+RUN_SETTINGS += ["max_new_tokens", "curve_every", "eval_limit", "train_limit", "warmup_ratio", "save_every"]
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
@@ -343,6 +373,8 @@ def cmd_batch(args: argparse.Namespace) -> None:
 
     class Launcher(gpu_batch.Launcher):
         def expected_s(self, job) -> float:  # this task's own first guess, then the median of the finished runs
+            if args.start_late:  # a run that cannot finish still gets as far as it can, and goes on next command
+                return 0.0
             seen = self.minutes.get(job.kind)
             return 60 * (statistics.median(seen) if seen else args.first_guess_min)
 
@@ -446,6 +478,9 @@ def report(rows: list[dict], arms: list[str] = ARMS, rates: tuple[float, ...] = 
     lines += [
         "## At the chosen rate (mean ± standard deviation over seeds)",
         "",
+        "Wall and train minutes are those of a run sharing the GPU with the others of its batch (runs resumed from a "
+        "checkpoint in a later command are left out of them and of the peak, `torch.cuda.max_memory_allocated`).",
+        "",
         "| arm | rate | seeds | exact match % | test answer loss | val answer loss | LoRA params | % of r=8 "
         "| wall min | train min | peak GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -453,11 +488,11 @@ def report(rows: list[dict], arms: list[str] = ARMS, rates: tuple[float, ...] = 
     for arm in arms:
         for lr in sorted({r["lr"] for r in at if r["arm"] == arm}):
             runs = [r for r in at if r["arm"] == arm and math.isclose(r["lr"], lr)]
-            stats = {
-                key: _mean_sd([r.get(key) for r in runs])
-                for key in ("exact_match", "test_loss", "val_loss", "adapter_params", "wall_minutes", "train_minutes")
-            }
-            stats["peak_gib"] = _mean_sd([r.get("peak_gib") for r in runs])
+            whole = [r for r in runs if r.get("resumed_from_step") is None]  # a resumed run timed only its end
+            stats = {key: _mean_sd([r.get(key) for r in runs]) for key in ("exact_match", "test_loss", "val_loss")}
+            stats["adapter_params"] = _mean_sd([r.get("adapter_params") for r in runs])
+            for key in ("wall_minutes", "train_minutes", "peak_gib"):
+                stats[key] = _mean_sd([r.get(key) for r in whole])
             summary[(arm, lr)] = (stats, runs)
             params = stats["adapter_params"]
             share = f"{params[0] / r8_params[0]:.0%}" if params and r8_params else "-"
@@ -578,12 +613,19 @@ def add_run_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval_limit", type=int, default=None, help="score the first N problems of each split only")
     parser.add_argument("--train_limit", type=int, default=None, help="train on the first N problems only")
     parser.add_argument("--warmup_ratio", type=float, default=0.03)
+    parser.add_argument(
+        "--save_every",
+        type=int,
+        default=50,
+        help="checkpoint every N steps (the last one kept): a run stopped at the end of a command's budget goes on "
+        "from it in the next command on the same machine (0: no checkpoints)",
+    )
 
 
 # A CPU run of the whole pipeline: 20 steps (LoRA-drop's default switches after step 2, when LoRA's B has moved),
 # 4 problems per split, 16 new tokens. With the real Gemma a CPU step takes a minute: use `tiny`'s model.
 SMOKE = dict(steps=20, batch=2, micro_batch=2, eval_limit=4, train_limit=40, max_new_tokens=16, curve_every=10)
-SMOKE.update(eval_batch=2, generation_batch=4, max_length=256, warmup_ratio=0.0)
+SMOKE.update(eval_batch=2, generation_batch=4, max_length=256, warmup_ratio=0.0, save_every=5)
 
 
 def tiny_model(tokenizer: Path, out: Path) -> None:
@@ -635,6 +677,13 @@ def main(argv: list[str] | None = None) -> None:
     batch.add_argument("--rates", nargs="+", type=float, default=list(RATES))
     batch.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     batch.add_argument("--only", nargs="*", default=None, help="run only the jobs whose name contains one of these")
+    batch.add_argument(
+        "--start_late",
+        action="store_true",
+        help="start runs even when they cannot finish within the budget: they checkpoint (--save_every) and go on "
+        "in the next command on the same warm machine. For every command but the last: in the last one they would "
+        "only take GPU time from the runs that can finish",
+    )
     batch.add_argument(
         "--no_own_grids",
         dest="own_grids",

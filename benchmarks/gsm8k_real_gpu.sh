@@ -4,15 +4,17 @@
 # .carry/gemma/: every GGUF part stashed by earlier calls (python3 benchmarks/carry_models.py --dir .carry/gemma stash)
 # or carried with this one, with manifest.json, and .carry/gemma/run (wheels, the GSM8K split) carried with the first
 # call that runs this script. Run it in back-to-back calls while the machine stays warm: the wheels, the model, the
-# data and the results stay in /tmp, and each call goes on down the queue (--resume_from also merges the rows
-# committed under benchmarks/results/, for a machine that was given back). Flags after the script go to
-# gsm8k_real.py batch (e.g. --budget_s 420 --jobs 8). Everything comes back in $OUT (at most 8 files).
+# data, the results and the runs' checkpoints stay in /tmp, and each call goes on down the queue, resuming the runs
+# the previous call's budget stopped (with --start_late, every call but the last starts runs that cannot finish in
+# it); --resume_from also merges the rows committed under benchmarks/results/, for a machine that was given back.
+# Flags after the script go to gsm8k_real.py batch (e.g. --budget_s 420 --start_late; --jobs defaults to 5 on an
+# H100, 8 on a 141 GB H200). Everything comes back in $OUT (at most 7 files).
 #
 #   calls 1-4, carry .carry/gemma/manifest.json .carry/gemma/models.tar.partNN:
 #       python3 benchmarks/carry_models.py --dir .carry/gemma stash
 #   call 5, carry .carry/gemma/manifest.json .carry/gemma/models.tar.part04 .carry/gemma/run:
-#       bash benchmarks/gsm8k_real_gpu.sh --budget_s 420
-#   call 6, carry .carry/gemma/run:   bash benchmarks/gsm8k_real_gpu.sh --budget_s 480
+#       bash benchmarks/gsm8k_real_gpu.sh --budget_s 420 --start_late
+#   call 6 (the last), carry .carry/gemma/run:   bash benchmarks/gsm8k_real_gpu.sh --budget_s 480
 set -u
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # many processes share the GPU's memory
 RUN=/tmp/gemma_run  # the carried run files, kept for later calls
