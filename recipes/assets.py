@@ -421,17 +421,26 @@ def _greedy_chat(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+def _convert_gguf(gguf_file: Path, out_dir: Path, chat: bool = True) -> None:
     """Dequantize ``gguf_file`` into a float32 transformers checkpoint + tokenizer in ``out_dir``, then verify it.
 
     transformers loads GGUF (undoing llama.cpp's q/k row permutation) but refuses to ``save_pretrained`` a model
     that carries a GGUF quantization config, so the weights are copied into a fresh float32 model built from the
-    same config with the quantization config removed.
+    same config with the quantization config removed. The check asks "What is 2+3?" through the chat template, or
+    with ``chat=False`` (a base model, such as Gemma-3-270M) as the recipes' plain ``Question: ...\nAnswer:``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    try:  # transformers 5 may keep some GGUF types packed (no LoRA on them) unless told to dequantize
+        from transformers import GgufConfig
+
+        dequantize = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # transformers 4 always dequantizes
+        dequantize = {}
+    source = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, **dequantize
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     config = copy.deepcopy(source.config)
     if hasattr(config, "quantization_config"):
@@ -441,7 +450,7 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     model.generation_config = copy.deepcopy(source.generation_config)
     model.eval()
 
-    if not tokenizer.chat_template:
+    if chat and not tokenizer.chat_template:
         raise AssetFetchError(f"{gguf_file.name} carries no chat template; the instruct recipes need one")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -449,9 +458,12 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     tokenizer.model_max_length = config.max_position_embeddings
 
     probe = "What is 2+3?"
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": probe}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    if chat:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": probe}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tokenizer(f"Question: {probe}\nAnswer:", return_tensors="pt")
     with torch.no_grad():
         reference = source(**inputs).logits
     del source
@@ -468,12 +480,18 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     reloaded_tok = AutoTokenizer.from_pretrained(out_dir)
     with torch.no_grad():
         diff = (reloaded(**inputs).logits - reference).abs().max().item()
+    name = gguf_file.name
     if diff > 1e-4:
-        raise AssetFetchError(f"converted SmolLM2 disagrees with the GGUF model it came from (max |Δlogit| {diff})")
-    answer = _greedy_chat(reloaded, reloaded_tok, probe)
-    logger.info("SmolLM2 conversion check: %r -> %r (max |Δlogit| vs GGUF %.2e)", probe, answer, diff)
+        raise AssetFetchError(f"converted {name} disagrees with the GGUF model it came from (max |Δlogit| {diff})")
+    if chat:
+        answer = _greedy_chat(reloaded, reloaded_tok, probe)
+    else:
+        with torch.no_grad():
+            out = reloaded.generate(**inputs, max_new_tokens=8, do_sample=False)
+        answer = reloaded_tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    logger.info("%s conversion check: %r -> %r (max |Δlogit| vs GGUF %.2e)", name, probe, answer, diff)
     if "5" not in answer:
-        raise AssetFetchError(f"converted SmolLM2 answers {probe!r} with {answer!r}; the conversion looks broken")
+        raise AssetFetchError(f"converted {name} answers {probe!r} with {answer!r}; the conversion looks broken")
 
 
 def smollm2_path() -> Path:

@@ -76,7 +76,7 @@ Flags (every one has a default; ``--help`` lists them with their help text), gro
                    --gradient_accumulation_steps --warmup_ratio --lr_scheduler_type --weight_decay --max_grad_norm
                    --bf16 --activation_checkpointing --seed --logging_steps --save_steps --save_total_limit
                    --deepspeed --report_to --resume_from_checkpoint
-    evaluation     --per_device_eval_batch_size --max_new_tokens --eval_before_training
+    evaluation     --per_device_eval_batch_size --max_new_tokens --generation_batch_size --eval_before_training
     export         --push_to_hub --hub_private --base_model
 """
 
@@ -254,6 +254,13 @@ class RecipeArgs:
         default=16, metadata={"help": "Problems per GPU per generation / loss batch."}
     )
     max_new_tokens: int = field(default=256, metadata={"help": "Longest generated solution in tokens."})
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Problems per GPU per generation batch (default: --per_device_eval_batch_size). Generation keeps "
+            "the logits of one position only, so it takes larger batches than the answer loss (a 262k vocabulary)."
+        },
+    )
     eval_before_training: bool = field(
         default=False, metadata={"help": "Also measure the eval answer loss of the untrained model (a baseline)."}
     )
@@ -543,8 +550,9 @@ def generate_answers(model, tokenizer, questions: list[str], cfg: RecipeArgs, us
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     model.eval()
-    for start in range(0, len(order), cfg.per_device_eval_batch_size):
-        chunk = order[start : start + cfg.per_device_eval_batch_size]
+    batch_size = cfg.generation_batch_size or cfg.per_device_eval_batch_size
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
         batch = pad_prompts(tokenizer, [prompts[i] for i in chunk]).to(device)
         out = model.generate(**batch, generation_config=gen_config)
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
