@@ -323,9 +323,10 @@ def markdown(by_task: dict[str, dict[str, Arm]], source: str) -> str:
         "1, 2 at that rate. SmolLM2-135M-Instruct, 150 steps of 8 sequences, cosine schedule, lora_alpha 16 unless "
         "the name says otherwise (`lora@r1a128`: lora_alpha 128); `gsm` has LoRA on all seven linear kinds, "
         "`gsm_qv` on q and v. Names as in `benchmarks/quality.py`: `+keep` is `dropped_scaling='keep'`, `+alpha0.8` "
-        "a switch at 80% "
-        f"of the steps, `random:` the same number of full-rank modules chosen at random (one draw per seed). Made by "
-        f"`python benchmarks/tuned.py` from `{source}`.",
+        "a switch at 80% of the steps, `+resid` `score='residual'` (what truncation takes from each module's "
+        "output), `random:` the same number of full-rank modules chosen at random (one draw per seed). Libraries "
+        "on the GPU machine: torch 2.11, transformers 5.24.0, peft 0.21.2 (`benchmarks/fetch_device_wheels.sh`). "
+        f"Made by `python benchmarks/tuned.py` from `{source}`.",
     ]
     for task in sorted(by_task, key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER)):
         by_name = by_task[task]
