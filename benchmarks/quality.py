@@ -458,6 +458,7 @@ def run_encoder(task: str, variant: str, seed: int, args: argparse.Namespace) ->
     metrics = {**metrics, **method.params(), **peak}
     if splits is not None:
         metrics.update(splits.metrics(), test_accuracy=metrics["accuracy"], val_examples=len(validation))
+        metrics["train_examples"] = encoder_sizes(task, args)[0]
     return metrics
 
 
