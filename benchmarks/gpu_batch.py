@@ -58,6 +58,7 @@ SCORINGS = ["T0.9", "relative+kind", "kind", "relative", "layer", "rank", "T0.8"
 WITH_CANDIDATE = ["random:{c}", "{c}+restart", "{c}+auto", "{c}+drop"]
 # Expected minutes per job kind before any has finished (an H200 shared by a dozen processes).
 FIRST_GUESS_MIN = {"encoder": 1.0, "gsm": 3.0, "gsm_qv": 2.5, "contribution-encoder": 2.0, "contribution-gsm": 4.0}
+TOY_ENCODER_SIZES = (256, 64, 64)  # --toy: encoder rows to train, test and validate on (quality.py --encoder_sizes)
 FIRST_GUESS_MIN.update(sarcasm=1.0, polarity=0.8)  # part "tuned" learns each task's time on its own
 # Part "front": the tasks, the plain-LoRA ranks every point is compared with, and the rest in priority order.
 FRONT_TASKS = ["gsm", "gsm_qv", "sarcasm", "polarity"]
@@ -131,7 +132,7 @@ def task_args(
             named = [f"gsm_train={files['train']}", f"gsm_eval={files['val']}", f"gsm_test={files['test']}"]
         return [*sizes, "--model", str(Path(args.models) / "smollm2"), "--data", *named]
     sizes = ["--steps", str(args.encoder_steps), *(["--validate"] if files is not None else [])]
-    sizes += ["--encoder_sizes", *map(str, args.encoder_sizes)] if args.encoder_sizes else []
+    sizes += ["--encoder_sizes", *map(str, TOY_ENCODER_SIZES)] if args.toy else []
     return [*sizes, "--model", str(Path(args.models) / "minilm"), "--data", f"{task}={data / f'{task}.jsonl'}"]
 
 
@@ -395,14 +396,6 @@ def main(argv: list[str] | None = None) -> None:
         help="part tuned: the learning-rate grid of every task (default: each task's own, TUNED_RATES)",
     )
     parser.add_argument(
-        "--encoder_sizes",
-        nargs=3,
-        type=int,
-        default=None,
-        metavar=("TRAIN", "TEST", "VAL"),
-        help="encoders: rows to train on, to test on and (part tuned) to validate on, instead of the task's",
-    )
-    parser.add_argument(
         "--resume_from", default=None, help="part tuned: rows of earlier machines (a JSONL) to merge into the results"
     )
     parser.add_argument("--exact_match_seeds", type=int, default=1, help="gsm: seeds whose runs also generate")
@@ -415,7 +408,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.toy:
         args.encoder_steps, args.gsm_steps, args.gsm_batch, args.gsm_eval, args.gsm_new_tokens = 40, 30, 2, 4, 8
         args.points, args.gsm_val, args.curve_every = 2, 8, 10
-        args.encoder_sizes = args.encoder_sizes or [256, 64, 64]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = Path(args.results_dir, "quality_runs.jsonl")
     pending = None

@@ -47,7 +47,7 @@ def test_the_encoder_queue_runs_its_own_grid_then_the_other_seeds_at_the_chosen_
     gpu_batch, _ = benchmarks
     args = argparse.Namespace(
         results_dir=str(tmp_path), tasks=["sarcasm"], arms=["lora"], rates=None, data="data", models="models",
-        encoder_steps=40, encoder_sizes=None, curve_every=10,
+        encoder_steps=40, toy=False, curve_every=10,
     )  # fmt: skip
     assert [job.name for job in gpu_batch.tuned_jobs(args, None)] == [f"sarcasm-lora@x{r}-0" for r in (0.5, 1, 2, 4)]
     assert "--validate" in gpu_batch.tuned_jobs(args, None)[0].argv
