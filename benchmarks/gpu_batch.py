@@ -31,6 +31,12 @@ in flight.
         --resume_from benchmarks/results/tuned_runs.jsonl
     python3 benchmarks/gpu_batch.py --part tuned --out "$OUT" --tasks sarcasm polarity \\
         --resume_from benchmarks/results/tuned_runs.jsonl
+
+On a CPU, `--toy` runs the same queue at toy size (the encoders on 256/64/64 rows, 40 steps): with --data holding
+sarcasm.jsonl (prepare_carry.py's) and --models a minilm/ directory, two methods take about 7 minutes on 2 cores:
+
+    python3 benchmarks/gpu_batch.py --part tuned --toy --tasks sarcasm --arms lora@r1 lora --jobs 2 --budget_s 1500 \\
+        --out /tmp/toy --results_dir /tmp/toy/results --models /tmp/toy/models --data /tmp/toy/data
 """
 
 from __future__ import annotations

@@ -436,29 +436,32 @@ def hold_out(rows: list[dict], size: int, seed: int = VAL_SEED) -> tuple[list[di
 
 
 def run_encoder(task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
+    """One encoder run through the quickstart; with `--validate`, on the data less a validation split, scored too."""
     from transformers import AutoTokenizer
 
     from recipes import assets, quickstart
 
     method = Method.of(variant, task, seed, args.steps or 300)
     output_dir = Path(args.work_dir) / f"{task}-{variant}-{seed}"
-    dataset, callbacks, splits = None, method.callbacks, None
+    train_size, _, val_size = encoder_sizes(task, args)
+    dataset, validation = None, []
     if args.validate:
-        pool, validation = hold_out(quickstart.load_rows(args.data.get(task, task)), encoder_sizes(task, args)[2])
+        pool, validation = hold_out(quickstart.load_rows(args.data.get(task, task)), val_size)
         output_dir.mkdir(parents=True, exist_ok=True)
         dataset = output_dir / "pool.jsonl"
         dataset.write_text("".join(json.dumps(row) + "\n" for row in pool))
-        cfg = quickstart.parse_args([])
-        tokenizer = AutoTokenizer.from_pretrained(args.model or str(assets.minilm_path()))
+    cfg = quickstart.parse_args(encoder_argv(task, seed, args, output_dir, method.variant, dataset and str(dataset)))
+    callbacks, splits = method.callbacks, None
+    if validation:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model or str(assets.minilm_path()))
         splits = SplitAccuracy(tokenizer, {"val": validation}, cfg.max_length, args.curve_every)
         callbacks = [*callbacks, splits]
-    argv = encoder_argv(task, seed, args, output_dir, method.variant, dataset and str(dataset))
     with peak_memory() as peak:
-        _, metrics = quickstart.train(quickstart.parse_args(argv), None, method.peft_config, callbacks)
+        _, metrics = quickstart.train(cfg, None, method.peft_config, callbacks)
     metrics = {**metrics, **method.params(), **peak}
     if splits is not None:
         metrics.update(splits.metrics(), test_accuracy=metrics["accuracy"], val_examples=len(validation))
-        metrics["train_examples"] = encoder_sizes(task, args)[0]
+        metrics["train_examples"] = train_size
     return metrics
 
 
