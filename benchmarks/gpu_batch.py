@@ -16,16 +16,27 @@ LoRA-drop candidates, AdaLoRA and VeRA, on both decoder tasks and both encoder t
 --results_dir, which outlasts a command while the GPU machine stays warm: a second command skips every job the first
 one finished and goes on down the queue, and each command copies what has accumulated to --out.
 
-Part "tuned" runs the fair protocol of benchmarks/tuned.py on the decoder tasks: every method (TUNED_ARMS) at every
-learning rate of the grid (TUNED_RATES times the task's) with seed 0, scored on a validation split held out from the
-training data (the last --gsm_val of GSM-Symbolic's training problems; the model trains on the others), then seeds 1
-and 2 at the rate each method's validation loss chose, as soon as its grid is complete; every run also scores the
-test split. The queue is re-derived from the accumulated results whenever a process ends, gsm before gsm_qv. Results
-accumulate as in part "front"; --resume_from merges the rows an earlier machine returned (the copy committed under
-benchmarks/results/), so a machine given back mid-way costs only the runs in flight.
+Part "tuned" runs the fair protocol of benchmarks/tuned.py on the tasks of --tasks (the decoder tasks unless told):
+every method (TUNED_ARMS) at every learning rate of the task's grid (TUNED_RATES times the task's rate, or --rates)
+with seed 0, scored on a validation split held out from the training data (GSM: the last --gsm_val of GSM-Symbolic's
+training problems, the model trains on the others; encoders: quality.py's --validate, a fixed draw of rows held out
+of the data file before the quickstart cuts training and test rows), then seeds 1 and 2 at the rate each method's
+validation score chose (TUNED_SCORES: the lowest answer loss, the highest accuracy), as soon as its grid is complete;
+every run also scores the test split. The queue is re-derived from the accumulated results whenever a process ends,
+task by task in the order of --tasks. Results accumulate as in part "front"; --resume_from merges the rows an earlier
+machine returned (the copy committed under benchmarks/results/), so a machine given back mid-way costs only the runs
+in flight.
 
     python3 benchmarks/gpu_batch.py --part tuned --out "$OUT" --gsm_steps 150 \\
         --resume_from benchmarks/results/tuned_runs.jsonl
+    python3 benchmarks/gpu_batch.py --part tuned --out "$OUT" --tasks sarcasm polarity \\
+        --resume_from benchmarks/results/tuned_runs.jsonl
+
+On a CPU, `--toy` runs the same queue at toy size (the encoders on 256/64/64 rows, 40 steps): with --data holding
+sarcasm.jsonl (prepare_carry.py's) and --models a minilm/ directory, two methods take about 7 minutes on 2 cores:
+
+    python3 benchmarks/gpu_batch.py --part tuned --toy --tasks sarcasm --arms lora@r1 lora --jobs 2 --budget_s 1500 \\
+        --out /tmp/toy --results_dir /tmp/toy/results --models /tmp/toy/models --data /tmp/toy/data
 """
 
 from __future__ import annotations
@@ -53,6 +64,8 @@ SCORINGS = ["T0.9", "relative+kind", "kind", "relative", "layer", "rank", "T0.8"
 WITH_CANDIDATE = ["random:{c}", "{c}+restart", "{c}+auto", "{c}+drop"]
 # Expected minutes per job kind before any has finished (an H200 shared by a dozen processes).
 FIRST_GUESS_MIN = {"encoder": 1.0, "gsm": 3.0, "gsm_qv": 2.5, "contribution-encoder": 2.0, "contribution-gsm": 4.0}
+TOY_ENCODER_SIZES = (256, 64, 64)  # --toy: encoder rows to train, test and validate on (quality.py --encoder_sizes)
+FIRST_GUESS_MIN.update(sarcasm=1.0, polarity=0.8)  # part "tuned" learns each task's time on its own
 # Part "front": the tasks, the plain-LoRA ranks every point is compared with, and the rest in priority order.
 FRONT_TASKS = ["gsm", "gsm_qv", "sarcasm", "polarity"]
 FRONT_RANKS = ["lora@r1", "lora@r2", "lora@r4", "lora"]
@@ -62,11 +75,39 @@ FRONT_ONE_SEED = ["lora@r1a2", "lora@r2a4", "lora@r4a8"]  # lora_alpha = 2r: the
 # Part "tuned": the methods of issue 29's protocol, most decisive first (the plain-LoRA front, the default, random
 # choice of the same size, the default with lora_alpha / r kept, rank 1 with the default's step size on every module
 # (lora_alpha x8), a late switch that compresses what a rank-8 run learnt), and the learning-rate grid.
-TUNED_TASKS = ["gsm", "gsm_qv"]
+GSM_TASKS = ("gsm", "gsm_qv")
+TUNED_TASKS = ["gsm", "gsm_qv"]  # part tuned's default --tasks (the encoders: --tasks sarcasm polarity)
 TUNED_ARMS = ["lora@r1", "lora", "kind+T0.5+trunc1", "random:kind+T0.5+trunc1", "lora@r2", "lora@r4"]
 TUNED_ARMS += ["kind+T0.5+trunc1+keep", "lora@r1a128", "kind+T0.5+trunc1+alpha0.8"]
 TUNED_ARMS += ["random:kind+T0.5+trunc1+alpha0.8", "kind+T0.5+trunc1+resid", "kind+T0.5+trunc1+resid+alpha0.8"]
-TUNED_RATES = (1, 2, 4, 8, 16)
+# Each task's learning-rate grid (factors on quality.py's rate: 5e-4 for GSM, 1e-3 for the encoders, where the untuned
+# runs were); --rates replaces it for every task.
+GSM_RATES, ENCODER_RATES = (1, 2, 4, 8, 16), (0.5, 1, 2, 4)
+TUNED_RATES = {"gsm": GSM_RATES, "gsm_qv": GSM_RATES, "sarcasm": ENCODER_RATES, "polarity": ENCODER_RATES}
+
+
+@dataclass(frozen=True)
+class Score:
+    """What the protocol scores a task by: `val_<metric>` chooses the learning rate, `test_<metric>` is reported."""
+
+    metric: str
+    higher_is_better: bool
+
+    def best(self, values: dict[float, float]) -> float:
+        """The key of the best value (the first of equals, in the dict's order)."""
+        return (max if self.higher_is_better else min)(values, key=values.get)
+
+    def gain(self, a: float, b: float) -> float:
+        """How much better `a` is than `b` (positive: better)."""
+        return a - b if self.higher_is_better else b - a
+
+
+TUNED_SCORES = {
+    "gsm": Score("loss", higher_is_better=False),
+    "gsm_qv": Score("loss", higher_is_better=False),
+    "sarcasm": Score("accuracy", higher_is_better=True),
+    "polarity": Score("accuracy", higher_is_better=True),
+}
 
 
 @dataclass
@@ -83,8 +124,9 @@ class Job:
 def task_args(
     task: str, args: argparse.Namespace, exact_match: bool = False, files: dict[str, Path] | None = None
 ) -> list[str]:
-    """Model, data and size flags of a task (quality.py and contribution.py take the same). `files` (GSM: train,
-    val, test) makes the evaluation file the validation split and adds the test split."""
+    """Model, data and size flags of a task (quality.py and contribution.py take the same). `files` (part tuned;
+    GSM: train, val, test) makes the evaluation file the validation split and adds the test split; for an encoder it
+    asks quality.py for its own validation split (`--validate`)."""
     data = Path(args.data)
     if task in ("gsm", "gsm_qv"):
         sizes = ["--steps", str(args.gsm_steps), "--batch_size", str(args.gsm_batch), "--eval_samples"]
@@ -95,7 +137,8 @@ def task_args(
         if files is not None:
             named = [f"gsm_train={files['train']}", f"gsm_eval={files['val']}", f"gsm_test={files['test']}"]
         return [*sizes, "--model", str(Path(args.models) / "smollm2"), "--data", *named]
-    sizes = ["--steps", str(args.encoder_steps)]
+    sizes = ["--steps", str(args.encoder_steps), *(["--validate"] if files is not None else [])]
+    sizes += ["--encoder_sizes", *map(str, TOY_ENCODER_SIZES)] if args.toy else []
     return [*sizes, "--model", str(Path(args.models) / "minilm"), "--data", f"{task}={data / f'{task}.jsonl'}"]
 
 
@@ -167,38 +210,48 @@ def split_gsm(args: argparse.Namespace) -> dict[str, Path]:
     return files
 
 
-def chosen_rates(rows: list[dict], rates: tuple[float, ...] = TUNED_RATES) -> dict[tuple[str, str], float]:
-    """`{(task, arm): learning-rate factor}` for every method whose seed-0 grid (`rates`) is complete: the factor
-    with the lowest validation loss among them (the rule benchmarks/tuned.py reports with)."""
+def chosen_rates(rows: list[dict], rates: dict[str, tuple[float, ...]] = TUNED_RATES) -> dict[tuple[str, str], float]:
+    """`{(task, arm): learning-rate factor}` for every method whose seed-0 grid (`rates[task]`) is complete: the
+    factor with the best validation score among them (TUNED_SCORES; the rule benchmarks/tuned.py reports with)."""
     grid: dict[tuple[str, str], dict[float, float]] = {}
     for row in rows:
-        if row["seed"] == 0 and "val_loss" in row:
+        score = TUNED_SCORES.get(row["task"])
+        if row["seed"] == 0 and score is not None and f"val_{score.metric}" in row and row["task"] in rates:
             parsed = Variant.parse(row["variant"])
-            grid.setdefault((row["task"], parsed.arm), {})[parsed.lr_factor] = row["val_loss"]
-    return {
-        key: min((float(rate) for rate in rates), key=losses.get)
-        for key, losses in grid.items()
-        if all(float(rate) in losses for rate in rates)
-    }
+            grid.setdefault((row["task"], parsed.arm), {})[parsed.lr_factor] = row[f"val_{score.metric}"]
+    chosen = {}
+    for (task, arm), values in grid.items():
+        factors = [float(rate) for rate in rates[task]]
+        if all(factor in values for factor in factors):
+            chosen[(task, arm)] = TUNED_SCORES[task].best({factor: values[factor] for factor in factors})
+    return chosen
 
 
-def tuned_jobs(args: argparse.Namespace, files: dict[str, Path]) -> list[Job]:
+def tuned_rates(args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
+    """The learning-rate grid of each task of --tasks: --rates, or the task's own (TUNED_RATES)."""
+    return {task: tuple(args.rates or TUNED_RATES[task]) for task in args.tasks}
+
+
+def tuned_jobs(args: argparse.Namespace, files: dict[str, Path] | None) -> list[Job]:
     """Part "tuned", in priority order, leaving out the runs already in --results_dir: per task (gsm first), the
-    seed-0 grid method by method, with the other seeds of every method whose grid is complete ahead of it."""
+    seed-0 grid method by method, with the other seeds of every method whose grid is complete ahead of it. `files`:
+    split_gsm's (None when no GSM task is asked for)."""
     results = Path(args.results_dir) / "quality_runs.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
     done = {(row["task"], row["variant"], row["seed"]) for row in rows}
-    chosen = chosen_rates(rows, tuple(args.rates))
+    rates = tuned_rates(args)
+    chosen = chosen_rates(rows, rates)
     jobs = []
     for task in args.tasks:
         later = [(seed, arm) for arm in args.arms if (task, arm) in chosen for seed in SEEDS[1:]]
         runs = [(seed, Variant.parse(arm).at_rate(chosen[(task, arm)])) for seed, arm in later]
-        runs += [(0, Variant.parse(arm).at_rate(rate)) for arm in args.arms for rate in args.rates]
+        runs += [(0, Variant.parse(arm).at_rate(rate)) for arm in args.arms for rate in rates[task]]
         for seed, variant in runs:
             if (task, variant, seed) in done:
                 continue
             argv = ["benchmarks/quality.py", "run", "--task", task, "--variants", variant, "--seeds", str(seed)]
-            argv += ["--out", str(results), *task_args(task, args, files=files), "--curve_every", str(args.curve_every)]
+            argv += ["--out", str(results), *task_args(task, args, files=files or {}), "--curve_every"]
+            argv += [str(args.curve_every)]
             jobs.append(Job(f"{task}-{variant}-{seed}", task, argv))
     return jobs
 
@@ -342,7 +395,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=TUNED_TASKS, help="part tuned: the tasks, in priority order")
     parser.add_argument("--arms", nargs="+", default=TUNED_ARMS, help="part tuned: the methods, in priority order")
     parser.add_argument(
-        "--rates", nargs="+", type=float, default=list(TUNED_RATES), help="part tuned: the learning-rate grid"
+        "--rates",
+        nargs="+",
+        type=float,
+        default=None,
+        help="part tuned: the learning-rate grid of every task (default: each task's own, TUNED_RATES)",
     )
     parser.add_argument(
         "--resume_from", default=None, help="part tuned: rows of earlier machines (a JSONL) to merge into the results"
@@ -363,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.part == "tuned":
         if args.resume_from:
             print(f"merged {merge_rows(Path(args.resume_from), results)} rows of {args.resume_from}", flush=True)
-        files = split_gsm(args)
+        files = split_gsm(args) if any(task in GSM_TASKS for task in args.tasks) else None
 
         def pending() -> list[Job]:
             return [j for j in tuned_jobs(args, files) if args.only is None or any(o in j.name for o in args.only)]

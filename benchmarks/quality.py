@@ -38,7 +38,10 @@ vectors).
 Every run appends one JSON line to benchmarks/results/quality_runs.jsonl (or --out) as soon as it ends, so rows can
 be (re)made one at a time and a batch killed half-way keeps every finished run. A GSM run given a test file besides
 its evaluation file (`--data ... gsm_test=FILE`) treats the evaluation file as the validation split (`val_loss`, what
-a learning rate is chosen by) and also reports `test_loss`; `--curve_every N` adds the validation loss every N steps
+a learning rate is chosen by) and also reports `test_loss`. An encoder run given `--validate` holds a validation split
+out of its data before the quickstart cuts the rest into training and test rows (the same rows for every seed and
+rate: 1,000 sarcasm headlines, 500 polarity sentences; polarity then trains on 2,500) and reports `val_accuracy`
+besides `test_accuracy` (the held-out slice's `accuracy`). `--curve_every N` adds the validation score every N steps
 (`val_curve`) and the logged training loss (`train_curve`), to show whether a run has flattened:
 
     python benchmarks/quality.py run --task sarcasm --variants lora T0.8 relative --seeds 0 1 2
@@ -58,6 +61,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +73,7 @@ if str(ROOT) not in sys.path:
 
 from peft import AdaLoraConfig, PeftConfig, VeraConfig  # noqa: E402
 from readme import replace_section  # noqa: E402  (benchmarks/ is on the path of a script run from it)
-from transformers import TrainerCallback  # noqa: E402
+from transformers import DataCollatorWithPadding, EvalPrediction, TrainerCallback  # noqa: E402
 from variants import BASELINES, Variant  # noqa: E402
 
 from loradrop_trainer import DropPlan, LoraDropCallback, LoraDropConfig, find_lora_layers, plan_keeping  # noqa: E402
@@ -110,6 +114,11 @@ GSM_TARGETS = {
     "gsm_qv": "q_proj,v_proj",
 }
 ENCODER_TARGETS = "query,key,value,dense"
+ENCODER_SIZES = {"sarcasm": (6000, 2000), "polarity": (3000, 1000)}  # training and test rows (the README's)
+# With --validate (issue 29's protocol): training, test and validation rows. The validation rows are held out of the
+# data file first (fixed across seeds and rates); polarity's 4,000 rows then leave 2,500 to train on.
+ENCODER_TUNED_SIZES = {"sarcasm": (6000, 2000, 1000), "polarity": (2500, 1000, 500)}
+VAL_SEED = 29  # the draw of the encoders' validation rows
 VERA_LR_FACTOR = 10  # VeRA trains its vectors at a larger learning rate (the VeRA paper)
 PLAIN_LORA = Variant.parse("lora")
 
@@ -220,14 +229,48 @@ class RandomSelectionCallback(LoraDropCallback):
         return min(plans, key=lambda plan: abs(plan.kept_fraction(self._sizes, self._ranks) - target))
 
 
-class SplitLosses(TrainerCallback):
+class SplitScores(TrainerCallback):
+    """A run's score on its validation split (and its test split, where the benchmark holds one) at the end of
+    training, for the fair protocol (benchmarks/tuned.py): it chooses each method's learning rate on the validation
+    split and reports the test split. With `every` > 0 it also scores the validation split every `every` steps (after
+    LoRA-drop's switch, if it comes at that step), which shows whether a run has flattened; the training loss the
+    Trainer logs comes with it. A subclass fills `features` (`{"val": ..., "test": ...}`) and says how a split is
+    scored (`score`) and what the score is called (`metric`: the rows get `val_<metric>`, `test_<metric>`)."""
+
+    metric = ""
+
+    def __init__(self, every: int = 0) -> None:
+        self.every = every
+        self.features: dict[str, list[dict]] = {}
+        self.curve: list[tuple[int, float]] = []
+        self.scores: dict[str, float] = {}
+        self.train_curve: list[tuple[int, float]] = []
+
+    def score(self, model, split: str) -> float:
+        raise NotImplementedError
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.curve.append((state.global_step, self.score(model, "val")))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.scores = {f"{split}_{self.metric}": self.score(model, split) for split in self.features}
+        if self.every:
+            self.curve.append((state.global_step, self.scores[f"val_{self.metric}"]))
+        self.train_curve = [(log["step"], log["loss"]) for log in state.log_history if "loss" in log]
+
+    def metrics(self) -> dict:
+        out = dict(self.scores)
+        if self.every:
+            out.update(val_curve=self.curve, train_curve=self.train_curve)
+        return out
+
+
+class SplitLosses(SplitScores):
     """The answer loss of a GSM run on its validation and test splits, with the recipe's own loss function.
 
-    The recipe evaluates one file; the fair protocol (benchmarks/tuned.py) chooses each method's learning rate on a
-    validation split and reports it on a test split, so the recipe's evaluation file is the validation split and
-    this callback scores the test split too, at the end of training, on the very model the recipe then evaluates.
-    With `every` > 0 it also scores the validation split every `every` steps (after LoRA-drop's switch, if it comes
-    at that step), which shows whether a run has flattened; the training loss the Trainer logs comes with it.
+    The recipe evaluates one file; here the recipe's evaluation file is the validation split and this callback scores
+    the test split too, at the end of training, on the very model the recipe then evaluates.
 
     Args:
         recipe_argv: the recipe's flags (tokenisation: max length, chat template, eval batch size).
@@ -235,12 +278,11 @@ class SplitLosses(TrainerCallback):
         every: steps between two validation scores (0: only at the end).
     """
 
+    metric = "loss"
+
     def __init__(self, recipe_argv: list[str], files: dict[str, str], every: int = 0) -> None:
-        self.recipe_argv, self.files, self.every = recipe_argv, files, every
-        self.features: dict[str, list[dict]] = {}
-        self.curve: list[tuple[int, float]] = []
-        self.losses: dict[str, float] = {}
-        self.train_curve: list[tuple[int, float]] = []
+        super().__init__(every)
+        self.recipe_argv, self.files = recipe_argv, files
 
     def on_train_begin(self, args, state, control, processing_class=None, **kwargs):
         from datasets import Dataset
@@ -256,7 +298,7 @@ class SplitLosses(TrainerCallback):
             self.features[split] = tokens.to_list()
         self._tokenizer, self._batch = processing_class, cfg.per_device_eval_batch_size
 
-    def _loss(self, model, split: str) -> float:
+    def score(self, model, split: str) -> float:
         from recipes import llama2_gsm8k
 
         was_training = model.training
@@ -264,21 +306,43 @@ class SplitLosses(TrainerCallback):
         model.train(was_training)
         return total / count if count else float("nan")
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
-            self.curve.append((state.global_step, self._loss(model, "val")))
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.losses = {f"{split}_loss": self._loss(model, split) for split in self.features}
-        if self.every:
-            self.curve.append((state.global_step, self.losses["val_loss"]))
-        self.train_curve = [(log["step"], log["loss"]) for log in state.log_history if "loss" in log]
+class SplitAccuracy(SplitScores):
+    """The accuracy of an encoder run on its validation split (`val_accuracy`), with the quickstart's encoding and
+    metric; the test split is the quickstart's own held-out slice, which its Trainer scores (`accuracy`).
 
-    def metrics(self) -> dict:
-        out = dict(self.losses)
-        if self.every:
-            out.update(val_curve=self.curve, train_curve=self.train_curve)
-        return out
+    Args:
+        tokenizer: the run's tokenizer.
+        rows: `{"val": rows}`, `{"text": ..., "label": 0|1}` each.
+        max_length: tokens per example (the quickstart's `--max_length`).
+        every: steps between two validation scores (0: only at the end).
+        batch_size: examples per forward pass (the quickstart's evaluation batch).
+    """
+
+    metric = "accuracy"
+
+    def __init__(self, tokenizer, rows: dict[str, list[dict]], max_length: int, every: int = 0, batch_size=128):
+        from recipes import quickstart
+        from recipes.metrics import load_metric
+
+        super().__init__(every)
+        self.features = {split: quickstart.encode(tokenizer, part, max_length) for split, part in rows.items()}
+        self.compute = quickstart.classification_metrics(load_metric("classification"))
+        self.collate = DataCollatorWithPadding(tokenizer)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score(self, model, split: str) -> float:
+        was_training = model.training
+        model.eval()
+        features, logits, labels = self.features[split], [], []
+        for start in range(0, len(features), self.batch_size):
+            batch = self.collate(features[start : start + self.batch_size]).to(model.device)
+            labels.append(batch.pop("labels").cpu())
+            logits.append(model(**batch).logits.float().cpu())
+        model.train(was_training)
+        prediction = EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy())
+        return float(self.compute(prediction)["accuracy"])
 
 
 def make_callback(variant: str, seed: int) -> LoraDropCallback | None:
@@ -334,27 +398,82 @@ def learning_rate_factor(variant: Variant) -> float:
 
 
 def encoder_argv(
-    task: str, seed: int, args: argparse.Namespace, output_dir: Path, variant: Variant = PLAIN_LORA
+    task: str,
+    seed: int,
+    args: argparse.Namespace,
+    output_dir: Path,
+    variant: Variant = PLAIN_LORA,
+    dataset: str | None = None,
 ) -> list[str]:
-    """`recipes/quickstart.py` flags of an encoder task (the data sizes of the README's rows)."""
-    sizes = {"sarcasm": (6000, 2000), "polarity": (3000, 1000)}[task]
+    """`recipes/quickstart.py` flags of an encoder task (the data sizes of the README's rows, or those of
+    `encoder_sizes`; `dataset`: the data less its validation split)."""
+    train_size, test_size, _ = encoder_sizes(task, args)
     learning_rate = 1e-3 * learning_rate_factor(variant)
     argv = [
-        "--dataset", args.data.get(task, task), "--train_size", str(sizes[0]), "--eval_size", str(sizes[1]),
-        "--max_steps", str(args.steps or 300), "--seed", str(seed), "--output_dir", str(output_dir),
-        "--lora_r", str(variant.r), "--lora_alpha", str(variant.lora_alpha), "--learning_rate", str(learning_rate),
-        "--target_modules", ENCODER_TARGETS,
+        "--dataset", dataset or args.data.get(task, task), "--train_size", str(train_size),
+        "--eval_size", str(test_size), "--max_steps", str(args.steps or 300), "--seed", str(seed),
+        "--output_dir", str(output_dir), "--lora_r", str(variant.r), "--lora_alpha", str(variant.lora_alpha),
+        "--learning_rate", str(learning_rate), "--target_modules", ENCODER_TARGETS,
     ]  # fmt: skip
     return argv + (["--model", args.model] if args.model else [])
 
 
+def encoder_sizes(task: str, args: argparse.Namespace) -> tuple[int, int, int]:
+    """Training, test and validation rows of an encoder run: --encoder_sizes, else the task's (ENCODER_TUNED_SIZES
+    with --validate, ENCODER_SIZES and no validation without)."""
+    if args.encoder_sizes:
+        return tuple(args.encoder_sizes)
+    return ENCODER_TUNED_SIZES[task] if args.validate else (*ENCODER_SIZES[task], 0)
+
+
+def hold_out(rows: list[dict], size: int, seed: int = VAL_SEED) -> tuple[list[dict], list[dict]]:
+    """`(pool, validation)`: `size` rows drawn with a fixed seed (the same whatever the run's seed and rate), and the
+    other rows in their order, less any whose text is also in the validation rows (the sarcasm headlines repeat)."""
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    validation = [rows[index] for index in sorted(order[:size])]
+    texts = {row["text"] for row in validation}
+    return [row for row in rows if row["text"] not in texts], validation
+
+
 def run_encoder(task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
-    from recipes import quickstart
+    """One encoder run through the quickstart; with `--validate`, on the data less a validation split, scored too."""
+    from transformers import AutoTokenizer
+
+    from recipes import assets, quickstart
 
     method = Method.of(variant, task, seed, args.steps or 300)
-    argv = encoder_argv(task, seed, args, Path(args.work_dir) / f"{task}-{variant}-{seed}", method.variant)
-    _, metrics = quickstart.train(quickstart.parse_args(argv), None, method.peft_config, method.callbacks)
-    return {**metrics, **method.params()}
+    output_dir = Path(args.work_dir) / f"{task}-{variant}-{seed}"
+    train_size, _, val_size = encoder_sizes(task, args)
+    dataset, validation = None, []
+    if args.validate:
+        pool, validation = hold_out(quickstart.load_rows(args.data.get(task, task)), val_size)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dataset = output_dir / "pool.jsonl"
+        dataset.write_text("".join(json.dumps(row) + "\n" for row in pool))
+    cfg = quickstart.parse_args(encoder_argv(task, seed, args, output_dir, method.variant, dataset and str(dataset)))
+    callbacks, splits = method.callbacks, None
+    if validation:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model or str(assets.minilm_path()))
+        splits = SplitAccuracy(tokenizer, {"val": validation}, cfg.max_length, args.curve_every)
+        callbacks = [*callbacks, splits]
+    with peak_memory() as peak:
+        _, metrics = quickstart.train(cfg, None, method.peft_config, callbacks)
+    metrics = {**metrics, **method.params(), **peak}
+    if splits is not None:
+        metrics.update(splits.metrics(), test_accuracy=metrics["accuracy"], val_examples=len(validation))
+        metrics["train_examples"] = train_size
+    return metrics
+
+
+@contextmanager
+def peak_memory():
+    """Yields a dict that gets `peak_gib`, the most GPU memory allocated inside the block (nothing on a CPU)."""
+    out: dict[str, float] = {}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    yield out
+    if torch.cuda.is_available():
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def gsm_argv(
@@ -392,18 +511,16 @@ def run_gsm(task: str, variant: str, seed: int, args: argparse.Namespace) -> dic
     if "gsm_test" in args.data:
         files = {"val": args.data["gsm_eval"], "test": args.data["gsm_test"]}
         splits = SplitLosses(argv, files, args.curve_every)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     callbacks = method.callbacks + ([splits] if splits is not None else [])
     if method.loradrop is not None and method.loradrop.config.dropped_scaling == "keep":
         # The benchmark reads metrics only; the recipe's compact export expects dropped_scaling="rank" (the
         # alpha_pattern it checks), so a "keep" run's adapter stays the plain PEFT one the recipe also saves.
         llama2_gsm8k.export_compact = lambda *_, **__: None
-    results = llama2_gsm8k.main(argv, callbacks=callbacks, peft_config=method.peft_config)
+    with peak_memory() as peak:
+        results = llama2_gsm8k.main(argv, callbacks=callbacks, peft_config=method.peft_config)
     metrics = {"eval_loss": results["eval_loss"], "eval_examples": results["eval_samples"], **method.params()}
     metrics["train_minutes"] = round(results["train_runtime_s"] / 60, 3)
-    if torch.cuda.is_available():
-        metrics["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    metrics.update(peak)
     if splits is not None:
         metrics.update(splits.metrics())
     return {**metrics, "exact_match": results["accuracy"]} if args.exact_match else metrics
@@ -580,7 +697,24 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
         "gsm_test=FILE makes gsm_eval the validation split and scores this test split too",
     )
     parser.add_argument(
-        "--curve_every", type=int, default=0, help="gsm with gsm_test: validation loss every N steps (0: at the end)"
+        "--validate",
+        action="store_true",
+        help="encoders: hold out a validation split from the data (fixed across seeds; ENCODER_TUNED_SIZES) and "
+        "score it (val_accuracy; the held-out slice's accuracy is test_accuracy)",
+    )
+    parser.add_argument(
+        "--encoder_sizes",
+        nargs=3,
+        type=int,
+        default=None,
+        metavar=("TRAIN", "TEST", "VAL"),
+        help="encoders: rows to train on, to test on and (with --validate) to validate on, instead of the task's",
+    )
+    parser.add_argument(
+        "--curve_every",
+        type=int,
+        default=0,
+        help="gsm with gsm_test, encoders with --validate: the validation score every N steps (0: at the end)",
     )
     parser.add_argument("--work_dir", default="out/quality")
 

@@ -1,0 +1,71 @@
+"""Issue 29's protocol (benchmarks/gpu_batch.py part "tuned", benchmarks/tuned.py): each task's learning rate is
+chosen in the direction of its score (the lowest validation loss for GSM, the highest validation accuracy for the
+encoders), and the report's verdicts follow the same direction. Pure Python, no model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    """benchmarks/gpu_batch.py and benchmarks/tuned.py, imported from benchmarks/ and not left behind (benchmarks/
+    names its modules plainly)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_batch
+    import tuned
+
+    yield gpu_batch, tuned
+    for name in ("gpu_batch", "tuned", "variants"):
+        sys.modules.pop(name, None)
+
+
+def row(task: str, variant: str, seed: int, val: float, test: float) -> dict:
+    metric = "loss" if task.startswith("gsm") else "accuracy"
+    params = 1 if "@r1" in variant else 8
+    return {"task": task, "variant": variant, "seed": seed, "hardware": "test", "steps": 10, "wall_minutes": 0.1,
+            "adapter_params": params, f"val_{metric}": val, f"test_{metric}": test}  # fmt: skip
+
+
+def test_the_rate_is_chosen_in_the_direction_of_the_tasks_score(benchmarks):
+    gpu_batch, _ = benchmarks
+    rows = [row("sarcasm", f"lora@x{rate:g}", 0, val, 0.8) for rate, val in zip((0.5, 1, 2, 4), (0.80, 0.85, 0.9, 0.7))]
+    rows += [row("gsm", f"lora@x{rate:g}", 0, val, 0.3) for rate, val in zip((1, 2, 4, 8, 16), (0.5, 0.4, 0.2, 0.3, 1))]
+    rows += [row("polarity", "lora@x0.5", 0, 0.9, 0.9)]  # an incomplete grid chooses nothing
+    assert gpu_batch.chosen_rates(rows) == {("sarcasm", "lora"): 2.0, ("gsm", "lora"): 4.0}
+    assert gpu_batch.chosen_rates(rows, {"sarcasm": (0.5, 1)}) == {("sarcasm", "lora"): 1.0}
+
+
+def test_the_encoder_queue_runs_its_own_grid_then_the_other_seeds_at_the_chosen_rate(benchmarks, tmp_path):
+    gpu_batch, _ = benchmarks
+    args = argparse.Namespace(
+        results_dir=str(tmp_path), tasks=["sarcasm"], arms=["lora"], rates=None, data="data", models="models",
+        encoder_steps=40, toy=False, curve_every=10,
+    )  # fmt: skip
+    assert [job.name for job in gpu_batch.tuned_jobs(args, None)] == [f"sarcasm-lora@x{r}-0" for r in (0.5, 1, 2, 4)]
+    assert "--validate" in gpu_batch.tuned_jobs(args, None)[0].argv
+    rows = [row("sarcasm", f"lora@x{rate:g}", 0, val, 0.8) for rate, val in zip((0.5, 1, 2, 4), (0.8, 0.9, 0.85, 0.7))]
+    (tmp_path / "quality_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [job.name for job in gpu_batch.tuned_jobs(args, None)] == ["sarcasm-lora@x1-1", "sarcasm-lora@x1-2"]
+
+
+def test_the_report_calls_a_higher_accuracy_above_and_a_lower_loss_above(benchmarks):
+    _, tuned = benchmarks
+    rows = []
+    for task, (good, bad) in {"sarcasm": (0.9, 0.8), "gsm": (0.2, 0.4)}.items():
+        for seed, jitter in enumerate((0.0, 0.001, -0.001)):
+            rows += [row(task, f"lora@r1x{rate}", seed, good, good + jitter) for rate in (1, 2)]
+            rows += [row(task, f"lora@x{rate}", seed, bad, bad + jitter) for rate in (1, 2)]
+    by_task = tuned.arms(rows)
+    for task in ("sarcasm", "gsm"):
+        r1, r8 = by_task[task]["lora@r1"], by_task[task]["lora"]
+        assert tuned.compare(r1, r8)[2] == "above" and tuned.compare(r8, r1)[2] == "below"
+    assert "r=8 is -10.0 better" in "\n".join(tuned.findings("sarcasm", by_task["sarcasm"]))
+    assert "r=8 is -0.200 better" in "\n".join(tuned.findings("gsm", by_task["gsm"]))
