@@ -195,6 +195,57 @@ class AdapterSize(TrainerCallback):
         self.params = count
 
 
+class UpdateSizes(TrainerCallback):
+    """How far one optimizer step moves each LoRA module's term, `||s (B' A' - B A)||_F`, every `every` steps, averaged
+    per group: plain LoRA's modules (`all`), or LoRA-drop's before its switch (`before`) and after it, the kept and the
+    dropped modules apart (`kept`, `dropped`). It separates a larger step from a better choice (issue 29): a module
+    truncated to rank k and scaled by lora_alpha / k moves further per step than one at lora_alpha / r.
+
+    The norm comes from the factors, `tr((R R^T)(L^T L))` with `L = [B', -B]` and `R = [A'; A]` (2r x 2r matrices),
+    so the full update is never formed. Listed before LoRA-drop's callback, so that the switch at the end of a step
+    does not count as that step's move. Plain LoRA and LoRA-drop only (AdaLoRA and VeRA have other factors)."""
+
+    def __init__(self, loradrop: LoraDropCallback | None, every: int = 10) -> None:
+        self.loradrop, self.every = loradrop, every
+        self._layers: dict | None = None
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._sizes: dict[str, list[float]] = defaultdict(list)
+
+    def _factors(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        adapter = self.loradrop.config.adapter_name if self.loradrop is not None else "default"
+        return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every:
+            return
+        self._layers = self._layers or find_lora_layers(model)
+        self._before = {
+            name: tuple(w.detach().float().clone() for w in self._factors(layer))
+            for name, layer in self._layers.items()
+        }
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._before is None:
+            return
+        plan = self.loradrop.plan if self.loradrop is not None else None
+        kept = set(plan.kept) if plan is not None else set()
+        adapter = self.loradrop.config.adapter_name if self.loradrop is not None else "default"
+        for name, (a0, b0) in self._before.items():
+            layer = self._layers[name]
+            a, b = (w.detach().float() for w in self._factors(layer))
+            left, right = torch.cat([b, -b0], dim=1), torch.cat([a, a0], dim=0)
+            squared = float(((right @ right.T) * (left.T @ left)).sum().clamp_min(0))
+            group = "all" if self.loradrop is None else "before" if plan is None else None
+            group = group or ("kept" if name in kept else "dropped")
+            self._sizes[group].append(layer.scaling[adapter] * math.sqrt(squared))
+        self._before = None
+
+    def metrics(self) -> dict:
+        """`step_update`: the mean move per module and sampled step, per group (empty when nothing was sampled)."""
+        return {"step_update": {group: statistics.mean(sizes) for group, sizes in self._sizes.items()}}
+
+
 class AdaLoraBudget(TrainerCallback):
     """What PEFT's AdaLoRA asks of a training loop: `update_and_allocate` after each optimizer step, gradients still
     there (the Trainer zeroes them after this event)."""
@@ -363,20 +414,25 @@ class Method:
     loradrop: LoraDropCallback | None
     peft_config: PeftConfig | None
     size: AdapterSize
+    updates: UpdateSizes | None
 
     @classmethod
     def of(cls, variant: str, task: str, seed: int, steps: int) -> Method:
         parsed = Variant.parse(variant)
-        return cls(parsed, make_callback(variant, seed), baseline_peft_config(variant, task, steps), AdapterSize())
+        loradrop = make_callback(variant, seed)
+        updates = UpdateSizes(loradrop) if parsed.settings not in ("adalora", "vera") else None
+        return cls(parsed, loradrop, baseline_peft_config(variant, task, steps), AdapterSize(), updates)
 
     @property
     def callbacks(self) -> list[TrainerCallback]:
         budget = [AdaLoraBudget()] if self.variant.settings == "adalora" else []
-        return [*([self.loradrop] if self.loradrop is not None else []), self.size, *budget]
+        updates = [self.updates] if self.updates is not None else []  # before LoRA-drop's: see UpdateSizes
+        return [*updates, *([self.loradrop] if self.loradrop is not None else []), self.size, *budget]
 
     def params(self) -> dict:
-        """The adapter parameters the run ends with (`adapter_params`), and LoRA-drop's plan facts."""
-        out = {"adapter_params": self.size.params}
+        """The adapter parameters the run ends with (`adapter_params`), LoRA-drop's plan facts and the size of one
+        step's move (`UpdateSizes`)."""
+        out = {"adapter_params": self.size.params, **(self.updates.metrics() if self.updates is not None else {})}
         callback = self.loradrop
         if callback is None:
             return out

@@ -361,6 +361,32 @@ def curve_table(by_name: dict[str, Arm]) -> list[str]:
     return lines
 
 
+def update_table(by_name: dict[str, Arm]) -> list[str]:
+    """How far one optimizer step moves a module's `s B A` (benchmarks/quality.py's UpdateSizes), mean over the seeds
+    at each method's chosen rate, for the rows that recorded it: the step size a method trains with, apart from which
+    modules it chose."""
+    groups = ("all", "before", "kept", "dropped")
+    shown = []
+    for arm in sorted(by_name.values(), key=_order):
+        recorded = [row["step_update"] for row in arm.at_rate if row.get("step_update")]
+        if recorded:
+            means = {
+                g: statistics.mean(r[g] for r in recorded if g in r) for g in groups if any(g in r for r in recorded)
+            }
+            shown.append((arm, means))
+    if not shown:
+        return []
+    lines = ["", "Size of one optimizer step's move of a module's `s B A` (Frobenius norm, mean over modules, sampled "]
+    lines[-1] += (
+        "steps and seeds at the chosen rate): plain LoRA's modules, or LoRA-drop's before the switch and after it."
+    )
+    lines += ["", "| method (its lr) | all | before the switch | kept | dropped |", "|---|---:|---:|---:|---:|"]
+    for arm, means in shown:
+        cells = [f"{means[g]:.2e}" if g in means else "" for g in groups]
+        lines.append(f"| {arm.name} (x{arm.rate:g}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def rows_of(by_name: dict[str, Arm]) -> list[dict]:
     """Every run row of a task's methods."""
     return [row for arm in by_name.values() for rows in arm.runs.values() for row in rows]
@@ -394,6 +420,7 @@ def markdown(by_task: dict[str, dict[str, Arm]], source: str) -> str:
         lines += grid_table(task, by_name)
         lines += ["", f"{validation} over training, mean over the seeds at each method's chosen rate.", ""]
         lines += curve_table(by_name)
+        lines += update_table(by_name)
     absent = [task for task in TASK_ORDER if not by_task.get(task)]
     if absent:
         lines += ["", f"Tasks of the protocol with no complete grid yet: {', '.join(absent)}."]

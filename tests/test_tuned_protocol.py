@@ -69,3 +69,49 @@ def test_the_report_calls_a_higher_accuracy_above_and_a_lower_loss_above(benchma
         assert tuned.compare(r1, r8)[2] == "above" and tuned.compare(r8, r1)[2] == "below"
     assert "r=8 is -10.0 better" in "\n".join(tuned.findings("sarcasm", by_task["sarcasm"]))
     assert "r=8 is -0.200 better" in "\n".join(tuned.findings("gsm", by_task["gsm"]))
+
+
+def test_update_sizes_are_the_norms_of_the_full_step_changes(tmp_path, monkeypatch):
+    """benchmarks/quality.py's UpdateSizes (how far one step moves s*B*A, from the factors) against the full products,
+    grouped as it groups them: before the switch, then the kept and the truncated modules apart."""
+    import torch
+    from helpers import TokenDataset, tiny_llama, training_args
+    from transformers import Trainer, TrainerCallback
+
+    from loradrop_trainer import LoraDropCallback, find_lora_layers
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import quality
+
+    class FullProducts(TrainerCallback):
+        def __init__(self, drop):
+            self.drop, self.sizes, self.before = drop, {}, None
+
+        def products(self, model):
+            return {
+                name: (layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+                .detach()
+                .double()
+                for name, layer in find_lora_layers(model).items()
+            }
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.before = self.products(model) if state.global_step % 2 == 0 else None
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if self.before is None:
+                return
+            plan = self.drop.plan
+            for name, after in self.products(model).items():
+                group = "before" if plan is None else "kept" if name in plan.kept else "dropped"
+                self.sizes.setdefault(group, []).append(float(torch.linalg.norm(after - self.before[name])))
+
+    model = tiny_llama()
+    drop = LoraDropCallback(alpha=0.25, mode="truncate", dropped_rank=1, normalize="global", threshold=0.6)
+    updates, reference = quality.UpdateSizes(drop, every=2), FullProducts(drop)
+    args = training_args(tmp_path, max_steps=12, learning_rate=5e-3)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(n=40), callbacks=[updates, reference, drop]).train()
+    got = updates.metrics()["step_update"]
+    assert set(got) == {"before", "kept", "dropped"}
+    for group, sizes in reference.sizes.items():
+        assert got[group] == pytest.approx(sum(sizes) / len(sizes), rel=1e-4), group
