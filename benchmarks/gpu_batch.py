@@ -80,7 +80,7 @@ TUNED_TASKS = ["gsm", "gsm_qv"]  # part tuned's default --tasks (the encoders: -
 TUNED_ARMS = ["lora@r1", "lora", "kind+T0.5+trunc1", "random:kind+T0.5+trunc1", "lora@r2", "lora@r4"]
 TUNED_ARMS += ["kind+T0.5+trunc1+keep", "lora@r1a128", "kind+T0.5+trunc1+alpha0.8"]
 TUNED_ARMS += ["random:kind+T0.5+trunc1+alpha0.8", "kind+T0.5+trunc1+resid", "kind+T0.5+trunc1+resid+alpha0.8"]
-# A random draw of the residual's size, and the late switch without the rank-k scaling (is its jump the step or the cut?).
+# A random draw of the residual's size; the late switch without rank-k scaling (is its jump the step or the cut?).
 TUNED_ARMS += ["random:kind+T0.5+trunc1+resid", "kind+T0.5+trunc1+keep+alpha0.8"]
 # Each task's learning-rate grid (factors on quality.py's rate: 5e-4 for GSM, 1e-3 for the encoders, where the untuned
 # runs were); --rates replaces it for every task.
