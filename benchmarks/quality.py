@@ -231,14 +231,16 @@ class UpdateSizes(TrainerCallback):
         plan = self.loradrop.plan if self.loradrop is not None else None
         kept = set(plan.kept) if plan is not None else set()
         adapter = self.loradrop.config.adapter_name if self.loradrop is not None else "default"
+        groups, squared = [], []
         for name, (a0, b0) in self._before.items():
-            layer = self._layers[name]
-            a, b = (w.detach().float() for w in self._factors(layer))
+            a, b = (w.detach().float() for w in self._factors(self._layers[name]))
             left, right = torch.cat([b, -b0], dim=1), torch.cat([a, a0], dim=0)
-            squared = float(((right @ right.T) * (left.T @ left)).sum().clamp_min(0))
+            squared.append(((right @ right.T) * (left.T @ left)).sum().clamp_min(0))
             group = "all" if self.loradrop is None else "before" if plan is None else None
-            group = group or ("kept" if name in kept else "dropped")
-            self._sizes[group].append(layer.scaling[adapter] * math.sqrt(squared))
+            groups.append(group or ("kept" if name in kept else "dropped"))
+        # one read back to the host per sampled step, not one per module
+        for name, group, value in zip(self._before, groups, torch.stack(squared).tolist()):
+            self._sizes[group].append(self._layers[name].scaling[adapter] * math.sqrt(value))
         self._before = None
 
     def metrics(self) -> dict:

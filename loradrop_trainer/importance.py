@@ -33,9 +33,9 @@ What one scored forward contributes, per module (`score`):
   `B_res = (I - P_k) B` and `P_k` the projection on the top k left singular vectors of `B A`: so the collector sums
   each module's r x r token Gram `U^T M U` over the scored forwards (as cheap as "output": the Gram is computed for
   it anyway) and `residual_totals` reads the score out at the switch, from the Gram and the weights then. The Gram
-  sums inputs `A x` of every scored step while the score uses the last `A` and `B`: exact while A moves slowly,
-  which the collection's small learning rates keep it near. A module whose update is nearly rank k scores near zero
-  even when its output is large, and is the one to truncate.
+  sums inputs `A x` of every scored step while the score uses the last `A` and `B`: exact for a fixed `A`, an
+  approximation as far as `A` moved during the collection (not measured). A module whose update is nearly rank k
+  scores near zero even when its output is large, and is the one to truncate.
 
 How forwards add up (`aggregate`):
 
