@@ -196,16 +196,17 @@ def recipe_argv(args: argparse.Namespace, work: Path) -> list[str]:
 
 def latest_checkpoint(work: Path) -> Path | None:
     """The newest complete checkpoint in `work`, or None. The Trainer writes trainer_state.json last; a checkpoint
-    without it (or with half of it: a run killed while saving) is removed."""
-    found = sorted(work.glob("checkpoint-*"), key=lambda path: int(path.name.rpartition("-")[2]), reverse=True)
+    without it (or with half of it: a run killed while saving) is passed over, not deleted (the Trainer writes over it
+    when it saves that step again), and so is a directory not named `checkpoint-<step>`."""
+    steps = {path: path.name.rpartition("-")[2] for path in work.glob("checkpoint-*")}
+    found = sorted((path for path, step in steps.items() if step.isdigit()), key=lambda p: int(steps[p]), reverse=True)
     for path in found:
         try:
             json.loads((path / "trainer_state.json").read_text())
-            if (path / "optimizer.pt").is_file() and (path / "scheduler.pt").is_file():
-                return path
         except (OSError, ValueError):
-            pass
-        shutil.rmtree(path, ignore_errors=True)
+            continue
+        if (path / "optimizer.pt").is_file() and (path / "scheduler.pt").is_file():
+            return path
     return None
 
 
