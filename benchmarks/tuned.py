@@ -429,8 +429,9 @@ def markdown(by_task: dict[str, dict[str, Arm]], source: str) -> str:
         "Mean ± standard deviation over the seeds at the chosen rate; adapter parameters are what the method exports "
         "(LoRA-drop's after the switch). Verdict against plain LoRA (lora_alpha 16) at the largest rank with no more "
         "parameters, each at its own chosen rate: above/below means better/worse by more than the larger seed spread. "
-        "min/run is the training time of one run while 4 to 12 runs shared the GPU (it says how crowded the GPU "
-        "was, not how fast a method is); peak GiB is the most GPU memory one run allocated.",
+        "min/run is the training time of one run while 4 to 12 runs shared the GPU, or on a CPU one run with one "
+        "thread beside other work (it says how crowded the machine was, not how fast a method is); peak GiB is the "
+        "most GPU memory one run allocated.",
         "",
         "![tuned](tuned.png)",
     ]
