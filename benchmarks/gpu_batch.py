@@ -82,6 +82,9 @@ TUNED_ARMS += ["kind+T0.5+trunc1+keep", "lora@r1a128", "kind+T0.5+trunc1+alpha0.
 TUNED_ARMS += ["random:kind+T0.5+trunc1+alpha0.8", "kind+T0.5+trunc1+resid", "kind+T0.5+trunc1+resid+alpha0.8"]
 # A random draw of the residual's size; the late switch without rank-k scaling (is its jump the step or the cut?).
 TUNED_ARMS += ["random:kind+T0.5+trunc1+resid", "kind+T0.5+trunc1+keep+alpha0.8"]
+# Activation-aware truncation: at the default's switch, at the late switch (where the cut lost most), and with the
+# residual it minimises.
+TUNED_ARMS += ["kind+T0.5+trunc1+act", "kind+T0.5+trunc1+act+alpha0.8", "kind+T0.5+trunc1+resid+act"]
 # Each task's learning-rate grid (factors on quality.py's rate: 5e-4 for GSM, 1e-3 for the encoders, where the untuned
 # runs were); --rates replaces it for every task.
 GSM_RATES, ENCODER_RATES = (1, 2, 4, 8, 16), (0.5, 1, 2, 4)

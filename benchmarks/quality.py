@@ -22,6 +22,7 @@ budget or share LoRA parameters), or LoRA-drop settings joined by "+" on top of 
   trunc<k>   mode="truncate", dropped_rank=k: each dropped module keeps its own LoRA, cut to rank k by SVD
   keep       dropped_scaling="keep": truncated modules keep lora_alpha / r instead of lora_alpha / k
   resid      score="residual": what truncation to rank k takes from the output, not the output (mode truncate)
+  act        truncation="activation": the rank-k LoRA with the least output error on the collection's inputs
   alpha<x>   alpha=x: the switch at the end of step ceil(x * steps) (`alpha0.8`: a late switch, importance over 80%)
   random:V   the kept modules chosen at random, as many LoRA parameters as variant V keeps in the same seed (the
              first alpha of the steps are the same run as V's, so the plan it matches is the one V makes)
@@ -107,6 +108,7 @@ SETTINGS = {
     "fresh": {"shared_init": "fresh"},
     "keep": {"dropped_scaling": "keep"},
     "resid": {"score": "residual"},
+    "act": {"truncation": "activation"},
 }
 TASKS = ["sarcasm", "polarity", "gsm", "gsm_qv"]
 GSM_TARGETS = {
@@ -274,12 +276,36 @@ class RandomSelectionCallback(LoraDropCallback):
         return super().on_train_begin(args, state, control, **kwargs)
 
     def make_plan(self, importance: dict[str, float], kinds: dict[str, str], step: int) -> DropPlan:
-        cfg = self.config
-        target = super().make_plan(importance, kinds, step).kept_fraction(self._sizes, self._ranks)
-        order = random.Random(self.seed).sample(sorted(kinds), len(kinds))
-        settings = {"mode": cfg.mode, "dropped_rank": cfg.dropped_rank, "adapter_name": cfg.adapter_name, "step": step}
-        plans = [plan_keeping(importance, kinds, order[:k], cfg.threshold, **settings) for k in range(len(order) + 1)]
-        return min(plans, key=lambda plan: abs(plan.kept_fraction(self._sizes, self._ranks) - target))
+        plan = super().make_plan(importance, kinds, step)
+        return random_plan_like(plan, importance, self._sizes, self._ranks, self.seed, self.config.threshold)
+
+
+def random_plan_like(
+    plan: DropPlan,
+    importance: dict[str, float],
+    sizes: dict[str, int],
+    ranks: dict[str, int],
+    seed: int,
+    threshold: float,
+) -> DropPlan:
+    """A plan with the settings of `plan` whose kept modules are the prefix of a random order (seeded) that keeps
+    the LoRA parameter fraction nearest to `plan`'s (shared pairs and truncated modules counted as plans count them).
+
+    Args:
+        plan: the importance plan whose size and settings the random one takes.
+        importance: the summed importance `plan` was made from (the random plan records it too).
+        sizes: each module's LoRA parameter count; ranks: each module's rank r.
+        seed: the draw.
+        threshold: recorded in the plan (the config's).
+    """
+    target = plan.kept_fraction(sizes, ranks)
+    order = random.Random(seed).sample(sorted(plan.kinds), len(plan.kinds))
+    settings = {"mode": plan.mode, "dropped_rank": plan.dropped_rank, "adapter_name": plan.adapter_name}
+    plans = [
+        plan_keeping(importance, plan.kinds, order[:k], threshold, step=plan.step, **settings)
+        for k in range(len(order) + 1)
+    ]
+    return min(plans, key=lambda candidate: abs(candidate.kept_fraction(sizes, ranks) - target))
 
 
 class SplitScores(TrainerCallback):

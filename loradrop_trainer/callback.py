@@ -176,7 +176,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
                 "step."
             )
         self._collector = ImportanceCollector(
-            model, self._layers, cfg.adapter_name, cfg.score_every, cfg.score, cfg.aggregate
+            model, self._layers, cfg.adapter_name, cfg.score_every, cfg.score, cfg.aggregate, self._needs_grams()
         )
         if cfg.auto:
             self._tracker = StabilityTracker(cfg.auto_patience, cfg.auto_min_tau, cfg.auto_min_overlap)
@@ -369,12 +369,15 @@ class LoraDropCallback(TrainerCallback, ExportableState):
 
     def _drop_other_measure(self, saved: dict, state: TrainerState) -> dict:
         """Before the switch, importance collected under another `score` or `aggregate` measures something else: it
-        is left out (the collection starts again at the resumed step), never added to this run's."""
+        is left out (the collection starts again at the resumed step), never added to this run's. So is importance
+        saved without the token Grams this run needs (`truncation="activation"` after a run that summed none)."""
         changed = [
             f"{key}={saved['settings'][key]!r} (now {getattr(self.config, key)!r})"
             for key in _MEASURE_SETTINGS
             if key in saved.get("settings", {}) and saved["settings"][key] != getattr(self.config, key)
         ]
+        if self._needs_grams() and saved.get("totals") and not saved.get("grams"):
+            changed.append(f"no token Grams (now truncation={self.config.truncation!r})")
         if not saved.get("totals") or not changed:
             return saved
         if state.global_step >= self._switch_step:
@@ -398,6 +401,7 @@ class LoraDropCallback(TrainerCallback, ExportableState):
         collector, self._collector = self._collector, None
         collector.all_reduce(args.device)
         totals, skipped, scored = self._importance(collector), collector.skipped(), collector.scored()
+        input_grams = collector.input_grams() if cfg.truncation == "activation" else None
         collector.remove()
         if skipped:
             worst = max(skipped, key=skipped.get)
@@ -418,7 +422,13 @@ class LoraDropCallback(TrainerCallback, ExportableState):
             plan.stability = self._tracker.history
         fresh_seed = args.seed + state.global_step if cfg.shared_init == "fresh" and not cfg.restart else None
         self._tying = reparameterise(
-            self._layers, plan, optimizer, at_switch=True, fresh_seed=fresh_seed, dropped_scaling=cfg.dropped_scaling
+            self._layers,
+            plan,
+            optimizer,
+            at_switch=True,
+            fresh_seed=fresh_seed,
+            dropped_scaling=cfg.dropped_scaling,
+            input_grams=input_grams,
         )
         self._outcome.plan = plan
         self._record_in_config(model)
@@ -453,9 +463,16 @@ class LoraDropCallback(TrainerCallback, ExportableState):
     def _importance(self, collector: ImportanceCollector) -> dict[str, float]:
         """The summed importance the plan is made from (after `all_reduce`; every rank calls it): the collector's
         totals, or with score="residual" what truncation to `dropped_rank` would take from each module's output."""
-        if self.config.score != "residual":
+        cfg = self.config
+        if cfg.score != "residual":
             return collector.totals()
-        return collector.residual_totals(self._layers, self.config.adapter_name, self.config.dropped_rank)
+        activation = cfg.truncation == "activation"
+        return collector.residual_totals(self._layers, cfg.adapter_name, cfg.dropped_rank, activation)
+
+    def _needs_grams(self) -> bool:
+        """Whether the collection sums token Grams: score "residual" reads them, truncation "activation" cuts by
+        them."""
+        return self.config.score == "residual" or self.config.truncation == "activation"
 
     def _record_in_config(self, model) -> None:
         """Let the plan's mode record in the PEFT config what the config would not say of the applied plan (mode

@@ -11,6 +11,7 @@ AGGREGATES = ("sum", "rank")
 SHARED_INITS = ("most_important", "fresh")
 MODES = ("share", "drop", "truncate")
 DROPPED_SCALINGS = ("rank", "keep")
+TRUNCATIONS = ("svd", "activation")
 NORMALIZE = ("global", "kind", "layer")
 AUTO = "auto"
 
@@ -137,6 +138,18 @@ class LoraDropConfig:
             "a 'keep' run with `save_pretrained`: hub_export's compact format expects the 'rank' scaling."
         },
     )
+    truncation: Literal["svd", "activation"] = field(
+        default="svd",
+        metadata={
+            "help": "With mode='truncate': which rank-`dropped_rank` approximation a dropped module keeps. 'svd' (the "
+            "default): the best one of its update B A (the truncated SVD, least Frobenius error). 'activation': the "
+            "best one on the inputs the module saw while importance was collected, the rank-k M with the least "
+            "sum over real tokens of ||scaling * (B A - M) x||^2, from the r x r Gram of A x the collector sums (no "
+            "cost per step beyond the Gram). SVD treats every input direction alike; activation-aware truncation "
+            "keeps what the module does on the inputs it gets, so less of its output on training data is lost at "
+            "the switch. With score='residual' the score is then what this truncation takes away."
+        },
+    )
     score: Literal["output", "relative", "residual"] = field(
         default="output",
         metadata={
@@ -250,6 +263,15 @@ class LoraDropConfig:
         if self.mode != "truncate" and self.dropped_scaling != "rank":
             raise ValueError(
                 f"dropped_scaling only applies to mode='truncate'; leave it at its default with mode={self.mode!r}."
+            )
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(
+                f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}: 'svd' keeps the best rank-k "
+                "approximation of B A, 'activation' the best one on the inputs seen during the collection."
+            )
+        if self.mode != "truncate" and self.truncation != "svd":
+            raise ValueError(
+                f"truncation only applies to mode='truncate'; leave it at its default with mode={self.mode!r}."
             )
         if self.mode == "truncate" and self.restart:
             raise ValueError(

@@ -35,7 +35,11 @@ What one scored forward contributes, per module (`score`):
   it anyway) and `residual_totals` reads the score out at the switch, from the Gram and the weights then. The Gram
   sums inputs `A x` of every scored step while the score uses the last `A` and `B`: exact for a fixed `A`, an
   approximation as far as `A` moved during the collection (not measured). A module whose update is nearly rank k
-  scores near zero even when its output is large, and is the one to truncate.
+  scores near zero even when its output is large, and is the one to truncate. With `truncation="activation"`,
+  `[B A]_k` is the truncation that minimises this residual (`truncate.kept_directions`), and the score is what it
+  leaves.
+
+The same Grams, summed for any score when `input_grams` is set, are what `truncation="activation"` truncates by.
 
 How forwards add up (`aggregate`):
 
@@ -69,6 +73,7 @@ from torch.utils.hooks import RemovableHandle
 from .config import AGGREGATES, SCORES
 from .plan import SCORED_KEYS
 from .sharding import parameter_engine, whole_tensors
+from .truncate import kept_directions
 
 _MASK_KEYS = ("attention_mask", "decoder_attention_mask")
 
@@ -83,6 +88,8 @@ class ImportanceCollector:
         score_every: score one training forward in every `score_every`.
         score: what one forward measures per module, "output", "relative" or "residual" (see the module docstring).
         aggregate: how forwards add up, "sum" or "rank" (see the module docstring).
+        input_grams: also sum each module's token Gram for any `score` (`LoraDropConfig(truncation="activation")`
+            truncates with it); score "residual" always does.
     """
 
     def __init__(
@@ -93,6 +100,7 @@ class ImportanceCollector:
         score_every: int = 1,
         score: str = "output",
         aggregate: str = "sum",
+        input_grams: bool = False,
     ) -> None:
         if score not in SCORES or aggregate not in AGGREGATES:
             raise ValueError(f"score must be one of {SCORES} and aggregate one of {AGGREGATES}.")
@@ -109,8 +117,8 @@ class ImportanceCollector:
         )
         self._score_every = score_every
         self._relative = score == "relative"
-        self._grams = None  # "residual": each module's token Gram, zero-padded to the largest rank
-        if score == "residual":
+        self._grams = None  # each module's token Gram, zero-padded to the largest rank ("residual", input_grams)
+        if score == "residual" or input_grams:
             rank = max(layer.r[adapter_name] for layer in layers.values())
             self._grams = torch.zeros(len(self.names), rank, rank, device=device)
         self._rank = aggregate == "rank"
@@ -281,7 +289,9 @@ class ImportanceCollector:
         """This process's totals so far (reads them back to the host)."""
         return dict(zip(self.names, self._totals.tolist()))
 
-    def residual_totals(self, layers: Mapping[str, LoraLayer], adapter_name: str, rank: int) -> dict[str, float]:
+    def residual_totals(
+        self, layers: Mapping[str, LoraLayer], adapter_name: str, rank: int, activation: bool = False
+    ) -> dict[str, float]:
         """Score "residual": each module's `scaling^2 sum_t ||(B A - [B A]_rank) x_t||^2` from the summed token Grams
         and the module's weights now (gathered when sharded: every rank must call it, after `all_reduce`).
 
@@ -289,6 +299,7 @@ class ImportanceCollector:
             layers: `{name: LoRA layer}`, the layers this collector scores.
             adapter_name: the adapter whose LoRA is scored.
             rank: the rank mode "truncate" would cut a module to (`dropped_rank`).
+            activation: `[B A]_rank` is the activation-aware truncation (`truncation="activation"`), not the SVD.
         """
         if self._grams is None:
             raise ValueError("residual_totals needs a collector made with score='residual'.")
@@ -297,15 +308,24 @@ class ImportanceCollector:
         whole = whole_tensors(params)
         grams = self._grams.to(torch.float64).cpu()
         return {
-            name: truncation_residual(whole[2 * i], whole[2 * i + 1], grams[i], rank, float(m.scaling[adapter_name]))
+            name: truncation_residual(
+                whole[2 * i], whole[2 * i + 1], grams[i], rank, float(m.scaling[adapter_name]), activation
+            )
             for i, (name, m) in enumerate(zip(self.names, modules))
         }
 
     def grams(self) -> dict[str, list[float]] | None:
-        """Score "residual": this process's token Grams so far, per module, row by row (None for other scores)."""
+        """This process's token Grams so far, per module, row by row, for a checkpoint (None when it sums none)."""
         if self._grams is None:
             return None
         return {name: gram.flatten().tolist() for name, gram in zip(self.names, self._grams.cpu())}
+
+    def input_grams(self) -> dict[str, torch.Tensor]:
+        """`{module name: the r x r token Gram of its lora_B's inputs}` (float64, on the CPU; zero-padded to the
+        largest rank), for `truncate.truncated_dropped_values` (after `all_reduce`: the same on every rank)."""
+        if self._grams is None:
+            raise ValueError("input_grams needs a collector made with input_grams=True or score='residual'.")
+        return dict(zip(self.names, self._grams.to(torch.float64).cpu()))
 
     def skipped(self) -> dict[str, int]:
         """How many scores of each module were left out for not being finite (modules with none are omitted)."""
@@ -403,13 +423,16 @@ def _weight_gram(weight: torch.Tensor) -> torch.Tensor:
         return b.T @ b
 
 
-def truncation_residual(a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, rank: int, scaling: float) -> float:
+def truncation_residual(
+    a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, rank: int, scaling: float, activation: bool = False
+) -> float:
     """`scaling^2 sum_t ||(B A - [B A]_rank) x_t||^2` given `gram = sum_t (A x_t)(A x_t)^T`: what cutting this LoRA to
-    its best rank-`rank` approximation (as mode "truncate" does) would take from its output on those inputs.
+    rank `rank` (as mode "truncate" does) would take from its output on those inputs.
 
-    `[B A]_rank = P B A`, with `P` the projection on the top `rank` left singular vectors of `B A` (found from thin QR
-    factors, as `truncate.truncated_values` finds them, so the full product is never formed); the residual is then
-    `(I - P) B u` with `u = A x`, and its energy `<B_res^T B_res, gram>`. Computed in float64.
+    `[B A]_rank = P B A`, with `P` the projection on the `rank` output directions the truncation keeps
+    (`truncate.kept_directions`: the top left singular vectors of `B A`, or with `activation` those of `B A X`, for
+    which this residual is the least any rank-`rank` matrix leaves); the residual is then `(I - P) B u` with `u = A x`,
+    and its energy `<B_res^T B_res, gram>`. Computed in float64.
 
     Args:
         a: `lora_A` weight, shape (r, in_features).
@@ -417,17 +440,16 @@ def truncation_residual(a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, ra
         gram: the r x r token Gram of `lora_B`'s inputs (a larger zero-padded one is cut to r x r).
         rank: the rank the truncation keeps.
         scaling: the module's LoRA scaling during the collection.
+        activation: the truncation is `LoraDropConfig(truncation="activation")`'s, not the SVD.
     """
     r = a.shape[0]
     a64, b64 = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
     if rank >= r:
         return 0.0
-    q_b, r_b = torch.linalg.qr(b64)
-    _, r_a = torch.linalg.qr(a64.T)
-    u, _, _ = torch.linalg.svd(r_b @ r_a.T)
-    left = q_b @ u[:, :rank]
+    gram64 = gram[:r, :r].to(torch.float64)
+    left = kept_directions(a64, b64, rank, gram64 if activation else None)
     residual = b64 - left @ (left.T @ b64)
-    energy = (residual.T @ residual * gram[:r, :r].to(torch.float64)).sum()
+    energy = (residual.T @ residual * gram64).sum()
     return float(energy) * scaling**2
 
 

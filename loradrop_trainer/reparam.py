@@ -9,6 +9,8 @@ from before the switch makes them plain LoRA again, whatever the mode did.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -45,6 +47,7 @@ def reparameterise(
     at_switch: bool,
     fresh_seed: int | None = None,
     dropped_scaling: str = "rank",
+    input_grams: Mapping[str, torch.Tensor] | None = None,
 ) -> GradientTying | None:
     """Apply `plan` to a model in training, on whatever engine holds its LoRA, as its mode says; every rank must call
     it.
@@ -59,12 +62,17 @@ def reparameterise(
             important dropped module's weights. Only used at the switch.
         dropped_scaling: mode "truncate": "rank" scales truncated modules as a rank-k LoRA, "keep" leaves the
             adapter's scaling (`LoraDropConfig.dropped_scaling`).
+        input_grams: mode "truncate" with `truncation="activation"`: each module's r x r token Gram over the
+            collection, all-reduced (`ImportanceCollector.input_grams`); None truncates by SVD. Only used at the
+            switch.
 
     Returns:
         The `GradientTying` that keeps sharded members equal (remove it when training ends), or None when the plan
         was applied in place.
     """
-    return mode_of(plan.mode).reparameterise(layers, plan, Run(optimizer, at_switch, fresh_seed, dropped_scaling))
+    return mode_of(plan.mode).reparameterise(
+        layers, plan, Run(optimizer, at_switch, fresh_seed, dropped_scaling, input_grams)
+    )
 
 
 def set_values(values: list[tuple[nn.Parameter, torch.Tensor]], optimizer: object) -> None:

@@ -24,6 +24,7 @@ the benchmarks separate with it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -48,41 +49,87 @@ def scaling_at_rank(lora_alpha: float, rank: int, use_rslora: bool) -> float:
 
 @torch.no_grad()
 def truncated_values(
-    a: torch.Tensor, b: torch.Tensor, rank: int, scale: float = 1.0
+    a: torch.Tensor, b: torch.Tensor, rank: int, scale: float = 1.0, gram: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The best rank-`rank` approximation of `b @ a`, as zero-padded float32 factors of the same shapes.
 
-    Returns `(a', b')` with `b' @ a' = scale * U_k S_k V_k^T`, where `U S V^T` is the SVD of `b @ a`: `a'`'s first
-    `rank` rows are the top right singular vectors, scaled to the root-mean-square row norm of `a` (so `a` keeps the
-    magnitude PEFT's initialisation gave it, and the learning signal `b` gets stays what it was), and the rest of
-    each factor is zero. Computed in float64 from the thin QR factors of `b` and `a^T`, so the cost is
-    O((in + out) r^2) and the full matrix `b @ a` is never formed.
+    Returns `(a', b')` with `b' @ a' = scale * P b a`, where `P` projects on `rank` output directions: the top left
+    singular vectors of `b @ a` (the truncated SVD, least Frobenius error), or with `gram` those of
+    `b @ a @ X` for the inputs `X` whose `a`-projections have the Gram `gram = sum_t (a x_t)(a x_t)^T`, which gives the
+    rank-`rank` matrix with the least output error `sum_t ||(b a - M) x_t||^2` on those inputs
+    (`kept_directions`). `a'`'s first `rank` rows are unit directions scaled to the root-mean-square row norm of `a`
+    (so `a` keeps the magnitude PEFT's initialisation gave it, and the learning signal `b` gets stays what it was),
+    and the rest of each factor is zero. Computed in float64 from thin QR factors, so the cost is O((in + out) r^2)
+    and the full matrix `b @ a` is never formed.
 
     Args:
         a: `lora_A` weight, shape (r, in_features).
         b: `lora_B` weight, shape (out_features, r).
         rank: the rank to keep, 1 <= rank <= r.
         scale: factor for the product (the ratio of the old scaling to the new one).
+        gram: the r x r token Gram of `lora_B`'s inputs (`LoraDropConfig(truncation="activation")`); None for the
+            truncated SVD.
     """
     r = a.shape[0]
     if not 1 <= rank <= r or b.shape[1] != r:
         raise ValueError(f"Cannot truncate a rank-{r} LoRA (A {tuple(a.shape)}, B {tuple(b.shape)}) to rank {rank}.")
     a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    row_norm = a64.norm() / math.sqrt(r)
+    row_norm = row_norm if row_norm > 0 else a64.new_tensor(1.0)
+    new_a, new_b = torch.zeros_like(a64), torch.zeros_like(b64)
+    if gram is not None:
+        left = kept_directions(a64, b64, rank, gram)
+        rows = (left.T @ b64) @ a64  # (rank, in): what each kept output direction reads from the input
+        norms = rows.norm(dim=1)
+        if bool((norms > 0).all()):
+            new_a[:rank] = rows / norms[:, None] * row_norm
+            new_b[:, :rank] = left * (norms * scale / row_norm)
+            return new_a.float(), new_b.float()
+        # b @ a itself has rank below `rank`: the truncated SVD keeps all of it, and is well defined.
     q_b, r_b = torch.linalg.qr(b64)
     q_a, r_a = torch.linalg.qr(a64.T)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)
     left = q_b @ u[:, :rank]  # (out, rank)
     right = q_a @ vh[:rank].T  # (in, rank)
-    row_norm = a64.norm() / math.sqrt(r)
-    row_norm = row_norm if row_norm > 0 else a64.new_tensor(1.0)
-    new_a, new_b = torch.zeros_like(a64), torch.zeros_like(b64)
     new_a[:rank] = right.T * row_norm
     new_b[:, :rank] = left * (s[:rank] * scale / row_norm)
     return new_a.float(), new_b.float()
 
 
+def kept_directions(a: torch.Tensor, b: torch.Tensor, rank: int, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """The `rank` orthonormal output directions (out_features x rank, float64) a truncation of `b @ a` keeps: the top
+    left singular vectors of `b @ a`, or with `gram` (the r x r Gram of `a x` over some inputs) those of `b @ a @ X`,
+    the eigenvectors of `b gram b^T`. Either way the truncation is `P b a` with `P` the projection on them, and what it
+    takes from an input's output is `(I - P) b a x`.
+
+    Args:
+        a: `lora_A` weight, shape (r, in_features), float64.
+        b: `lora_B` weight, shape (out_features, r), float64.
+        rank: how many directions.
+        gram: the token Gram (a larger zero-padded one is cut to r x r); None for the SVD of `b @ a`.
+    """
+    r = a.shape[0]
+    q_b, r_b = torch.linalg.qr(b)
+    if gram is not None:
+        # gram^(1/2) by eigendecomposition (a Gram is symmetric positive semi-definite; rounding can make tiny
+        # eigenvalues negative, which clamp to zero).
+        values, vectors = torch.linalg.eigh(gram[:r, :r].to(b))
+        u, s, _ = torch.linalg.svd(r_b @ (vectors * values.clamp_min(0).sqrt()) @ vectors.T)
+        if s[rank - 1] > s[0] * r * torch.finfo(s.dtype).eps:
+            return q_b @ u[:, :rank]
+        # Fewer than `rank` output directions carry any of these inputs' energy (a module that saw no input): any
+        # rank-k matrix with them is as good there, and the truncated SVD is the one that is well defined.
+    _, r_a = torch.linalg.qr(a.T)
+    u, _, _ = torch.linalg.svd(r_b @ r_a.T)
+    return q_b @ u[:, :rank]
+
+
 def truncated_dropped_values(
-    layers: dict[str, LoraLayer], plan: DropPlan, optimizer: object = None, dropped_scaling: str = "rank"
+    layers: dict[str, LoraLayer],
+    plan: DropPlan,
+    optimizer: object = None,
+    dropped_scaling: str = "rank",
+    input_grams: Mapping[str, torch.Tensor] | None = None,
 ) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """`(Parameter, new whole float32 value)` for the A and B of every dropped module, cut to `plan.dropped_rank` and,
     with `dropped_scaling="rank"`, rescaled for the scaling `set_truncated_scaling` then gives it (`reparam.set_values`
@@ -98,6 +145,9 @@ def truncated_dropped_values(
         plan: a plan in mode "truncate".
         optimizer: the optimizer as the Trainer holds it (None: the Parameters' own values).
         dropped_scaling: "rank" or "keep" (`LoraDropConfig.dropped_scaling`).
+        input_grams: `{module name: r x r token Gram of lora_B's inputs}` over the collection, the same on every
+            rank (`LoraDropConfig(truncation="activation")`: each module keeps the rank-k approximation with the least
+            output error on those inputs); None for the truncated SVD.
     """
     adapter, rank = plan.adapter_name, plan.dropped_rank
     weights = [(layers[name].lora_A[adapter].weight, layers[name].lora_B[adapter].weight) for name in plan.dropped]
@@ -106,7 +156,8 @@ def truncated_dropped_values(
     for index, (name, (a, b)) in enumerate(zip(plan.dropped, weights)):
         layer = layers[name]
         scale = 1.0 if dropped_scaling == "keep" else layer.scaling[adapter] / rank_scaling(layer, adapter, rank)
-        new_a, new_b = truncated_values(whole[2 * index], whole[2 * index + 1], rank, scale)
+        gram = input_grams[name] if input_grams is not None else None
+        new_a, new_b = truncated_values(whole[2 * index], whole[2 * index + 1], rank, scale, gram)
         values += [(a, new_a), (b, new_b)]
     if parameter_engine(p for pair in weights for p in pair) == "replicated":
         _broadcast_from_first_rank([value for _, value in values])

@@ -89,10 +89,14 @@ TRUNCATING = {**SHARING, "mode": "truncate", "dropped_rank": 1}  # the `trunc` f
 
 def drop_settings(flags: list[str]) -> dict:
     """The LoraDropConfig fields a variant's flags choose (besides alpha, restart and shared_init); `resid` scores
-    with score="residual" (mode "truncate")."""
-    if "resid" in flags:
-        return {**TRUNCATING, "score": "residual"}
-    return TRUNCATING if "trunc" in flags else SHARING
+    with score="residual" and `act` truncates with truncation="activation" (both mode "truncate")."""
+    if "trunc" not in flags:
+        return SHARING
+    return {
+        **TRUNCATING,
+        **({"score": "residual"} if "resid" in flags else {}),
+        **({"truncation": "activation"} if "act" in flags else {}),
+    }
 
 
 def deepspeed_config(stage: int, ds_optimizer: bool) -> dict:

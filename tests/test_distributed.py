@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from loradrop_trainer.importance import truncation_residual
-from loradrop_trainer.truncate import truncated_values
+from loradrop_trainer.truncate import kept_directions, truncated_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_worker import AUTO_EARLIEST, AUTO_LATEST, CLIPPING_NORM, EPOCH_STEPS, MAX_STEPS, SAVE_AT, SWITCH_STEP
@@ -42,7 +42,7 @@ LAUNCHES = {
         "ddp-bf16-fresh": RESUMES,
         "ddp-restart-auto": RESUMES,
         "ddp-trunc": RESUMES,
-        "ddp-trunc-resid": RESUMES,
+        "ddp-trunc-resid-act": RESUMES,
     },
     "deepspeed": {
         "zero2-fresh": RESUMES,
@@ -55,17 +55,17 @@ LAUNCHES = {
         "zero2-bf16-trunc": RESUMES,
         "zero3-trunc": RESUMES,
         "zero2-trunc": ["full"],  # zero3-trunc's reference, see TRUNCATED_REFERENCES
-        "zero3-trunc-resid": RESUMES,
-        "zero2-trunc-resid": ["full"],
+        "zero3-trunc-resid-act": RESUMES,
+        "zero2-trunc-resid-act": ["full"],
     },
     "fsdp2": {
         "fsdp2": [*RESUMES, "load-best"],
         "fsdp2-fresh-clip": RESUMES,
         "fsdp2-trunc": RESUMES,
-        "fsdp2-trunc-resid": RESUMES,
+        "fsdp2-trunc-resid-act": RESUMES,
         "ddploop": ["full"],
         "ddploop-trunc": ["full"],
-        "ddploop-trunc-resid": ["full"],
+        "ddploop-trunc-resid-act": ["full"],
     },
 }
 WORKERS = {"ddp": "distributed_worker.py", "deepspeed": "distributed_worker.py", "fsdp2": "fsdp2_worker.py"}
@@ -87,8 +87,8 @@ REFERENCES = {"zero3": "ddp", "fsdp2": "ddploop"}
 TRUNCATED_REFERENCES = {
     "zero3-trunc": ("zero2-trunc", "ddp-trunc"),
     "fsdp2-trunc": ("ddploop-trunc", "ddploop-trunc"),
-    "zero3-trunc-resid": ("zero2-trunc-resid", "ddp-trunc-resid"),
-    "fsdp2-trunc-resid": ("ddploop-trunc-resid", "ddploop-trunc-resid"),
+    "zero3-trunc-resid-act": ("zero2-trunc-resid-act", "ddp-trunc-resid-act"),
+    "fsdp2-trunc-resid-act": ("ddploop-trunc-resid-act", "ddploop-trunc-resid-act"),
 }
 VARIANTS = {variant: group for group, variants in LAUNCHES.items() for variant in variants}
 
@@ -138,6 +138,7 @@ class Case:
         self.clip = "clip" in flags
         self.trunc = "trunc" in flags  # mode "truncate", dropped_rank 1
         self.resid = "resid" in flags  # score "residual"
+        self.act = "act" in flags  # truncation "activation"
         self.out = launch.out / variant
 
     def __getitem__(self, scenario: str) -> list[dict]:
@@ -187,15 +188,20 @@ def _saved_totals(checkpoint: Path) -> dict[str, float]:
     return state["stateful_callbacks"]["LoraDropCallback"]["attributes"]["_checkpoint"]["totals"]
 
 
-def _residual_of_summed_grams(ranks: list[dict]) -> float:
+def _summed_gram(ranks: list[dict], name: str, r: int) -> torch.Tensor:
+    """Module `name`'s token Gram over every rank's scored tokens (what the all-reduce gives the switch)."""
+    return torch.tensor([sum(values) for values in zip(*(rank["local_grams"][name] for rank in ranks))]).reshape(r, r)
+
+
+def _residual_of_summed_grams(ranks: list[dict], activation: bool) -> float:
     """Score "residual": the total the plan must rest on, from the sum of the ranks' token Grams and the LoRA weights
     the switch found (the same on every rank)."""
     record = ranks[0]["before_switch"]
     total = 0.0
     for name, scaling in record["scaling"].items():
-        gram = torch.tensor([sum(values) for values in zip(*(r["local_grams"][name] for r in ranks))])
         a, b = (record["lora"][f"{name}.{part}.weight"] for part in ("lora_A", "lora_B"))
-        total += truncation_residual(a, b, gram.reshape(a.shape[0], a.shape[0]).double(), 1, scaling)
+        gram = _summed_gram(ranks, name, a.shape[0])
+        total += truncation_residual(a, b, gram.double(), 1, scaling, activation)
     return total
 
 
@@ -213,7 +219,7 @@ def test_every_rank_derives_the_same_plan_from_all_reduced_importance(case):
         # The plan is built from the sum of the ranks' own totals, each counted once.
         local = [math.fsum(r["local_totals"].values()) for r in ranks]
         assert all(total > 0 for total in local), local
-        expected = _residual_of_summed_grams(ranks) if case.resid else sum(local)
+        expected = _residual_of_summed_grams(ranks, case.act) if case.resid else sum(local)
         assert plans[0]["total"] == pytest.approx(expected, rel=1e-6)
     # The ranks saw different batches: a plan from one rank's totals would not be the plan of the sum.
     full = case["full"]
@@ -470,23 +476,32 @@ def test_truncated_modules_hold_an_exact_zero_block_and_a_live_rank_k_part_on_ev
 @variants("full", "before", flag="trunc")
 def test_truncation_at_the_switch_is_the_best_rank_k_approximation_of_what_the_optimizer_held(case):
     """At the switch each truncated module's LoRA term `scaling * B @ A` becomes the best rank-1 approximation of its
-    term just before it (what the optimizer trains: DeepSpeed's fp32 masters, whatever the module's dtype), and its
-    values are `truncated_values` of those weights; kept modules are untouched."""
+    term just before it (what the optimizer trains: DeepSpeed's fp32 masters, whatever the module's dtype): the
+    truncated SVD, or with `act` the projection on the directions that keep most of its output on the tokens every
+    rank scored (from the sum of the ranks' token Grams); its values are `truncated_values` of those weights; kept
+    modules are untouched."""
     for scenario in ("full", "before"):
-        for rank, record in enumerate(case[scenario]):
+        ranks = case[scenario]
+        for rank, record in enumerate(ranks):
             dropped, k = _truncation(record)
             before, after = record["before_switch"], record["truncated_state"]
             held = before["masters"] if case.deepspeed else before["lora"]
             now = {key: entry["master"] if case.deepspeed else entry["weight"] for key, entry in after.items()}
             for name in dropped:
                 where = f"{scenario}, rank {rank}, {name}"
-                u, s, vh = torch.linalg.svd(_lora_term(held, name, before["scaling"][name]))
-                best = (u[:, :k] * s[:k]) @ vh[:k]
+                a, b = (held[f"{name}.{part}.weight"] for part in ("lora_A", "lora_B"))
+                gram = _summed_gram(ranks, name, a.shape[0]).double() if case.act else None
+                held_term = _lora_term(held, name, before["scaling"][name])
+                if gram is None:
+                    u, s, vh = torch.linalg.svd(held_term)
+                    best = (u[:, :k] * s[:k]) @ vh[:k]
+                else:
+                    kept = kept_directions(a.double(), b.double(), k, gram)
+                    best = kept @ (kept.T @ held_term)
                 term = _lora_term(now, name, record["switch_scaling"][name])
                 assert float((term - best).norm() / best.norm()) < 1e-6, where
                 scale = before["scaling"][name] / record["switch_scaling"][name]
-                a, b = (held[f"{name}.{part}.weight"] for part in ("lora_A", "lora_B"))
-                for part, value in zip(("lora_A", "lora_B"), truncated_values(a, b, k, scale)):
+                for part, value in zip(("lora_A", "lora_B"), truncated_values(a, b, k, scale, gram)):
                     torch.testing.assert_close(now[f"{name}.{part}.weight"], value, rtol=1e-5, atol=1e-7, msg=where)
             for name in record["plan"]["kept"]:
                 for part in ("lora_A", "lora_B"):

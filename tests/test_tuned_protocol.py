@@ -115,3 +115,60 @@ def test_update_sizes_are_the_norms_of_the_full_step_changes(tmp_path, monkeypat
     assert set(got) == {"before", "kept", "dropped"}
     for group, sizes in reference.sizes.items():
         assert got[group] == pytest.approx(sum(sizes) / len(sizes), rel=1e-4), group
+
+
+def test_cut_cost_scores_every_cut_on_the_same_weights_and_puts_them_back(tmp_path, monkeypatch):
+    """benchmarks/cut_cost.py's CutCost: at the switch step every choice is cut both ways on the weights training
+    reached (the loss before is the same for all, each cut changes it), the weights are put back after each, the
+    activation-aware cut never removes more of the dropped modules' output on the collection's tokens than the SVD,
+    and training stops there; the report pairs the two truncations."""
+    import torch
+    from helpers import TokenDataset, tiny_llama, training_args
+    from torch.utils.data import default_collate
+    from transformers import Trainer
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import cut_cost
+    import quality
+
+    batch = default_collate([TokenDataset(n=8, seed=9)[i] for i in range(8)])
+
+    class Validation:
+        """The validation loss on a fixed batch, with the LoRA weights each call saw."""
+
+        def __init__(self):
+            self.seen = []
+
+        def on_train_begin(self, *args, **kwargs):
+            pass
+
+        def score(self, model, split):
+            self.seen.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+            with torch.no_grad():
+                return float(model(**batch).loss)
+
+    model, validation = tiny_llama(), Validation()
+    cut = cut_cost.CutCost(quality.variant_config("kind+T0.5+trunc1"), 4, validation, draws=2, seed=0)
+    args = training_args(tmp_path, max_steps=10, learning_rate=5e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=40), callbacks=[cut])
+    trainer.train()
+    assert trainer.state.global_step == 4
+    rows = cut.rows
+    choices = {"importance", "random0", "random1", "residual", "all"}
+    assert {(r["choice"], r["truncation"]) for r in rows} == {(c, t) for c in choices for t in ("svd", "activation")}
+    assert len({r["val_loss_before"] for r in rows}) == 1
+    assert all(r["val_loss_after"] != r["val_loss_before"] for r in rows)
+    first = validation.seen[0]  # before any cut: every later call cut from these weights, which end as they were
+    final = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    assert all(torch.equal(final[n], first[n]) for n in first)
+    by = {(r["choice"], r["truncation"]): r for r in rows}
+    for choice in choices:
+        assert by[(choice, "activation")]["lost_energy"] <= by[(choice, "svd")]["lost_energy"] * (1 + 1e-9)
+    assert by[("all", "activation")]["lost_energy"] < by[("all", "svd")]["lost_energy"]
+    assert by[("all", "svd")]["kept_fraction"] == pytest.approx(1 / 4)  # rank 1 of the tiny model's r=4
+    table = [{**r, "task": "gsm", "seed": 0, "variant": "lora@x8", "steps": 10, "switch_step": 4, "plan": "p",
+              "hardware": "test"} for r in rows]  # fmt: skip
+    text = cut_cost.report(table)
+    assert "| importance | activation | 1 |" in text and "- all: paired gain of activation-aware truncation" in text
+    for name in ("cut_cost", "quality", "variants", "readme"):
+        sys.modules.pop(name, None)

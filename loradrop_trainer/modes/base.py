@@ -12,7 +12,7 @@ modes are part of reading it; so the mode modules import the machinery that chan
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -32,6 +32,7 @@ class Run:
     at_switch: bool
     fresh_seed: int | None
     dropped_scaling: str
+    input_grams: Mapping[str, Any] | None = None
 
 
 class Mode:

@@ -1,4 +1,5 @@
-"""Mode "truncate" (the default): each dropped module keeps a LoRA of its own, cut to rank `dropped_rank` by SVD.
+"""Mode "truncate" (the default): each dropped module keeps a LoRA of its own, cut to rank `dropped_rank` by SVD
+(or, with `truncation="activation"`, to the rank-k LoRA with the least output error on the inputs it saw).
 
 The SVD, the zero block it leaves and the rank-k scaling are `loradrop_trainer.truncate`; what `save_pretrained`
 writes of the truncated modules (their scaling folded into lora_B, so that engines that ignore `alpha_pattern` read
@@ -57,7 +58,7 @@ class Truncate(Mode):
 
         check_plan_matches(layers, plan)
         if run.at_switch:
-            values = truncated_dropped_values(layers, plan, run.optimizer, run.dropped_scaling)
+            values = truncated_dropped_values(layers, plan, run.optimizer, run.dropped_scaling, run.input_grams)
             set_values(values, run.optimizer)
         apply_plan(layers, plan, dropped_scaling=run.dropped_scaling)
         return None
