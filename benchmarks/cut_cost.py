@@ -21,6 +21,14 @@ protocol's (gpu_batch.py `+act` arms). Rows go to --out as JSON lines; `report` 
     python benchmarks/cut_cost.py run --task gsm --lr_factor 8 --steps 150 --alpha 0.8 --seeds 0 1 2 \\
         --data_dir .carry/run            # GSM-Symbolic as prepare_carry.py writes it (gsm/train.jsonl)
     python benchmarks/cut_cost.py report
+
+A CPU is far too slow for this (SmolLM2-135M: over two minutes a step on 2 busy cores). On the GPU machine, in a call
+after one of benchmarks/tuned_gpu.sh (its wheels in /tmp/site, SmolLM2 in /tmp/models), the three seeds side by side
+take a few minutes:
+
+    export PYTHONPATH=/tmp/site:$PWD
+    for seed in 0 1 2; do python3 benchmarks/cut_cost.py run --seeds $seed --model /tmp/models/smollm2 \
+        --data_dir .carry/run --work_dir /tmp/cut --out "$OUT/cut_cost_runs.jsonl" & done; wait
 """
 
 from __future__ import annotations

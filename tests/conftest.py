@@ -8,6 +8,7 @@ HUB = serve_for_session()  # before the imports below: transformers and peft imp
 
 import pytest
 from helpers import TokenDataset, tiny_llama
+from transformers.utils import logging
 
 
 @pytest.fixture
@@ -26,3 +27,12 @@ def hub() -> FakeHub:
     HUB.reset()
     clear_client_cache()
     return HUB
+
+
+@pytest.fixture
+def warnings_log(caplog):
+    """The transformers logger's warnings, which it does not propagate to pytest by default."""
+    logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        yield caplog
+    logging.disable_propagation()

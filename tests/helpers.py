@@ -291,3 +291,28 @@ def record_training_batches(model) -> list[dict]:
         with_kwargs=True,
     )
     return batches
+
+
+def train_tiny_llama(tmp_path, callback, resume_from=None, save_steps=None):
+    """Train a fresh tiny Llama 20 steps with `callback` (checkpoints every `save_steps`, resuming from `resume_from`
+    when given); return the model."""
+    from transformers import Trainer
+
+    model = tiny_llama()
+    args = training_args(
+        tmp_path,
+        max_steps=20,
+        learning_rate=5e-3,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        warmup_steps=0,
+    )
+    Trainer(model=model, args=args, train_dataset=TokenDataset(n=40), callbacks=[callback]).train(
+        resume_from_checkpoint=resume_from
+    )
+    return model
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """A copy of the model's LoRA weights, by parameter name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}

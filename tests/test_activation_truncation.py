@@ -8,15 +8,16 @@ import torch
 from helpers import (
     TokenDataset,
     assert_saved_adapter_reloads_exactly,
+    lora_state,
     model_logits,
     random_lora_b,
     record_training_batches,
     tiny_llama,
     tiny_llama_base,
+    train_tiny_llama,
     training_args,
 )
 from transformers import Trainer
-from transformers.utils import logging
 
 from hub_export import load_compact, save_compact
 from loradrop_trainer import LoraDropCallback, LoraDropConfig, find_lora_layers
@@ -134,20 +135,9 @@ def _svd_tail(delta: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _run(tmp_path, resume_from=None, save_steps=None, **settings):
-    model = tiny_llama()
     callback = LoraDropCallback(**{"alpha": 0.25, "threshold": 0.6, **ACTIVATION, **settings})
-    args = training_args(
-        tmp_path,
-        max_steps=20,
-        learning_rate=5e-3,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        warmup_steps=0,
-    )
-    Trainer(model=model, args=args, train_dataset=TokenDataset(n=40), callbacks=[callback]).train(
-        resume_from_checkpoint=resume_from
-    )
-    return model, callback, {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    model = train_tiny_llama(tmp_path, callback, resume_from, save_steps)
+    return model, callback, lora_state(model)
 
 
 @pytest.mark.parametrize("score", ["output", "residual"])
@@ -170,14 +160,6 @@ def test_resume_gives_the_same_plan_and_weights(tmp_path, checkpoint):
     assert resumed.plan == full.plan
     for name, value in full_lora.items():
         assert torch.equal(resumed_lora[name], value), name
-
-
-@pytest.fixture
-def warnings_log(caplog):
-    logging.enable_propagation()
-    with caplog.at_level("WARNING"):
-        yield caplog
-    logging.disable_propagation()
 
 
 def test_resuming_a_run_that_summed_no_grams_measures_again(tmp_path, warnings_log):

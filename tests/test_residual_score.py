@@ -6,12 +6,14 @@ import torch
 from helpers import (
     TokenDataset,
     assert_saved_adapter_reloads_exactly,
+    lora_state,
     model_logits,
     padded_batches,
     random_lora_b,
     record_training_batches,
     tiny_llama,
     tiny_llama_base,
+    train_tiny_llama,
     training_args,
 )
 from transformers import Trainer
@@ -120,20 +122,8 @@ def test_residual_run_exports_and_reloads_exactly(tmp_path):
 
 
 def _run(tmp_path, resume_from=None, save_steps=None):
-    model = tiny_llama()
     callback = LoraDropCallback(alpha=0.25, **RESIDUAL)
-    args = training_args(
-        tmp_path,
-        max_steps=20,
-        learning_rate=5e-3,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        warmup_steps=0,
-    )
-    Trainer(model=model, args=args, train_dataset=TokenDataset(n=40), callbacks=[callback]).train(
-        resume_from_checkpoint=resume_from
-    )
-    return callback, {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return callback, lora_state(train_tiny_llama(tmp_path, callback, resume_from, save_steps))
 
 
 @pytest.mark.parametrize("checkpoint", [3, 8], ids=["before-switch", "after-switch"])

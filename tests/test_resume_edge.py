@@ -17,22 +17,12 @@ from helpers import (
 )
 from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainerCallback
-from transformers.utils import logging
 
 from hub_export import PlanError, save_compact
 from loradrop_trainer import LoraDropCallback, find_lora_layers
 from loradrop_trainer.importance import ImportanceCollector
 from loradrop_trainer.plan import MODEL_PLAN_ATTR, MODEL_PLAN_EXTRA_ATTR
 from loradrop_trainer.report import PLAN_FILE
-
-
-@pytest.fixture
-def warnings_log(caplog):
-    """The transformers logger's warnings, which it does not propagate to pytest by default."""
-    logging.enable_propagation()
-    with caplog.at_level("WARNING"):
-        yield caplog
-    logging.disable_propagation()
 
 
 def _trainer(tmp_path, callback, model=None, max_steps=20, save_steps=None, eval_dataset=None, **args):
