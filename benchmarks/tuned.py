@@ -41,6 +41,7 @@ TASK_ORDER = ["gsm", "gsm_qv", "sarcasm", "polarity"]
 DEFAULT = "kind+T0.5+trunc1"  # LoraDropConfig()'s settings, in benchmarks/quality.py's variant names
 RANDOM, KEEP, LATE = f"random:{DEFAULT}", f"{DEFAULT}+keep", f"{DEFAULT}+alpha0.8"
 RESID, RESID_LATE, RANDOM_LATE = f"{DEFAULT}+resid", f"{DEFAULT}+resid+alpha0.8", f"random:{LATE}"
+ACT, ACT_LATE, RESID_ACT = f"{DEFAULT}+act", f"{DEFAULT}+act+alpha0.8", f"{DEFAULT}+resid+act"
 RANK_MATTERS_SPREADS = 3.0  # issue 29: rank matters where r=1 trails r=8 by more than three seed spreads
 
 
@@ -290,6 +291,9 @@ def findings(task: str, by_name: dict[str, Arm]) -> list[str]:
         (LATE, "A late switch (alpha 0.8: rank 8 for 80% of the steps, then truncated)"),
         (RESID, "The default scored by the truncation residual (`score='residual'`)"),
         (RESID_LATE, "A late switch scored by the truncation residual"),
+        (ACT, "The default with activation-aware truncation (`truncation='activation'`)"),
+        (ACT_LATE, "A late switch with activation-aware truncation"),
+        (RESID_ACT, "Activation-aware truncation scored by what it leaves (`score='residual'`)"),
         ("lora@r1a128", "Plain LoRA r=1 with lora_alpha 128 (the default's rank-1 step size on every module)"),
     ):
         arm = done.get(name)
@@ -321,6 +325,9 @@ def findings(task: str, by_name: dict[str, Arm]) -> list[str]:
         (RESID, RANDOM, "The truncation residual against a random choice of the default's size"),
         (RESID_LATE, RANDOM_LATE, "The truncation residual against a random choice, at the late switch"),
         (RESID, DEFAULT, "The truncation residual against output importance"),
+        (ACT, DEFAULT, "Activation-aware truncation against the SVD, the same modules kept"),
+        (ACT_LATE, LATE, "Activation-aware truncation against the SVD, at the late switch"),
+        (RESID_ACT, RANDOM, "The activation-aware residual against a random choice of the default's size"),
     )
     for first, second, question in pairs:
         if first in done and second in done:
