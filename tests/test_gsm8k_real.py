@@ -29,7 +29,7 @@ def row(arm: str, lr: float, seed: int, val: float, em: float = 0.2, params: int
 
 
 def test_queue_waits_for_the_grid_then_runs_every_arm_at_its_rate(real):
-    arms = real.ARMS
+    arms = list(real.GEMMA.arms)
     first = real.planned_runs([], arms, RATES, (0, 1))
     assert first[:4] == [("lora", rate, 0) for rate in RATES]  # r=8's grid first
     assert ("lora@r1", 1e-3, 0) in first[4:] and all(seed == 0 for _, _, seed in first)  # then the own grids
@@ -47,8 +47,8 @@ def test_queue_waits_for_the_grid_then_runs_every_arm_at_its_rate(real):
 
 
 def test_report_on_partial_and_complete_rows(real):
-    assert "No runs yet" in real.report([])
-    partial = real.report([row("lora", 5e-4, 0, 1.2, params=8000)])
+    assert "No runs yet" in real.report([], real.GEMMA)
+    partial = real.report([row("lora", 5e-4, 0, 1.2, params=8000)], real.GEMMA)
     assert "grid is incomplete" in partial and "lora lr=0.001 seed 0" in partial
 
     rows = [row("lora", rate, 0, val, params=8000) for rate, val in zip(RATES, (1.2, 1.0, 0.9, 0.95))]
@@ -56,7 +56,7 @@ def test_report_on_partial_and_complete_rows(real):
     rows += [row("lora@r1", 2e-3, seed, 1.0, em=0.10, params=1000) for seed in (0, 1)]
     rows += [row("lora@r2", 2e-3, seed, 0.95, em=0.15 + 0.01 * seed, params=2000) for seed in (0, 1)]
     rows += [row(real.DEFAULT, 2e-3, seed, 0.92, em=0.25 + 0.01 * seed, params=1900) for seed in (0, 1)]
-    text = real.report(rows)
+    text = real.report(rows, real.GEMMA)
     assert "Chosen rate (plain LoRA r=8's lowest validation loss): **0.002**" in text
     assert "| lora@r2 | 0.002 | 2 (0, 1) | 15.5 ± 0.7 |" in text
     verdict = next(line for line in text.splitlines() if line.startswith(f"- {real.DEFAULT} "))
