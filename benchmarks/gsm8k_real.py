@@ -714,7 +714,9 @@ def every_run(rows: list[dict], arms: list[str]) -> list[str]:
 
 def verdicts(summary: dict, arms: list[str], chosen: float | None) -> list[str]:
     """One line per LoRA-drop arm: EM and test loss against plain LoRA at the largest rank whose parameters do not
-    exceed the arm's (both at the chosen rate); "above"/"below" when the gap exceeds the larger seed spread."""
+    exceed the arm's (both at the chosen rate); "above"/"below" when the gap exceeds the larger seed spread. Where
+    every plain arm that ran has more parameters (Qwen runs r=2 alone below r=8, and the default's size is only known
+    once it has run), the smallest of them stands in, said so: to be above it is then the stronger result."""
     from variants import Variant
 
     plain = {
@@ -727,10 +729,11 @@ def verdicts(summary: dict, arms: list[str], chosen: float | None) -> list[str]:
         if not Variant.parse(arm).is_loradrop or not stats["adapter_params"]:
             continue
         fits = [(r, s) for r, s in plain.items() if s["adapter_params"][0] <= stats["adapter_params"][0] * 1.001]
-        if not fits:
-            out.append(f"- {arm}: no plain-LoRA arm with no more parameters has run yet.")
+        if not plain:
+            out.append(f"- {arm}: no plain-LoRA arm has run yet.")
             continue
-        rank, ref = max(fits, key=lambda item: item[0])
+        rank, ref = max(fits, key=lambda item: item[0]) if fits else min(plain.items(), key=lambda item: item[0])
+        larger = "" if fits else ", more than this arm's"
         parts = []
         for key, better, scale in (("exact_match", 1, 100), ("test_loss", -1, 1)):
             mine, theirs = stats[key], ref[key]
@@ -747,7 +750,7 @@ def verdicts(summary: dict, arms: list[str], chosen: float | None) -> list[str]:
         seeds = f"{len(runs)} seed(s)"
         out.append(
             f"- {arm} ({stats['adapter_params'][0]:,.0f} params) vs plain LoRA r={rank} "
-            f"({ref['adapter_params'][0]:,.0f}): " + "; ".join(parts) + f"; {seeds}"
+            f"({ref['adapter_params'][0]:,.0f}{larger}): " + "; ".join(parts) + f"; {seeds}"
         )
     if not out:
         out.append("No LoRA-drop arm has run at the chosen rate yet.")
@@ -869,7 +872,12 @@ def tiny_model(source: Path, out: Path) -> None:
     print(out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with every setting left unset filled from --model_key's model (and --smoke's sizes).
+
+    Args:
+        argv: the arguments (default: sys.argv's).
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     pack = sub.add_parser("carry", help="here: write .carry/<key> (GGUF parts, manifest, wheels, GSM8K split)")
@@ -928,15 +936,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command != "tiny":
         fill_model_defaults(args)
+    if args.command == "batch" and args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.command == "carry":
         carry(MODELS[args.model_key], args.out, int(args.part_mib * 2**20), args.val, args.gsm8k)
     elif args.command == "run":
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         cmd_run(args)
     elif args.command == "batch":
-        if args.smoke:
-            for key, value in SMOKE.items():
-                setattr(args, key, value)
         cmd_batch(args)
     elif args.command == "tiny":
         tiny_model(args.tokenizer, args.out)
