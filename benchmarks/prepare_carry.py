@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import io
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -94,9 +95,26 @@ def stage_models(staging: Path, smollm2: str, decoder_only: bool = False) -> Non
     shutil.copy(gguf, staging / "smollm2-gguf" / gguf.name)
 
 
+def written_here(out: Path) -> bool:
+    """Whether `out` holds only what write_parts and gsm8k_real.carry write there (parts, manifest.json, and run/
+    with gsm8k/ and whl/), so that replacing it deletes nothing else: an --out pointed at the wrong directory is
+    refused, not emptied (DESIGN.md section 11)."""
+    if not out.is_dir():
+        return not out.exists()
+    for path in out.iterdir():
+        if path.name == "run" and path.is_dir():
+            if any(inner.name not in ("gsm8k", "whl") for inner in path.iterdir()):
+                return False
+        elif not re.fullmatch(r"manifest\.json|models\.tar\.part\d+", path.name):
+            return False
+    return True
+
+
 def write_parts(staging: Path, out: Path, part_bytes: int, extra: dict | None = None) -> list[dict]:
     """One uncompressed tar of `staging`, cut into parts; returns each part's name, size and SHA-256. `extra` joins
-    the manifest."""
+    the manifest. `out` is replaced, if it holds nothing but an earlier packing (`written_here`)."""
+    if not written_here(out):
+        raise SystemExit(f"{out} holds files this script did not write: pack into a new or earlier carry directory.")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     stream = io.BytesIO()

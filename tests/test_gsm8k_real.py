@@ -158,3 +158,20 @@ def test_report_on_qwen_rows(real):
     assert (
         "| lora | 0.0001 | 0 | H100 | 3.0 | 2.0 | - | 5.0 (6.0) | - |" in runs and runs.count("\n| ") == 1 + 8
     )  # the header and a row a run
+
+
+def test_packing_replaces_only_an_earlier_packing(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    prepare_carry = importlib.import_module("prepare_carry")
+    staging = tmp_path / "staging"
+    (staging / "m-gguf").mkdir(parents=True)
+    (staging / "m-gguf" / "m.gguf").write_bytes(b"x" * 3000)
+    out = tmp_path / "carry"
+    assert len(prepare_carry.write_parts(staging, out, 2048)) == 5  # a tar is whole records of 10,240 bytes
+    (out / "run" / "gsm8k").mkdir(parents=True)
+    assert len(prepare_carry.write_parts(staging, out, 4096)) == 3  # an earlier packing is replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="did not write"):
+        prepare_carry.write_parts(staging, out, 4096)
+    assert (out / "notes.txt").read_text() == "mine"
+    sys.modules.pop("prepare_carry")
