@@ -99,7 +99,11 @@ class _Joined:
 def unpack(target: Path) -> None:
     """Join the stashed parts into `target` and convert any GGUF there. A target that already holds every model the
     manifest names (its "models"), converted, is left as it is: a later command on the same machine calls this again
-    without carrying anything, and re-reading a gigabyte would only cost its time."""
+    without carrying anything, and re-reading a gigabyte would only cost its time.
+
+    Args:
+        target: where the models go (/tmp/models).
+    """
     manifest = _manifest()
     names = manifest.get("models", [])
     if names and all((target / name / "config.json").is_file() for name in names):

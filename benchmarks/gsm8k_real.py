@@ -121,7 +121,11 @@ class RealModel:
         return RESULTS / f"gsm8k_{self.key}.md"
 
     def jobs_for(self, gpu_mib: int) -> int:
-        """Runs at a time on a GPU of `gpu_mib` MiB (an H200's 141 GB, or more, takes the second number)."""
+        """Runs at a time on a GPU of `gpu_mib` MiB (an H200's 141 GB, or more, takes the second number).
+
+        Args:
+            gpu_mib: the GPU's memory (`gpu_mib()`; 0 without one).
+        """
         return self.jobs[1] if gpu_mib > 120_000 else self.jobs[0]
 
 
@@ -684,7 +688,12 @@ def report(
 
 def every_run(rows: list[dict], arms: list[str]) -> list[str]:
     """The cost of each run (issue 29 asks wall time and peak memory per run): a resumed run's times and peak are
-    those of the command that finished it, so they are marked."""
+    those of the command that finished it, so they are marked.
+
+    Args:
+        rows: the runs' rows.
+        arms: the arms in the order the table lists them.
+    """
     order = {arm: index for index, arm in enumerate(arms)}
     lines = [
         "",
@@ -786,7 +795,11 @@ def gpu_mib() -> int:
 
 def fill_model_defaults(args: argparse.Namespace) -> None:
     """Set every argument left unset (None) to what --model_key's model implies: its paths here and on the GPU
-    machine (RealModel's docstring), its plan, and its batch sizes."""
+    machine (RealModel's docstring), its plan, and its batch sizes.
+
+    Args:
+        args: one subcommand's parsed arguments (its `command` and `model_key` set).
+    """
     model = MODELS[args.model_key]
     there = Path(f"/tmp/gsm8k_{model.key}")  # on the GPU machine: rows, predictions, checkpoints
     implied = {
@@ -853,7 +866,12 @@ SMOKE.update(eval_batch=2, generation_batch=4, max_length=256, warmup_ratio=0.0,
 def tiny_model(source: Path, out: Path) -> None:
     """A random model of two layers, 64 wide, of `source`'s architecture and with its real tokenizer (Gemma-3's
     262,144 tokens, Qwen2's 151,936), for CPU smoke tests. Its two layers are the first's and the last's kind
-    (Gemma-3: one sliding-window layer, one global)."""
+    (Gemma-3: one sliding-window layer, one global).
+
+    Args:
+        source: a converted model's directory (recipes.gguf_parts.converted_path).
+        out: where the tiny model and the tokenizer are saved.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -98,7 +98,11 @@ def stage_models(staging: Path, smollm2: str, decoder_only: bool = False) -> Non
 def written_here(out: Path) -> bool:
     """Whether `out` holds only what write_parts and gsm8k_real.carry write there (parts, manifest.json, and run/
     with gsm8k/ and whl/), so that replacing it deletes nothing else: an --out pointed at the wrong directory is
-    refused, not emptied (DESIGN.md section 11)."""
+    refused, not emptied (DESIGN.md section 11).
+
+    Args:
+        out: the carry directory about to be written.
+    """
     if not out.is_dir():
         return not out.exists()
     for path in out.iterdir():

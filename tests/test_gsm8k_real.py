@@ -175,3 +175,23 @@ def test_packing_replaces_only_an_earlier_packing(monkeypatch, tmp_path):
         prepare_carry.write_parts(staging, out, 4096)
     assert (out / "notes.txt").read_text() == "mine"
     sys.modules.pop("prepare_carry")
+
+
+@pytest.mark.slow
+def test_qwen_checkpoint_is_bf16_with_its_chat_template():
+    """The real Qwen checkpoint (fetched, joined and converted once into the asset cache; later runs only read it)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    from recipes.gguf_parts import QWEN25_CODER_15B, converted_path
+
+    path = converted_path(QWEN25_CODER_15B)
+    config = AutoConfig.from_pretrained(path)
+    assert config.architectures == ["Qwen2ForCausalLM"] and not config.tie_word_embeddings
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (28, 1536, 151_936)
+    with safe_open(path / "model.safetensors", "pt") as weights:
+        names = set(weights.keys())  # a safetensors file is no mapping
+        assert {weights.get_slice(name).get_dtype() for name in names} == {"BF16"}
+    assert "lm_head.weight" in names  # the GGUF's own output matrix, not the embedding
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.chat_template and (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
