@@ -1,7 +1,7 @@
 """On the GPU machine: put together the model parts that benchmarks/prepare_carry.py cut to fit the transfers.
 
-Each call carries some parts of a carry directory (.carry/models/ by default, or --dir, e.g. .carry/gemma/ from
-`prepare_carry.py --gemma`) with its manifest.json; `stash` checks them against the manifest and keeps them in /tmp
+Each call carries some parts of a carry directory (.carry/models/ by default, or --dir, e.g. .carry/qwen/ from
+`prepare_carry.py --qwen`) with its manifest.json; `stash` checks them against the manifest and keeps them in /tmp
 (one stash directory per carry directory), which lasts as long as the machine, and says which parts are still
 missing: a machine given back mid-way loses its /tmp, and only what it lost has to be carried again. `unpack` checks
 that every part is there, extracts the tar stream into the target directory (checking the whole stream's SHA-256),
@@ -97,10 +97,21 @@ class _Joined:
 
 
 def unpack(target: Path) -> None:
+    """Join the stashed parts into `target` and convert any GGUF there. A target that already holds every model the
+    manifest names (its "models"), converted, is left as it is: a later command on the same machine calls this again
+    without carrying anything, and re-reading a gigabyte would only cost its time.
+
+    Args:
+        target: where the models go (/tmp/models).
+    """
+    manifest = _manifest()
+    names = manifest.get("models", [])
+    if names and all((target / name / "config.json").is_file() for name in names):
+        print(f"models in {target}: {names}, unpacked by an earlier command")
+        return
     missing = stash()
     if missing:
         raise SystemExit(f"Cannot unpack: parts {missing} have not been carried yet.")
-    manifest = _manifest()
     parts = [STASH / part["name"] for part in manifest["parts"]]
     target.mkdir(parents=True, exist_ok=True)
     joined = _Joined(parts)
@@ -120,7 +131,8 @@ def unpack(target: Path) -> None:
             staging = converted.with_name(converted.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-            _convert_gguf(gguf, staging, chat=manifest.get("prompt", "chat") == "chat")
+            chat = manifest.get("prompt", "chat") == "chat"
+            _convert_gguf(gguf, staging, chat=chat, dtype=manifest.get("dtype", "float32"))
             staging.rename(converted)
     print(f"models in {target}: {sorted(p.name for p in target.iterdir())}")
 

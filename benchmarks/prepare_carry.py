@@ -10,20 +10,23 @@ transfers (64 MiB a call, the repository included). Writes, under .carry/ (git-i
                    the Q4_1 GGUF it comes in (94 MiB; converted there by recipes.assets, as here), or with
                    --smollm2 bf16 as bf16 safetensors (257 MiB, no conversion there)
 
-With --gemma it packs instead what benchmarks/gsm8k_real_gpu.sh needs (real GSM8K on Gemma-3-270M base, issue 29
-item 2), under .carry/gemma/ (gsm8k_real.py `carry` does the same):
+With --gemma or --qwen it packs instead what benchmarks/gsm8k_real_gpu.sh needs (real GSM8K on Gemma-3-270M base or
+Qwen2.5-Coder-1.5B-Instruct, issue 29 item 2), under .carry/gemma/ or .carry/qwen/ (`gsm8k_real.py carry
+--model_key KEY` does the same):
 
-  .carry/gemma/run/  carried with the first batch command (about 24 MiB): the same wheels, and GSM8K itself split
-                     as gsm8k/{train,val,test}.jsonl (training less its last --gemma_val problems, those, and the
-                     whole test split), rows {"question", "answer"}
-  .carry/gemma/      the Q4_K_M GGUF (241 MiB, fetched and joined by recipes.gguf_parts) as one tar stream cut into
-                     parts of at most --part_mib MiB, and manifest.json ("prompt": "plain": the conversion there
-                     checks the model with the plain Question/Answer prompt, it has no chat template)
+  .carry/KEY/run/  carried with the first batch command (about 25 MiB): the same wheels, and GSM8K itself split as
+                   gsm8k/{train,val,test}.jsonl (training less its last --val problems, those, and the whole test
+                   split), rows {"question", "answer"}
+  .carry/KEY/      the Q4_K_M GGUF (Gemma 241 MiB in 5 parts, Qwen 1,066 MiB in 19; fetched and joined by
+                   recipes.gguf_parts) as one tar stream cut into parts of at most --part_mib MiB, and manifest.json
+                   ("prompt": how the conversion there checks the model: "plain" for the base Gemma, which has no
+                   chat template, "chat" for the Instruct Qwen; "dtype": what it converts to, bfloat16 for Qwen)
 
 benchmarks/carry_models.py puts the parts back together on the GPU machine. The calls to make are printed last.
 
     bash benchmarks/fetch_device_wheels.sh && python benchmarks/prepare_carry.py
     python benchmarks/prepare_carry.py --gemma
+    python benchmarks/prepare_carry.py --qwen
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import hashlib
 import io
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -91,9 +95,30 @@ def stage_models(staging: Path, smollm2: str, decoder_only: bool = False) -> Non
     shutil.copy(gguf, staging / "smollm2-gguf" / gguf.name)
 
 
+def written_here(out: Path) -> bool:
+    """Whether `out` holds only what write_parts and gsm8k_real.carry write there (parts, manifest.json, and run/
+    with gsm8k/ and whl/), so that replacing it deletes nothing else: an --out pointed at the wrong directory is
+    refused, not emptied (DESIGN.md section 11).
+
+    Args:
+        out: the carry directory about to be written.
+    """
+    if not out.is_dir():
+        return not out.exists()
+    for path in out.iterdir():
+        if path.name == "run" and path.is_dir():
+            if any(inner.name not in ("gsm8k", "whl") for inner in path.iterdir()):
+                return False
+        elif not re.fullmatch(r"manifest\.json|models\.tar\.part\d+", path.name):
+            return False
+    return True
+
+
 def write_parts(staging: Path, out: Path, part_bytes: int, extra: dict | None = None) -> list[dict]:
     """One uncompressed tar of `staging`, cut into parts; returns each part's name, size and SHA-256. `extra` joins
-    the manifest."""
+    the manifest. `out` is replaced, if it holds nothing but an earlier packing (`written_here`)."""
+    if not written_here(out):
+        raise SystemExit(f"{out} holds files this script did not write: pack into a new or earlier carry directory.")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     stream = io.BytesIO()
@@ -121,13 +146,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only what the GSM tasks need (SmolLM2 and GSM-Symbolic; gpu_batch.py --part tuned): two carries",
     )
-    parser.add_argument("--gemma", action="store_true", help="pack .carry/gemma/ instead (benchmarks/gsm8k_real.py)")
-    parser.add_argument("--gemma_val", type=int, default=500, help="--gemma: training problems held out to validate")
+    real = parser.add_mutually_exclusive_group()
+    real.add_argument("--gemma", action="store_true", help="pack .carry/gemma/ instead (benchmarks/gsm8k_real.py)")
+    real.add_argument("--qwen", action="store_true", help="pack .carry/qwen/ instead (benchmarks/gsm8k_real.py)")
+    parser.add_argument("--val", type=int, default=500, help="--gemma, --qwen: training problems held out to validate")
     args = parser.parse_args(argv)
-    if args.gemma:
+    if args.gemma or args.qwen:
         import gsm8k_real  # benchmarks/, on the path of a script run from it
 
-        gsm8k_real.carry(CARRY / "gemma", int(args.part_mib * 2**20), args.gemma_val)
+        model = gsm8k_real.GEMMA if args.gemma else gsm8k_real.QWEN
+        gsm8k_real.carry(model, model.carry_dir, int(args.part_mib * 2**20), args.val)
         return
     run = CARRY / "run"
     write_run_files(run, args.decoder_only)

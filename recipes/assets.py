@@ -421,13 +421,15 @@ def _greedy_chat(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def _convert_gguf(gguf_file: Path, out_dir: Path, chat: bool = True) -> None:
-    """Dequantize ``gguf_file`` into a float32 transformers checkpoint + tokenizer in ``out_dir``, then verify it.
+def _convert_gguf(gguf_file: Path, out_dir: Path, chat: bool = True, dtype: str = "float32") -> None:
+    """Dequantize ``gguf_file`` into a transformers checkpoint + tokenizer in ``out_dir``, then verify it.
 
     transformers loads GGUF (undoing llama.cpp's q/k row permutation) but refuses to ``save_pretrained`` a model
-    that carries a GGUF quantization config, so the weights are copied into a fresh float32 model built from the
-    same config with the quantization config removed. The check asks "What is 2+3?" through the chat template, or
-    with ``chat=False`` (a base model, such as Gemma-3-270M) as the recipes' plain ``Question: ...\nAnswer:``.
+    that carries a GGUF quantization config, so the weights are copied into a fresh model built from the same config
+    with the quantization config removed. Both are held in ``dtype`` (a torch dtype's name; ``bfloat16`` halves the
+    memory and the disk of a large model), so the saved weights give the GGUF model's logits exactly. The check asks
+    "What is 2+3?" through the chat template, or with ``chat=False`` (a base model, such as Gemma-3-270M) as the
+    recipes' plain ``Question: ...\nAnswer:``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -438,14 +440,15 @@ def _convert_gguf(gguf_file: Path, out_dir: Path, chat: bool = True) -> None:
         dequantize = {"quantization_config": GgufConfig(dequantize=True)}
     except ImportError:  # transformers 4 always dequantizes
         dequantize = {}
+    torch_dtype = getattr(torch, dtype)
     source = AutoModelForCausalLM.from_pretrained(
-        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, **dequantize
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch_dtype, **dequantize
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     config = copy.deepcopy(source.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.load_state_dict(source.state_dict(), strict=True)
     model.generation_config = copy.deepcopy(source.generation_config)
     model.eval()
@@ -476,7 +479,7 @@ def _convert_gguf(gguf_file: Path, out_dir: Path, chat: bool = True) -> None:
     for path in out_dir.iterdir():
         path.chmod(0o644)  # safetensors are written 0600; the cache may be shared
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch_dtype)
     reloaded_tok = AutoTokenizer.from_pretrained(out_dir)
     with torch.no_grad():
         diff = (reloaded(**inputs).logits - reference).abs().max().item()

