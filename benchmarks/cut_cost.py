@@ -110,8 +110,10 @@ class CutCost(TrainerCallback):
         planner = LoraDropCallback(cfg)
         plan = planner.make_plan(totals, kinds, step)
         choices: dict[str, dict[str, DropPlan]] = {}
+        residuals: dict[str, dict[str, float]] = {}  # what each truncation takes from each module's output
         for truncation in TRUNCATIONS:
             residual = self.collector.residual_totals(layers, adapter, cfg.dropped_rank, truncation == "activation")
+            residuals[truncation] = residual
             choices[truncation] = {
                 "importance": plan,
                 **{
@@ -135,7 +137,7 @@ class CutCost(TrainerCallback):
                         "kept_modules": len(chosen.kept),
                         "val_loss_before": before,
                         "val_loss_after": after,
-                        "lost_energy": self._lost_energy(chosen, truncation == "activation"),
+                        "lost_energy": lost_energy(chosen, residuals[truncation], totals),
                         "score_s": round(time.monotonic() - start, 1),
                     }
                 )
@@ -159,13 +161,13 @@ class CutCost(TrainerCallback):
             for name, scaling in scalings.items():
                 self.layers[name].scaling[adapter] = scaling
 
-    def _lost_energy(self, plan: DropPlan, activation: bool) -> float:
-        """The share of the dropped modules' output energy on the collection's tokens that the truncation removes."""
-        residual = self.collector.residual_totals(self.layers, plan.adapter_name, plan.dropped_rank, activation)
-        totals = self.collector.totals()
-        lost = math.fsum(residual[name] for name in plan.dropped)
-        whole = math.fsum(totals[name] for name in plan.dropped)
-        return lost / whole if whole > 0 else float("nan")
+
+def lost_energy(plan: DropPlan, residual: dict[str, float], output: dict[str, float]) -> float:
+    """The share of the dropped modules' output energy on the collection's tokens that the truncation removes, from
+    each module's truncation residual and output energy (`ImportanceCollector.residual_totals`, `totals`)."""
+    lost = math.fsum(residual[name] for name in plan.dropped)
+    whole = math.fsum(output[name] for name in plan.dropped)
+    return lost / whole if whole > 0 else float("nan")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
